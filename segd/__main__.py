@@ -1,0 +1,3 @@
+from segd.cli import main
+
+raise SystemExit(main())

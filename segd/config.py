@@ -1,0 +1,174 @@
+"""TOML configuration for every mode, decoded into strict msgspec Structs.
+
+One file holds the sections a mode needs (`[server]`, `[agent]`,
+`[orchestrator]`, `[log]`). Unknown keys, wrong types and bad values are refused
+with the file, the key and the reason before anything starts.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from collections.abc import Callable
+from typing import Literal
+
+import msgspec
+
+from segd.errors import InvalidInput
+from segd.policy import DEFAULT_DIMENSIONS, validate_dimensions
+
+DEFAULT_SERVER_LISTEN = "127.0.0.1:7400"
+DEFAULT_ORCH_LISTEN = "127.0.0.1:7401"
+DEFAULT_ALLINONE_DIR = "/var/lib/segd/allinone"
+
+_LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+
+
+class ConfigError(Exception):
+    """A configuration problem: names the file, the key and the reason."""
+
+    def __init__(self, path: str, key: str, reason: str):
+        self.path, self.key, self.reason = path, key, reason
+        where = f"{path}: " if path else ""
+        keypart = f"key '{key}': " if key else ""
+        super().__init__(f"config error: {where}{keypart}{reason}")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 in brackets) -> (host, port); ValueError when malformed."""
+    m = _LISTEN_RE.match(text)
+    if not m or not (0 < int(m.group(2)) < 65536):
+        raise ValueError(f"invalid listen address {text!r}: expected HOST:PORT")
+    return m.group(1).strip("[]"), int(m.group(2))
+
+
+def _check(key: str, fn: Callable[[str], object], value: str) -> None:
+    try:
+        fn(value)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class LogConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class TLSConfig(_Strict):
+    cert: str = ""
+    key: str = ""
+    client_ca: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("cert: tls needs both cert and key")
+
+
+class ServerConfig(_Strict):
+    listen: str = DEFAULT_SERVER_LISTEN
+    data_dir: str = "/var/lib/segd/server"
+    dimensions: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_DIMENSIONS))
+    max_body_bytes: int = 65536
+    request_skew_s: float = 60.0
+    longpoll_timeout_s: float = 30.0
+    tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
+
+    def __post_init__(self) -> None:
+        _check("listen", parse_listen, self.listen)
+        if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
+            raise ValueError("max_body_bytes: must be between 1024 and 16777216")
+        if not 1 <= self.request_skew_s <= 3600:
+            raise ValueError("request_skew_s: must be between 1 and 3600")
+        if not 1 <= self.longpoll_timeout_s <= 300:
+            raise ValueError("longpoll_timeout_s: must be between 1 and 300")
+        try:
+            validate_dimensions(self.dimensions)
+        except InvalidInput as e:
+            raise ValueError(f"dimensions: {e.message}") from None
+
+
+class AgentConfig(_Strict):
+    server: str = "http://" + DEFAULT_SERVER_LISTEN
+    state_dir: str = "/var/lib/segd/agent"
+    activation_code: str = ""
+    hostname: str = ""
+    docker_url: str = "unix:///var/run/docker.sock"
+    reconcile_interval_s: float = 30.0
+    isolate_unkeyed: bool = True
+    server_ca: str = ""
+    backoff_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not self.server.startswith(("http://", "https://")):
+            raise ValueError("server: must be an http:// or https:// URL")
+        if not 0.5 <= self.reconcile_interval_s <= 3600:
+            raise ValueError("reconcile_interval_s: must be between 0.5 and 3600")
+        if not 0.1 <= self.backoff_max_s <= 600:
+            raise ValueError("backoff_max_s: must be between 0.1 and 600")
+
+
+class OrchestratorConfig(_Strict):
+    listen: str = DEFAULT_ORCH_LISTEN
+    data_dir: str = "/var/lib/segd/orchestrator"
+    max_body_bytes: int = 65536
+    tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
+
+    def __post_init__(self) -> None:
+        _check("listen", parse_listen, self.listen)
+
+
+class Config(_Strict):
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
+    orchestrator: OrchestratorConfig = msgspec.field(default_factory=OrchestratorConfig)
+
+
+_AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_FIELD_RE = re.compile(r"^([a-z_]+): (.*)$", re.S)
+_UNKNOWN_RE = re.compile(r"^Object contains unknown field `(?P<field>[^`]+)`$")
+
+
+def _explain(err: msgspec.ValidationError) -> tuple[str, str]:
+    m = _AT_RE.match(str(err))
+    assert m is not None
+    msg, path = m.group("msg"), (m.group("path") or "").lstrip(".")
+    path = re.sub(r"\[(\d+)\]", r"[\1]", path)
+    field = _FIELD_RE.match(msg)
+    if field:
+        path = f"{path}.{field.group(1)}" if path else field.group(1)
+        msg = field.group(2)
+    unk = _UNKNOWN_RE.match(msg)
+    if unk:
+        key = f"{path}.{unk.group('field')}" if path else unk.group("field")
+        return key, "unknown key"
+    return path, msg
+
+
+def decode(data: dict[str, object], path: str = "") -> Config:
+    try:
+        return msgspec.convert(data, Config, strict=True)
+    except msgspec.ValidationError as e:
+        key, reason = _explain(e)
+        raise ConfigError(path, key, reason) from None
+
+
+def load(path: str | Path | None) -> Config:
+    """Load and validate a config file; None means embedded defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(str(p), "", f"cannot read file: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), "", f"invalid TOML: {e}") from None
+    return decode(data, str(p))

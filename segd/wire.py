@@ -1,0 +1,218 @@
+"""Wire types shared by the server, the agent and `segd ctl` (msgspec Structs).
+
+Every HTTP body and every file segd writes is one of these. Decoders are strict:
+unknown fields and wrong types are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from segd.policy import Labels, Selectors, Service
+
+
+class Error(msgspec.Struct, frozen=True):
+    error: str
+    message: str
+
+
+# ---- policy (admin API) -------------------------------------------------------------
+
+
+class RuleIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    providers: Selectors
+    consumers: Selectors
+    services: list[str]
+    options: list[str] = []
+    description: str = ""
+
+
+class Rule(msgspec.Struct, frozen=True):
+    id: str
+    providers: Selectors
+    consumers: Selectors
+    services: list[str]
+    options: list[str] = []
+    description: str = ""
+    created_at: float = 0.0
+
+
+OnMismatch = Literal["deny", "default"]
+
+
+class ProfileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    labels: Labels
+    locked: list[str] = []
+    max_uses: int = 1
+    lifespan_s: int = 3600
+    on_mismatch: OnMismatch = "deny"
+    enabled: bool = True
+    description: str = ""
+
+
+class Profile(msgspec.Struct, frozen=True):
+    id: str
+    name: str
+    labels: Labels
+    locked: list[str]
+    max_uses: int
+    lifespan_s: int
+    on_mismatch: OnMismatch
+    enabled: bool
+    description: str
+    created_at: float
+
+
+class KeyIssueIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    profile: str
+    max_uses: int | None = None
+    lifespan_s: int | None = None
+    description: str = ""
+
+
+class PairingKey(msgspec.Struct, frozen=True):
+    key_id: str
+    profile: str
+    max_uses: int
+    uses: int
+    issued_at: float
+    expires_at: float
+    revoked: bool
+    description: str
+
+
+class KeyIssued(msgspec.Struct, frozen=True):
+    key_id: str
+    token: str
+    expires_at: float
+    max_uses: int
+
+
+class Workload(msgspec.Struct, frozen=True):
+    id: str
+    host_id: str
+    container_id: str
+    name: str
+    labels: Labels
+    ips: list[str]
+    key_id: str
+    paired_at: float
+
+
+class Host(msgspec.Struct, frozen=True):
+    id: str
+    hostname: str
+    public_key: str
+    registered_at: float
+    last_seen: float
+    instructions_version: int
+    revoked: bool
+    workloads: int
+
+
+class AuditEntry(msgspec.Struct, frozen=True):
+    id: int
+    at: float
+    event: str
+    result: str
+    reason: str
+    host_id: str = ""
+    container_id: str = ""
+    key_id: str = ""
+    workload_id: str = ""
+    detail: str = ""
+
+
+class ActivationCode(msgspec.Struct, frozen=True):
+    code: str
+    expires_at: float
+
+
+class ActivationCodeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    lifespan_s: int = 3600
+
+
+# ---- agent API ----------------------------------------------------------------------
+
+
+class RegisterIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    activation_code: str
+    public_key: str  # base64url Ed25519 verify key
+    hostname: str
+
+
+class Registered(msgspec.Struct, frozen=True):
+    host_id: str
+    server_keys: dict[str, str]  # key id -> base64url Ed25519 verify key
+
+
+class PairIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    container_id: str
+    pairing_key: str
+    ips: list[str]
+    name: str = ""
+    requested_labels: Labels = {}
+
+
+class UnpairIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    container_id: str
+
+
+class AgentReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Something the agent saw and the server should audit (tamper, errors)."""
+
+    event: str
+    container_id: str = ""
+    detail: str = ""
+
+
+# ---- management instructions --------------------------------------------------------
+
+
+class Allow(msgspec.Struct, frozen=True, order=True):
+    """One accept: a peer set (None = any address) on services, from a rule."""
+
+    rule_id: str
+    peer: str | None
+    services: list[Service]
+
+
+class WorkloadPolicy(msgspec.Struct, frozen=True):
+    """What one local workload may send (outbound) and receive (inbound)."""
+
+    workload_id: str
+    container_id: str
+    labels: Labels
+    ips: list[str]
+    inbound: list[Allow]
+    outbound: list[Allow]
+
+
+class Instructions(msgspec.Struct, frozen=True):
+    """Per-host management instructions: relevant rules and membership only."""
+
+    host_id: str
+    version: int
+    workloads: list[WorkloadPolicy]
+    sets: dict[str, list[str]]  # set name -> sorted IPs (v4 and v6)
+    rules: list[Rule]
+
+
+class SignedInstructions(msgspec.Struct, frozen=True):
+    """Instructions as signed bytes: `payload` is base64url of the JSON encoding."""
+
+    key_id: str
+    payload: str
+    signature: str
+
+
+class PairResult(msgspec.Struct, frozen=True):
+    workload_id: str
+    labels: Labels
+    instructions: SignedInstructions
+
+
+EventKind = Literal["paired", "denied", "unpaired"]
