@@ -1,0 +1,197 @@
+"""The compiler: relevance (¶0021), determinism and incremental host fan-out."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from segd import policy
+from segd.server.compiler import Compiler, content_digest, encode_instructions
+from segd.wire import Rule, Workload
+
+
+def rule(rid: str, prov: object, cons: object, *services: str) -> Rule:
+    def sel(x: object) -> object:
+        if x == "any":
+            return "any"
+        assert isinstance(x, list)
+        return [policy.parse_labels(t, policy.DEFAULT_DIMENSIONS) for t in x]
+
+    return Rule(id=rid, providers=sel(prov), consumers=sel(cons), services=list(services))  # type: ignore[arg-type]
+
+
+def wl(wid: str, host: str, labels: str, *ips: str) -> Workload:
+    return Workload(
+        id=wid,
+        host_id=host,
+        container_id="c-" + wid,
+        name=wid,
+        labels=policy.parse_labels(labels, policy.DEFAULT_DIMENSIONS),
+        ips=list(ips),
+        key_id="k",
+        paired_at=0.0,
+    )
+
+
+WEB = policy.set_name({"role": "web"})
+DB = policy.set_name({"role": "db"})
+R_WEB_DB = rule("r1", ["role=db"], ["role=web"], "tcp/5432")
+
+
+def shop() -> Compiler:
+    return Compiler(
+        [R_WEB_DB],
+        [
+            wl("w1", "A", "role=web", "10.0.0.1"),
+            wl("d1", "B", "role=db", "10.0.0.2"),
+            wl("o1", "C", "role=other", "10.0.0.3"),
+        ],
+    )
+
+
+def test_provider_gets_inbound_from_consumer_set() -> None:
+    i = shop().compile_host("B", 1)
+    [p] = i.workloads
+    assert p.workload_id == "d1"
+    assert [(a.rule_id, a.peer, [str(s) for s in a.services]) for a in p.inbound] == [
+        ("r1", WEB, ["tcp/5432"])
+    ]
+    assert p.outbound == []
+    assert i.sets == {WEB: ["10.0.0.1"]}
+    assert [r.id for r in i.rules] == ["r1"]
+
+
+def test_consumer_gets_outbound_to_provider_set() -> None:
+    i = shop().compile_host("A", 1)
+    [p] = i.workloads
+    assert [(a.peer) for a in p.outbound] == [DB]
+    assert p.inbound == []
+    assert i.sets == {DB: ["10.0.0.2"]}
+
+
+def test_unrelated_host_gets_no_rules_and_no_membership() -> None:
+    i = shop().compile_host("C", 1)
+    [p] = i.workloads
+    assert p.inbound == [] and p.outbound == []
+    assert i.sets == {} and i.rules == []
+
+
+@pytest.mark.parametrize(
+    ("prov", "cons", "host", "inbound_peers", "outbound_peers"),
+    [
+        ("any", ["role=web"], "C", [WEB], []),  # any workload provides to web
+        (["role=db"], "any", "B", [None], [DB]),  # db accepts from anywhere, and is "any" too
+        (["role=db"], "any", "C", [], [DB]),  # anyone may reach db
+        ("any", "any", "C", [None], [None]),
+    ],
+)
+def test_any_sides(
+    prov: object, cons: object, host: str, inbound_peers: list[object], outbound_peers: list[object]
+) -> None:
+    c = Compiler(
+        [rule("r1", prov, cons, "tcp/80")],
+        [
+            wl("w1", "A", "role=web", "10.0.0.1"),
+            wl("d1", "B", "role=db", "10.0.0.2"),
+            wl("o1", "C", "role=other", "10.0.0.3"),
+        ],
+    )
+    [p] = c.compile_host(host, 1).workloads
+    assert [a.peer for a in p.inbound] == inbound_peers
+    assert [a.peer for a in p.outbound] == outbound_peers
+
+
+def test_self_rule_gives_both_directions() -> None:
+    c = Compiler(
+        [rule("r1", ["role=web"], ["role=web"], "tcp/80")], [wl("w1", "A", "role=web", "10.0.0.1")]
+    )
+    [p] = c.compile_host("A", 1).workloads
+    assert [a.peer for a in p.inbound] == [WEB] and [a.peer for a in p.outbound] == [WEB]
+
+
+def test_subset_selector_membership() -> None:
+    c = Compiler(
+        [rule("r1", ["role=db,env=prod"], ["role=web"], "tcp/5432")],
+        [
+            wl("w1", "A", "role=web,env=dev", "10.0.0.1"),
+            wl("d1", "B", "role=db,env=prod,app=shop", "10.0.0.2"),
+            wl("d2", "B", "role=db,env=dev", "10.0.0.4"),
+        ],
+    )
+    a = c.compile_host("A", 1)
+    assert a.sets == {policy.set_name({"role": "db", "env": "prod"}): ["10.0.0.2"]}
+    b = c.compile_host("B", 1)
+    by_id = {p.workload_id: p for p in b.workloads}
+    assert by_id["d1"].inbound and not by_id["d2"].inbound
+
+
+def test_compile_is_deterministic_regardless_of_input_order() -> None:
+    rules = [
+        rule(f"r{i}", [f"role=r{i}"], [f"role=r{(i + 1) % 5}"], f"tcp/{1000 + i}") for i in range(5)
+    ]
+    wls = [wl(f"w{i}", f"H{i % 3}", f"role=r{i % 5}", f"10.0.1.{i}") for i in range(30)]
+    a = Compiler(rules, wls).compile_all()
+    rnd = random.Random(7)
+    rules2, wls2 = rules[:], wls[:]
+    rnd.shuffle(rules2)
+    rnd.shuffle(wls2)
+    b = Compiler(rules2, wls2).compile_all()
+    assert {h: encode_instructions(i) for h, i in a.items()} == {
+        h: encode_instructions(i) for h, i in b.items()
+    }
+
+
+def test_incremental_equals_full() -> None:
+    rules = [
+        rule(f"r{i}", [f"role=r{i}"], [f"role=r{(i + 1) % 5}"], f"tcp/{1000 + i}") for i in range(5)
+    ]
+    wls = [wl(f"w{i}", f"H{i % 4}", f"role=r{i % 5}", f"10.0.1.{i}") for i in range(40)]
+    inc = Compiler(rules)
+    for w in wls:
+        inc.add_workload(w)
+    for w in wls[::3]:
+        inc.remove_workload(w.id)
+    full = Compiler(rules, [w for i, w in enumerate(wls) if i % 3 != 0])
+    assert inc.compile_all() == full.compile_all()
+
+
+def test_affected_hosts_pairing_on_a_wakes_b_not_c() -> None:
+    c = Compiler(
+        [rule("r1", ["role=db"], ["role=web"], "tcp/5432")],
+        [wl("w1", "B", "role=web", "10.0.0.1"), wl("o1", "C", "role=other", "10.0.0.3")],
+    )
+    affected = c.add_workload(wl("d1", "A", "role=db", "10.0.0.2"))
+    assert affected == {"A", "B"}
+    assert c.remove_workload("d1") == {"A", "B"}
+
+
+def test_affected_is_superset_of_changed() -> None:
+    rules = [
+        rule(f"r{i}", [f"role=r{i}"], [f"role=r{(i + 2) % 6}"], f"tcp/{1000 + i}") for i in range(6)
+    ]
+    c = Compiler(rules)
+    rnd = random.Random(3)
+    live: list[str] = []
+    for step in range(120):
+        before = {h: content_digest(i) for h, i in c.compile_all().items()}
+        if live and rnd.random() < 0.35:
+            wid = live.pop(rnd.randrange(len(live)))
+            affected = c.remove_workload(wid)
+        else:
+            wid = f"w{step}"
+            live.append(wid)
+            affected = c.add_workload(
+                wl(wid, f"H{rnd.randrange(6)}", f"role=r{rnd.randrange(7)}", f"10.1.0.{step}")
+            )
+        after = {h: content_digest(i) for h, i in c.compile_all().items()}
+        changed = {h for h in set(before) | set(after) if before.get(h) != after.get(h)}
+        assert changed <= affected, (step, changed, affected)
+
+
+def test_content_digest_ignores_version() -> None:
+    c = shop()
+    assert content_digest(c.compile_host("A", 1)) == content_digest(c.compile_host("A", 9))
+    assert encode_instructions(c.compile_host("A", 1)) != encode_instructions(
+        c.compile_host("A", 9)
+    )
