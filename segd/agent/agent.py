@@ -1,0 +1,499 @@
+"""The enforcement agent: watch Docker, pair keyed containers, enforce nftables.
+
+Per container the desired state is one of:
+
+* `workload`  — paired: its instructions rendered as the namespace's table, and
+  its IPs admitted by the host gate;
+* `isolated`  — keyed but not (yet) paired, denied, or unkeyed while
+  `isolate_unkeyed` is on: an isolation table, and never in the gate;
+* `exempt`    — unkeyed with `isolate_unkeyed = false`: no table, admitted by the gate.
+
+Every kernel change goes through one lock, so the gate admits an IP only after
+its container's own table is in place, and removes it before anything else when
+the container dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from typing import Any, Literal
+
+import msgspec
+
+from segd import log
+from segd.agent.client import Denied, ServerClient, ServerUnavailable, with_backoff
+from segd.agent.docker import ContainerInfo, DockerWatcher
+from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
+from segd.config import AgentConfig
+from segd.firewall import render
+from segd.firewall.applier import Firewall, NsRef
+from segd.wire import Instructions, PairIn, SignedInstructions, WorkloadPolicy
+
+_log = log.get(__name__)
+
+Kind = Literal["workload", "isolated", "exempt"]
+
+
+class Enforced(msgspec.Struct):
+    """What the agent put in one container's namespace (and the gate)."""
+
+    kind: Kind
+    ns: NsRef
+    structure: object = None  # render.set_structure_key() of the applied policy
+    sets: dict[str, list[str]] = {}
+    listing: str | None = None  # `list table` right after our last change
+    gated: list[str] = []
+
+
+class AgentStats(msgspec.Struct):
+    paired: int = 0
+    denied: int = 0
+    applies: int = 0
+    deltas: int = 0
+    tamper_repairs: int = 0
+
+
+class Agent:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        *,
+        activation_code: str = "",
+        firewall: Firewall | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.state = StateDir(cfg.state_dir)
+        self.key = self.state.signing_key()
+        self.activation_code = activation_code or cfg.activation_code
+        self.firewall = firewall or Firewall()
+        self.docker = DockerWatcher(cfg.docker_url)
+        self.client = ServerClient(cfg.server, self.key, ca_file=cfg.server_ca)
+        self.ident: Identity | None = None
+        self.instr: Instructions | None = None
+        self.containers: dict[str, ContainerInfo] = {}
+        self.enforced: dict[str, Enforced] = {}
+        self.denied: dict[str, str] = {}
+        self.stats = AgentStats()
+        self.synced = asyncio.Event()
+        self.ready = asyncio.Event()
+        self._kernel = asyncio.Lock()
+        self._pairing: dict[str, asyncio.Task[None]] = {}
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._subnets: list[str] = []
+        self._workloads: dict[str, WorkloadPolicy] = {}
+        self._first_sync = True
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        await self.firewall.start()
+        try:
+            await self._identify()
+            loaded = self.state.load_instructions(self._ident())
+            if loaded is not None:
+                self._set_instructions(loaded[1])
+                _log.info("instructions.loaded", version=loaded[1].version)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.docker.watch(self._on_event, self._resync))
+                tg.create_task(self._poll_instructions())
+                tg.create_task(self._periodic())
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self, drain: float = 5.0) -> None:
+        pending = list(self._pairing.values()) + list(self._bg)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=drain)
+            for t in still:
+                t.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+        await self.client.close()
+        await self.docker.close()
+        await self.firewall.close()
+        _log.info("agent.stopped")
+
+    def _ident(self) -> Identity:
+        assert self.ident is not None
+        return self.ident
+
+    async def _identify(self) -> None:
+        ident = self.state.identity()
+        if ident is None:
+            if not self.activation_code:
+                raise SystemExit(
+                    "segd agent: not registered; give an activation code "
+                    "(--activation-code or [agent] activation_code)"
+                )
+            hostname = self.cfg.hostname or socket.gethostname()
+            reg = await with_backoff(
+                lambda: self.client.register(self.activation_code, hostname),
+                what="register",
+                max_delay=self.cfg.backoff_max_s,
+                log=_log,
+            )
+            ident = Identity(
+                host_id=reg.host_id, server=self.cfg.server, server_keys=reg.server_keys
+            )
+            self.state.save_identity(ident)
+            _log.info("agent.registered", host_id=reg.host_id)
+        self.ident = ident
+        self.client.host_id = ident.host_id
+
+    # ---- docker events and reconcile -------------------------------------------------
+
+    async def _on_event(self, ev: dict[str, Any]) -> None:
+        action = str(ev.get("Action") or ev.get("status") or "")
+        actor = ev.get("Actor") or {}
+        if ev.get("Type") == "network":
+            if action in ("create", "destroy"):
+                await self._refresh_subnets()
+            elif action in ("connect", "disconnect"):
+                cid = str((actor.get("Attributes") or {}).get("container") or "")
+                if cid:
+                    self._spawn(self._on_start(cid))
+            return
+        cid = str(actor.get("ID") or ev.get("id") or "")
+        if not cid:
+            return
+        if action == "start":
+            self._spawn(self._on_start(cid))
+        elif action in ("die", "destroy"):
+            await self._on_gone(cid)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    async def _on_start(self, cid: str) -> None:
+        info = await self.docker.inspect(cid)
+        if info is None:
+            return
+        old = self.containers.get(cid)
+        if old is not None and (old.pid != info.pid or old.ips != info.ips):
+            await self._forget(cid, unpair=old.ips != info.ips)
+        self.containers[cid] = info
+        await self._handle(info)
+
+    async def _handle(self, info: ContainerInfo) -> None:
+        """Bring one container to its desired state, pairing it when needed."""
+        if info.host_network:
+            _log.warning(
+                "container.host_network",
+                container=info.id[:12],
+                reason="shares the host namespace; cannot be enforced per container",
+            )
+            return
+        paired = info.id in self._workloads
+        if info.pairing_key and not paired and info.id not in self.denied:
+            if info.id not in self._pairing:
+                task = asyncio.create_task(self._pair(info))
+                self._pairing[info.id] = task
+                task.add_done_callback(lambda _t, c=info.id: self._pairing.pop(c, None))
+        await self._converge(info.id)
+
+    async def _on_gone(self, cid: str) -> None:
+        info = self.containers.pop(cid, None)
+        task = self._pairing.pop(cid, None)
+        if task is not None:
+            task.cancel()
+        self.denied.pop(cid, None)
+        if info is None and cid not in self._workloads:
+            return
+        await self._forget(cid, unpair=True)
+
+    async def _forget(self, cid: str, *, unpair: bool) -> None:
+        async with self._kernel:
+            rec = self.enforced.pop(cid, None)
+            if rec is not None:
+                if rec.gated:
+                    await self.firewall.gate_remove(rec.gated)
+                await self.firewall.forget(rec.ns)
+        if unpair and cid in self._workloads:
+            self._spawn(self._unpair(cid))
+
+    async def _unpair(self, cid: str) -> None:
+        try:
+            await with_backoff(
+                lambda: self.client.unpair(cid),
+                what="unpair",
+                max_delay=self.cfg.backoff_max_s,
+                log=_log,
+            )
+            _log.info("workload.unpaired", container=cid[:12])
+        except Denied as e:
+            _log.warning("unpair.refused", container=cid[:12], error=e.message)
+
+    async def _resync(self) -> None:
+        """Full reconcile against Docker (on start and every stream reconnect)."""
+        running = {c.id: c for c in await self.docker.running()}
+        await self._refresh_subnets()
+        first = self._first_sync
+        for cid in list(self.containers):
+            if cid not in running:
+                await self._on_gone(cid)
+        for cid, info in running.items():
+            old = self.containers.get(cid)
+            if old is not None and (old.pid != info.pid or old.ips != info.ips):
+                await self._forget(cid, unpair=old.ips != info.ips)
+            self.containers[cid] = info
+        if first:
+            # Tables first, then the gate from scratch in one transaction.
+            for info in running.values():
+                if not info.host_network:
+                    await self._converge(info.id, gate=False)
+            await self._rebuild_gate()
+            self._first_sync = False
+        for info in running.values():
+            await self._handle(info)
+        await self._unpair_stale()
+        self.synced.set()
+        self.ready.set()
+        _log.info("agent.synced", containers=len(running), enforced=len(self.enforced))
+
+    async def _rebuild_gate(self) -> None:
+        async with self._kernel:
+            allowed = sorted({ip for r in self.enforced.values() for ip in r.gated})
+            await self.firewall.gate_rebuild(allowed, self._subnets)
+
+    async def _refresh_subnets(self) -> None:
+        subnets = await self.docker.subnets()
+        if subnets != self._subnets:
+            self._subnets = subnets
+            if not self._first_sync:
+                async with self._kernel:
+                    await self.firewall.gate_set_subnets(subnets)
+
+    async def _unpair_stale(self) -> None:
+        if not self.synced.is_set() and self._first_sync:
+            return
+        for cid in list(self._workloads):
+            if cid not in self.containers and cid not in self._pairing:
+                self._spawn(self._unpair(cid))
+
+    async def _periodic(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reconcile_interval_s)
+            if not self.docker.connected.is_set():
+                continue
+            try:
+                await self._resync()
+                await self.check_drift()
+            except Exception as e:  # keep reconciling whatever one round hit
+                _log.error("reconcile.failed", error=repr(e))
+
+    # ---- pairing and instructions ---------------------------------------------------
+
+    async def _pair(self, info: ContainerInfo) -> None:
+        req = PairIn(
+            container_id=info.id,
+            pairing_key=info.pairing_key,
+            ips=info.ips,
+            name=info.name,
+            requested_labels=info.requested_labels,
+        )
+        try:
+            result = await with_backoff(
+                lambda: self.client.pair(req),
+                what="pair",
+                max_delay=self.cfg.backoff_max_s,
+                log=_log,
+            )
+        except Denied as e:
+            self.denied[info.id] = f"{e.code}: {e.message}"
+            self.stats.denied += 1
+            _log.warning("pairing.denied", container=info.id[:12], reason=e.message, code=e.code)
+            return
+        self.stats.paired += 1
+        _log.info(
+            "workload.paired",
+            container=info.id[:12],
+            workload=result.workload_id,
+            labels=result.labels,
+        )
+        await self.accept(result.instructions)
+
+    async def accept(self, signed: SignedInstructions) -> bool:
+        """Verify, keep and enforce newer instructions; False when stale or invalid."""
+        try:
+            instr = verify_instructions(signed, self._ident().server_keys, self._ident().host_id)
+        except InvalidInstructions as e:
+            _log.error("instructions.rejected", reason=str(e))
+            return False
+        if self.instr is not None and instr.version <= self.instr.version:
+            return False
+        self.state.save_instructions(signed)
+        self._set_instructions(instr)
+        _log.info("instructions.accepted", version=instr.version, workloads=len(instr.workloads))
+        for cid in sorted(self.containers):
+            await self._converge(cid)
+        if self.synced.is_set():
+            await self._unpair_stale()
+        return True
+
+    def _set_instructions(self, instr: Instructions) -> None:
+        self.instr = instr
+        self._workloads = {w.container_id: w for w in instr.workloads}
+
+    async def _poll_instructions(self) -> None:
+        delay = 0.2
+        while True:
+            since = self.instr.version if self.instr is not None else 0
+            try:
+                signed = await self.client.instructions(since, wait=25.0)
+                delay = 0.2
+            except ServerUnavailable as e:
+                _log.warning("server.unavailable", op="instructions", error=str(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.cfg.backoff_max_s)
+                continue
+            except Denied as e:
+                _log.error("instructions.refused", code=e.code, error=e.message)
+                await asyncio.sleep(self.cfg.backoff_max_s)
+                continue
+            if signed is not None:
+                await self.accept(signed)
+
+    # ---- enforcement ------------------------------------------------------------------
+
+    def _desired(self, info: ContainerInfo) -> tuple[Kind, WorkloadPolicy | None]:
+        pol = self._workloads.get(info.id)
+        if pol is not None:
+            return "workload", pol
+        if info.pairing_key or self.cfg.isolate_unkeyed:
+            return "isolated", None
+        return "exempt", None
+
+    async def _converge(self, cid: str, *, gate: bool = True) -> None:
+        info = self.containers.get(cid)
+        if info is None or info.host_network:
+            return
+        kind, pol = self._desired(info)
+        ns = NsRef(key=cid, path=info.netns_path)
+        async with self._kernel:
+            if cid not in self.containers:  # died while we waited
+                return
+            rec = self.enforced.get(cid)
+            if rec is not None and rec.ns != ns:
+                await self.firewall.forget(rec.ns)
+                rec = None
+            t0 = time.perf_counter()
+            try:
+                rec = await self._apply(info, ns, kind, pol, rec)
+            except Exception as e:
+                # Fail closed: the gate never admitted this IP, or we pull it now.
+                _log.error("enforce.failed", container=cid[:12], error=repr(e))
+                if rec is not None and rec.gated:
+                    await self.firewall.gate_remove(rec.gated)
+                    rec.gated = []
+                return
+            self.enforced[cid] = rec
+            want_gate = info.ips if kind in ("workload", "exempt") else []
+            if gate and rec.gated != want_gate:
+                drop = sorted(set(rec.gated) - set(want_gate))
+                add = sorted(set(want_gate) - set(rec.gated))
+                if drop:
+                    await self.firewall.gate_remove(drop)
+                if add:
+                    await self.firewall.gate_add(add)
+                rec.gated = list(want_gate)
+            elif not gate:
+                rec.gated = list(want_gate)
+            _log.debug(
+                "enforce.done",
+                container=cid[:12],
+                kind=kind,
+                ms=round((time.perf_counter() - t0) * 1000, 2),
+            )
+
+    async def _apply(
+        self,
+        info: ContainerInfo,
+        ns: NsRef,
+        kind: Kind,
+        pol: WorkloadPolicy | None,
+        rec: Enforced | None,
+    ) -> Enforced:
+        gated = rec.gated if rec is not None else []
+        if kind == "exempt":
+            if rec is not None and rec.kind != "exempt":
+                await self.firewall.apply(ns, render.render_removal())
+            return Enforced(kind="exempt", ns=ns, gated=gated)
+        if kind == "isolated":
+            if rec is not None and rec.kind == "isolated" and rec.listing is not None:
+                return rec
+            await self.firewall.apply(ns, render.render_isolation())
+            self.stats.applies += 1
+            return Enforced(
+                kind="isolated", ns=ns, listing=await self.firewall.list_table(ns), gated=gated
+            )
+        assert pol is not None and self.instr is not None
+        referenced = {a.peer for a in (*pol.inbound, *pol.outbound) if a.peer is not None}
+        sets = {name: self.instr.sets.get(name, []) for name in sorted(referenced)}
+        structure = render.set_structure_key(pol)
+        if rec is not None and rec.kind == "workload" and rec.structure == structure:
+            if rec.sets == sets:
+                return rec
+            delta = render.render_set_delta(rec.sets, sets, referenced)
+            if delta:
+                await self.firewall.apply(ns, delta)
+                self.stats.deltas += 1
+        else:
+            await self.firewall.apply(ns, render.render_workload(pol, sets, self._log_rules()))
+            self.stats.applies += 1
+        return Enforced(
+            kind="workload",
+            ns=ns,
+            structure=structure,
+            sets=sets,
+            listing=await self.firewall.list_table(ns),
+            gated=gated,
+        )
+
+    def _log_rules(self) -> frozenset[str]:
+        if self.instr is None:
+            return frozenset()
+        return frozenset(r.id for r in self.instr.rules if "log" in r.options)
+
+    async def check_drift(self) -> list[str]:
+        """Compare every namespace's table with what we applied; repair and report."""
+        repaired: list[str] = []
+        for cid in sorted(self.enforced):
+            rec = self.enforced.get(cid)
+            if rec is None or rec.kind == "exempt":
+                continue
+            async with self._kernel:
+                try:
+                    now = await self.firewall.list_table(rec.ns)
+                except Exception as e:
+                    _log.warning("drift.check_failed", container=cid[:12], error=repr(e))
+                    continue
+            if now == rec.listing:
+                continue
+            _log.warning("tamper.detected", container=cid[:12], table_present=now is not None)
+            async with self._kernel:
+                rec.structure = None  # forces a full replace, not a delta
+                rec.listing = None
+            await self._converge(cid)
+            self.stats.tamper_repairs += 1
+            repaired.append(cid)
+            self._spawn(
+                self._report("tamper", cid, "namespace table changed outside segd; repaired")
+            )
+        if await self._gate_missing():
+            _log.warning("tamper.gate", detail="host gate table missing; rebuilt")
+            await self._rebuild_gate()
+            self._spawn(self._report("tamper", "", "host gate table missing; rebuilt"))
+        return repaired
+
+    async def _gate_missing(self) -> bool:
+        async with self._kernel:
+            return await self.firewall.gate_list() is None
+
+    async def _report(self, event: str, cid: str, detail: str) -> None:
+        with contextlib.suppress(ServerUnavailable, Denied):
+            await self.client.report(event, cid, detail)

@@ -1,0 +1,173 @@
+"""The agent's client for the segmentation server: every request signed.
+
+Errors are sorted in two: `Denied` (the server said no: a 4xx with a reason, which
+retrying will not change) and `ServerUnavailable` (unreachable, 5xx, timeouts:
+retry with jittered backoff).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiohttp
+import msgspec
+import nacl.signing
+
+from segd import crypto
+from segd.wire import (
+    AgentReport,
+    Error,
+    PairIn,
+    PairResult,
+    Registered,
+    RegisterIn,
+    SignedInstructions,
+    UnpairIn,
+)
+
+T = TypeVar("T")
+
+
+class Denied(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class ServerUnavailable(Exception):
+    pass
+
+
+_ERR = msgspec.json.Decoder(Error)
+
+
+def _error_of(status: int, body: bytes) -> Denied:
+    try:
+        e = _ERR.decode(body)
+        return Denied(status, e.error, e.message)
+    except msgspec.DecodeError:
+        return Denied(status, "http_error", f"HTTP {status}")
+
+
+class ServerClient:
+    def __init__(
+        self,
+        base_url: str,
+        signing_key: nacl.signing.SigningKey,
+        host_id: str = "",
+        *,
+        ca_file: str = "",
+        timeout: float = 10.0,
+    ) -> None:
+        self.base = base_url.rstrip("/")
+        self.key = signing_key
+        self.host_id = host_id
+        ssl_ctx: ssl.SSLContext | bool = True
+        if ca_file:
+            ssl_ctx = ssl.create_default_context(cafile=ca_file)
+        self._ssl = ssl_ctx
+        self._timeout = timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    def _sess(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=64),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        *,
+        signed: bool = True,
+        timeout: float | None = None,
+    ) -> tuple[int, bytes]:
+        headers = {"Content-Type": "application/json"} if body else {}
+        if signed:
+            headers.update(
+                crypto.sign_request(self.key, self.host_id, method, path, body, time.time())
+            )
+        try:
+            async with self._sess().request(
+                method,
+                self.base + path,
+                data=body or None,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=timeout or self._timeout),
+            ) as resp:
+                data = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise ServerUnavailable(str(e) or type(e).__name__) from None
+        if status >= 500:
+            raise ServerUnavailable(f"server answered {status}: {_error_of(status, data).message}")
+        if status >= 400:
+            raise _error_of(status, data)
+        return status, data
+
+    async def register(self, activation_code: str, hostname: str) -> Registered:
+        body = msgspec.json.encode(
+            RegisterIn(
+                activation_code=activation_code,
+                public_key=crypto.b64e(bytes(self.key.verify_key)),
+                hostname=hostname,
+            )
+        )
+        _, data = await self._request("POST", "/v1/agent/register", body, signed=False)
+        return msgspec.json.decode(data, type=Registered)
+
+    async def pair(self, req: PairIn) -> PairResult:
+        _, data = await self._request("POST", "/v1/agent/pair", msgspec.json.encode(req))
+        return msgspec.json.decode(data, type=PairResult)
+
+    async def unpair(self, container_id: str) -> None:
+        await self._request(
+            "POST", "/v1/agent/unpair", msgspec.json.encode(UnpairIn(container_id=container_id))
+        )
+
+    async def report(self, event: str, container_id: str = "", detail: str = "") -> None:
+        body = msgspec.json.encode(
+            AgentReport(event=event, container_id=container_id, detail=detail)
+        )
+        await self._request("POST", "/v1/agent/report", body)
+
+    async def instructions(self, since: int, wait: float) -> SignedInstructions | None:
+        """Long-poll: new signed instructions after `since`, or None on timeout."""
+        path = f"/v1/agent/instructions?since={since}&wait={wait:g}"
+        status, data = await self._request("GET", path, timeout=wait + self._timeout)
+        if status == 204 or not data:
+            return None
+        return msgspec.json.decode(data, type=SignedInstructions)
+
+
+async def with_backoff(
+    op: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    max_delay: float,
+    log: object,
+    first_delay: float = 0.2,
+) -> T:
+    """Retry `op` on ServerUnavailable with full-jitter exponential backoff."""
+    delay = first_delay
+    while True:
+        try:
+            return await op()
+        except ServerUnavailable as e:
+            getattr(log, "warning")("server.unavailable", op=what, error=str(e), retry_in=delay)
+            await asyncio.sleep(random.uniform(0, delay) + delay / 2)
+            delay = min(delay * 2, max_delay)

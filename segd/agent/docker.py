@@ -1,0 +1,196 @@
+"""What the agent learns from Docker: containers, their keys, IPs and namespaces.
+
+`parse_container` is pure (inspect JSON -> ContainerInfo). `DockerWatcher` owns
+the event stream: it subscribes *before* each full reconcile so no event falls
+between them, and resubscribes (with a fresh reconcile) whenever the stream ends
+— Docker restarted, socket gone and back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import aiodocker
+import aiohttp
+import msgspec
+from aiodocker.events import DockerEvents
+
+from segd import log
+
+KEY_LABEL = "segd.pairing-key"
+LABEL_PREFIX = "segd.label."
+
+_log = log.get(__name__)
+
+
+class ContainerInfo(msgspec.Struct, frozen=True):
+    """A running container as the agent needs it."""
+
+    id: str
+    name: str
+    pid: int
+    ips: list[str]  # every address on every network, v4 and v6, sorted
+    networks: dict[str, str]  # network name -> IPv4 address ("" when none)
+    pairing_key: str  # "" when the container carries none
+    requested_labels: dict[str, str]
+    host_network: bool  # shares the host namespace: cannot be enforced per container
+
+    @property
+    def netns_path(self) -> str:
+        return f"/proc/{self.pid}/ns/net"
+
+
+def _ips(networks: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
+    ips: set[str] = set()
+    per_net: dict[str, str] = {}
+    for name, net in networks.items():
+        v4 = (net or {}).get("IPAddress") or ""
+        v6 = (net or {}).get("GlobalIPv6Address") or ""
+        per_net[name] = v4
+        for ip in (v4, v6):
+            if ip:
+                try:
+                    ips.add(str(ipaddress.ip_address(ip)))
+                except ValueError:
+                    continue
+    return sorted(ips), per_net
+
+
+def parse_container(data: Mapping[str, Any]) -> ContainerInfo | None:
+    """Inspect JSON -> ContainerInfo; None when the container is not running."""
+    state = data.get("State") or {}
+    pid = int(state.get("Pid") or 0)
+    if not state.get("Running") or pid <= 0:
+        return None
+    config = data.get("Config") or {}
+    labels: Mapping[str, str] = config.get("Labels") or {}
+    host_config = data.get("HostConfig") or {}
+    net_mode = str(host_config.get("NetworkMode") or "")
+    settings = data.get("NetworkSettings") or {}
+    ips, per_net = _ips(settings.get("Networks") or {})
+    requested = {
+        k[len(LABEL_PREFIX) :]: v
+        for k, v in labels.items()
+        if k.startswith(LABEL_PREFIX) and isinstance(v, str)
+    }
+    return ContainerInfo(
+        id=str(data["Id"]),
+        name=str(data.get("Name") or "").lstrip("/"),
+        pid=pid,
+        ips=ips,
+        networks=per_net,
+        pairing_key=str(labels.get(KEY_LABEL) or "").strip(),
+        requested_labels=dict(sorted(requested.items())),
+        host_network=net_mode == "host",
+    )
+
+
+def bridge_subnets(networks: list[Mapping[str, Any]]) -> list[str]:
+    """Subnets of every Docker bridge network (docker0 and user-defined)."""
+    out: set[str] = set()
+    for net in networks:
+        if net.get("Driver") != "bridge":
+            continue
+        for cfg in (net.get("IPAM") or {}).get("Config") or []:
+            subnet = (cfg or {}).get("Subnet")
+            if subnet:
+                try:
+                    out.add(str(ipaddress.ip_network(subnet, strict=False)))
+                except ValueError:
+                    continue
+    return sorted(out)
+
+
+EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+ResyncHandler = Callable[[], Awaitable[None]]
+
+
+class DockerWatcher:
+    """Docker access for the agent: inspect, list, and a self-healing event stream."""
+
+    def __init__(self, url: str, *, backoff_max: float = 10.0) -> None:
+        self._url = url
+        self._backoff_max = backoff_max
+        self._docker: aiodocker.Docker | None = None
+        self.connected = asyncio.Event()
+
+    def _client(self) -> aiodocker.Docker:
+        if self._docker is None:
+            self._docker = aiodocker.Docker(url=self._url)
+        return self._docker
+
+    async def close(self) -> None:
+        if self._docker is not None:
+            await self._docker.close()
+            self._docker = None
+
+    async def inspect(self, container_id: str) -> ContainerInfo | None:
+        """The running container, or None when it is gone or stopped."""
+        try:
+            c = await self._client().containers.get(container_id)
+        except aiodocker.DockerError as e:
+            if e.status == 404:
+                return None
+            raise
+        return parse_container(c._container)
+
+    async def running(self) -> list[ContainerInfo]:
+        out: list[ContainerInfo] = []
+        for c in await self._client().containers.list():
+            info = await self.inspect(c.id)
+            if info is not None:
+                out.append(info)
+        return out
+
+    async def subnets(self) -> list[str]:
+        nets = await self._client().networks.list()
+        return bridge_subnets(nets)
+
+    async def watch(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
+        """Run forever: subscribe, resync, deliver events; reconnect on loss."""
+        delay = 0.2
+        while True:
+            events: DockerEvents | None = None
+            try:
+                docker = self._client()
+                events = DockerEvents(docker)
+                sub = events.subscribe(filters={"type": ["container", "network"]})
+                await self._wait_stream(events)
+                self.connected.set()
+                _log.info("docker.stream.up")
+                await on_resync()
+                delay = 0.2
+                while True:
+                    ev = await sub.get()
+                    if ev is None:
+                        break
+                    await on_event(ev)
+                _log.warning("docker.stream.ended")
+            except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
+                _log.warning("docker.unreachable", error=str(e) or type(e).__name__)
+            finally:
+                self.connected.clear()
+                if events is not None:
+                    await events.stop()
+                await self.close()
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, self._backoff_max)
+
+    @staticmethod
+    async def _wait_stream(events: DockerEvents) -> None:
+        """Block until the events request is open, so nothing between it and the
+        reconcile is lost; raise if it fails first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10.0
+        while events.json_stream is None:
+            task = events.task
+            if task is not None and task.done():
+                exc = task.exception()
+                raise exc if exc is not None else OSError("docker event stream closed")
+            if loop.time() > deadline:
+                raise TimeoutError("docker event stream did not open")
+            await asyncio.sleep(0.002)

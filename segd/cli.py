@@ -1,0 +1,154 @@
+"""The `segd` command: the daemon modes, the admin client, and `version`.
+
+    segd server|orchestrator|agent|allinone [--config FILE] [--data-dir DIR] [--listen HOST:PORT]
+    segd ctl ...
+    segd version
+
+Flags override the config file; config errors are reported before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+
+from segd import __version__, config, log
+from segd.errors import SegdError
+
+MODES = ("server", "orchestrator", "agent", "allinone")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="segd", description="label-based container micro-segmentation")
+    sub = p.add_subparsers(dest="mode", metavar="MODE")
+    for mode in MODES:
+        m = sub.add_parser(mode, help=f"run the {mode}")
+        m.add_argument("--config", metavar="FILE", help="TOML config file")
+        m.add_argument("--data-dir", metavar="DIR", help="state directory")
+        m.add_argument("--listen", metavar="HOST:PORT", help="API listen address")
+        if mode == "agent":
+            m.add_argument(
+                "--activation-code",
+                metavar="CODE",
+                default="",
+                help="register with the server using this code",
+            )
+            m.add_argument("--server", metavar="URL", help="segmentation server URL")
+    sub.add_parser("ctl", help="admin client (see `segd ctl --help`)", add_help=False)
+    sub.add_parser("version", help="print the version")
+    demo = sub.add_parser("demo", help="run the live demo (see `make demo`)")
+    demo.add_argument("--data-dir", metavar="DIR", default="")
+    demo.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="print the matrix, clean up and exit instead of waiting for Ctrl-C",
+    )
+    return p
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    print(f"segd: {msg}", file=sys.stderr)
+    return code
+
+
+def _override(cfg: config.Config, args: argparse.Namespace, path: str) -> config.Config:
+    """Apply command-line flags over the file and re-validate the result."""
+    data: dict[str, Any] = msgspec.to_builtins(cfg)
+    section = {"server": "server", "orchestrator": "orchestrator", "agent": "agent"}.get(args.mode)
+    if args.listen:
+        if args.mode == "agent":
+            raise config.ConfigError("", "--listen", "the agent has no listener")
+        if section:
+            data[section]["listen"] = args.listen
+        else:
+            data["server"]["listen"] = args.listen
+    if args.data_dir:
+        if args.mode == "agent":
+            data["agent"]["state_dir"] = args.data_dir
+        elif section:
+            data[section]["data_dir"] = args.data_dir
+    if args.mode == "agent" and getattr(args, "server", None):
+        data["agent"]["server"] = args.server
+    return config.decode(data, path or "command line")
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> int:
+    """Run a daemon coroutine; SIGTERM/SIGINT cancel it so it can drain and stop."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await coro
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ctl":
+        from segd.ctl import ctl_main
+
+        return ctl_main(argv[1:])
+    args = _parser().parse_args(argv)
+    if args.mode is None:
+        _parser().print_help(sys.stderr)
+        return 2
+    if args.mode == "version":
+        print(f"segd {__version__}")
+        return 0
+    if args.mode == "demo":
+        from segd.demo import demo_main
+
+        return demo_main(data_dir=args.data_dir, wait=not args.no_wait)
+    try:
+        cfg = config.load(args.config) if args.config else config.Config()
+        if args.mode != "allinone":
+            cfg = _override(cfg, args, args.config or "")
+    except config.ConfigError as e:
+        return _fail(str(e), 2)
+    log.setup(cfg.log.level, cfg.log.format)
+    try:
+        return _start(args, cfg)
+    except SegdError as e:
+        return _fail(e.message)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 1
+        raise
+
+
+def _start(args: argparse.Namespace, cfg: config.Config) -> int:
+    if args.mode == "server":
+        from segd.server.app import run_server
+
+        return _run(run_server(cfg.server))
+    if args.mode == "agent":
+        from segd.agent.agent import Agent
+
+        agent = Agent(cfg.agent, activation_code=args.activation_code)
+        return _run(agent.run())
+    if args.mode == "allinone":
+        try:
+            from segd.allinone import run_allinone
+        except ImportError:
+            return _fail("mode 'allinone' is not available in this build", 2)
+        return _run(run_allinone(cfg, data_dir=args.data_dir, listen=args.listen))
+    try:
+        from segd.orchestrator.app import run_orchestrator
+    except ImportError:
+        return _fail("mode 'orchestrator' is not available in this build", 2)
+    return _run(run_orchestrator(cfg.orchestrator))
