@@ -1,0 +1,271 @@
+"""The privileged applier: nftables scripts into container namespaces and the host gate.
+
+`Firewall` is the async facade the agent uses. All kernel work runs on one
+`netns.Worker` thread. Per namespace it keeps one nftables endpoint, created
+inside that namespace and cached under the caller's key together with the
+namespace's identity (device and inode of its nsfs file): when a container
+restarts with a new namespace, the next call notices and binds a new one.
+`forget` frees it (a libnftables context pins its namespace).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, TypeVar
+
+from segd import log as logging
+from segd.firewall import gate, netns, render
+from segd.firewall.netns import NsId, Worker, WorkerBroken
+from segd.firewall.nft import LibNft, NftBackend, NftError, NsenterNft, libnftables_available
+
+log = logging.get(__name__)
+
+T = TypeVar("T")
+BackendName = Literal["libnftables", "nsenter", "auto"]
+
+_ABSENT = "No such file or directory"
+
+
+@dataclass(frozen=True)
+class NsRef:
+    """A container's network namespace: a cache key and a path to open."""
+
+    key: str  # container id or name
+    path: str  # /proc/PID/ns/net or /run/netns/NAME
+
+
+@dataclass
+class _Session:
+    ns: NsId | None  # None: the worker's home namespace
+    nft: NftBackend
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 3)
+
+
+class Firewall:
+    """Apply and list `inet segd` in container namespaces; keep the host gate.
+
+    `backend`: "libnftables" (in-process), "nsenter" (`nsenter ... nft -f -`),
+    or "auto" (libnftables when it loads). `gate_ns`: path of the namespace
+    that holds the gate; None is this process's own (the host). `setns_fn` is
+    there to inject faults.
+    """
+
+    def __init__(
+        self,
+        backend: BackendName = "auto",
+        *,
+        gate_ns: str | None = None,
+        setns_fn: Callable[[int], None] = netns.setns,
+    ) -> None:
+        if backend not in ("libnftables", "nsenter", "auto"):
+            raise ValueError(f"unknown nftables backend {backend!r}")
+        self._want: BackendName = backend
+        self.backend: Literal["libnftables", "nsenter"] = "nsenter"
+        self._gate_path = gate_ns
+        self._setns = setns_fn
+        self._home_fd: int | None = None
+        self._worker: Worker | None = None
+        self._sessions: dict[str, _Session] = {}
+        self._gate: _Session | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._worker is not None:
+            return
+        have_lib = libnftables_available()
+        if self._want == "libnftables" and not have_lib:
+            raise NftError("libnftables.so.1 cannot be loaded")
+        self.backend = "libnftables" if self._want != "nsenter" and have_lib else "nsenter"
+        # Opened on the loop thread: the namespace this process (the host) lives in.
+        self._home_fd = os.open(netns.THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
+        self._worker = Worker(self._home_fd, self._setns)
+        log.info("firewall.started", backend=self.backend, gate_ns=self._gate_path or "host")
+
+    async def close(self) -> None:
+        """Free every namespace endpoint and stop the worker; kernel state stays."""
+        if self._worker is None:
+            return
+        try:
+            await self._run(lambda _w: self._close_all())
+        finally:
+            if self._worker is not None:
+                self._worker.stop()
+                self._worker = None
+            if self._home_fd is not None:
+                os.close(self._home_fd)
+                self._home_fd = None
+
+    async def __aenter__(self) -> Firewall:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def open_namespaces(self) -> int:
+        """How many container namespaces have a cached endpoint."""
+        return len(self._sessions)
+
+    # ---- container namespaces -----------------------------------------------------------
+
+    async def apply(self, ns: NsRef, script: str) -> None:
+        """Run `script` in the namespace as one nft transaction (all or nothing)."""
+
+        def job(w: Worker) -> None:
+            t0 = time.perf_counter()
+            self._session(w, ns).run(script)
+            log.debug("firewall.applied", ns=ns.key, bytes=len(script), ms=_ms(t0))
+
+        await self._run(job)
+
+    async def list_table(self, ns: NsRef) -> str | None:
+        """`list table inet segd` in the namespace; None when the table is absent."""
+        return await self._run(lambda w: _list(self._session(w, ns), render.LIST_TABLE))
+
+    async def forget(self, ns: NsRef) -> None:
+        """Free the namespace's endpoint (the container is gone or restarted)."""
+
+        def job(_w: Worker) -> None:
+            s = self._sessions.pop(ns.key, None)
+            if s is not None:
+                s.nft.close()
+                log.debug("firewall.forgot", ns=ns.key)
+
+        await self._run(job)
+
+    # ---- host gate -----------------------------------------------------------------------
+
+    async def gate_rebuild(self, enforced: Iterable[str], subnets: Iterable[str]) -> None:
+        """Replace the whole gate in one transaction."""
+        await self._gate_apply(gate.render_gate(enforced, subnets))
+
+    async def gate_add(self, ips: Iterable[str]) -> None:
+        script = gate.render_gate_add(ips)
+        if script is not None:
+            await self._gate_apply(script)
+
+    async def gate_remove(self, ips: Iterable[str]) -> None:
+        script = gate.render_gate_remove(ips)
+        if script is not None:
+            await self._gate_apply(script)
+
+    async def gate_set_subnets(self, subnets: Iterable[str]) -> None:
+        await self._gate_apply(gate.render_gate_subnets(subnets))
+
+    async def gate_list(self) -> str | None:
+        """`list table bridge segd_gate`; None when the gate is absent."""
+        return await self._run(lambda w: _list(self._gate_session(w), gate.LIST_GATE))
+
+    async def _gate_apply(self, script: str) -> None:
+        def job(w: Worker) -> None:
+            t0 = time.perf_counter()
+            self._gate_session(w).run(script)
+            log.debug("firewall.gate_applied", bytes=len(script), ms=_ms(t0))
+
+        await self._run(job)
+
+    # ---- on the worker -------------------------------------------------------------------
+
+    async def _run(self, job: Callable[[Worker], T]) -> T:
+        """Run `job` on the worker; replace a broken worker and retry once."""
+        for attempt in (1, 2):
+            worker = self._worker
+            if worker is None or self._home_fd is None:
+                raise RuntimeError("Firewall is not started")
+            try:
+                return await worker.submit(functools.partial(job, worker))
+            except WorkerBroken:
+                if self._worker is worker:
+                    worker.stop()
+                    self._worker = Worker(self._home_fd, self._setns)
+                    log.warning("firewall.worker_replaced")
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _open(self, w: Worker, fd: int | None) -> NftBackend:
+        """An endpoint in the namespace `fd` (None: home). Does not keep `fd`."""
+        if self.backend == "nsenter":
+            dup = None if fd is None else os.dup(fd)
+            try:
+                return NsenterNft(dup)
+            except BaseException:
+                if dup is not None:
+                    os.close(dup)
+                raise
+        if fd is None:
+            return LibNft()  # the worker is at home between jobs
+        nft: LibNft | None = None
+        try:
+            with w.entered(fd):
+                nft = LibNft()
+        except BaseException:
+            if nft is not None:
+                nft.close()
+            raise
+        return nft
+
+    def _ensure(self, w: Worker, have: _Session | None, path: str | None) -> _Session:
+        """`have` if it still points at `path`'s namespace, else a fresh endpoint."""
+        fd: int | None = None
+        nsid: NsId | None = None
+        try:
+            if have is not None and (path is None or have.ns == netns.stat_ns(path)):
+                return have
+            if path is not None:
+                fd, nsid = netns.open_ns(path)
+        except BaseException:
+            if have is not None:
+                have.nft.close()
+            raise
+        if have is not None:
+            have.nft.close()
+            log.info("firewall.netns_changed", path=path)
+        try:
+            return _Session(nsid, self._open(w, fd))
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _session(self, w: Worker, ns: NsRef) -> NftBackend:
+        s = self._ensure(w, self._sessions.pop(ns.key, None), ns.path)
+        self._sessions[ns.key] = s
+        return s.nft
+
+    def _gate_session(self, w: Worker) -> NftBackend:
+        have, self._gate = self._gate, None
+        self._gate = self._ensure(w, have, self._gate_path)
+        return self._gate.nft
+
+    def _close_all(self) -> None:
+        sessions = list(self._sessions.values())
+        if self._gate is not None:
+            sessions.append(self._gate)
+        self._sessions.clear()
+        self._gate = None
+        for s in sessions:
+            s.nft.close()
+
+
+def _list(nft: NftBackend, command: str) -> str | None:
+    try:
+        return nft.run(command)
+    except NftError as e:
+        if _ABSENT in str(e):
+            return None
+        raise
