@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 from typing import Any, Literal
@@ -167,7 +168,12 @@ class Agent:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
+        task.add_done_callback(self._bg_done)
+
+    def _bg_done(self, task: asyncio.Task[Any]) -> None:
+        self._bg.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("agent.task_failed", error=repr(task.exception()))
 
     async def _on_start(self, cid: str) -> None:
         info = await self.docker.inspect(cid)
@@ -193,8 +199,14 @@ class Agent:
             if info.id not in self._pairing:
                 task = asyncio.create_task(self._pair(info))
                 self._pairing[info.id] = task
-                task.add_done_callback(lambda _t, c=info.id: self._pairing.pop(c, None))
+                task.add_done_callback(functools.partial(self._pair_done, info.id))
         await self._converge(info.id)
+
+    def _pair_done(self, cid: str, task: asyncio.Task[None]) -> None:
+        if self._pairing.get(cid) is task:
+            del self._pairing[cid]
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("pairing.failed", container=cid[:12], error=repr(task.exception()))
 
     async def _on_gone(self, cid: str) -> None:
         info = self.containers.pop(cid, None)
@@ -432,9 +444,10 @@ class Agent:
                 kind="isolated", ns=ns, listing=await self.firewall.list_table(ns), gated=gated
             )
         assert pol is not None and self.instr is not None
-        referenced = {a.peer for a in (*pol.inbound, *pol.outbound) if a.peer is not None}
+        referenced = render.referenced_sets(pol)
         sets = {name: self.instr.sets.get(name, []) for name in sorted(referenced)}
-        structure = render.set_structure_key(pol)
+        log_rules = render.log_rules(self.instr.rules)
+        structure = render.set_structure_key(pol, log_rules)
         if rec is not None and rec.kind == "workload" and rec.structure == structure:
             if rec.sets == sets:
                 return rec
@@ -443,7 +456,7 @@ class Agent:
                 await self.firewall.apply(ns, delta)
                 self.stats.deltas += 1
         else:
-            await self.firewall.apply(ns, render.render_workload(pol, sets, self._log_rules()))
+            await self.firewall.apply(ns, render.render_workload(pol, sets, log_rules))
             self.stats.applies += 1
         return Enforced(
             kind="workload",
@@ -453,11 +466,6 @@ class Agent:
             listing=await self.firewall.list_table(ns),
             gated=gated,
         )
-
-    def _log_rules(self) -> frozenset[str]:
-        if self.instr is None:
-            return frozenset()
-        return frozenset(r.id for r in self.instr.rules if "log" in r.options)
 
     async def check_drift(self) -> list[str]:
         """Compare every namespace's table with what we applied; repair and report."""

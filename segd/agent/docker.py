@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiodocker
@@ -89,7 +89,7 @@ def parse_container(data: Mapping[str, Any]) -> ContainerInfo | None:
     )
 
 
-def bridge_subnets(networks: list[Mapping[str, Any]]) -> list[str]:
+def bridge_subnets(networks: Sequence[Mapping[str, Any]]) -> list[str]:
     """Subnets of every Docker bridge network (docker0 and user-defined)."""
     out: set[str] = set()
     for net in networks:
