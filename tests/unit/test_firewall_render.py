@@ -1,0 +1,397 @@
+"""Instructions -> nftables text for one container namespace: tables of cases."""
+
+from __future__ import annotations
+
+import random
+import textwrap
+
+import pytest
+
+from segd.firewall import render
+from segd.policy import Service
+from segd.wire import Allow, Rule, WorkloadPolicy
+
+DB = "ls_00000000000000db"
+WEB = "ls_0000000000000eb0"
+
+TCP5432 = Service("tcp", 5432, 5432)
+UDP53 = Service("udp", 53, 53)
+RANGE = Service("tcp", 8000, 8100)
+ICMP = Service("icmp")
+
+
+def _t(text: str) -> str:
+    """Expected text written with 4-space indents; nft text uses tabs."""
+    lines = textwrap.dedent(text).strip("\n").splitlines()
+    out = []
+    for line in lines:
+        stripped = line.lstrip(" ")
+        out.append("\t" * ((len(line) - len(stripped)) // 4) + stripped)
+    return "\n".join(out) + "\n"
+
+
+def pol(inbound: list[Allow] | None = None, outbound: list[Allow] | None = None) -> WorkloadPolicy:
+    return WorkloadPolicy(
+        workload_id="w1",
+        container_id="c1",
+        labels={"role": "db"},
+        ips=["10.213.0.2"],
+        inbound=inbound or [],
+        outbound=outbound or [],
+    )
+
+
+BASE = [
+    "ct state established,related accept",
+    "ct state invalid drop",
+]
+ND_IN = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept"
+ND_OUT = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept"
+
+
+def _rules(text: str) -> list[str]:
+    return [f"\t\t{line.strip()}" for line in text.strip().splitlines()]
+
+
+def table(sets: list[str] | None = None, inbound: str = "", outbound: str = "") -> str:
+    """The expected table: fixed head and base rules around the case's own lines."""
+    lines = ["add table inet segd", "delete table inet segd", "table inet segd {"]
+    lines += sets or []
+    lines += ["\tchain input {", "\t\ttype filter hook input priority filter; policy drop;"]
+    lines += _rules("\n".join(['iif "lo" accept', *BASE, ND_IN])) + _rules(inbound)
+    lines += [
+        "\t}",
+        "\tchain output {",
+        "\t\ttype filter hook output priority filter; policy drop;",
+    ]
+    lines += _rules("\n".join(['oif "lo" accept', *BASE, ND_OUT])) + _rules(outbound)
+    lines += ["\t}", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _sets(name: str, v4: str = "", v6: str = "") -> list[str]:
+    out = []
+    for fam, elems in (("v4", v4), ("v6", v6)):
+        out += [f"\tset {name}_{fam} {{", f"\t\ttype ip{fam}_addr"]
+        out += [f"\t\telements = {{ {elems} }}"] if elems else []
+        out += ["\t}"]
+    return out
+
+
+CASES: list[tuple[str, WorkloadPolicy, dict[str, list[str]], frozenset[str], str]] = [
+    ("no allows: only the base rules", pol(), {}, frozenset(), table()),
+    (
+        "inbound tcp from a peer set, both families",
+        pol(inbound=[Allow("r1", DB, [TCP5432])]),
+        {DB: ["10.213.0.9", "fd10:213::9", "10.213.0.10"]},
+        frozenset(),
+        table(
+            sets=_sets(DB, "10.213.0.9, 10.213.0.10", "fd10:213::9"),
+            inbound=f"""
+                ip saddr @{DB}_v4 tcp dport 5432 accept comment "r1"
+                ip6 saddr @{DB}_v6 tcp dport 5432 accept comment "r1"
+            """,
+        ),
+    ),
+    (
+        "any peer: one rule per service covers both families, icmp per family",
+        pol(inbound=[Allow("r2", None, [UDP53, RANGE, ICMP])]),
+        {},
+        frozenset(),
+        table(
+            inbound="""
+                meta l4proto icmp accept comment "r2"
+                meta l4proto ipv6-icmp accept comment "r2"
+                tcp dport 8000-8100 accept comment "r2"
+                udp dport 53 accept comment "r2"
+            """,
+        ),
+    ),
+    (
+        "outbound uses daddr in the output chain",
+        pol(outbound=[Allow("r3", WEB, [ICMP, UDP53])]),
+        {WEB: ["10.213.0.3"]},
+        frozenset(),
+        table(
+            sets=_sets(WEB, "10.213.0.3"),
+            outbound=f"""
+                ip daddr @{WEB}_v4 meta l4proto icmp accept comment "r3"
+                ip6 daddr @{WEB}_v6 meta l4proto ipv6-icmp accept comment "r3"
+                ip daddr @{WEB}_v4 udp dport 53 accept comment "r3"
+                ip6 daddr @{WEB}_v6 udp dport 53 accept comment "r3"
+            """,
+        ),
+    ),
+    (
+        "log option logs before accepting, only for that rule",
+        pol(inbound=[Allow("r1", DB, [TCP5432]), Allow("r2", None, [UDP53])]),
+        {DB: []},
+        frozenset({"r1"}),
+        table(
+            sets=_sets(DB),
+            inbound=f"""
+                ip saddr @{DB}_v4 tcp dport 5432 log prefix "segd:r1 " accept comment "r1"
+                ip6 saddr @{DB}_v6 tcp dport 5432 log prefix "segd:r1 " accept comment "r1"
+                udp dport 53 accept comment "r2"
+            """,
+        ),
+    ),
+    (
+        "a referenced set missing from the instructions renders empty",
+        pol(inbound=[Allow("r1", DB, [TCP5432])], outbound=[Allow("r9", WEB, [TCP5432])]),
+        {WEB: ["fd10:213::1"]},
+        frozenset(),
+        table(
+            sets=_sets(DB) + _sets(WEB, v6="fd10:213::1"),
+            inbound=f"""
+                ip saddr @{DB}_v4 tcp dport 5432 accept comment "r1"
+                ip6 saddr @{DB}_v6 tcp dport 5432 accept comment "r1"
+            """,
+            outbound=f"""
+                ip daddr @{WEB}_v4 tcp dport 5432 accept comment "r9"
+                ip6 daddr @{WEB}_v6 tcp dport 5432 accept comment "r9"
+            """,
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "sets", "logs", "expected"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_render_workload(
+    policy: WorkloadPolicy, sets: dict[str, list[str]], logs: frozenset[str], expected: str
+) -> None:
+    assert render.render_workload(policy, sets, logs) == expected
+
+
+def test_only_referenced_sets_are_rendered() -> None:
+    text = render.render_workload(pol(inbound=[Allow("r1", DB, [TCP5432])]), {WEB: ["1.2.3.4"]})
+    assert WEB not in text
+    assert "1.2.3.4" not in text
+
+
+def test_render_is_deterministic_whatever_the_input_order() -> None:
+    allows = [
+        Allow("r1", DB, [TCP5432, UDP53]),
+        Allow("r2", WEB, [ICMP]),
+        Allow("r3", None, [RANGE]),
+    ]
+    members = [f"10.213.0.{i}" for i in range(1, 60)] + ["fd10:213::5", "fd10:213::1"]
+    expected = render.render_workload(pol(allows, allows), {DB: members, WEB: members[:3]})
+    rng = random.Random(7)
+    for _ in range(20):
+        shuffled = [
+            Allow(a.rule_id, a.peer, rng.sample(a.services, len(a.services))) for a in allows
+        ]
+        rng.shuffle(shuffled)
+        m = members + rng.sample(members, 10)  # duplicates too
+        rng.shuffle(m)
+        got = render.render_workload(pol(shuffled, shuffled[::-1]), {WEB: members[:3], DB: m})
+        assert got == expected
+
+
+def test_addresses_are_normalised() -> None:
+    text = render.render_workload(
+        pol(inbound=[Allow("r1", DB, [TCP5432])]),
+        {DB: ["FD10:0213:0000::0001", "10.213.0.1"]},
+    )
+    assert "elements = { fd10:213::1 }" in text
+    assert "elements = { 10.213.0.1 }" in text
+
+
+def test_isolation() -> None:
+    assert render.render_isolation() == _t(
+        """
+        add table inet segd
+        delete table inet segd
+        table inet segd {
+            chain input {
+                type filter hook input priority filter; policy drop;
+                iif "lo" accept
+            }
+            chain output {
+                type filter hook output priority filter; policy drop;
+                oif "lo" accept
+            }
+        }
+        """
+    )
+
+
+def test_removal_is_idempotent_text() -> None:
+    assert render.render_removal() == "add table inet segd\ndelete table inet segd\n"
+
+
+# ---- validation -------------------------------------------------------------------------
+
+HOSTILE_IPS = [
+    "1.2.3.4 } ; flush ruleset",
+    "1.2.3.4, 5.6.7.8",
+    "10.0.0.0/8",
+    "fe80::1%eth0",
+    "fe80::1%0 } ; flush ruleset",
+    "",
+    " 1.2.3.4",
+    "1.2.3.4\n",
+    "example.com",
+    "1.2.3",
+    "010.213.0.1",  # leading zeros: octal to some parsers
+]
+
+
+@pytest.mark.parametrize("ip", HOSTILE_IPS)
+def test_hostile_ips_are_refused(ip: str) -> None:
+    with pytest.raises(ValueError, match="invalid IP address"):
+        render.render_workload(pol(inbound=[Allow("r1", DB, [TCP5432])]), {DB: [ip]})
+
+
+HOSTILE_SETS = [
+    "ls_00000000000000db_v4 } ; flush ruleset ; set x {",
+    "ls_00000000000000DB",
+    "ls_00000000000000d",
+    "ls_00000000000000dbb",
+    "ls_00000000000000db\n",
+    "@ls_00000000000000db",
+    "set",
+    "",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_SETS)
+def test_hostile_set_names_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid set name"):
+        render.render_workload(pol(inbound=[Allow("r1", name, [TCP5432])]), {})
+    with pytest.raises(ValueError, match="invalid set name"):
+        render.render_set_delta({}, {name: ["1.2.3.4"]}, {name})
+
+
+HOSTILE_RULE_IDS = [
+    'r1" accept ; flush ruleset ; #',
+    "r 1",
+    "r1\n",
+    "",
+    "x" * 65,
+    "règle",
+]
+
+
+@pytest.mark.parametrize("rule_id", HOSTILE_RULE_IDS)
+def test_hostile_rule_ids_are_refused(rule_id: str) -> None:
+    with pytest.raises(ValueError, match="invalid rule id"):
+        render.render_workload(pol(outbound=[Allow(rule_id, None, [UDP53])]), {})
+
+
+@pytest.mark.parametrize(
+    "svc",
+    [
+        Service("tcp", 0, 0),
+        Service("tcp", 70000, 70000),
+        Service("udp", 100, 50),
+        Service("sctp", 1, 1),  # type: ignore[arg-type]
+        Service("tcp", True, True),
+    ],
+    ids=["port 0", "port too big", "reversed range", "unknown proto", "bool port"],
+)
+def test_bad_services_are_refused(svc: Service) -> None:
+    with pytest.raises(ValueError, match="invalid"):
+        render.render_workload(pol(inbound=[Allow("r1", None, [svc])]), {})
+
+
+# ---- membership deltas ------------------------------------------------------------------
+
+DELTAS: list[tuple[str, dict[str, list[str]], dict[str, list[str]], set[str], str | None]] = [
+    ("nothing changed", {DB: ["10.0.0.1"]}, {DB: ["10.0.0.1"]}, {DB}, None),
+    ("no sets at all", {}, {}, set(), None),
+    (
+        "one peer joins",
+        {DB: ["10.0.0.1"]},
+        {DB: ["10.0.0.2", "10.0.0.1"]},
+        {DB},
+        f"add element inet segd {DB}_v4 {{ 10.0.0.2 }}\n",
+    ),
+    (
+        "one peer leaves, one joins, both families, deletes first",
+        {DB: ["10.0.0.1", "fd10::1"]},
+        {DB: ["10.0.0.2", "fd10::2", "fd10::3"]},
+        {DB},
+        f"delete element inet segd {DB}_v4 {{ 10.0.0.1 }}\n"
+        f"delete element inet segd {DB}_v6 {{ fd10::1 }}\n"
+        f"add element inet segd {DB}_v4 {{ 10.0.0.2 }}\n"
+        f"add element inet segd {DB}_v6 {{ fd10::2, fd10::3 }}\n",
+    ),
+    (
+        "unreferenced sets are ignored",
+        {DB: ["10.0.0.1"], WEB: ["10.0.0.7"]},
+        {DB: ["10.0.0.1"], WEB: []},
+        {DB},
+        None,
+    ),
+    (
+        "a set missing on one side counts as empty",
+        {},
+        {WEB: ["10.0.0.9", "10.0.0.8"]},
+        {WEB},
+        f"add element inet segd {WEB}_v4 {{ 10.0.0.8, 10.0.0.9 }}\n",
+    ),
+    (
+        "spelling differences are not changes",
+        {DB: ["fd10:0::1"]},
+        {DB: ["FD10::1"]},
+        {DB},
+        None,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "referenced", "expected"), [d[1:] for d in DELTAS], ids=[d[0] for d in DELTAS]
+)
+def test_render_set_delta(
+    old: dict[str, list[str]],
+    new: dict[str, list[str]],
+    referenced: set[str],
+    expected: str | None,
+) -> None:
+    assert render.render_set_delta(old, new, referenced) == expected
+
+
+def test_delta_refuses_hostile_addresses() -> None:
+    with pytest.raises(ValueError, match="invalid IP address"):
+        render.render_set_delta({}, {DB: ["1.2.3.4 } ; flush ruleset"]}, {DB})
+
+
+# ---- structure key ----------------------------------------------------------------------
+
+
+def test_structure_key_ignores_membership_only() -> None:
+    p = pol(inbound=[Allow("r1", DB, [TCP5432])])
+    assert render.set_structure_key(p) == render.set_structure_key(
+        pol(inbound=[Allow("r1", DB, [TCP5432])])
+    )
+    assert "elements" not in render.set_structure_key(p)
+    changed = [
+        pol(inbound=[Allow("r1", DB, [TCP5432, UDP53])]),
+        pol(inbound=[Allow("r1", WEB, [TCP5432])]),
+        pol(outbound=[Allow("r1", DB, [TCP5432])]),
+        pol(inbound=[Allow("r2", DB, [TCP5432])]),
+    ]
+    for other in changed:
+        assert render.set_structure_key(other) != render.set_structure_key(p)
+    assert render.set_structure_key(p, frozenset({"r1"})) != render.set_structure_key(p)
+
+
+def test_referenced_sets() -> None:
+    p = pol(inbound=[Allow("r1", DB, [TCP5432]), Allow("r2", None, [UDP53])])
+    p = pol(inbound=p.inbound, outbound=[Allow("r3", WEB, [ICMP])])
+    assert render.referenced_sets(p) == {DB, WEB}
+
+
+def test_log_rules_from_instruction_rules() -> None:
+    rules = [
+        Rule("r1", "any", "any", ["tcp/1"], options=["log"]),
+        Rule("r2", "any", "any", ["tcp/2"]),
+    ]
+    assert render.log_rules(rules) == frozenset({"r1"})
