@@ -21,6 +21,9 @@ from segd.policy import DEFAULT_DIMENSIONS, validate_dimensions
 DEFAULT_SERVER_LISTEN = "127.0.0.1:7400"
 DEFAULT_ORCH_LISTEN = "127.0.0.1:7401"
 DEFAULT_ALLINONE_DIR = "/var/lib/segd/allinone"
+DATA_DIR_ENV = "SEGD_DATA_DIR"  # overrides DEFAULT_ALLINONE_DIR for allinone and `segd ctl`
+ALLINONE_SERVER_SUBDIR = "server"  # the server's data dir inside the allinone data dir
+ADMIN_TOKEN_FILE = "admin.token"  # in the server's data dir, 0600
 
 _LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
 

@@ -18,6 +18,12 @@ class Error(msgspec.Struct, frozen=True):
     message: str
 
 
+class Health(msgspec.Struct, frozen=True):
+    status: str
+    version: str
+    key_id: str  # the id of the server key that signs keys and instructions
+
+
 # ---- policy (admin API) -------------------------------------------------------------
 
 

@@ -1,0 +1,213 @@
+"""Agent operations: pair and unpair workloads, hand out instructions, take reports.
+
+Pairing is idempotent per (host, container): asking again returns the workload
+already recorded, without checking the key again or consuming a use (a key may
+have expired since, the container has not changed). A new pairing is decided
+by the pure `pairing` module on rows read inside the write transaction; the use
+is counted, the workload and its addresses recorded and the attempt audited in
+that one transaction. A refusal commits only its audit row.
+"""
+
+from __future__ import annotations
+
+import re
+
+from segd import log, wire
+from segd.errors import SegdError
+from segd.server import pairing, tokens, validate
+from segd.server.service import Service, new_id
+from segd.server.store import Tx
+
+_log = log.get("segd.server.agents")
+_KEY_ID_RE = re.compile(r"^k_[0-9a-f]{16}$")
+TOUCH_INTERVAL_S = 60.0
+
+
+def _claimed_key_id(token: str) -> str:
+    """The key id a token claims, for the audit of a refusal (never trusted)."""
+    try:
+        kid = tokens.parse(token)[0].kid
+    except tokens.TokenError:
+        return ""
+    return kid if _KEY_ID_RE.match(kid) else ""
+
+
+async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> wire.PairResult:
+    pin = validate.pair_in(pin)
+    now = svc.clock()
+    async with svc.lock:
+        svc.check_host(host_id)
+        failure: SegdError | None = None
+        changed = False
+        async with svc.store.write() as tx:
+            w = await tx.workload_by_container(host_id, pin.container_id)
+            if w is not None:
+                w, changed, failure = await _repair(tx, w, pin, now)
+            else:
+                try:
+                    w = await _new(svc, tx, host_id, pin, now)
+                    changed = True
+                except pairing.Denied as e:
+                    failure = e
+                except tokens.TokenError as e:
+                    failure = e
+                if failure is not None:
+                    await tx.audit(
+                        now,
+                        "workload.paired",
+                        "denied",
+                        failure.code,
+                        host_id=host_id,
+                        container_id=pin.container_id,
+                        key_id=_claimed_key_id(pin.pairing_key),
+                        detail=failure.message,
+                    )
+        if failure is not None or w is None:
+            _log.info(
+                "workload.denied",
+                host=host_id,
+                container=pin.container_id,
+                reason=failure.code if failure else "",
+            )
+            raise failure or SegdError("pairing failed")
+        if changed:
+            await svc.publish(svc.compiler.add_workload(w) | {host_id})
+    signed = svc.pub.signed(host_id)
+    assert signed is not None
+    return wire.PairResult(workload_id=w.id, labels=w.labels, instructions=signed)
+
+
+async def _repair(
+    tx: Tx, w: wire.Workload, pin: wire.PairIn, now: float
+) -> tuple[wire.Workload, bool, SegdError | None]:
+    """Pairing an already paired container: the same workload, new addresses if any."""
+    audit = {"host_id": w.host_id, "container_id": w.container_id, "workload_id": w.id}
+    if w.ips == pin.ips:
+        await tx.audit(now, "workload.paired", "ok", "already_paired", key_id=w.key_id, **audit)
+        return w, False, None
+    held = {ip: o for ip, o in (await tx.ip_holders(pin.ips)).items() if o != w.id}
+    if held:
+        e = pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
+        await tx.audit(now, "workload.readdressed", "denied", e.code, detail=e.message, **audit)
+        return w, False, e
+    await tx.set_workload_ips(w.id, pin.ips)
+    await tx.audit(now, "workload.readdressed", "ok", detail=",".join(pin.ips), **audit)
+    _log.info("workload.readdressed", workload=w.id, ips=pin.ips)
+    return (
+        wire.Workload(
+            id=w.id,
+            host_id=w.host_id,
+            container_id=w.container_id,
+            name=w.name,
+            labels=w.labels,
+            ips=pin.ips,
+            key_id=w.key_id,
+            paired_at=w.paired_at,
+        ),
+        True,
+        None,
+    )
+
+
+async def _new(svc: Service, tx: Tx, host_id: str, pin: wire.PairIn, now: float) -> wire.Workload:
+    """Decide and record a new pairing; raises `Denied`/`TokenError` having written nothing."""
+    claims = tokens.verify(pin.pairing_key, svc.server_keys, now)
+    found = await tx.key_with_profile(claims.kid)
+    key, prof = found if found else (None, None)
+    decision = pairing.decide(claims, key, prof, pin.requested_labels, svc.dims, now)
+    held = await tx.ip_holders(pin.ips)
+    if held:
+        raise pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
+    if not await tx.consume_use(claims.kid, now):
+        raise pairing.Denied(pairing.EXHAUSTED, f"pairing key {claims.kid} has no uses left")
+    w = wire.Workload(
+        id=new_id("w", 8),
+        host_id=host_id,
+        container_id=pin.container_id,
+        name=pin.name,
+        labels=decision.labels,
+        ips=pin.ips,
+        key_id=claims.kid,
+        paired_at=now,
+    )
+    await tx.insert_workload(w)
+    reason = "profile_labels_applied" if decision.defaulted else ""
+    await tx.audit(
+        now,
+        "workload.paired",
+        "ok",
+        reason,
+        host_id=host_id,
+        container_id=w.container_id,
+        key_id=w.key_id,
+        workload_id=w.id,
+    )
+    _log.info(
+        "workload.paired",
+        host=host_id,
+        container=w.container_id,
+        workload=w.id,
+        labels=w.labels,
+        key_id=w.key_id,
+        defaulted=decision.defaulted,
+    )
+    return w
+
+
+async def unpair(svc: Service, host_id: str, uin: wire.UnpairIn) -> None:
+    """Forget the container's workload (if any) and update its peers."""
+    cid = validate.container_id(uin.container_id)
+    async with svc.lock:
+        svc.check_host(host_id)
+        async with svc.store.write() as tx:
+            w = await tx.workload_by_container(host_id, cid)
+            if w is not None:
+                await tx.delete_workload(w.id)
+            await tx.audit(
+                svc.clock(),
+                "workload.unpaired",
+                "ok",
+                "" if w else "not_paired",
+                host_id=host_id,
+                container_id=cid,
+                workload_id=w.id if w else "",
+                key_id=w.key_id if w else "",
+            )
+        if w is not None:
+            await svc.publish(svc.compiler.remove_workload(w.id) | {host_id})
+            _log.info("workload.unpaired", host=host_id, container=cid, workload=w.id)
+
+
+async def instructions(
+    svc: Service, host_id: str, since: int, wait_s: float
+) -> wire.SignedInstructions | None:
+    """The host's signed instructions once their version is above `since`, else None."""
+    if svc.pub.version(host_id) <= since and wait_s > 0:
+        await svc.hub.wait_newer(host_id, since, wait_s)
+    if svc.pub.version(host_id) <= since:
+        return None
+    return svc.pub.signed(host_id)
+
+
+async def report(svc: Service, host_id: str, rep: wire.AgentReport) -> None:
+    rep = validate.report(rep)
+    async with svc.store.write() as tx:
+        await tx.audit(
+            svc.clock(),
+            f"agent.{rep.event}",
+            "reported",
+            host_id=host_id,
+            container_id=rep.container_id,
+            detail=rep.detail,
+        )
+    _log.warning("agent.reported", host=host_id, event=rep.event, container=rep.container_id)
+
+
+async def touch(svc: Service, host_id: str) -> None:
+    """Record that the host's agent was seen (at most once a minute per host)."""
+    now = svc.clock()
+    if now - svc.touched.get(host_id, 0.0) < TOUCH_INTERVAL_S:
+        return
+    svc.touched[host_id] = now
+    async with svc.store.write() as tx:
+        await tx.touch_host(host_id, now)

@@ -1,0 +1,265 @@
+"""The REST API: one route table drives the handlers, the auth and the OpenAPI doc.
+
+Each route names who may call it (`none`, `admin` by bearer token, `agent` by
+signed request), the msgspec type of its body and of its answer. A single
+adapter reads the body (size-limited), authenticates, decodes strictly and
+encodes the answer; handlers are one-liners into `Service` and `agents`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+import msgspec
+from aiohttp import web
+
+import segd
+from segd import wire
+from segd.errors import Unavailable
+from segd.server import agents
+from segd.server.auth import NonceCache, require_admin, verify_agent
+from segd.server.http import float_param, int_param, json_response, read_body
+from segd.server.service import Service
+
+T = TypeVar("T")
+Auth = Literal["none", "admin", "agent"]
+
+
+class Runtime:
+    """What the handlers need, filled on start-up (a running app's items are frozen)."""
+
+    svc: Service | None = None
+    nonces: NonceCache | None = None
+
+
+RUNTIME = web.AppKey("segd_runtime", Runtime)
+OPENAPI = web.AppKey("segd_openapi", bytes)
+
+MAX_AUDIT = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One authenticated, decoded request as a handler sees it."""
+
+    request: web.Request
+    svc: Service
+    body: object
+    host_id: str  # the calling agent's host id ("" when not an agent route)
+
+    def body_as(self, t: type[T]) -> T:
+        assert isinstance(self.body, t)
+        return self.body
+
+    def arg(self, name: str) -> str:
+        return self.request.match_info[name]
+
+
+Handler = Callable[[Call], Awaitable[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    type: Literal["integer", "number", "string"]
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: Auth = "admin"
+    body: type | None = None
+    response: Any = None  # a msgspec-describable type, or None for 204
+    status: int = 200
+    query: tuple[Param, ...] = ()
+
+
+# ---- handlers -----------------------------------------------------------------------
+
+
+async def health(c: Call) -> wire.Health:
+    return wire.Health(status="ok", version=segd.__version__, key_id=c.svc.pub.key_id)
+
+
+async def openapi(c: Call) -> web.Response:
+    return web.Response(body=c.request.app[OPENAPI], content_type="application/json")
+
+
+async def add_rule(c: Call) -> wire.Rule:
+    return await c.svc.add_rule(c.body_as(wire.RuleIn))
+
+
+async def list_rules(c: Call) -> list[wire.Rule]:
+    return await c.svc.store.rules()
+
+
+async def delete_rule(c: Call) -> None:
+    await c.svc.delete_rule(c.arg("id"))
+
+
+async def add_profile(c: Call) -> wire.Profile:
+    return await c.svc.add_profile(c.body_as(wire.ProfileIn))
+
+
+async def list_profiles(c: Call) -> list[wire.Profile]:
+    return await c.svc.store.profiles()
+
+
+async def delete_profile(c: Call) -> None:
+    await c.svc.delete_profile(c.arg("name"))
+
+
+async def revoke_profile(c: Call) -> list[wire.PairingKey]:
+    return await c.svc.revoke_profile(c.arg("name"))
+
+
+async def issue_key(c: Call) -> wire.KeyIssued:
+    return await c.svc.issue_key(c.body_as(wire.KeyIssueIn))
+
+
+async def list_keys(c: Call) -> list[wire.PairingKey]:
+    return await c.svc.list_keys(c.request.query.get("profile"))
+
+
+async def revoke_key(c: Call) -> wire.PairingKey:
+    return await c.svc.revoke_key(c.arg("key_id"))
+
+
+async def list_workloads(c: Call) -> list[wire.Workload]:
+    return await c.svc.store.workloads(c.request.query.get("host"))
+
+
+async def list_hosts(c: Call) -> list[wire.Host]:
+    return await c.svc.store.hosts()
+
+
+async def revoke_host(c: Call) -> wire.Host:
+    return await c.svc.revoke_host(c.arg("id"))
+
+
+async def list_audit(c: Call) -> list[wire.AuditEntry]:
+    limit = int_param(c.request, "limit", 100, 1, MAX_AUDIT)
+    after = int_param(c.request, "after", 0, 0, 2**62) if "after" in c.request.query else None
+    return await c.svc.store.audit(limit, after)
+
+
+async def new_activation_code(c: Call) -> wire.ActivationCode:
+    return await c.svc.new_activation_code(c.body_as(wire.ActivationCodeIn))
+
+
+async def register(c: Call) -> wire.Registered:
+    return await c.svc.register(c.body_as(wire.RegisterIn))
+
+
+async def pair(c: Call) -> wire.PairResult:
+    return await agents.pair(c.svc, c.host_id, c.body_as(wire.PairIn))
+
+
+async def unpair(c: Call) -> None:
+    await agents.unpair(c.svc, c.host_id, c.body_as(wire.UnpairIn))
+
+
+async def instructions(c: Call) -> wire.SignedInstructions | None:
+    since = int_param(c.request, "since", 0, 0, 2**62)
+    wait = float_param(c.request, "wait", 0.0, 0.0, c.svc.cfg.longpoll_timeout_s)
+    return await agents.instructions(c.svc, c.host_id, since, wait)
+
+
+async def report(c: Call) -> None:
+    await agents.report(c.svc, c.host_id, c.body_as(wire.AgentReport))
+
+
+_LIMIT = Param("limit", "integer", f"how many entries (1-{MAX_AUDIT}, default 100)")
+_AFTER = Param("after", "integer", "only entries with a larger id, oldest first")
+
+# fmt: off
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/v1/health", health, "Liveness and the server key id", "none",
+          response=wire.Health),
+    Route("GET", "/v1/openapi.json", openapi, "This document", "none", response=dict[str, Any]),
+    Route("POST", "/v1/rules", add_rule, "Add a rule", body=wire.RuleIn, response=wire.Rule,
+          status=201),
+    Route("GET", "/v1/rules", list_rules, "List rules", response=list[wire.Rule]),
+    Route("DELETE", "/v1/rules/{id}", delete_rule, "Remove a rule"),
+    Route("POST", "/v1/profiles", add_profile, "Add a pairing profile", body=wire.ProfileIn,
+          response=wire.Profile, status=201),
+    Route("GET", "/v1/profiles", list_profiles, "List pairing profiles",
+          response=list[wire.Profile]),
+    Route("DELETE", "/v1/profiles/{name}", delete_profile,
+          "Remove a pairing profile and its keys (they stop working)"),
+    Route("POST", "/v1/profiles/{name}/revoke", revoke_profile,
+          "Revoke every key of a profile", response=list[wire.PairingKey]),
+    Route("POST", "/v1/keys", issue_key, "Issue a pairing key", body=wire.KeyIssueIn,
+          response=wire.KeyIssued, status=201),
+    Route("GET", "/v1/keys", list_keys, "List pairing keys", response=list[wire.PairingKey],
+          query=(Param("profile", "string", "only the keys of this profile"),)),
+    Route("POST", "/v1/keys/{key_id}/revoke", revoke_key, "Revoke a pairing key",
+          response=wire.PairingKey),
+    Route("GET", "/v1/workloads", list_workloads, "List paired workloads",
+          response=list[wire.Workload],
+          query=(Param("host", "string", "only the workloads of this host"),)),
+    Route("GET", "/v1/hosts", list_hosts, "List agent hosts", response=list[wire.Host]),
+    Route("POST", "/v1/hosts/{id}/revoke", revoke_host,
+          "Revoke a host: refuse its agent and drop its workloads", response=wire.Host),
+    Route("GET", "/v1/audit", list_audit, "Audit log (the latest entries, or after an id)",
+          response=list[wire.AuditEntry], query=(_LIMIT, _AFTER)),
+    Route("POST", "/v1/activation-codes", new_activation_code,
+          "Issue a single-use agent activation code", body=wire.ActivationCodeIn,
+          response=wire.ActivationCode, status=201),
+    Route("POST", "/v1/agent/register", register, "Register an agent with an activation code",
+          "none", body=wire.RegisterIn, response=wire.Registered, status=201),
+    Route("POST", "/v1/agent/pair", pair, "Pair a container (idempotent per container)",
+          "agent", body=wire.PairIn, response=wire.PairResult),
+    Route("POST", "/v1/agent/unpair", unpair, "Unpair a container (idempotent)", "agent",
+          body=wire.UnpairIn),
+    Route("GET", "/v1/agent/instructions", instructions,
+          "Long-poll the host's signed instructions; 204 when nothing newer in time",
+          "agent", response=wire.SignedInstructions,
+          query=(Param("since", "integer", "the version the agent holds (default 0)"),
+                 Param("wait", "number", "seconds to wait for a newer version (capped)"))),
+    Route("POST", "/v1/agent/report", report, "Report an event to audit (e.g. tampering)",
+          "agent", body=wire.AgentReport),
+)
+# fmt: on
+
+
+# ---- wiring -------------------------------------------------------------------------
+
+
+def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    decoder: msgspec.json.Decoder[Any] | None = (
+        msgspec.json.Decoder(route.body) if route.body is not None else None
+    )
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        rt = request.app[RUNTIME]
+        if rt.svc is None or rt.nonces is None:
+            raise Unavailable("server is starting or stopping")
+        svc = rt.svc
+        host_id = ""
+        if route.auth == "admin":
+            require_admin(svc, request)
+        raw = await read_body(request)
+        if route.auth == "agent":
+            host_id = verify_agent(svc, rt.nonces, request, raw)
+            await agents.touch(svc, host_id)
+        body = decoder.decode(raw.strip() or b"{}") if decoder is not None else None
+        result = await route.handler(Call(request, svc, body, host_id))
+        if isinstance(result, web.StreamResponse):
+            return result
+        if result is None:
+            return web.Response(status=204)
+        return json_response(result, route.status)
+
+    return handle
+
+
+def add_routes(app: web.Application) -> None:
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, _adapt(r))

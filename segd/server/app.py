@@ -1,0 +1,155 @@
+"""Building and running the server: the aiohttp app, its listener and its lifecycle.
+
+`build_app(cfg)` gives an application whose `cleanup_ctx` opens the service
+(store, keys, compiler) on start and closes it on cleanup; tests and the
+all-in-one mode run it in-process. `ServerRunner` listens on the configured
+address (TLS when configured); `run_server` runs until SIGTERM/SIGINT, a stop
+event or cancellation, then stops accepting, releases long-polls, drains
+in-flight requests for up to `shutdown_timeout` seconds and closes the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from segd import log
+from segd.config import ServerConfig, TLSConfig, parse_listen
+from segd.server import openapi
+from segd.server.api import OPENAPI, ROUTES, RUNTIME, Runtime, add_routes
+from segd.server.auth import NonceCache
+from segd.server.http import error_middleware
+from segd.server.service import Clock, Service
+
+_log = log.get("segd.server")
+
+DEFAULT_SHUTDOWN_TIMEOUT_S = 10.0
+
+
+def service_of(app: web.Application) -> Service:
+    """The running service of an app built by `build_app`."""
+    svc = app[RUNTIME].svc
+    if svc is None:
+        raise RuntimeError("the server app has not started")
+    return svc
+
+
+def build_app(cfg: ServerConfig, *, clock: Clock = time.time) -> web.Application:
+    holder = Runtime()
+    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[error_middleware])
+    app[RUNTIME] = holder
+    app[OPENAPI] = openapi.document(ROUTES)
+    add_routes(app)
+
+    async def service_ctx(app: web.Application) -> AsyncIterator[None]:
+        svc = await Service.open(cfg, clock)
+        holder.svc = svc
+        holder.nonces = NonceCache(2 * cfg.request_skew_s)
+        try:
+            yield
+        finally:
+            holder.svc = holder.nonces = None
+            await svc.close()
+            _log.info("server.closed")
+
+    async def on_shutdown(app: web.Application) -> None:
+        if holder.svc is not None:
+            holder.svc.hub.close()
+
+    app.cleanup_ctx.append(service_ctx)
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+def ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
+    if not tls.cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tls.cert, tls.key)
+    if tls.client_ca:
+        ctx.load_verify_locations(tls.client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+class ServerRunner:
+    """The server app on a TCP listener: `await start()`, then `await stop()`."""
+
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        *,
+        clock: Clock = time.time,
+        sock: socket.socket | None = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    ) -> None:
+        self.cfg = cfg
+        self.app = build_app(cfg, clock=clock)
+        self._sock = sock
+        self._runner = web.AppRunner(self.app, shutdown_timeout=shutdown_timeout, access_log=None)
+        self.url = ""
+
+    @property
+    def service(self) -> Service:
+        return service_of(self.app)
+
+    async def start(self) -> None:
+        await self._runner.setup()
+        ctx = ssl_context(self.cfg.tls)
+        site: web.BaseSite
+        if self._sock is not None:
+            site = web.SockSite(self._runner, self._sock, ssl_context=ctx)
+        else:
+            host, port = parse_listen(self.cfg.listen)
+            site = web.TCPSite(self._runner, host, port, ssl_context=ctx)
+        try:
+            await site.start()
+        except BaseException:
+            await self._runner.cleanup()
+            raise
+        host, port = _bound(self._runner)
+        scheme = "https" if ctx else "http"
+        self.url = f"{scheme}://{host}:{port}"
+        _log.info("server.listening", url=self.url, data_dir=self.cfg.data_dir)
+
+    async def stop(self) -> None:
+        _log.info("server.stopping")
+        await self._runner.cleanup()
+
+
+def _bound(runner: web.AppRunner) -> tuple[str, int]:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            host = str(addr[0])
+            return (f"[{host}]" if ":" in host else host), int(addr[1])
+    raise RuntimeError("server is not listening on TCP")
+
+
+async def run_server(
+    cfg: ServerConfig,
+    *,
+    stop: asyncio.Event | None = None,
+    clock: Clock = time.time,
+    handle_signals: bool = True,
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+) -> None:
+    """Serve until SIGTERM/SIGINT (when `handle_signals`), `stop` is set, or cancelled."""
+    stop = stop or asyncio.Event()
+    runner = ServerRunner(cfg, clock=clock, shutdown_timeout=shutdown_timeout)
+    await runner.start()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+    for s in signals:
+        loop.add_signal_handler(s, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for s in signals:
+            loop.remove_signal_handler(s)
+        await runner.stop()

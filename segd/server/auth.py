@@ -1,0 +1,92 @@
+"""Who is calling: admins by bearer token, agents by signed requests.
+
+An agent signs method, path with query, timestamp, nonce and the body's
+SHA-256 (`crypto.request_string`). The server refuses a timestamp more than
+`request_skew_s` away from its clock, or older than the process itself (so a
+request captured before a restart cannot be replayed after it, when the nonce
+cache is empty), and a nonce it has already accepted within the window.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+from aiohttp import web
+
+from segd import crypto
+from segd.errors import InvalidInput, Unauthorized
+from segd.server.service import Service
+
+_NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+class NonceCache:
+    """Nonces accepted in the last `ttl` seconds, per host."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._seen: set[tuple[str, str]] = set()
+        self._order: collections.deque[tuple[float, tuple[str, str]]] = collections.deque()
+
+    def add(self, host_id: str, nonce: str, now: float) -> bool:
+        """Remember the nonce; False when it was already seen (a replay)."""
+        while self._order and self._order[0][0] <= now:
+            self._seen.discard(self._order.popleft()[1])
+        key = (host_id, nonce)
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self._order.append((now + self.ttl, key))
+        return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def require_admin(svc: Service, request: web.Request) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("admin API needs 'Authorization: Bearer <token>'")
+    if not svc.is_admin(token.strip()):
+        raise Unauthorized("invalid admin token")
+
+
+def verify_agent(svc: Service, nonces: NonceCache, request: web.Request, body: bytes) -> str:
+    """Check a signed agent request; return the calling host's id."""
+    h = request.headers
+    host_id = h.get(crypto.HDR_AGENT, "")
+    ts_text = h.get(crypto.HDR_TS, "")
+    nonce = h.get(crypto.HDR_NONCE, "")
+    sig_text = h.get(crypto.HDR_SIG, "")
+    if not (host_id and ts_text and nonce and sig_text):
+        raise Unauthorized("agent request is not signed", code="unsigned_request")
+    auth = svc.check_host(host_id)
+    try:
+        ts = float(ts_text)
+    except ValueError:
+        ts = math.nan
+    if not math.isfinite(ts):
+        raise Unauthorized("invalid request timestamp", code="bad_timestamp")
+    now = svc.clock()
+    if abs(now - ts) > svc.cfg.request_skew_s:
+        raise Unauthorized(
+            f"request timestamp is more than {svc.cfg.request_skew_s:g}s from server time",
+            code="stale_request",
+        )
+    if ts < svc.started_at:
+        raise Unauthorized("request timestamp predates the server start", code="stale_request")
+    if not _NONCE_RE.match(nonce):
+        raise Unauthorized("invalid request nonce", code="bad_nonce")
+    try:
+        sig = crypto.b64d(sig_text)
+    except InvalidInput:
+        sig = b""
+    msg = crypto.request_string(request.method, request.raw_path, ts_text, nonce, body)
+    if len(sig) != 64 or not crypto.verify(auth.verify_key, msg, sig):
+        raise Unauthorized("request signature does not verify", code="bad_request_signature")
+    if not nonces.add(host_id, nonce, now):
+        raise Unauthorized("request nonce was already used", code="replayed_request")
+    return host_id

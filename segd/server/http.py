@@ -1,0 +1,107 @@
+"""HTTP plumbing shared by the API: error middleware, bodies, query parameters.
+
+Every error leaves as `{"error": CODE, "message": TEXT}` (wire.Error): segd
+errors with their own status, undecodable or invalid JSON as 400, unknown
+routes as 404, oversize bodies as 413. Anything unexpected is logged and
+answered 500 without details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from segd import log, wire
+from segd.errors import InvalidInput, SegdError
+
+_log = log.get("segd.server.http")
+_enc = msgspec.json.Encoder()
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def json_response(obj: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_enc.encode(obj), status=status, content_type="application/json")
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return json_response(wire.Error(error=code, message=message), status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        resp: web.StreamResponse = await handler(request)
+        return resp
+    except SegdError as e:
+        return error_response(e.status, e.code, e.message)
+    except msgspec.ValidationError as e:
+        return error_response(400, "invalid_input", str(e))
+    except msgspec.DecodeError as e:
+        return error_response(400, "malformed_json", f"request body is not valid JSON: {e}")
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _HTTP_CODES.get(e.status, "http_error")
+        if e.status == 404:
+            msg = f"no such route: {request.method} {request.path}"
+        elif e.status == 405:
+            msg = f"method {request.method} is not allowed on {request.path}"
+        elif e.status == 413:
+            msg = f"request body is larger than {request.client_max_size} bytes"
+        else:
+            msg = e.reason
+        return error_response(e.status, code, msg)
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        _log.exception("http.internal_error", method=request.method, path=request.path)
+        return error_response(500, "internal_error", "internal server error (see server log)")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, refused (413) beyond the app's size limit."""
+    limit = request.client_max_size
+    if request.content_length is not None and request.content_length > limit:
+        raise SegdError(
+            f"request body is larger than {limit} bytes", code="body_too_large", status=413
+        )
+    return await request.read()
+
+
+def int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise InvalidInput(f"query parameter {name!r} is required")
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name!r} must be an integer") from None
+    if not low <= value <= high:
+        raise InvalidInput(f"query parameter {name!r} must be between {low} and {high}")
+    return value
+
+
+def float_param(request: web.Request, name: str, default: float, low: float, high: float) -> float:
+    """A number, clamped to `high` (so an agent may ask for longer than the server allows)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name!r} must be a number") from None
+    if math.isnan(value) or value < low:
+        raise InvalidInput(f"query parameter {name!r} must be at least {low}")
+    return min(value, high)

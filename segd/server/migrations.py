@@ -1,0 +1,109 @@
+"""Versioned schema migrations for the server store.
+
+`MIGRATIONS[i]` brings the schema from version `i` to `i + 1`. Scripts are only
+ever appended: a released script is never edited. Each one runs in its own
+transaction together with the `schema_version` bump.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema.
+    """
+    CREATE TABLE rules (
+        id          TEXT PRIMARY KEY,
+        providers   TEXT NOT NULL,
+        consumers   TEXT NOT NULL,
+        services    TEXT NOT NULL,
+        options     TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+
+    CREATE TABLE profiles (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        labels      TEXT NOT NULL,
+        locked      TEXT NOT NULL,
+        max_uses    INTEGER NOT NULL CHECK (max_uses >= 1),
+        lifespan_s  INTEGER NOT NULL CHECK (lifespan_s >= 1),
+        on_mismatch TEXT NOT NULL CHECK (on_mismatch IN ('deny', 'default')),
+        enabled     INTEGER NOT NULL,
+        description TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+
+    CREATE TABLE keys (
+        key_id      TEXT PRIMARY KEY,
+        profile_id  TEXT NOT NULL REFERENCES profiles(id) ON DELETE CASCADE,
+        max_uses    INTEGER NOT NULL CHECK (max_uses >= 1),
+        uses        INTEGER NOT NULL DEFAULT 0 CHECK (uses >= 0 AND uses <= max_uses),
+        issued_at   REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        revoked     INTEGER NOT NULL DEFAULT 0,
+        description TEXT NOT NULL
+    );
+    CREATE INDEX keys_profile ON keys(profile_id);
+
+    CREATE TABLE hosts (
+        id                   TEXT PRIMARY KEY,
+        hostname             TEXT NOT NULL,
+        public_key           TEXT NOT NULL UNIQUE,
+        registered_at        REAL NOT NULL,
+        last_seen            REAL NOT NULL,
+        instructions_version INTEGER NOT NULL DEFAULT 0,
+        instructions_digest  TEXT NOT NULL DEFAULT '',
+        revoked              INTEGER NOT NULL DEFAULT 0
+    );
+
+    -- key_id is deliberately not a foreign key: a workload outlives its key.
+    CREATE TABLE workloads (
+        id           TEXT PRIMARY KEY,
+        host_id      TEXT NOT NULL REFERENCES hosts(id),
+        container_id TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        labels       TEXT NOT NULL,
+        ips          TEXT NOT NULL,
+        key_id       TEXT NOT NULL,
+        paired_at    REAL NOT NULL,
+        UNIQUE (host_id, container_id)
+    );
+
+    -- One live workload per address: the primary key is the guard.
+    CREATE TABLE workload_ips (
+        ip          TEXT PRIMARY KEY,
+        workload_id TEXT NOT NULL REFERENCES workloads(id) ON DELETE CASCADE
+    );
+    CREATE INDEX workload_ips_workload ON workload_ips(workload_id);
+
+    CREATE TABLE activation_codes (
+        code_hash  TEXT PRIMARY KEY,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        used_at    REAL,
+        host_id    TEXT
+    );
+
+    CREATE TABLE admin_tokens (
+        token_hash TEXT PRIMARY KEY,
+        created_at REAL NOT NULL
+    );
+
+    CREATE TABLE audit (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        at           REAL NOT NULL,
+        event        TEXT NOT NULL,
+        result       TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        host_id      TEXT NOT NULL,
+        container_id TEXT NOT NULL,
+        key_id       TEXT NOT NULL,
+        workload_id  TEXT NOT NULL,
+        detail       TEXT NOT NULL
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
+    """,
+]

@@ -1,0 +1,93 @@
+"""From compiled instructions to signed, versioned, cached bytes per host.
+
+`plan(hosts)` recompiles the given hosts and keeps only those whose content
+(everything but the version) changed, each at its next version. The caller
+persists the new (version, digest) pairs, then `commit(plan)` signs, caches and
+wakes exactly those hosts. A host whose content did not change keeps its
+version and is not woken.
+
+At start, `load(states)` compiles every host and bumps any whose content no
+longer matches the digest last persisted (for example after a crash between a
+change and its version bump), so an agent never holds stale instructions under
+a current version number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import nacl.signing
+
+from segd import crypto, wire
+from segd.server.compiler import Compiler, content_digest, encode_instructions
+from segd.server.notify import Hub
+
+Plan = dict[str, tuple[wire.Instructions, str]]  # host -> (instructions, content digest)
+
+
+class Publisher:
+    def __init__(self, key: nacl.signing.SigningKey, compiler: Compiler, hub: Hub) -> None:
+        self._key = key
+        self.key_id = crypto.key_id_of(key.verify_key)
+        self.compiler = compiler
+        self.hub = hub
+        self._state: dict[str, tuple[int, str]] = {}  # host -> (version, digest)
+        self._signed: dict[str, wire.SignedInstructions] = {}
+
+    def plan(self, hosts: Iterable[str]) -> Plan:
+        """Compile `hosts` (known ones only); keep those whose content changed."""
+        out: Plan = {}
+        for h in sorted(set(hosts)):
+            if h not in self._state:
+                continue
+            version, digest = self._state[h]
+            instr = self.compiler.compile_host(h, version + 1)
+            new_digest = content_digest(instr)
+            if new_digest != digest:
+                out[h] = (instr, new_digest)
+        return out
+
+    @staticmethod
+    def versions(plan: Plan) -> dict[str, tuple[int, str]]:
+        """What to persist for a plan: host -> (version, digest)."""
+        return {h: (i.version, d) for h, (i, d) in plan.items()}
+
+    def commit(self, plan: Plan) -> None:
+        """Sign and cache the planned instructions, then wake their hosts."""
+        for h, (instr, digest) in plan.items():
+            self._state[h] = (instr.version, digest)
+            self._signed[h] = self._sign(instr)
+        for h, (instr, _) in plan.items():
+            self.hub.publish(h, instr.version)
+
+    def load(self, states: Mapping[str, tuple[int, str]]) -> Plan:
+        """Adopt persisted (version, digest) per host; return the hosts to bump."""
+        self._state = dict(states)
+        self._signed.clear()
+        stale = self.plan(states)
+        for h, (version, _) in self._state.items():
+            if h not in stale:
+                self._signed[h] = self._sign(self.compiler.compile_host(h, version))
+                self.hub.publish(h, version)
+        return stale
+
+    def add_host(self, host_id: str) -> None:
+        """Track a new host at version 0 (its first plan makes version 1)."""
+        self._state.setdefault(host_id, (0, ""))
+
+    def drop_host(self, host_id: str) -> None:
+        self._state.pop(host_id, None)
+        self._signed.pop(host_id, None)
+
+    def version(self, host_id: str) -> int:
+        return self._state.get(host_id, (0, ""))[0]
+
+    def signed(self, host_id: str) -> wire.SignedInstructions | None:
+        return self._signed.get(host_id)
+
+    def _sign(self, instr: wire.Instructions) -> wire.SignedInstructions:
+        payload = encode_instructions(instr)
+        sig = self._key.sign(payload).signature
+        return wire.SignedInstructions(
+            key_id=self.key_id, payload=crypto.b64e(payload), signature=crypto.b64e(sig)
+        )

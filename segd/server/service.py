@@ -1,0 +1,377 @@
+"""The segmentation server's operations, between the HTTP handlers and the store.
+
+One `Service` owns the store, the in-memory compiler and the publisher. Every
+change follows the same path under one lock: write it (with its audit row) in a
+store transaction; once committed, feed it to the compiler; recompile the hosts
+it may affect; persist the version of each host whose content changed; sign,
+cache and wake those hosts. The lock keeps the compiler's order of events the
+same as the store's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import msgspec
+import nacl.signing
+
+from segd import crypto, log, wire
+from segd.config import ADMIN_TOKEN_FILE, ServerConfig
+from segd.errors import Forbidden, InvalidInput, NotFound, SegdError, Unauthorized
+from segd.server import tokens, validate
+from segd.server.compiler import Compiler
+from segd.server.notify import Hub
+from segd.server.publish import Publisher
+from segd.server.store import Store
+
+_log = log.get("segd.server")
+
+SIGNING_KEY_FILE = "server.key"
+DB_FILE = "segd.db"
+
+Clock = Callable[[], float]
+
+
+class HostAuth(msgspec.Struct, frozen=True):
+    verify_key: nacl.signing.VerifyKey
+    revoked: bool
+
+
+def new_id(prefix: str, nbytes: int = 6) -> str:
+    return f"{prefix}_{secrets.token_hex(nbytes)}"
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _prepare_data_dir(data: Path) -> nacl.signing.SigningKey:
+    """Create the data dir (0700) and load or create the signing key (0600)."""
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return crypto.load_or_create_signing_key(data / SIGNING_KEY_FILE)
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+class Service:
+    """The server core and its admin operations (agent ones are in `agents`)."""
+
+    def __init__(
+        self, cfg: ServerConfig, store: Store, key: nacl.signing.SigningKey, clock: Clock
+    ) -> None:
+        self.cfg = cfg
+        self.dims = tuple(cfg.dimensions)
+        self.data_dir = Path(cfg.data_dir)
+        self.store = store
+        self.clock = clock
+        self.started_at = clock()
+        self.signing_key = key
+        self.hub = Hub()
+        self.compiler = Compiler()
+        self.pub = Publisher(key, self.compiler, self.hub)
+        self.server_keys = {self.pub.key_id: key.verify_key}
+        self.hosts: dict[str, HostAuth] = {}
+        self.admin_hashes: set[str] = set()
+        self.touched: dict[str, float] = {}  # host -> when last_seen was last written
+        self.lock = asyncio.Lock()
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, cfg: ServerConfig, clock: Clock = time.time) -> Service:
+        data = Path(cfg.data_dir)
+        key = _prepare_data_dir(data)
+        store = await Store.open(data / DB_FILE)
+        try:
+            svc = cls(cfg, store, key, clock)
+            await svc._load()
+        except BaseException:
+            await store.close()
+            raise
+        return svc
+
+    async def _load(self) -> None:
+        workloads = await self.store.workloads()
+        self.compiler = Compiler(await self.store.rules(), workloads)
+        self.pub = Publisher(self.signing_key, self.compiler, self.hub)
+        self.hosts = {
+            h.id: HostAuth(crypto.verify_key_from_b64(h.public_key), h.revoked)
+            for h in await self.store.hosts()
+        }
+        states = {
+            h: s for h, s in (await self.store.host_digests()).items() if not self.hosts[h].revoked
+        }
+        stale = self.pub.load(states)
+        if stale:
+            async with self.store.write() as tx:
+                await tx.set_versions(self.pub.versions(stale))
+            self.pub.commit(stale)
+        await self._ensure_admin_token()
+        _log.info(
+            "server.loaded",
+            hosts=len(self.hosts),
+            workloads=len(workloads),
+            bumped=len(stale),
+            key_id=self.pub.key_id,
+        )
+
+    async def _ensure_admin_token(self) -> None:
+        """Make sure `<data_dir>/admin.token` holds a valid token (hash kept in the store)."""
+        path = self.data_dir / ADMIN_TOKEN_FILE
+        hashes = await self.store.admin_token_hashes()
+        current = _read_secret(path)
+        if not current or sha256_hex(current) not in hashes:
+            token = "segd_" + secrets.token_urlsafe(32)
+            crypto.write_secret(path, token + "\n")
+            async with self.store.write() as tx:
+                await tx.insert_admin_token(sha256_hex(token), self.clock())
+            hashes.add(sha256_hex(token))
+            _log.info("admin.token_created", path=str(path))
+        self.admin_hashes = hashes
+
+    async def close(self) -> None:
+        self.hub.close()
+        await self.store.close()
+
+    # ---- shared core --------------------------------------------------------------
+
+    def is_admin(self, token: str) -> bool:
+        return sha256_hex(token) in self.admin_hashes
+
+    def check_host(self, host_id: str) -> HostAuth:
+        """The host's agent key; refuses unknown (401) and revoked (403) hosts."""
+        auth = self.hosts.get(host_id)
+        if auth is None:
+            raise Unauthorized(f"unknown host {host_id[:64]!r}", code="unknown_host")
+        if auth.revoked:
+            raise Forbidden(f"host {host_id} has been revoked", code="host_revoked")
+        return auth
+
+    async def publish(self, affected: Iterable[str]) -> None:
+        """Recompile `affected`, persist the new versions, then sign and wake. Hold `lock`."""
+        plan = self.pub.plan(affected)
+        if not plan:
+            return
+        async with self.store.write() as tx:
+            await tx.set_versions(self.pub.versions(plan))
+        self.pub.commit(plan)
+        _log.debug("instructions.published", hosts=sorted(plan))
+
+    async def _set_rules(self, rules: list[wire.Rule]) -> None:
+        await self.publish(self.compiler.set_rules(rules))
+
+    # ---- rules --------------------------------------------------------------------
+
+    async def add_rule(self, rin: wire.RuleIn) -> wire.Rule:
+        rule = validate.rule(rin, self.dims, new_id("r"), self.clock())
+        async with self.lock:
+            async with self.store.write() as tx:
+                await tx.insert_rule(rule)
+                await tx.audit(rule.created_at, "rule.added", "ok", detail=rule.id)
+                rules = await tx.rules()
+            await self._set_rules(rules)
+        _log.info("rule.added", rule=rule.id, services=rule.services)
+        return rule
+
+    async def delete_rule(self, rule_id: str) -> None:
+        async with self.lock:
+            async with self.store.write() as tx:
+                found = await tx.delete_rule(rule_id)
+                if found:
+                    await tx.audit(self.clock(), "rule.removed", "ok", detail=rule_id)
+                rules = await tx.rules()
+            if not found:
+                raise NotFound(f"no rule {rule_id!r}")
+            await self._set_rules(rules)
+        _log.info("rule.removed", rule=rule_id)
+
+    # ---- profiles and keys --------------------------------------------------------
+
+    async def add_profile(self, pin: wire.ProfileIn) -> wire.Profile:
+        prof = validate.profile(pin, self.dims, new_id("p"), self.clock())
+        async with self.store.write() as tx:
+            if await tx.profile_by_name(prof.name) is not None:
+                raise SegdError(f"profile {prof.name!r} already exists", code="exists", status=409)
+            await tx.insert_profile(prof)
+            await tx.audit(prof.created_at, "profile.added", "ok", detail=prof.name)
+        _log.info("profile.added", profile=prof.name, labels=prof.labels, locked=prof.locked)
+        return prof
+
+    async def delete_profile(self, name: str) -> int:
+        """Delete a profile with its keys (which stop working); return how many keys."""
+        async with self.store.write() as tx:
+            prof = await tx.profile_by_name(name)
+            if prof is None:
+                raise NotFound(f"no profile {name!r}")
+            n = await tx.delete_profile(prof.id)
+            await tx.audit(self.clock(), "profile.removed", "ok", detail=f"{name}: {n} keys")
+        _log.info("profile.removed", profile=name, keys=n)
+        return n
+
+    async def revoke_profile(self, name: str) -> list[wire.PairingKey]:
+        async with self.store.write() as tx:
+            prof = await tx.profile_by_name(name)
+            if prof is None:
+                raise NotFound(f"no profile {name!r}")
+            n = await tx.revoke_profile_keys(prof.id)
+            await tx.audit(self.clock(), "profile.revoked", "ok", detail=f"{name}: {n} keys")
+        _log.info("profile.revoked", profile=name, keys=n)
+        return await self.store.keys(name)
+
+    async def issue_key(self, kin: wire.KeyIssueIn) -> wire.KeyIssued:
+        now = self.clock()
+        async with self.store.write() as tx:
+            prof = await tx.profile_by_name(kin.profile)
+            if prof is None:
+                raise NotFound(f"no profile {kin.profile!r}")
+            max_uses = prof.max_uses if kin.max_uses is None else kin.max_uses
+            lifespan = prof.lifespan_s if kin.lifespan_s is None else kin.lifespan_s
+            validate.bounded("max_uses", max_uses, 1, validate.MAX_USES)
+            validate.bounded("lifespan_s", lifespan, 1, validate.MAX_LIFESPAN_S)
+            validate.text("description", kin.description, validate.MAX_DESCRIPTION)
+            iat = int(now)
+            claims = tokens.Claims(
+                v=tokens.VERSION,
+                kid=new_id("k", 8),
+                pid=prof.id,
+                sk=self.pub.key_id,
+                iat=iat,
+                exp=iat + lifespan,
+            )
+            key = wire.PairingKey(
+                key_id=claims.kid,
+                profile=prof.name,
+                max_uses=max_uses,
+                uses=0,
+                issued_at=now,
+                expires_at=float(claims.exp),
+                revoked=False,
+                description=kin.description,
+            )
+            await tx.insert_key(key, prof.id)
+            await tx.audit(now, "key.issued", "ok", key_id=key.key_id, detail=prof.name)
+        _log.info("key.issued", key_id=key.key_id, profile=prof.name, max_uses=max_uses)
+        return wire.KeyIssued(
+            key_id=key.key_id,
+            token=tokens.issue(self.signing_key, claims),
+            expires_at=key.expires_at,
+            max_uses=max_uses,
+        )
+
+    async def list_keys(self, profile: str | None) -> list[wire.PairingKey]:
+        if profile is not None and await self.store.profile_by_name(profile) is None:
+            raise NotFound(f"no profile {profile!r}")
+        return await self.store.keys(profile)
+
+    async def revoke_key(self, key_id: str) -> wire.PairingKey:
+        async with self.store.write() as tx:
+            if not await tx.revoke_key(key_id):
+                raise NotFound(f"no pairing key {key_id!r}")
+            await tx.audit(self.clock(), "key.revoked", "ok", key_id=key_id)
+        _log.info("key.revoked", key_id=key_id)
+        key = await self.store.key(key_id)
+        assert key is not None
+        return key
+
+    # ---- hosts and activation codes -----------------------------------------------
+
+    async def revoke_host(self, host_id: str) -> wire.Host:
+        """Refuse the host's agent from now on and drop its workloads."""
+        now = self.clock()
+        async with self.lock:
+            async with self.store.write() as tx:
+                if not await tx.revoke_host(host_id):
+                    raise NotFound(f"no host {host_id!r}")
+                gone = await tx.workloads_of_host(host_id)
+                for w in gone:
+                    await tx.delete_workload(w.id)
+                    await tx.audit(
+                        now,
+                        "workload.unpaired",
+                        "ok",
+                        "host_revoked",
+                        host_id=host_id,
+                        container_id=w.container_id,
+                        workload_id=w.id,
+                    )
+                await tx.audit(now, "host.revoked", "ok", host_id=host_id)
+            auth = self.hosts.get(host_id)
+            if auth is not None:
+                self.hosts[host_id] = HostAuth(auth.verify_key, True)
+            self.pub.drop_host(host_id)
+            affected: set[str] = set()
+            for w in gone:
+                affected |= self.compiler.remove_workload(w.id)
+            await self.publish(affected - {host_id})
+        _log.info("host.revoked", host=host_id, workloads=len(gone))
+        host = await self.store.host(host_id)
+        assert host is not None
+        return host
+
+    async def new_activation_code(self, ain: wire.ActivationCodeIn) -> wire.ActivationCode:
+        lifespan = validate.bounded("lifespan_s", ain.lifespan_s, 1, validate.MAX_CODE_LIFESPAN_S)
+        code = secrets.token_urlsafe(24)
+        now = self.clock()
+        async with self.store.write() as tx:
+            await tx.insert_activation_code(sha256_hex(code), now, now + lifespan)
+            await tx.audit(now, "activation_code.issued", "ok")
+        _log.info("activation_code.issued", lifespan_s=lifespan)
+        return wire.ActivationCode(code=code, expires_at=now + lifespan)
+
+    # ---- agents (registration; pairing is in agents.py) ----------------------------
+
+    async def register(self, rin: wire.RegisterIn) -> wire.Registered:
+        hostname = validate.hostname(rin.hostname)
+        try:
+            vk = crypto.verify_key_from_b64(rin.public_key)
+        except InvalidInput as e:
+            raise InvalidInput(f"public_key: {e.message}") from None
+        host_id = new_id("h", 8)
+        now = self.clock()
+        failure: SegdError | None = None
+        async with self.lock:
+            async with self.store.write() as tx:
+                if await tx.host_with_key(rin.public_key) is not None:
+                    failure = SegdError(
+                        "this public key is already registered",
+                        code="public_key_in_use",
+                        status=409,
+                    )
+                elif not await tx.consume_activation_code(
+                    sha256_hex(rin.activation_code), now, host_id
+                ):
+                    failure = Unauthorized(
+                        "activation code is unknown, used or expired",
+                        code="invalid_activation_code",
+                    )
+                else:
+                    await tx.insert_host(host_id, hostname, rin.public_key, now)
+                await tx.audit(
+                    now,
+                    "host.registered",
+                    "denied" if failure else "ok",
+                    failure.code if failure else "",
+                    host_id="" if failure else host_id,
+                    detail=hostname,
+                )
+            if failure is not None:
+                _log.warning("host.register_refused", hostname=hostname, reason=failure.code)
+                raise failure
+            self.hosts[host_id] = HostAuth(vk, False)
+            self.pub.add_host(host_id)
+            await self.publish({host_id})
+        _log.info("host.registered", host=host_id, hostname=hostname)
+        return wire.Registered(
+            host_id=host_id,
+            server_keys={kid: crypto.b64e(bytes(k)) for kid, k in self.server_keys.items()},
+        )

@@ -1,0 +1,553 @@
+"""The server's durable state: one SQLite file in WAL mode. All SQL lives here.
+
+Two connections: a writer that runs every change in one `BEGIN IMMEDIATE`
+transaction behind an asyncio lock (so writes are serialised and a
+check-then-update inside a transaction cannot race), and a query-only reader
+that sees committed data only. `synchronous=FULL` makes an acknowledged commit
+survive a power cut. A lock file keeps a second server off the same data dir.
+
+SQLite failures surface as `Unavailable` (HTTP 503) and constraint failures as
+`Conflict`; callers never see a raw `sqlite3` error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import msgspec
+
+from segd import wire
+from segd.errors import Conflict, SegdError, Unavailable
+from segd.policy import Labels, Selectors
+from segd.server.migrations import MIGRATIONS
+
+_enc = msgspec.json.Encoder(order="deterministic")
+_labels = msgspec.json.Decoder(Labels)
+_selectors: msgspec.json.Decoder[Selectors] = msgspec.json.Decoder(Selectors)
+_strings = msgspec.json.Decoder(list[str])
+
+_PRAGMAS = (
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA synchronous = FULL",
+    "PRAGMA busy_timeout = 5000",
+)
+
+
+def _j(value: object) -> str:
+    return _enc.encode(value).decode()
+
+
+def _map_error(e: sqlite3.Error) -> SegdError:
+    if isinstance(e, sqlite3.IntegrityError):
+        return Conflict(f"conflicting change: {e}")
+    return Unavailable(f"store unavailable: {e}")
+
+
+# ---- row converters -----------------------------------------------------------------
+
+
+def _rule(r: sqlite3.Row) -> wire.Rule:
+    return wire.Rule(
+        id=r["id"],
+        providers=_selectors.decode(r["providers"]),
+        consumers=_selectors.decode(r["consumers"]),
+        services=_strings.decode(r["services"]),
+        options=_strings.decode(r["options"]),
+        description=r["description"],
+        created_at=r["created_at"],
+    )
+
+
+def _profile(r: sqlite3.Row) -> wire.Profile:
+    return wire.Profile(
+        id=r["id"],
+        name=r["name"],
+        labels=_labels.decode(r["labels"]),
+        locked=_strings.decode(r["locked"]),
+        max_uses=r["max_uses"],
+        lifespan_s=r["lifespan_s"],
+        on_mismatch=r["on_mismatch"],
+        enabled=bool(r["enabled"]),
+        description=r["description"],
+        created_at=r["created_at"],
+    )
+
+
+def _key(r: sqlite3.Row) -> wire.PairingKey:
+    return wire.PairingKey(
+        key_id=r["key_id"],
+        profile=r["profile_name"],
+        max_uses=r["max_uses"],
+        uses=r["uses"],
+        issued_at=r["issued_at"],
+        expires_at=r["expires_at"],
+        revoked=bool(r["revoked"]),
+        description=r["description"],
+    )
+
+
+def _workload(r: sqlite3.Row) -> wire.Workload:
+    return wire.Workload(
+        id=r["id"],
+        host_id=r["host_id"],
+        container_id=r["container_id"],
+        name=r["name"],
+        labels=_labels.decode(r["labels"]),
+        ips=_strings.decode(r["ips"]),
+        key_id=r["key_id"],
+        paired_at=r["paired_at"],
+    )
+
+
+def _host(r: sqlite3.Row) -> wire.Host:
+    return wire.Host(
+        id=r["id"],
+        hostname=r["hostname"],
+        public_key=r["public_key"],
+        registered_at=r["registered_at"],
+        last_seen=r["last_seen"],
+        instructions_version=r["instructions_version"],
+        revoked=bool(r["revoked"]),
+        workloads=r["n_workloads"],
+    )
+
+
+def _audit(r: sqlite3.Row) -> wire.AuditEntry:
+    return wire.AuditEntry(
+        id=r["id"],
+        at=r["at"],
+        event=r["event"],
+        result=r["result"],
+        reason=r["reason"],
+        host_id=r["host_id"],
+        container_id=r["container_id"],
+        key_id=r["key_id"],
+        workload_id=r["workload_id"],
+        detail=r["detail"],
+    )
+
+
+_KEY_SELECT = (
+    "SELECT k.*, p.name AS profile_name FROM keys k JOIN profiles p ON p.id = k.profile_id"
+)
+_HOST_SELECT = (
+    "SELECT h.*, (SELECT count(*) FROM workloads w WHERE w.host_id = h.id) AS n_workloads "
+    "FROM hosts h"
+)
+
+
+class Tx:
+    """One write transaction. Only valid inside `Store.write()`."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._c = conn
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        async with self._c.execute(sql, tuple(params)) as cur:
+            row: sqlite3.Row | None = await cur.fetchone()
+            return row
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._c.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
+
+    async def _exec(self, sql: str, params: Iterable[Any] = ()) -> int:
+        async with self._c.execute(sql, tuple(params)) as cur:
+            return cur.rowcount
+
+    # ---- rules --------------------------------------------------------------------
+
+    async def insert_rule(self, r: wire.Rule) -> None:
+        await self._exec(
+            "INSERT INTO rules (id, providers, consumers, services, options, description,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.id,
+                _j(r.providers),
+                _j(r.consumers),
+                _j(r.services),
+                _j(r.options),
+                r.description,
+                r.created_at,
+            ),
+        )
+
+    async def delete_rule(self, rule_id: str) -> bool:
+        return await self._exec("DELETE FROM rules WHERE id = ?", (rule_id,)) > 0
+
+    async def rules(self) -> list[wire.Rule]:
+        return [_rule(r) for r in await self._all("SELECT * FROM rules ORDER BY created_at, id")]
+
+    # ---- profiles and keys --------------------------------------------------------
+
+    async def insert_profile(self, p: wire.Profile) -> None:
+        await self._exec(
+            "INSERT INTO profiles (id, name, labels, locked, max_uses, lifespan_s, on_mismatch,"
+            " enabled, description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                p.id,
+                p.name,
+                _j(p.labels),
+                _j(p.locked),
+                p.max_uses,
+                p.lifespan_s,
+                p.on_mismatch,
+                int(p.enabled),
+                p.description,
+                p.created_at,
+            ),
+        )
+
+    async def profile_by_name(self, name: str) -> wire.Profile | None:
+        row = await self._one("SELECT * FROM profiles WHERE name = ?", (name,))
+        return _profile(row) if row else None
+
+    async def delete_profile(self, profile_id: str) -> int:
+        """Delete a profile and its keys; return how many keys went with it."""
+        n = await self._one("SELECT count(*) AS n FROM keys WHERE profile_id = ?", (profile_id,))
+        await self._exec("DELETE FROM profiles WHERE id = ?", (profile_id,))
+        return int(n["n"]) if n else 0
+
+    async def revoke_profile_keys(self, profile_id: str) -> int:
+        return await self._exec(
+            "UPDATE keys SET revoked = 1 WHERE profile_id = ? AND revoked = 0", (profile_id,)
+        )
+
+    async def insert_key(self, k: wire.PairingKey, profile_id: str) -> None:
+        await self._exec(
+            "INSERT INTO keys (key_id, profile_id, max_uses, uses, issued_at, expires_at,"
+            " revoked, description) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                k.key_id,
+                profile_id,
+                k.max_uses,
+                k.uses,
+                k.issued_at,
+                k.expires_at,
+                int(k.revoked),
+                k.description,
+            ),
+        )
+
+    async def key_with_profile(self, key_id: str) -> tuple[wire.PairingKey, wire.Profile] | None:
+        row = await self._one(_KEY_SELECT + " WHERE k.key_id = ?", (key_id,))
+        if row is None:
+            return None
+        prof = await self._one("SELECT * FROM profiles WHERE id = ?", (row["profile_id"],))
+        assert prof is not None  # foreign key
+        return _key(row), _profile(prof)
+
+    async def revoke_key(self, key_id: str) -> bool:
+        return await self._exec("UPDATE keys SET revoked = 1 WHERE key_id = ?", (key_id,)) > 0
+
+    async def consume_use(self, key_id: str, now: float) -> bool:
+        """Count one use, only while the key is live: the guard against over-use."""
+        n = await self._exec(
+            "UPDATE keys SET uses = uses + 1 WHERE key_id = ? AND uses < max_uses"
+            " AND revoked = 0 AND expires_at > ?",
+            (key_id, now),
+        )
+        return n == 1
+
+    # ---- workloads ----------------------------------------------------------------
+
+    async def workload_by_container(self, host_id: str, container_id: str) -> wire.Workload | None:
+        row = await self._one(
+            "SELECT * FROM workloads WHERE host_id = ? AND container_id = ?",
+            (host_id, container_id),
+        )
+        return _workload(row) if row else None
+
+    async def workloads_of_host(self, host_id: str) -> list[wire.Workload]:
+        rows = await self._all("SELECT * FROM workloads WHERE host_id = ? ORDER BY id", (host_id,))
+        return [_workload(r) for r in rows]
+
+    async def ip_holders(self, ips: Iterable[str]) -> dict[str, str]:
+        """Which of `ips` are held, and by which workload id."""
+        ips = list(ips)
+        if not ips:
+            return {}
+        marks = ",".join("?" * len(ips))
+        rows = await self._all(
+            f"SELECT ip, workload_id FROM workload_ips WHERE ip IN ({marks})", ips
+        )
+        return {r["ip"]: r["workload_id"] for r in rows}
+
+    async def insert_workload(self, w: wire.Workload) -> None:
+        await self._exec(
+            "INSERT INTO workloads (id, host_id, container_id, name, labels, ips, key_id,"
+            " paired_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                w.id,
+                w.host_id,
+                w.container_id,
+                w.name,
+                _j(w.labels),
+                _j(w.ips),
+                w.key_id,
+                w.paired_at,
+            ),
+        )
+        await self._insert_ips(w.id, w.ips)
+
+    async def _insert_ips(self, workload_id: str, ips: Iterable[str]) -> None:
+        await self._c.executemany(
+            "INSERT INTO workload_ips (ip, workload_id) VALUES (?, ?)",
+            [(ip, workload_id) for ip in ips],
+        )
+
+    async def set_workload_ips(self, workload_id: str, ips: list[str]) -> None:
+        await self._exec("DELETE FROM workload_ips WHERE workload_id = ?", (workload_id,))
+        await self._exec("UPDATE workloads SET ips = ? WHERE id = ?", (_j(ips), workload_id))
+        await self._insert_ips(workload_id, ips)
+
+    async def delete_workload(self, workload_id: str) -> bool:
+        return await self._exec("DELETE FROM workloads WHERE id = ?", (workload_id,)) > 0
+
+    # ---- hosts and activation codes -----------------------------------------------
+
+    async def insert_activation_code(self, code_hash: str, now: float, expires_at: float) -> None:
+        await self._exec(
+            "INSERT INTO activation_codes (code_hash, created_at, expires_at) VALUES (?, ?, ?)",
+            (code_hash, now, expires_at),
+        )
+
+    async def consume_activation_code(self, code_hash: str, now: float, host_id: str) -> bool:
+        n = await self._exec(
+            "UPDATE activation_codes SET used_at = ?, host_id = ?"
+            " WHERE code_hash = ? AND used_at IS NULL AND expires_at > ?",
+            (now, host_id, code_hash, now),
+        )
+        return n == 1
+
+    async def insert_host(self, host_id: str, hostname: str, public_key: str, now: float) -> None:
+        await self._exec(
+            "INSERT INTO hosts (id, hostname, public_key, registered_at, last_seen)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (host_id, hostname, public_key, now, now),
+        )
+
+    async def host_with_key(self, public_key: str) -> str | None:
+        row = await self._one("SELECT id FROM hosts WHERE public_key = ?", (public_key,))
+        return str(row["id"]) if row else None
+
+    async def revoke_host(self, host_id: str) -> bool:
+        return await self._exec("UPDATE hosts SET revoked = 1 WHERE id = ?", (host_id,)) > 0
+
+    async def touch_host(self, host_id: str, now: float) -> None:
+        await self._exec("UPDATE hosts SET last_seen = ? WHERE id = ?", (now, host_id))
+
+    async def set_versions(self, versions: Mapping[str, tuple[int, str]]) -> None:
+        """Persist (instructions version, content digest) per host."""
+        await self._c.executemany(
+            "UPDATE hosts SET instructions_version = ?, instructions_digest = ? WHERE id = ?",
+            [(v, d, h) for h, (v, d) in versions.items()],
+        )
+
+    # ---- admin tokens and audit ---------------------------------------------------
+
+    async def insert_admin_token(self, token_hash: str, now: float) -> None:
+        await self._exec(
+            "INSERT OR IGNORE INTO admin_tokens (token_hash, created_at) VALUES (?, ?)",
+            (token_hash, now),
+        )
+
+    async def audit(
+        self,
+        at: float,
+        event: str,
+        result: str,
+        reason: str = "",
+        *,
+        host_id: str = "",
+        container_id: str = "",
+        key_id: str = "",
+        workload_id: str = "",
+        detail: str = "",
+    ) -> None:
+        await self._exec(
+            "INSERT INTO audit (at, event, result, reason, host_id, container_id, key_id,"
+            " workload_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (at, event, result, reason, host_id, container_id, key_id, workload_id, detail),
+        )
+
+
+class Store:
+    """The open store. Use `await Store.open(path)` and `await store.close()`."""
+
+    def __init__(
+        self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection, lock_fd: int
+    ) -> None:
+        self.path = path
+        self._w = writer
+        self._r = reader
+        self._lock_fd = lock_fd
+        self._wlock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_fd = _lock(path.with_name(path.name + ".lock"))
+        conns: list[aiosqlite.Connection] = []
+        try:
+            w = await aiosqlite.connect(path, isolation_level=None)
+            conns.append(w)
+            w.row_factory = sqlite3.Row
+            await w.execute("PRAGMA journal_mode = WAL")
+            for p in _PRAGMAS:
+                await w.execute(p)
+            await _migrate(w)
+            r = await aiosqlite.connect(path, isolation_level=None)
+            conns.append(r)
+            r.row_factory = sqlite3.Row
+            for p in (*_PRAGMAS, "PRAGMA query_only = ON"):
+                await r.execute(p)
+        except BaseException as e:
+            for c in conns:
+                await c.close()
+            os.close(lock_fd)
+            if isinstance(e, sqlite3.Error):
+                raise Unavailable(f"cannot open store {path}: {e}") from None
+            raise
+        return cls(path, w, r, lock_fd)
+
+    async def close(self) -> None:
+        try:
+            await self._r.close()
+            await self._w.close()
+        finally:
+            os.close(self._lock_fd)
+
+    @contextlib.asynccontextmanager
+    async def write(self) -> AsyncIterator[Tx]:
+        """One serialised write transaction; rolled back when the body raises."""
+        async with self._wlock:
+            try:
+                await self._w.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise _map_error(e) from None
+            try:
+                yield Tx(self._w)
+                await self._w.execute("COMMIT")
+            except BaseException as e:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._w.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise _map_error(e) from None
+                raise
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            async with self._r.execute(sql, tuple(params)) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as e:
+            raise _map_error(e) from None
+
+    # ---- reads (committed state) --------------------------------------------------
+
+    async def rules(self) -> list[wire.Rule]:
+        return [_rule(r) for r in await self._all("SELECT * FROM rules ORDER BY created_at, id")]
+
+    async def profiles(self) -> list[wire.Profile]:
+        return [_profile(r) for r in await self._all("SELECT * FROM profiles ORDER BY name")]
+
+    async def profile_by_name(self, name: str) -> wire.Profile | None:
+        rows = await self._all("SELECT * FROM profiles WHERE name = ?", (name,))
+        return _profile(rows[0]) if rows else None
+
+    async def keys(self, profile: str | None = None) -> list[wire.PairingKey]:
+        if profile is None:
+            rows = await self._all(_KEY_SELECT + " ORDER BY k.issued_at, k.key_id")
+        else:
+            rows = await self._all(
+                _KEY_SELECT + " WHERE p.name = ? ORDER BY k.issued_at, k.key_id", (profile,)
+            )
+        return [_key(r) for r in rows]
+
+    async def key(self, key_id: str) -> wire.PairingKey | None:
+        rows = await self._all(_KEY_SELECT + " WHERE k.key_id = ?", (key_id,))
+        return _key(rows[0]) if rows else None
+
+    async def workloads(self, host_id: str | None = None) -> list[wire.Workload]:
+        if host_id is None:
+            rows = await self._all("SELECT * FROM workloads ORDER BY paired_at, id")
+        else:
+            rows = await self._all(
+                "SELECT * FROM workloads WHERE host_id = ? ORDER BY paired_at, id", (host_id,)
+            )
+        return [_workload(r) for r in rows]
+
+    async def hosts(self) -> list[wire.Host]:
+        return [_host(r) for r in await self._all(_HOST_SELECT + " ORDER BY registered_at, id")]
+
+    async def host(self, host_id: str) -> wire.Host | None:
+        rows = await self._all(_HOST_SELECT + " WHERE h.id = ?", (host_id,))
+        return _host(rows[0]) if rows else None
+
+    async def host_digests(self) -> dict[str, tuple[int, str]]:
+        rows = await self._all("SELECT id, instructions_version, instructions_digest FROM hosts")
+        return {r["id"]: (r["instructions_version"], r["instructions_digest"]) for r in rows}
+
+    async def audit(self, limit: int, after: int | None = None) -> list[wire.AuditEntry]:
+        """Entries after `after` (oldest first), or else the latest `limit`."""
+        if after is None:
+            sql = "SELECT * FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?) ORDER BY id"
+            rows = await self._all(sql, (limit,))
+        else:
+            rows = await self._all(
+                "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+            )
+        return [_audit(r) for r in rows]
+
+    async def admin_token_hashes(self) -> set[str]:
+        return {r["token_hash"] for r in await self._all("SELECT token_hash FROM admin_tokens")}
+
+    async def schema_version(self) -> int:
+        rows = await self._all("SELECT version FROM schema_version")
+        return int(rows[0]["version"])
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Conflict(f"another segd server is using {path.parent}") from None
+    return fd
+
+
+async def _migrate(conn: aiosqlite.Connection) -> None:
+    """Apply the migrations this file does not have yet, each in a transaction."""
+    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    async with conn.execute("SELECT version FROM schema_version") as cur:
+        row = await cur.fetchone()
+    if row is None:
+        await conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        current = 0
+    else:
+        current = int(row[0])
+    if current > len(MIGRATIONS):
+        raise Unavailable(
+            f"store schema version {current} is newer than this segd ({len(MIGRATIONS)})"
+        )
+    for version in range(current, len(MIGRATIONS)):
+        script = (
+            "BEGIN IMMEDIATE;\n"
+            + MIGRATIONS[version]
+            + f"\nUPDATE schema_version SET version = {version + 1};\nCOMMIT;"
+        )
+        try:
+            await conn.executescript(script)
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.execute("ROLLBACK")
+            raise

@@ -1,0 +1,177 @@
+"""Checks on API input beyond types: names, label sets, services, bounds.
+
+msgspec refuses wrong shapes and types; this module refuses wrong *values* with
+a message that names the field. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+
+from segd import policy, wire
+from segd.errors import InvalidInput
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
+EVENT_RE = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
+ID_RE = re.compile(r"^[a-z]_[0-9a-f]{8,32}$")
+
+MAX_DESCRIPTION = 500
+MAX_DETAIL = 2000
+MAX_USES = 1_000_000
+MAX_LIFESPAN_S = 10 * 366 * 86400
+MAX_CODE_LIFESPAN_S = 30 * 86400
+MAX_SELECTORS = 64
+MAX_SERVICES = 64
+MAX_IPS = 16
+MAX_WORKLOAD_NAME = 255
+
+
+def text(field: str, value: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidInput(f"{field}: longer than {limit} characters")
+    if any(ord(c) < 32 for c in value):
+        raise InvalidInput(f"{field}: control characters are not allowed")
+    return value
+
+
+def name(field: str, value: str) -> str:
+    if not NAME_RE.match(value):
+        raise InvalidInput(
+            f"{field}: invalid name {value!r}: use letters, digits, '_', '.', '-', max 63"
+        )
+    return value
+
+
+def object_id(field: str, value: str) -> str:
+    if not ID_RE.match(value):
+        raise InvalidInput(f"{field}: invalid id {value!r}")
+    return value
+
+
+def bounded(field: str, value: int, low: int, high: int) -> int:
+    if not low <= value <= high:
+        raise InvalidInput(f"{field}: must be between {low} and {high}")
+    return value
+
+
+def selectors(field: str, value: policy.Selectors, dims: Iterable[str]) -> policy.Selectors:
+    if value == "any":
+        return "any"
+    if not value:
+        raise InvalidInput(f"{field}: at least one label set (or 'any') is required")
+    if len(value) > MAX_SELECTORS:
+        raise InvalidInput(f"{field}: at most {MAX_SELECTORS} label sets")
+    out: list[policy.Labels] = []
+    seen: set[str] = set()
+    for sel in value:
+        try:
+            labels = policy.validate_labels(sel, dims)
+        except InvalidInput as e:
+            raise InvalidInput(f"{field}: {e.message}") from None
+        key = policy.canonical(labels)
+        if key not in seen:
+            seen.add(key)
+            out.append(labels)
+    return out
+
+
+def rule(rin: wire.RuleIn, dims: Iterable[str], rule_id: str, now: float) -> wire.Rule:
+    """A validated, normalised rule from an API request."""
+    dims = tuple(dims)
+    if len(rin.services) > MAX_SERVICES:
+        raise InvalidInput(f"services: at most {MAX_SERVICES}")
+    try:
+        services = [str(s) for s in policy.parse_services(rin.services)]
+        options = policy.validate_options(rin.options)
+    except InvalidInput as e:
+        field = "options" if "option" in e.message else "services"
+        raise InvalidInput(f"{field}: {e.message}") from None
+    return wire.Rule(
+        id=rule_id,
+        providers=selectors("providers", rin.providers, dims),
+        consumers=selectors("consumers", rin.consumers, dims),
+        services=services,
+        options=options,
+        description=text("description", rin.description, MAX_DESCRIPTION),
+        created_at=now,
+    )
+
+
+def profile(pin: wire.ProfileIn, dims: Iterable[str], profile_id: str, now: float) -> wire.Profile:
+    """A validated profile from an API request."""
+    try:
+        labels = policy.validate_labels(pin.labels, dims)
+    except InvalidInput as e:
+        raise InvalidInput(f"labels: {e.message}") from None
+    locked = sorted(set(pin.locked))
+    for d in locked:
+        if d not in labels:
+            raise InvalidInput(f"locked: dimension {d!r} is not in the profile's labels")
+    return wire.Profile(
+        id=profile_id,
+        name=name("name", pin.name),
+        labels=labels,
+        locked=locked,
+        max_uses=bounded("max_uses", pin.max_uses, 1, MAX_USES),
+        lifespan_s=bounded("lifespan_s", pin.lifespan_s, 1, MAX_LIFESPAN_S),
+        on_mismatch=pin.on_mismatch,
+        enabled=pin.enabled,
+        description=text("description", pin.description, MAX_DESCRIPTION),
+        created_at=now,
+    )
+
+
+def ips(value: list[str]) -> list[str]:
+    """Validated, normalised (compressed), sorted and unique IP addresses."""
+    if len(value) > MAX_IPS:
+        raise InvalidInput(f"ips: at most {MAX_IPS} addresses")
+    out: set[str] = set()
+    for v in value:
+        try:
+            addr = ipaddress.ip_address(v)
+        except ValueError:
+            raise InvalidInput(f"ips: invalid IP address {v!r}") from None
+        if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+            raise InvalidInput(f"ips: {v!r} cannot be a workload address")
+        out.add(str(addr))
+    return sorted(out)
+
+
+def pair_in(p: wire.PairIn) -> wire.PairIn:
+    """Shape checks of a pairing request; label values are judged by the pairing."""
+    container_id(p.container_id)
+    text("name", p.name, MAX_WORKLOAD_NAME)
+    if len(p.pairing_key) > 4096:
+        raise InvalidInput("pairing_key: too long")
+    return wire.PairIn(
+        container_id=p.container_id,
+        pairing_key=p.pairing_key,
+        ips=ips(p.ips),
+        name=p.name,
+        requested_labels=p.requested_labels,
+    )
+
+
+def container_id(value: str) -> str:
+    if not CONTAINER_ID_RE.match(value):
+        raise InvalidInput(f"container_id: invalid container id {value!r}")
+    return value
+
+
+def hostname(value: str) -> str:
+    if not HOSTNAME_RE.match(value):
+        raise InvalidInput(f"hostname: invalid hostname {value!r}")
+    return value
+
+
+def report(r: wire.AgentReport) -> wire.AgentReport:
+    if not EVENT_RE.match(r.event):
+        raise InvalidInput(f"event: invalid event name {r.event!r}: use [a-z][a-z0-9_.]*")
+    if r.container_id:
+        container_id(r.container_id)
+    text("detail", r.detail.replace("\n", " "), MAX_DETAIL)
+    return r
