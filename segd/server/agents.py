@@ -200,7 +200,7 @@ async def report(svc: Service, host_id: str, rep: wire.AgentReport) -> None:
             container_id=rep.container_id,
             detail=rep.detail,
         )
-    _log.warning("agent.reported", host=host_id, event=rep.event, container=rep.container_id)
+    _log.warning("agent.reported", host=host_id, kind=rep.event, container=rep.container_id)
 
 
 async def touch(svc: Service, host_id: str) -> None:

@@ -426,6 +426,11 @@ class Store:
         finally:
             os.close(self._lock_fd)
 
+    async def set_read_only(self, on: bool) -> None:
+        """Refuse (or allow again) every write, as an unwritable disk would."""
+        async with self._wlock:
+            await self._w.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
+
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[Tx]:
         """One serialised write transaction; rolled back when the body raises."""

@@ -1,0 +1,241 @@
+"""In-process server fixtures: a temp data dir, a settable clock, an admin client
+and registered agents that sign their requests.
+
+    async def test_x(api: Admin, make_agent: MakeAgent) -> None:
+        await api.ok("POST", "/v1/rules", {...}, status=201)
+        agent = await make_agent("host-a")
+        status, body = await agent.pair("c1", token, ["10.0.0.2"])
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nacl.signing
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from segd import crypto, wire
+from segd.config import ADMIN_TOKEN_FILE, ServerConfig
+from segd.server.app import build_app, service_of
+from segd.server.service import Service
+
+AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+
+
+class Clock:
+    """Real time plus an offset the test can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class Admin:
+    """The admin API through the aiohttp test client, with the bearer token."""
+
+    def __init__(self, client: TestClient[Any, Any], token: str) -> None:
+        self.client = client
+        self.token = token
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.app  # type: ignore[no-any-return]
+
+    @property
+    def svc(self) -> Service:
+        return service_of(self.app)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        data: bytes | None = None,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        hdrs = {"Authorization": f"Bearer {self.token if token is None else token}"}
+        hdrs.update(headers or {})
+        if body is not None:
+            data = json.dumps(body).encode()
+        async with self.client.request(method, path, data=data, headers=hdrs) as r:
+            raw = await r.read()
+            return r.status, (json.loads(raw) if raw else None)
+
+    async def ok(self, method: str, path: str, body: Any = None, *, status: int = 200) -> Any:
+        got, out = await self.call(method, path, body)
+        assert got == status, (got, out)
+        return out
+
+    async def setup_policy(
+        self,
+        *,
+        profile: str = "db",
+        labels: dict[str, str] | None = None,
+        locked: tuple[str, ...] = ("role",),
+        max_uses: int = 10,
+        on_mismatch: str = "deny",
+    ) -> str:
+        """A profile and one key for it; returns the key token."""
+        await self.ok(
+            "POST",
+            "/v1/profiles",
+            {
+                "name": profile,
+                "labels": labels or {"role": "db", "app": "shop"},
+                "locked": list(locked),
+                "max_uses": max_uses,
+                "on_mismatch": on_mismatch,
+            },
+            status=201,
+        )
+        issued = await self.ok("POST", "/v1/keys", {"profile": profile}, status=201)
+        return str(issued["token"])
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Everything an admin can list, to prove a refused request wrote nothing
+        (a host's `last_seen` is left out: any agent request may move it)."""
+        out: dict[str, Any] = {}
+        for name in ("rules", "profiles", "keys", "workloads", "hosts"):
+            out[name] = await self.ok("GET", f"/v1/{name}")
+        for h in out["hosts"]:
+            h.pop("last_seen")
+        return out
+
+
+class Agent:
+    """A registered agent: its host id, its key, and signed requests."""
+
+    def __init__(
+        self,
+        client: TestClient[Any, Any],
+        host_id: str,
+        key: nacl.signing.SigningKey,
+        clock: Clock,
+        server_keys: dict[str, str],
+    ) -> None:
+        self.client = client
+        self.host_id = host_id
+        self.key = key
+        self.clock = clock
+        self.server_keys = server_keys
+
+    def sign(
+        self, method: str, path_qs: str, body: bytes = b"", *, at: float | None = None
+    ) -> dict[str, str]:
+        now = self.clock() if at is None else at
+        return crypto.sign_request(self.key, self.host_id, method, path_qs, body, now)
+
+    async def raw(self, method: str, path_qs: str, data: bytes) -> tuple[int, Any]:
+        """Send exact body bytes, correctly signed (to test what the server makes of them)."""
+        hdrs = self.sign(method, path_qs, data)
+        async with self.client.request(method, path_qs, data=data, headers=hdrs) as r:
+            raw = await r.read()
+            return r.status, (json.loads(raw) if raw else None)
+
+    async def request(
+        self,
+        method: str,
+        path_qs: str,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        data = b"" if body is None else json.dumps(body).encode()
+        hdrs = headers if headers is not None else self.sign(method, path_qs, data)
+        async with self.client.request(method, path_qs, data=data, headers=hdrs) as r:
+            raw = await r.read()
+            return r.status, (json.loads(raw) if raw else None)
+
+    async def pair(
+        self,
+        container_id: str,
+        token: str,
+        ips: list[str],
+        labels: dict[str, str] | None = None,
+        name: str = "",
+    ) -> tuple[int, Any]:
+        body = {
+            "container_id": container_id,
+            "pairing_key": token,
+            "ips": ips,
+            "name": name,
+            "requested_labels": labels or {},
+        }
+        return await self.request("POST", "/v1/agent/pair", body)
+
+    async def unpair(self, container_id: str) -> tuple[int, Any]:
+        return await self.request("POST", "/v1/agent/unpair", {"container_id": container_id})
+
+    async def instructions(self, since: int = 0, wait: float = 0) -> tuple[int, Any]:
+        return await self.request("GET", f"/v1/agent/instructions?since={since}&wait={wait}")
+
+    def open(self, signed: Any) -> wire.Instructions:
+        """Verify signed instructions with the server key and decode them."""
+        s = msgspec.convert(signed, wire.SignedInstructions)
+        vk = crypto.verify_key_from_b64(self.server_keys[s.key_id])
+        payload = crypto.b64d(s.payload)
+        assert crypto.verify(vk, payload, crypto.b64d(s.signature))
+        return msgspec.json.decode(payload, type=wire.Instructions)
+
+
+MakeAgent = Callable[..., Awaitable[Agent]]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def server_cfg(tmp_path: Path) -> ServerConfig:
+    return ServerConfig(
+        data_dir=str(tmp_path / "server"), longpoll_timeout_s=5.0, request_skew_s=60.0
+    )
+
+
+async def start_admin(aiohttp_client: AiohttpClient, cfg: ServerConfig, clock: Clock) -> Admin:
+    """Start an app on `cfg` and return its admin client (used again after a restart)."""
+    client = await aiohttp_client(build_app(cfg, clock=clock))
+    token = (Path(cfg.data_dir) / ADMIN_TOKEN_FILE).read_text().strip()
+    return Admin(client, token)
+
+
+@pytest.fixture
+async def api(aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock) -> Admin:
+    return await start_admin(aiohttp_client, server_cfg, clock)
+
+
+async def register_agent(api: Admin, clock: Clock, hostname: str = "host") -> Agent:
+    code = await api.ok("POST", "/v1/activation-codes", {}, status=201)
+    key = nacl.signing.SigningKey.generate()
+    body = {
+        "activation_code": code["code"],
+        "public_key": crypto.b64e(bytes(key.verify_key)),
+        "hostname": hostname,
+    }
+    async with api.client.post("/v1/agent/register", json=body) as r:
+        assert r.status == 201, await r.text()
+        reg = await r.json()
+    return Agent(api.client, reg["host_id"], key, clock, reg["server_keys"])
+
+
+@pytest.fixture
+async def make_agent(api: Admin, clock: Clock) -> AsyncIterator[MakeAgent]:
+    async def make(hostname: str = "host") -> Agent:
+        return await register_agent(api, clock, hostname)
+
+    yield make
