@@ -120,9 +120,21 @@ class OrchestratorConfig(_Strict):
     data_dir: str = "/var/lib/segd/orchestrator"
     max_body_bytes: int = 65536
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
+    dimensions: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_DIMENSIONS))
+    register_local_node: bool = True  # add node `local` (the Docker socket) on first start
+    container_labels: dict[str, str] = {}  # extra Docker labels on every container it starts
 
     def __post_init__(self) -> None:
         _check("listen", parse_listen, self.listen)
+        if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
+            raise ValueError("max_body_bytes: must be between 1024 and 16777216")
+        try:
+            validate_dimensions(self.dimensions)
+        except InvalidInput as e:
+            raise ValueError(f"dimensions: {e.message}") from None
+        for k in self.container_labels:
+            if not k or k.startswith(("segd.pairing-key", "segd.label.", "segd.orch.")):
+                raise ValueError(f"container_labels: {k!r} is empty or reserved")
 
 
 class Config(_Strict):
