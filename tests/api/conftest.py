@@ -9,9 +9,12 @@ and registered agents that sign their requests.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from aiohttp.test_utils import TestClient
 
 from segd import crypto, wire
 from segd.config import ADMIN_TOKEN_FILE, ServerConfig
-from segd.server.app import build_app, service_of
+from segd.server.app import ServerRunner, build_app, service_of
 from segd.server.service import Service
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
@@ -239,3 +242,75 @@ async def make_agent(api: Admin, clock: Clock) -> AsyncIterator[MakeAgent]:
         return await register_agent(api, clock, hostname)
 
     yield make
+
+
+# ---- a real server on a loopback port, in a background thread -----------------------
+
+
+class LiveServer:
+    """`segd server` on a free loopback port in its own thread and event loop."""
+
+    def __init__(self, cfg: ServerConfig, sock: socket.socket) -> None:
+        self.cfg = cfg
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.token_file = Path(cfg.data_dir) / ADMIN_TOKEN_FILE
+        self._sock = sock
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="segd-live-server", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            runner = ServerRunner(self.cfg, sock=self._sock, shutdown_timeout=2.0)
+            await runner.start()
+            self._ready.set()
+            try:
+                await self._stop.wait()
+            finally:
+                await runner.stop()
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(10) or self._error is not None:
+            raise RuntimeError(f"live server did not start: {self._error!r}")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    """A real server; its data dir sits where `segd ctl` looks for an allinone one
+    (`<tmp>/allinone/server`), so tests can set SEGD_DATA_DIR=<tmp>/allinone."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    cfg = ServerConfig(
+        data_dir=str(tmp_path / "allinone" / "server"),
+        listen=f"127.0.0.1:{port}",
+        longpoll_timeout_s=2.0,
+    )
+    server = LiveServer(cfg, sock)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,419 @@
+"""`segd ctl`: the admin client of the segmentation server.
+
+    segd ctl rule add --provider role=db,app=shop --consumer role=web --service tcp/5432
+    segd ctl profile add web --labels role=web,app=shop --lock role,app --max-uses 5
+    segd ctl key issue web --lifespan 30m          # prints the token alone
+    segd ctl workload list --json
+
+Listings print aligned tables, or the server's JSON with `--json`. A failure is
+one line on stderr and exit status 1 (2 for usage errors); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import msgspec
+
+from segd import wire
+from segd.ctl import render
+from segd.ctl.client import ENV_CA, ApiClient, CtlError, resolve_server, resolve_token
+
+T = TypeVar("T")
+Verb = Callable[[ApiClient, argparse.Namespace], None]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("segd ctl").strip()
+        raise CtlError(f"{where}: {message}" if where else message, 2)
+
+
+def _decode(raw: bytes, t: type[T]) -> T:
+    return msgspec.json.decode(raw, type=t)
+
+
+def _out(text: str) -> None:
+    print(text)
+
+
+def _print_json(raw: bytes) -> None:
+    _out(msgspec.json.format(raw, indent=2).decode())
+
+
+def _show(raw: bytes, args: argparse.Namespace, render_text: Callable[[bytes], str]) -> None:
+    """The server's JSON with --json, else the rendered text."""
+    if args.json:
+        _print_json(raw)
+    else:
+        _out(render_text(raw))
+
+
+# ---- rules --------------------------------------------------------------------------
+
+
+def rule_add(api: ApiClient, a: argparse.Namespace) -> None:
+    body = {
+        "providers": render.parse_selectors(a.provider),
+        "consumers": render.parse_selectors(a.consumer),
+        "services": a.service,
+        "options": a.option or [],
+        "description": a.description,
+    }
+    raw = api.call("POST", "/v1/rules", body)
+    _show(raw, a, lambda r: _decode(r, wire.Rule).id)
+
+
+def _rules_table(raw: bytes) -> str:
+    rows = [
+        (
+            r.id,
+            render.selectors_text(r.providers),
+            render.selectors_text(r.consumers),
+            ",".join(r.services),
+            ",".join(r.options),
+            r.description,
+        )
+        for r in _decode(raw, list[wire.Rule])
+    ]
+    return render.table(
+        ("ID", "PROVIDERS", "CONSUMERS", "SERVICES", "OPTIONS", "DESCRIPTION"), rows
+    )
+
+
+def rule_list(api: ApiClient, a: argparse.Namespace) -> None:
+    _show(api.call("GET", "/v1/rules"), a, _rules_table)
+
+
+def rule_rm(api: ApiClient, a: argparse.Namespace) -> None:
+    api.call("DELETE", f"/v1/rules/{_seg(a.id)}")
+    _out(f"rule {a.id} removed")
+
+
+# ---- profiles -----------------------------------------------------------------------
+
+
+def profile_add(api: ApiClient, a: argparse.Namespace) -> None:
+    body: dict[str, Any] = {
+        "name": a.name,
+        "labels": render.parse_labels(a.labels),
+        "locked": [d.strip() for d in (a.lock or "").split(",") if d.strip()],
+        "on_mismatch": a.on_mismatch,
+        "enabled": not a.disabled,
+        "description": a.description,
+    }
+    if a.max_uses is not None:
+        body["max_uses"] = a.max_uses
+    if a.lifespan is not None:
+        body["lifespan_s"] = render.parse_lifespan(a.lifespan)
+    raw = api.call("POST", "/v1/profiles", body)
+    _show(raw, a, lambda r: _decode(r, wire.Profile).name)
+
+
+def _profiles_table(raw: bytes) -> str:
+    rows = [
+        (
+            p.name,
+            render.labels_text(p.labels),
+            ",".join(p.locked) or "-",
+            p.max_uses,
+            render.format_lifespan(p.lifespan_s),
+            p.on_mismatch,
+            "yes" if p.enabled else "no",
+            p.description,
+        )
+        for p in _decode(raw, list[wire.Profile])
+    ]
+    return render.table(
+        (
+            "NAME",
+            "LABELS",
+            "LOCKED",
+            "MAX_USES",
+            "LIFESPAN",
+            "ON_MISMATCH",
+            "ENABLED",
+            "DESCRIPTION",
+        ),
+        rows,
+    )
+
+
+def profile_list(api: ApiClient, a: argparse.Namespace) -> None:
+    _show(api.call("GET", "/v1/profiles"), a, _profiles_table)
+
+
+def profile_rm(api: ApiClient, a: argparse.Namespace) -> None:
+    api.call("DELETE", f"/v1/profiles/{_seg(a.name)}")
+    _out(f"profile {a.name} removed (its keys no longer pair)")
+
+
+def profile_revoke(api: ApiClient, a: argparse.Namespace) -> None:
+    keys = _decode(api.call("POST", f"/v1/profiles/{_seg(a.name)}/revoke"), list[wire.PairingKey])
+    _out(f"profile {a.name}: all {len(keys)} keys are revoked")
+
+
+# ---- keys ---------------------------------------------------------------------------
+
+
+def key_issue(api: ApiClient, a: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"profile": a.profile, "description": a.description}
+    if a.max_uses is not None:
+        body["max_uses"] = a.max_uses
+    if a.lifespan is not None:
+        body["lifespan_s"] = render.parse_lifespan(a.lifespan)
+    raw = api.call("POST", "/v1/keys", body)
+    _show(raw, a, lambda r: _decode(r, wire.KeyIssued).token)
+
+
+def _key_state(k: wire.PairingKey, now: float) -> str:
+    if k.revoked:
+        return "revoked"
+    if now >= k.expires_at:
+        return "expired"
+    if k.uses >= k.max_uses:
+        return "used"
+    return "active"
+
+
+def _keys_table(raw: bytes) -> str:
+    now = time.time()
+    rows = [
+        (
+            k.key_id,
+            k.profile,
+            f"{k.uses}/{k.max_uses}",
+            render.when(k.expires_at),
+            _key_state(k, now),
+            k.description,
+        )
+        for k in _decode(raw, list[wire.PairingKey])
+    ]
+    return render.table(("KEY_ID", "PROFILE", "USES", "EXPIRES", "STATE", "DESCRIPTION"), rows)
+
+
+def key_list(api: ApiClient, a: argparse.Namespace) -> None:
+    query: dict[str, str | int] = {"profile": a.profile} if a.profile else {}
+    _show(api.call("GET", "/v1/keys", query=query), a, _keys_table)
+
+
+def key_revoke(api: ApiClient, a: argparse.Namespace) -> None:
+    api.call("POST", f"/v1/keys/{_seg(a.key_id)}/revoke")
+    _out(f"key {a.key_id} revoked")
+
+
+# ---- workloads, hosts, audit, agents ------------------------------------------------
+
+
+def _workloads_table(raw: bytes) -> str:
+    rows = [
+        (
+            w.id,
+            w.host_id,
+            w.container_id[:12],
+            w.name,
+            render.labels_text(w.labels),
+            ",".join(w.ips),
+            render.when(w.paired_at),
+        )
+        for w in _decode(raw, list[wire.Workload])
+    ]
+    return render.table(("ID", "HOST", "CONTAINER", "NAME", "LABELS", "IPS", "PAIRED"), rows)
+
+
+def workload_list(api: ApiClient, a: argparse.Namespace) -> None:
+    _show(api.call("GET", "/v1/workloads"), a, _workloads_table)
+
+
+def _hosts_table(raw: bytes) -> str:
+    rows = [
+        (
+            h.id,
+            h.hostname,
+            h.workloads,
+            h.instructions_version,
+            render.when(h.last_seen),
+            "revoked" if h.revoked else "active",
+        )
+        for h in _decode(raw, list[wire.Host])
+    ]
+    return render.table(("ID", "HOSTNAME", "WORKLOADS", "VERSION", "LAST_SEEN", "STATE"), rows)
+
+
+def host_list(api: ApiClient, a: argparse.Namespace) -> None:
+    _show(api.call("GET", "/v1/hosts"), a, _hosts_table)
+
+
+def host_revoke(api: ApiClient, a: argparse.Namespace) -> None:
+    api.call("POST", f"/v1/hosts/{_seg(a.id)}/revoke")
+    _out(f"host {a.id} revoked")
+
+
+def _audit_table(raw: bytes) -> str:
+    rows = [
+        (
+            e.id,
+            render.when(e.at),
+            e.event,
+            e.result,
+            e.reason,
+            e.host_id,
+            e.container_id[:12],
+            e.key_id,
+            e.detail,
+        )
+        for e in _decode(raw, list[wire.AuditEntry])
+    ]
+    return render.table(
+        ("ID", "TIME", "EVENT", "RESULT", "REASON", "HOST", "CONTAINER", "KEY", "DETAIL"), rows
+    )
+
+
+def audit_list(api: ApiClient, a: argparse.Namespace) -> None:
+    _show(api.call("GET", "/v1/audit", query={"limit": a.limit}), a, _audit_table)
+
+
+def activation_code(api: ApiClient, a: argparse.Namespace) -> None:
+    body = {"lifespan_s": render.parse_lifespan(a.lifespan)}
+    raw = api.call("POST", "/v1/activation-codes", body)
+    _show(raw, a, lambda r: _decode(r, wire.ActivationCode).code)
+
+
+def _seg(text: str) -> str:
+    """One URL path segment (ids and names never contain '/')."""
+    return urllib.parse.quote(text, safe="")
+
+
+# ---- argument parsing ---------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Connection options work before or after the verb; SUPPRESS keeps a value given
+    # before the verb from being reset by the verb's own defaults.
+    conn = _Parser(add_help=False)
+    conn.add_argument(
+        "--server",
+        metavar="URL",
+        default=argparse.SUPPRESS,
+        help="server URL (env SEGD_SERVER; default the local allinone)",
+    )
+    conn.add_argument(
+        "--token-file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help="admin token file (env SEGD_TOKEN holds the token itself)",
+    )
+    conn.add_argument(
+        "--ca-file",
+        metavar="FILE",
+        default=argparse.SUPPRESS,
+        help=f"CA bundle for an https server (env {ENV_CA})",
+    )
+
+    p = _Parser(prog="segd ctl", description="admin client of the segd server", parents=[conn])
+    groups = p.add_subparsers(dest="group", metavar="GROUP", required=True)
+
+    def verb(
+        group: argparse._SubParsersAction[Any],
+        name: str,
+        fn: Verb,
+        help: str,
+        *,
+        json: bool = False,
+    ) -> argparse.ArgumentParser:
+        v: argparse.ArgumentParser = group.add_parser(name, help=help, parents=[conn])
+        v.set_defaults(fn=fn)
+        if json:
+            v.add_argument("--json", action="store_true", help="print JSON")
+        return v
+
+    def group(name: str, help: str) -> argparse._SubParsersAction[Any]:
+        g = groups.add_parser(name, help=help)
+        return g.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    rule = group("rule", "allow rules")
+    v = verb(rule, "add", rule_add, "add a rule", json=True)
+    v.add_argument("--provider", action="append", required=True, metavar="LABELS|any")
+    v.add_argument("--consumer", action="append", required=True, metavar="LABELS|any")
+    v.add_argument(
+        "--service", action="append", required=True, metavar="tcp/PORT|udp/PORT|tcp/LO-HI|icmp"
+    )
+    v.add_argument("--option", action="append", metavar="OPTION", help="e.g. log")
+    v.add_argument("--description", default="")
+    verb(rule, "list", rule_list, "list rules", json=True)
+    verb(rule, "rm", rule_rm, "remove a rule").add_argument("id")
+
+    prof = group("profile", "pairing profiles")
+    v = verb(prof, "add", profile_add, "add a pairing profile", json=True)
+    v.add_argument("name")
+    v.add_argument("--labels", required=True, metavar="dim=value,...")
+    v.add_argument("--lock", metavar="dim,...", help="dimensions a request cannot change")
+    v.add_argument("--max-uses", type=int, metavar="N", help="uses per key (default 1)")
+    v.add_argument("--lifespan", metavar="DURATION", help="key lifespan, e.g. 30m, 1h")
+    v.add_argument("--on-mismatch", choices=("deny", "default"), default="deny")
+    v.add_argument("--description", default="")
+    v.add_argument("--disabled", action="store_true", help="create it disabled")
+    verb(prof, "list", profile_list, "list pairing profiles", json=True)
+    verb(prof, "rm", profile_rm, "remove a profile and its keys").add_argument("name")
+    verb(prof, "revoke", profile_revoke, "revoke every key of a profile").add_argument("name")
+
+    key = group("key", "pairing keys")
+    v = verb(key, "issue", key_issue, "issue a pairing key (prints the token)", json=True)
+    v.add_argument("profile")
+    v.add_argument("--max-uses", type=int, metavar="N")
+    v.add_argument("--lifespan", metavar="DURATION", help="e.g. 30m, 1h, 2d")
+    v.add_argument("--description", default="")
+    verb(key, "list", key_list, "list pairing keys", json=True).add_argument("profile", nargs="?")
+    verb(key, "revoke", key_revoke, "revoke a pairing key").add_argument("key_id")
+
+    verb(group("workload", "paired workloads"), "list", workload_list, "list workloads", json=True)
+    host = group("host", "agent hosts")
+    verb(host, "list", host_list, "list hosts", json=True)
+    verb(host, "revoke", host_revoke, "revoke a host's agent").add_argument("id")
+    v = verb(group("audit", "audit log"), "list", audit_list, "latest audit entries", json=True)
+    v.add_argument("--limit", type=int, default=50, metavar="N")
+    v = verb(
+        group("agent", "agents"),
+        "activation-code",
+        activation_code,
+        "issue a single-use activation code (prints the code)",
+        json=True,
+    )
+    v.add_argument("--lifespan", default="1h", metavar="DURATION")
+
+    orch = groups.add_parser("orch", help="orchestrator (not available yet)", add_help=False)
+    orch.add_argument("rest", nargs=argparse.REMAINDER)
+    orch.set_defaults(fn=None)
+    return p
+
+
+def ctl_main(argv: list[str]) -> int:
+    try:
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as e:  # --help
+            return e.code if isinstance(e.code, int) else 0
+        if args.group == "orch":
+            raise CtlError("orch: the orchestrator client is not available yet", 1)
+        api = ApiClient(
+            resolve_server(getattr(args, "server", None)),
+            resolve_token(getattr(args, "token_file", None)),
+            ca_file=getattr(args, "ca_file", None) or _env_ca(),
+        )
+        args.fn(api, args)
+    except CtlError as e:
+        print(f"segd ctl: {e.message}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _env_ca() -> str | None:
+    return os.environ.get(ENV_CA) or None

@@ -1,0 +1,253 @@
+"""`segd ctl` against a real server on a loopback port."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+import structlog
+
+from segd import crypto
+from segd.ctl import ctl_main
+from tests.api.conftest import LiveServer
+
+
+class Ctl:
+    def __init__(self, server: LiveServer, capsys: pytest.CaptureFixture[str]) -> None:
+        self.server = server
+        self.capsys = capsys
+
+    def run(self, *argv: str, conn: bool = True) -> tuple[int, str, str]:
+        args = list(argv)
+        if conn:
+            args = ["--server", self.server.url, "--token-file", str(self.server.token_file), *args]
+        code = ctl_main(args)
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def ok(self, *argv: str) -> str:
+        code, out, err = self.run(*argv)
+        assert (code, err) == (0, ""), err
+        return out
+
+    def json(self, *argv: str) -> Any:
+        return json.loads(self.ok(*argv, "--json"))
+
+
+@pytest.fixture(autouse=True)
+def quiet_server_logs() -> Iterator[None]:
+    """The server runs in this process: keep its logs out of ctl's stdout/stderr."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    yield
+    structlog.configure(**saved)
+
+
+@pytest.fixture
+def ctl(live_server: LiveServer, capsys: pytest.CaptureFixture[str]) -> Ctl:
+    return Ctl(live_server, capsys)
+
+
+def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _agent_pairs(server: LiveServer, code: str, token: str, cid: str, ip: str) -> str:
+    """Register an agent with `code` and pair one container; return the host id."""
+    key = nacl.signing.SigningKey.generate()
+    reg = _post(
+        server.url + "/v1/agent/register",
+        {
+            "activation_code": code,
+            "public_key": crypto.b64e(bytes(key.verify_key)),
+            "hostname": "node1",
+        },
+    )
+    body = {"container_id": cid, "pairing_key": token, "ips": [ip]}
+    data = json.dumps(body).encode()
+    headers = crypto.sign_request(key, reg["host_id"], "POST", "/v1/agent/pair", data, time.time())
+    _post(server.url + "/v1/agent/pair", body, headers)
+    return str(reg["host_id"])
+
+
+def test_every_verb(ctl: Ctl, live_server: LiveServer) -> None:
+    # rules
+    rid = ctl.ok(
+        "rule",
+        "add",
+        "--provider",
+        "role=db,app=shop",
+        "--consumer",
+        "role=web",
+        "--consumer",
+        "role=api",
+        "--service",
+        "tcp/5432",
+        "--service",
+        "icmp",
+        "--option",
+        "log",
+        "--description",
+        "web to db",
+    ).strip()
+    assert rid.startswith("r_")
+    any_rule = ctl.json(
+        "rule", "add", "--provider", "any", "--consumer", "any", "--service", "udp/53"
+    )
+    table = ctl.ok("rule", "list")
+    assert table.splitlines()[0].split() == [
+        "ID",
+        "PROVIDERS",
+        "CONSUMERS",
+        "SERVICES",
+        "OPTIONS",
+        "DESCRIPTION",
+    ]
+    assert "app=shop,role=db" in table and "role=web | role=api" in table
+    assert [r["id"] for r in ctl.json("rule", "list")] == [rid, any_rule["id"]]
+    assert "removed" in ctl.ok("rule", "rm", any_rule["id"])
+    # profiles
+    assert (
+        ctl.ok(
+            "profile",
+            "add",
+            "db",
+            "--labels",
+            "role=db,app=shop",
+            "--lock",
+            "role,app",
+            "--max-uses",
+            "3",
+            "--lifespan",
+            "2h",
+            "--on-mismatch",
+            "default",
+            "--description",
+            "databases",
+        ).strip()
+        == "db"
+    )
+    ctl.ok("profile", "add", "off", "--labels", "role=x", "--disabled")
+    [db, off] = ctl.json("profile", "list")
+    assert (db["locked"], db["max_uses"], db["lifespan_s"], db["on_mismatch"]) == (
+        ["app", "role"],
+        3,
+        7200,
+        "default",
+    )
+    assert off["enabled"] is False
+    assert "2h" in ctl.ok("profile", "list")
+    # keys
+    token = ctl.ok("key", "issue", "db", "--lifespan", "30m", "--description", "ci").strip()
+    assert token.startswith("segd1.") and "\n" not in token
+    other = ctl.json("key", "issue", "db", "--max-uses", "1")
+    keys = ctl.json("key", "list", "db")
+    assert [k["key_id"] for k in keys] == [keys[0]["key_id"], other["key_id"]]
+    assert keys[0]["expires_at"] - keys[0]["issued_at"] == pytest.approx(1800, abs=1)
+    assert "active" in ctl.ok("key", "list")
+    assert "revoked" in ctl.ok("key", "revoke", other["key_id"])
+    assert "revoked" in ctl.ok("key", "list", "db")
+    # agents, workloads, hosts
+    code = ctl.ok("agent", "activation-code", "--lifespan", "10m").strip()
+    host_id = _agent_pairs(live_server, code, token, "c0ffee", "10.0.0.5")
+    [w] = ctl.json("workload", "list")
+    assert (w["host_id"], w["labels"]) == (host_id, {"app": "shop", "role": "db"})
+    assert "10.0.0.5" in ctl.ok("workload", "list")
+    assert host_id in ctl.ok("host", "list")
+    assert [h["workloads"] for h in ctl.json("host", "list")] == [1]
+    assert "revoked" in ctl.ok("host", "revoke", host_id)
+    assert ctl.json("host", "list")[0]["revoked"] is True
+    # profile revoke and rm
+    assert "all 2 keys are revoked" in ctl.ok("profile", "revoke", "db")
+    assert "removed" in ctl.ok("profile", "rm", "off")
+    # audit
+    entries = ctl.json("audit", "list", "--limit", "200")
+    assert {"rule.added", "key.issued", "workload.paired", "host.revoked"} <= {
+        e["event"] for e in entries
+    }
+    assert len(ctl.json("audit", "list", "--limit", "2")) == 2
+    assert "workload.paired" in ctl.ok("audit", "list")
+
+
+def test_server_and_token_from_env_and_the_local_data_dir(
+    ctl: Ctl, live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SEGD_SERVER", live_server.url)
+    monkeypatch.setenv("SEGD_TOKEN", live_server.token)
+    assert ctl.run("rule", "list", conn=False)[0] == 0
+    monkeypatch.delenv("SEGD_TOKEN")
+    # no token anywhere else: the allinone data dir's token file is used
+    monkeypatch.setenv("SEGD_DATA_DIR", str(Path(live_server.cfg.data_dir).parent))
+    assert ctl.run("profile", "list", "--json", conn=False)[:2] == (0, "[]\n")
+    monkeypatch.setenv("SEGD_DATA_DIR", "/nonexistent")
+    code, out, err = ctl.run("rule", "list", conn=False)
+    assert code == 1 and out == ""
+    assert err.startswith("segd ctl: ") and "admin token" in err and err.count("\n") == 1
+
+
+def test_options_work_after_the_verb_too(ctl: Ctl, live_server: LiveServer) -> None:
+    code, out, _ = ctl.run(
+        "rule",
+        "list",
+        "--json",
+        "--server",
+        live_server.url,
+        "--token-file",
+        str(live_server.token_file),
+        conn=False,
+    )
+    assert (code, out) == (0, "[]\n")
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "needle"),
+    [
+        (["rule", "rm", "r_000000000000"], 1, "no rule"),
+        (["profile", "add", "x", "--labels", "colour=red"], 1, "unknown label dimension"),
+        (
+            ["rule", "add", "--provider", "any", "--consumer", "any", "--service", "tcp/99999"],
+            1,
+            "invalid port range",
+        ),
+        (["key", "issue", "nope"], 1, "no profile"),
+        (["key", "issue", "db", "--lifespan", "soon"], 2, "invalid lifespan"),
+        (["profile", "add", "x", "--labels", "role"], 2, "expected dimension=value"),
+        (["rule", "add", "--provider", "any"], 2, "required"),
+        (["rule"], 2, "required"),
+        (["frobnicate"], 2, "invalid choice"),
+        (["orch", "ps"], 1, "not available yet"),
+    ],
+)
+def test_errors_are_one_line_on_stderr(ctl: Ctl, argv: list[str], status: int, needle: str) -> None:
+    code, out, err = ctl.run(*argv)
+    assert code == status
+    assert out == ""
+    assert err.startswith("segd ctl") and err.count("\n") == 1 and needle in err, err
+
+
+def test_bad_token_and_unreachable_server(ctl: Ctl, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.token"
+    bad.write_text("segd_nope\n")
+    code, _, err = ctl.run(
+        "--server", ctl.server.url, "--token-file", str(bad), "rule", "list", conn=False
+    )
+    assert code == 1 and err == "segd ctl: invalid admin token\n"
+    code, _, err = ctl.run(
+        "--server", "http://127.0.0.1:1", "--token-file", str(bad), "rule", "list", conn=False
+    )
+    assert code == 1 and err.startswith("segd ctl: cannot reach segd server at http://127.0.0.1:1")
+
+
+def test_help_exits_zero(ctl: Ctl) -> None:
+    code, out, _ = ctl.run("--help", conn=False)
+    assert code == 0 and "rule" in out and "activation" not in out.splitlines()[0]
