@@ -52,9 +52,13 @@ def resolve_server(flag: str | None) -> str:
     return url.rstrip("/")
 
 
+def read_token_file(path: str) -> str:
+    return _read_token(Path(path), "--token-file")
+
+
 def resolve_token(flag: str | None) -> str:
     if flag:
-        return _read_token(Path(flag), "--token-file")
+        return read_token_file(flag)
     env = os.environ.get(ENV_TOKEN, "").strip()
     if env:
         return env

@@ -23,7 +23,14 @@ import msgspec
 
 from segd import wire
 from segd.ctl import render
-from segd.ctl.client import ENV_CA, ApiClient, CtlError, resolve_server, resolve_token
+from segd.ctl.client import (
+    ENV_CA,
+    ApiClient,
+    CtlError,
+    read_token_file,
+    resolve_server,
+    resolve_token,
+)
 
 T = TypeVar("T")
 Verb = Callable[[ApiClient, argparse.Namespace], None]
@@ -387,20 +394,52 @@ def _parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--lifespan", default="1h", metavar="DURATION")
 
-    orch = groups.add_parser("orch", help="orchestrator (not available yet)", add_help=False)
-    orch.add_argument("rest", nargs=argparse.REMAINDER)
-    orch.set_defaults(fn=None)
+    # Only listed here for --help: `orch ...` is handed to segd.ctl.orch before parsing.
+    groups.add_parser("orch", help="the orchestrator (see `segd ctl orch --help`)")
     return p
+
+
+_CONN_VALUED = ("--server", "--token-file", "--ca-file")
+
+
+def _split_orch(argv: list[str]) -> tuple[list[str], list[str]] | None:
+    """(connection options, orch arguments) when the group is `orch`, else None."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _CONN_VALUED:
+            i += 2
+        elif arg.partition("=")[0] in _CONN_VALUED:
+            i += 1
+        elif arg == "orch":
+            return argv[:i], argv[i + 1 :]
+        else:
+            return None
+    return None
+
+
+def _orch(before: list[str], rest: list[str]) -> int:
+    """`segd ctl [--server URL] [--token-file F] orch ...`: the orchestrator's client,
+    given the server and token only when they were named explicitly before `orch`."""
+    from segd.ctl.orch import orch_main
+
+    conn = _Parser(prog="segd ctl", add_help=False)
+    for opt in _CONN_VALUED:
+        conn.add_argument(opt)
+    args = conn.parse_args(before)
+    token = read_token_file(args.token_file) if args.token_file else None
+    return orch_main(rest, server=args.server, token=token)
 
 
 def ctl_main(argv: list[str]) -> int:
     try:
+        orch = _split_orch(argv)
+        if orch is not None:
+            return _orch(*orch)
         try:
             args = _parser().parse_args(argv)
         except SystemExit as e:  # --help
             return e.code if isinstance(e.code, int) else 0
-        if args.group == "orch":
-            raise CtlError("orch: the orchestrator client is not available yet", 1)
         api = ApiClient(
             resolve_server(getattr(args, "server", None)),
             resolve_token(getattr(args, "token_file", None)),

@@ -225,7 +225,6 @@ def test_options_work_after_the_verb_too(ctl: Ctl, live_server: LiveServer) -> N
         (["rule", "add", "--provider", "any"], 2, "required"),
         (["rule"], 2, "required"),
         (["frobnicate"], 2, "invalid choice"),
-        (["orch", "ps"], 1, "not available yet"),
     ],
 )
 def test_errors_are_one_line_on_stderr(ctl: Ctl, argv: list[str], status: int, needle: str) -> None:
@@ -246,6 +245,17 @@ def test_bad_token_and_unreachable_server(ctl: Ctl, tmp_path: Path) -> None:
         "--server", "http://127.0.0.1:1", "--token-file", str(bad), "rule", "list", conn=False
     )
     assert code == 1 and err.startswith("segd ctl: cannot reach segd server at http://127.0.0.1:1")
+
+
+def test_orch_is_handed_to_the_orchestrator_client(ctl: Ctl, tmp_path: Path) -> None:
+    token = tmp_path / "orch.token"
+    token.write_text("t\n")
+    code, out, err = ctl.run(
+        "--server", "http://127.0.0.1:1", "--token-file", str(token), "orch", "ps", conn=False
+    )
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "127.0.0.1:1" in err and "orch" in err
+    assert ctl.run("orch", "--help", conn=False)[0] == 0
 
 
 def test_help_exits_zero(ctl: Ctl) -> None:
