@@ -35,43 +35,35 @@ def _claimed_key_id(token: str) -> str:
 async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> wire.PairResult:
     pin = validate.pair_in(pin)
     now = svc.clock()
-    async with svc.lock:
+    failure: SegdError | None = None
+    async with svc.change() as (tx, ch):
         svc.check_host(host_id)
-        failure: SegdError | None = None
-        changed = False
-        async with svc.store.write() as tx:
-            w = await tx.workload_by_container(host_id, pin.container_id)
-            if w is not None:
-                w, changed, failure = await _repair(tx, w, pin, now)
-            else:
-                try:
-                    w = await _new(svc, tx, host_id, pin, now)
-                    changed = True
-                except pairing.Denied as e:
-                    failure = e
-                except tokens.TokenError as e:
-                    failure = e
-                if failure is not None:
-                    await tx.audit(
-                        now,
-                        "workload.paired",
-                        "denied",
-                        failure.code,
-                        host_id=host_id,
-                        container_id=pin.container_id,
-                        key_id=_claimed_key_id(pin.pairing_key),
-                        detail=failure.message,
-                    )
-        if failure is not None or w is None:
-            _log.info(
-                "workload.denied",
-                host=host_id,
-                container=pin.container_id,
-                reason=failure.code if failure else "",
-            )
-            raise failure or SegdError("pairing failed")
-        if changed:
-            await svc.publish(svc.compiler.add_workload(w) | {host_id})
+        old = await tx.workload_by_container(host_id, pin.container_id)
+        w: wire.Workload | None = old
+        if old is not None:
+            w, failure = await _repair(tx, old, pin, now)
+            if w is not old:
+                ch.add_workload(w, previous=old)
+        else:
+            try:
+                w = await _new(svc, tx, host_id, pin, now)
+                ch.add_workload(w)
+            except (pairing.Denied, tokens.TokenError) as e:
+                failure = e
+                await tx.audit(
+                    now,
+                    "workload.paired",
+                    "denied",
+                    e.code,
+                    host_id=host_id,
+                    container_id=pin.container_id,
+                    key_id=_claimed_key_id(pin.pairing_key),
+                    detail=e.message,
+                )
+    if failure is not None or w is None:
+        reason = failure.code if failure else ""
+        _log.info("workload.denied", host=host_id, container=pin.container_id, reason=reason)
+        raise failure or SegdError("pairing failed")
     signed = svc.pub.signed(host_id)
     assert signed is not None
     return wire.PairResult(workload_id=w.id, labels=w.labels, instructions=signed)
@@ -79,17 +71,18 @@ async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> wire.PairResult:
 
 async def _repair(
     tx: Tx, w: wire.Workload, pin: wire.PairIn, now: float
-) -> tuple[wire.Workload, bool, SegdError | None]:
-    """Pairing an already paired container: the same workload, new addresses if any."""
+) -> tuple[wire.Workload, SegdError | None]:
+    """Pairing an already paired container: the same workload (a new object only
+    when its addresses changed), or the reason new addresses were refused."""
     audit = {"host_id": w.host_id, "container_id": w.container_id, "workload_id": w.id}
     if w.ips == pin.ips:
         await tx.audit(now, "workload.paired", "ok", "already_paired", key_id=w.key_id, **audit)
-        return w, False, None
+        return w, None
     held = {ip: o for ip, o in (await tx.ip_holders(pin.ips)).items() if o != w.id}
     if held:
         e = pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
         await tx.audit(now, "workload.readdressed", "denied", e.code, detail=e.message, **audit)
-        return w, False, e
+        return w, e
     await tx.set_workload_ips(w.id, pin.ips)
     await tx.audit(now, "workload.readdressed", "ok", detail=",".join(pin.ips), **audit)
     _log.info("workload.readdressed", workload=w.id, ips=pin.ips)
@@ -104,7 +97,6 @@ async def _repair(
             key_id=w.key_id,
             paired_at=w.paired_at,
         ),
-        True,
         None,
     )
 
@@ -157,25 +149,24 @@ async def _new(svc: Service, tx: Tx, host_id: str, pin: wire.PairIn, now: float)
 async def unpair(svc: Service, host_id: str, uin: wire.UnpairIn) -> None:
     """Forget the container's workload (if any) and update its peers."""
     cid = validate.container_id(uin.container_id)
-    async with svc.lock:
+    async with svc.change() as (tx, ch):
         svc.check_host(host_id)
-        async with svc.store.write() as tx:
-            w = await tx.workload_by_container(host_id, cid)
-            if w is not None:
-                await tx.delete_workload(w.id)
-            await tx.audit(
-                svc.clock(),
-                "workload.unpaired",
-                "ok",
-                "" if w else "not_paired",
-                host_id=host_id,
-                container_id=cid,
-                workload_id=w.id if w else "",
-                key_id=w.key_id if w else "",
-            )
+        w = await tx.workload_by_container(host_id, cid)
         if w is not None:
-            await svc.publish(svc.compiler.remove_workload(w.id) | {host_id})
-            _log.info("workload.unpaired", host=host_id, container=cid, workload=w.id)
+            await tx.delete_workload(w.id)
+            ch.remove_workload(w)
+        await tx.audit(
+            svc.clock(),
+            "workload.unpaired",
+            "ok",
+            "" if w else "not_paired",
+            host_id=host_id,
+            container_id=cid,
+            workload_id=w.id if w else "",
+            key_id=w.key_id if w else "",
+        )
+    if w is not None:
+        _log.info("workload.unpaired", host=host_id, container=cid, workload=w.id)
 
 
 async def instructions(

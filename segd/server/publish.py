@@ -2,14 +2,15 @@
 
 `plan(hosts)` recompiles the given hosts and keeps only those whose content
 (everything but the version) changed, each at its next version. The caller
-persists the new (version, digest) pairs, then `commit(plan)` signs, caches and
-wakes exactly those hosts. A host whose content did not change keeps its
-version and is not woken.
+persists the new (version, digest) pairs, then `commit(plan)` adopts them and
+wakes exactly those hosts. Instructions are encoded and signed when first
+fetched, so a burst of changes costs one signature per version actually read.
+A host whose content did not change keeps its version and is not woken.
 
 At start, `load(states)` compiles every host and bumps any whose content no
-longer matches the digest last persisted (for example after a crash between a
-change and its version bump), so an agent never holds stale instructions under
-a current version number.
+longer matches the digest last persisted (after an upgrade that compiles
+differently, or a store restored from elsewhere), so an agent never holds stale
+instructions under a current version number.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Publisher:
         self.compiler = compiler
         self.hub = hub
         self._state: dict[str, tuple[int, str]] = {}  # host -> (version, digest)
-        self._signed: dict[str, wire.SignedInstructions] = {}
+        self._latest: dict[str, wire.Instructions] = {}
+        self._signed: dict[str, wire.SignedInstructions] = {}  # signed on first fetch
 
     def plan(self, hosts: Iterable[str]) -> Plan:
         """Compile `hosts` (known ones only); keep those whose content changed."""
@@ -53,21 +55,23 @@ class Publisher:
         return {h: (i.version, d) for h, (i, d) in plan.items()}
 
     def commit(self, plan: Plan) -> None:
-        """Sign and cache the planned instructions, then wake their hosts."""
+        """Adopt the planned instructions, then wake their hosts."""
         for h, (instr, digest) in plan.items():
             self._state[h] = (instr.version, digest)
-            self._signed[h] = self._sign(instr)
+            self._latest[h] = instr
+            self._signed.pop(h, None)
         for h, (instr, _) in plan.items():
             self.hub.publish(h, instr.version)
 
     def load(self, states: Mapping[str, tuple[int, str]]) -> Plan:
         """Adopt persisted (version, digest) per host; return the hosts to bump."""
         self._state = dict(states)
+        self._latest.clear()
         self._signed.clear()
         stale = self.plan(states)
         for h, (version, _) in self._state.items():
             if h not in stale:
-                self._signed[h] = self._sign(self.compiler.compile_host(h, version))
+                self._latest[h] = self.compiler.compile_host(h, version)
                 self.hub.publish(h, version)
         return stale
 
@@ -77,13 +81,32 @@ class Publisher:
 
     def drop_host(self, host_id: str) -> None:
         self._state.pop(host_id, None)
+        self._latest.pop(host_id, None)
         self._signed.pop(host_id, None)
+
+    def save_host(self, host_id: str) -> tuple[tuple[int, str], wire.Instructions] | None:
+        if host_id not in self._state or host_id not in self._latest:
+            return None
+        return self._state[host_id], self._latest[host_id]
+
+    def restore_host(
+        self, host_id: str, saved: tuple[tuple[int, str], wire.Instructions] | None
+    ) -> None:
+        if saved is not None:
+            self._state[host_id], self._latest[host_id] = saved
 
     def version(self, host_id: str) -> int:
         return self._state.get(host_id, (0, ""))[0]
 
     def signed(self, host_id: str) -> wire.SignedInstructions | None:
-        return self._signed.get(host_id)
+        """The host's latest instructions, signed (once per version, on demand)."""
+        out = self._signed.get(host_id)
+        if out is None:
+            instr = self._latest.get(host_id)
+            if instr is None:
+                return None
+            out = self._signed[host_id] = self._sign(instr)
+        return out
 
     def _sign(self, instr: wire.Instructions) -> wire.SignedInstructions:
         payload = encode_instructions(instr)

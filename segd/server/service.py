@@ -11,10 +11,11 @@ same as the store's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import msgspec
@@ -27,7 +28,7 @@ from segd.server import tokens, validate
 from segd.server.compiler import Compiler
 from segd.server.notify import Hub
 from segd.server.publish import Publisher
-from segd.server.store import Store
+from segd.server.store import Store, Tx
 
 _log = log.get("segd.server")
 
@@ -61,6 +62,51 @@ def _read_secret(path: Path) -> str:
         return path.read_text().strip()
     except FileNotFoundError:
         return ""
+
+
+class Change:
+    """Compiler edits within a store transaction, each with its undo."""
+
+    def __init__(self, svc: Service) -> None:
+        self._svc = svc
+        self.affected: set[str] = set()
+        self._undo: list[Callable[[], object]] = []
+
+    def add_workload(self, w: wire.Workload, previous: wire.Workload | None = None) -> None:
+        """Add `w` (replacing `previous`, the same workload before this change)."""
+        c = self._svc.compiler
+        self.affected |= c.add_workload(w)
+        self._undo.append(lambda: c.add_workload(previous) if previous else c.remove_workload(w.id))
+
+    def remove_workload(self, w: wire.Workload) -> None:
+        c = self._svc.compiler
+        self.affected |= c.remove_workload(w.id)
+        self._undo.append(lambda: c.add_workload(w))
+
+    def set_rules(self, rules: list[wire.Rule], previous: list[wire.Rule]) -> None:
+        c = self._svc.compiler
+        self.affected |= c.set_rules(rules)
+        self._undo.append(lambda: c.set_rules(previous))
+
+    def add_host(self, host_id: str) -> None:
+        self._svc.pub.add_host(host_id)
+        self.affected.add(host_id)
+        self._undo.append(lambda: self._svc.pub.drop_host(host_id))
+
+    def drop_host(self, host_id: str) -> None:
+        """Stop publishing to a host (its instructions are kept for an undo)."""
+        saved = self._svc.pub.save_host(host_id)
+        self._svc.pub.drop_host(host_id)
+        self.affected.discard(host_id)
+        self._undo.append(lambda: self._svc.pub.restore_host(host_id, saved))
+
+    def on_undo(self, fn: Callable[[], object]) -> None:
+        self._undo.append(fn)
+
+    def undo(self) -> None:
+        for fn in reversed(self._undo):
+            fn()
+        self._undo.clear()
 
 
 class Service:
@@ -157,42 +203,49 @@ class Service:
             raise Forbidden(f"host {host_id} has been revoked", code="host_revoked")
         return auth
 
-    async def publish(self, affected: Iterable[str]) -> None:
-        """Recompile `affected`, persist the new versions, then sign and wake. Hold `lock`."""
-        plan = self.pub.plan(affected)
-        if not plan:
-            return
-        async with self.store.write() as tx:
-            await tx.set_versions(self.pub.versions(plan))
-        self.pub.commit(plan)
-        _log.debug("instructions.published", hosts=sorted(plan))
+    @contextlib.asynccontextmanager
+    async def change(self) -> AsyncIterator[tuple[Tx, Change]]:
+        """One policy change: a store transaction plus the compiler edits it implies.
 
-    async def _set_rules(self, rules: list[wire.Rule]) -> None:
-        await self.publish(self.compiler.set_rules(rules))
+        The edits are made inside the transaction so that the new instruction
+        versions commit together with the change (one durable commit); if the
+        transaction does not commit, the edits are undone. Once committed, the
+        changed hosts' instructions are published and their agents woken.
+        """
+        async with self.lock:
+            ch = Change(self)
+            try:
+                async with self.store.write() as tx:
+                    yield tx, ch
+                    plan = self.pub.plan(ch.affected)
+                    if plan:
+                        await tx.set_versions(self.pub.versions(plan))
+            except BaseException:
+                ch.undo()
+                raise
+            self.pub.commit(plan)
+        if plan:
+            _log.debug("instructions.published", hosts=sorted(plan))
 
     # ---- rules --------------------------------------------------------------------
 
     async def add_rule(self, rin: wire.RuleIn) -> wire.Rule:
         rule = validate.rule(rin, self.dims, new_id("r"), self.clock())
-        async with self.lock:
-            async with self.store.write() as tx:
-                await tx.insert_rule(rule)
-                await tx.audit(rule.created_at, "rule.added", "ok", detail=rule.id)
-                rules = await tx.rules()
-            await self._set_rules(rules)
+        async with self.change() as (tx, ch):
+            before = await tx.rules()
+            await tx.insert_rule(rule)
+            await tx.audit(rule.created_at, "rule.added", "ok", detail=rule.id)
+            ch.set_rules(await tx.rules(), before)
         _log.info("rule.added", rule=rule.id, services=rule.services)
         return rule
 
     async def delete_rule(self, rule_id: str) -> None:
-        async with self.lock:
-            async with self.store.write() as tx:
-                found = await tx.delete_rule(rule_id)
-                if found:
-                    await tx.audit(self.clock(), "rule.removed", "ok", detail=rule_id)
-                rules = await tx.rules()
-            if not found:
+        async with self.change() as (tx, ch):
+            before = await tx.rules()
+            if not await tx.delete_rule(rule_id):
                 raise NotFound(f"no rule {rule_id!r}")
-            await self._set_rules(rules)
+            await tx.audit(self.clock(), "rule.removed", "ok", detail=rule_id)
+            ch.set_rules(await tx.rules(), before)
         _log.info("rule.removed", rule=rule_id)
 
     # ---- profiles and keys --------------------------------------------------------
@@ -288,31 +341,28 @@ class Service:
     async def revoke_host(self, host_id: str) -> wire.Host:
         """Refuse the host's agent from now on and drop its workloads."""
         now = self.clock()
-        async with self.lock:
-            async with self.store.write() as tx:
-                if not await tx.revoke_host(host_id):
-                    raise NotFound(f"no host {host_id!r}")
-                gone = await tx.workloads_of_host(host_id)
-                for w in gone:
-                    await tx.delete_workload(w.id)
-                    await tx.audit(
-                        now,
-                        "workload.unpaired",
-                        "ok",
-                        "host_revoked",
-                        host_id=host_id,
-                        container_id=w.container_id,
-                        workload_id=w.id,
-                    )
-                await tx.audit(now, "host.revoked", "ok", host_id=host_id)
+        async with self.change() as (tx, ch):
+            if not await tx.revoke_host(host_id):
+                raise NotFound(f"no host {host_id!r}")
+            gone = await tx.workloads_of_host(host_id)
+            for w in gone:
+                await tx.delete_workload(w.id)
+                await tx.audit(
+                    now,
+                    "workload.unpaired",
+                    "ok",
+                    "host_revoked",
+                    host_id=host_id,
+                    container_id=w.container_id,
+                    workload_id=w.id,
+                )
+                ch.remove_workload(w)
+            await tx.audit(now, "host.revoked", "ok", host_id=host_id)
             auth = self.hosts.get(host_id)
             if auth is not None:
                 self.hosts[host_id] = HostAuth(auth.verify_key, True)
-            self.pub.drop_host(host_id)
-            affected: set[str] = set()
-            for w in gone:
-                affected |= self.compiler.remove_workload(w.id)
-            await self.publish(affected - {host_id})
+                ch.on_undo(lambda: self.hosts.__setitem__(host_id, auth))
+            ch.drop_host(host_id)
         _log.info("host.revoked", host=host_id, workloads=len(gone))
         host = await self.store.host(host_id)
         assert host is not None
@@ -339,37 +389,32 @@ class Service:
         host_id = new_id("h", 8)
         now = self.clock()
         failure: SegdError | None = None
-        async with self.lock:
-            async with self.store.write() as tx:
-                if await tx.host_with_key(rin.public_key) is not None:
-                    failure = SegdError(
-                        "this public key is already registered",
-                        code="public_key_in_use",
-                        status=409,
-                    )
-                elif not await tx.consume_activation_code(
-                    sha256_hex(rin.activation_code), now, host_id
-                ):
-                    failure = Unauthorized(
-                        "activation code is unknown, used or expired",
-                        code="invalid_activation_code",
-                    )
-                else:
-                    await tx.insert_host(host_id, hostname, rin.public_key, now)
-                await tx.audit(
-                    now,
-                    "host.registered",
-                    "denied" if failure else "ok",
-                    failure.code if failure else "",
-                    host_id="" if failure else host_id,
-                    detail=hostname,
+        async with self.change() as (tx, ch):
+            if await tx.host_with_key(rin.public_key) is not None:
+                failure = SegdError(
+                    "this public key is already registered", code="public_key_in_use", status=409
                 )
-            if failure is not None:
-                _log.warning("host.register_refused", hostname=hostname, reason=failure.code)
-                raise failure
-            self.hosts[host_id] = HostAuth(vk, False)
-            self.pub.add_host(host_id)
-            await self.publish({host_id})
+            elif not await tx.consume_activation_code(
+                sha256_hex(rin.activation_code), now, host_id
+            ):
+                failure = Unauthorized(
+                    "activation code is unknown, used or expired", code="invalid_activation_code"
+                )
+            else:
+                await tx.insert_host(host_id, hostname, rin.public_key, now)
+                ch.add_host(host_id)
+            await tx.audit(
+                now,
+                "host.registered",
+                "denied" if failure else "ok",
+                failure.code if failure else "",
+                host_id="" if failure else host_id,
+                detail=hostname,
+            )
+        if failure is not None:
+            _log.warning("host.register_refused", hostname=hostname, reason=failure.code)
+            raise failure
+        self.hosts[host_id] = HostAuth(vk, False)
         _log.info("host.registered", host=host_id, hostname=hostname)
         return wire.Registered(
             host_id=host_id,

@@ -65,8 +65,8 @@ async def test_restart_bumps_hosts_whose_content_was_never_versioned(
     server_cfg: ServerConfig,
     clock: Clock,
 ) -> None:
-    """A crash between a committed change and its version bump must not leave an
-    agent holding stale instructions under the current version number."""
+    """Content that no longer matches the persisted digest (a new compiler, a restored
+    store) gets a new version, so no agent holds stale instructions under it."""
     token = await api.setup_policy()
     a = await make_agent()
     await a.pair("c1", token, ["10.0.0.1"])
