@@ -1,0 +1,182 @@
+"""A small fake Docker Engine: the slice of the Engine API the orchestrator uses,
+served over a unix socket so the real aiodocker client talks to it.
+
+It answers like dockerd 20.10 does (status codes and `{"message": ...}`
+bodies), keeps containers in memory, and can be told to fail or stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class FakeContainer:
+    id: str
+    name: str
+    config: dict[str, Any]
+    state: str = "created"
+    networks: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.config.get("Labels") or {})
+
+
+def _json(value: object, status: int = 200) -> web.Response:
+    # dockerd sends exactly `application/json` (aiodocker relies on it).
+    body = json.dumps(value).encode()
+    return web.Response(body=body, status=status, headers={"Content-Type": "application/json"})
+
+
+def _err(status: int, message: str) -> web.Response:
+    return _json({"message": message}, status)
+
+
+class FakeEngine:
+    def __init__(self, *, id_prefix: str = "") -> None:
+        self.images = {"segd-busybox:latest"}
+        self.network_names = {"bridge", "none"}
+        self.containers: dict[str, FakeContainer] = {}
+        self.id_prefix = id_prefix
+        self.fail_start: int | None = None  # fail the start of the Nth start call (1-based)
+        self.fail_delete = False
+        self.create_delay = 0.0  # seconds to stall after creating, before answering
+        self.starts = 0
+        self.requests: list[str] = []
+        self.socket = ""
+        self._runner: web.AppRunner | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------
+
+    async def start(self, socket_path: str) -> None:
+        self.socket = socket_path
+        app = web.Application()
+        r = app.router
+        r.add_get("/version", self.version)
+        r.add_get("/{v}/version", self.version)
+        r.add_post("/{v}/containers/create", self.create)
+        r.add_post("/{v}/containers/{id}/start", self.start_container)
+        r.add_get("/{v}/containers/json", self.list)
+        r.add_get("/{v}/containers/{id}/json", self.inspect)
+        r.add_delete("/{v}/containers/{id}", self.delete)
+        r.add_get("/{v}/networks/{id}", self.network)
+        r.add_post("/{v}/networks/{id}/connect", self.connect)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.UnixSite(self._runner, socket_path).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ---- helpers ------------------------------------------------------------------
+
+    def find(self, ref: str) -> FakeContainer | None:
+        for c in self.containers.values():
+            if ref in (c.id, c.name):
+                return c
+        matches = [c for c in self.containers.values() if c.id.startswith(ref)]
+        return matches[0] if len(matches) == 1 else None
+
+    def running(self) -> list[FakeContainer]:
+        return [c for c in self.containers.values() if c.state == "running"]
+
+    # ---- handlers -----------------------------------------------------------------
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"ApiVersion": "1.41", "Version": "20.10.24"})
+
+    async def create(self, request: web.Request) -> web.Response:
+        config = json.loads(await request.read())
+        name = request.query.get("name") or secrets.token_hex(6)
+        self.requests.append(f"create {name}")
+        if any(c.name == name for c in self.containers.values()):
+            return _err(409, f'Conflict. The container name "/{name}" is already in use.')
+        if config["Image"] not in self.images:
+            return _err(404, f"No such image: {config['Image']}")
+        mode = (config.get("HostConfig") or {}).get("NetworkMode") or "bridge"
+        if mode not in self.network_names:
+            return _err(404, f"network {mode} not found")
+        cid = self.id_prefix + secrets.token_hex(32)[len(self.id_prefix) :]
+        self.containers[cid] = FakeContainer(cid, name, config, networks=[mode])
+        if self.create_delay:
+            await asyncio.sleep(self.create_delay)
+        return _json({"Id": cid, "Warnings": []}, status=201)
+
+    async def start_container(self, request: web.Request) -> web.Response:
+        c = self.find(request.match_info["id"])
+        if c is None:
+            return _err(404, f"No such container: {request.match_info['id']}")
+        self.starts += 1
+        if self.fail_start is not None and self.starts == self.fail_start:
+            return _err(500, "OCI runtime create failed: exec: not found")
+        c.state = "running"
+        return web.Response(status=204)
+
+    async def inspect(self, request: web.Request) -> web.Response:
+        c = self.find(request.match_info["id"])
+        if c is None:
+            return _err(404, f"No such container: {request.match_info['id']}")
+        return _json(
+            {
+                "Id": c.id,
+                "Name": "/" + c.name,
+                "State": {"Status": c.state, "Running": c.state == "running", "Pid": 0},
+                "Config": {"Image": c.config["Image"], "Labels": c.labels},
+                "NetworkSettings": {"Networks": {n: {} for n in c.networks}},
+            }
+        )
+
+    async def list(self, request: web.Request) -> web.Response:
+        show_all = request.query.get("all") in ("1", "true", "True")
+        wanted = json.loads(request.query.get("filters") or "{}").get("label", [])
+        out = []
+        for c in self.containers.values():
+            if not show_all and c.state != "running":
+                continue
+            if not all(c.labels.get(k) == v for k, _, v in (w.partition("=") for w in wanted)):
+                continue
+            out.append(
+                {
+                    "Id": c.id,
+                    "Names": ["/" + c.name],
+                    "State": c.state,
+                    "Status": "Up 1 second" if c.state == "running" else "Created",
+                    "Labels": c.labels,
+                }
+            )
+        return _json(out)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        c = self.find(request.match_info["id"])
+        if c is None:
+            return _err(404, f"No such container: {request.match_info['id']}")
+        if self.fail_delete:
+            return _err(500, "driver failed to remove root filesystem")
+        force = request.query.get("force") in ("1", "true", "True")
+        if c.state == "running" and not force:
+            return _err(409, "You cannot remove a running container. Stop it first.")
+        del self.containers[c.id]
+        return web.Response(status=204)
+
+    async def network(self, request: web.Request) -> web.Response:
+        name = request.match_info["id"]
+        if name not in self.network_names:
+            return _err(404, f"network {name} not found")
+        return _json({"Id": name, "Name": name})
+
+    async def connect(self, request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        c = self.find(body["Container"])
+        if c is None:
+            return _err(404, f"No such container: {body['Container']}")
+        c.networks.append(request.match_info["id"])
+        return web.Response(status=200)
