@@ -44,9 +44,12 @@ async def test_failed_commit_undoes_the_compiler_change(
     assert b.open(again) == before_b  # the compiler forgot the failed workload
 
     _sql(server_cfg, "DROP TRIGGER fail_versions;")
+    # B's next recompile must not see the workload that failed to pair.
+    _, res = await b.pair("web2", web_key, ["10.0.0.3"])
+    assert b.open(res["instructions"]).sets == before_b.sets
     status, res = await a.pair("db1", db_key, ["10.0.0.1"])
     assert status == 200, res
-    status, signed = await b.instructions(since=before_b.version)
+    status, signed = await b.instructions(since=before_b.version + 1)
     assert status == 200 and ["10.0.0.1"] in b.open(signed).sets.values()
 
 
