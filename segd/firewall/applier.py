@@ -124,11 +124,17 @@ class Firewall:
     # ---- container namespaces -----------------------------------------------------------
 
     async def apply(self, ns: NsRef, script: str) -> None:
-        """Run `script` in the namespace as one nft transaction (all or nothing)."""
+        """Run `script` in the namespace: all of it or (on NftError) none of it.
+
+        A whole-table replace runs as `render.transactions` says, so that no
+        packet slips through while the table is swapped.
+        """
 
         def job(w: Worker) -> None:
             t0 = time.perf_counter()
-            self._session(w, ns).run(script)
+            nft = self._session(w, ns)
+            for tx in render.transactions(script):
+                nft.run(tx)
             log.debug("firewall.applied", ns=ns.key, bytes=len(script), ms=_ms(t0))
 
         await self._run(job)
@@ -151,8 +157,15 @@ class Firewall:
     # ---- host gate -----------------------------------------------------------------------
 
     async def gate_rebuild(self, enforced: Iterable[str], subnets: Iterable[str]) -> None:
-        """Replace the whole gate in one transaction."""
-        await self._gate_apply(gate.render_gate(enforced, subnets))
+        """Make the gate exactly this, in one transaction, without a gap."""
+        allowed, nets = list(enforced), list(subnets)
+        in_place = gate.render_gate(allowed, nets)
+        try:
+            await self._gate_apply(in_place)
+        except NftError as e:
+            # The table exists with other set or chain definitions: replace it.
+            log.warning("firewall.gate_replaced", error=str(e))
+            await self._gate_apply(gate.render_gate_replace(allowed, nets))
 
     async def gate_add(self, ips: Iterable[str]) -> None:
         script = gate.render_gate_add(ips)
@@ -174,7 +187,9 @@ class Firewall:
     async def _gate_apply(self, script: str) -> None:
         def job(w: Worker) -> None:
             t0 = time.perf_counter()
-            self._gate_session(w).run(script)
+            nft = self._gate_session(w)
+            for tx in render.transactions(script):
+                nft.run(tx)
             log.debug("firewall.gate_applied", bytes=len(script), ms=_ms(t0))
 
         await self._run(job)

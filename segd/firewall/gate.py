@@ -19,9 +19,16 @@ nft lists as `priority filter`; no br_netfilter needed; ARP is not matched):
   bridge's); iifname is the veth port.
 - `output` sees frames the host sends to a container, including traffic the
   host routes in from another interface; oifname is the veth port.
-- Replacing the table (`add table` + `delete table` + definition) is one
-  transaction: there is no moment without the gate. `flush set` + `add element`
-  on an interval set in one transaction works.
+- Deleting and re-creating the table lets frames through while it commits,
+  even behind a shadow copy (`render.transactions`), which is enough for the
+  accept-only container tables. Flood from an unenforced IP, gate replaced in
+  a loop: ~1,500 of 383,000 frames got through over 2,000 replaces. (Unlike
+  the container tables, the gate drops on a *match* in `subnets4`, a set that
+  the replace creates anew.) Rewriting in place (keep the table, its sets and
+  chains; flush and refill the sets, flush and re-add the rules, in one
+  transaction): 0 of 378,000 over 3,900 rebuilds. So `render_gate` rewrites in
+  place; the replace is only the fallback for a table whose structure is not
+  ours.
 """
 
 from __future__ import annotations
@@ -87,8 +94,46 @@ def _chain(hook: str, lines: list[str]) -> list[str]:
     ]
 
 
+def _declarations() -> list[str]:
+    """The table's sets and chains, empty; adding them again changes nothing."""
+    return [
+        *_set("allowed4", "ipv4_addr", [], False),
+        *_set("allowed6", "ipv6_addr", [], False),
+        *_set("subnets4", "ipv4_addr", [], True),
+        *_set("subnets6", "ipv6_addr", [], True),
+        *_chain("forward", []),
+        *_chain("input", []),
+        *_chain("output", []),
+    ]
+
+
+def _rules() -> list[str]:
+    ins, outs = _drops("in"), _drops("out")
+    hooks = (("forward", ins + outs), ("input", ins), ("output", outs))
+    return [f"add rule {GATE} {hook} {rule}" for hook, rules in hooks for rule in rules]
+
+
+def _fill(name: str, elements: list[str]) -> list[str]:
+    return [f"add element {GATE} {name} {{ {', '.join(elements)} }}"] if elements else []
+
+
 def render_gate(allowed: Iterable[str], subnets: Iterable[str]) -> str:
-    """The whole gate table, as one atomic replace."""
+    """The whole gate, rewritten in place in one transaction (created if absent).
+
+    The table, its sets and chains are kept; rules and set contents are
+    replaced. Fails (changing nothing) if the table exists with other set or
+    chain definitions: then use `render_gate_replace`.
+    """
+    a4, a6 = split_addrs(allowed)
+    s4, s6 = split_subnets(subnets)
+    lines = [f"table {GATE} {{", *_declarations(), "}", f"flush table {GATE}"]
+    for name, elements in (("allowed4", a4), ("allowed6", a6), ("subnets4", s4), ("subnets6", s6)):
+        lines += [f"flush set {GATE} {name}", *_fill(name, elements)]
+    return "\n".join([*lines, *_rules()]) + "\n"
+
+
+def render_gate_replace(allowed: Iterable[str], subnets: Iterable[str]) -> str:
+    """The whole gate as a delete-and-create replace (apply via `transactions`)."""
     a4, a6 = split_addrs(allowed)
     s4, s6 = split_subnets(subnets)
     body = [

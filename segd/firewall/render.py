@@ -8,7 +8,8 @@ accept comes from one rule and one service, and carries the rule id as a
 comment. A peer joining or leaving is a set element change, never a rule
 rewrite.
 
-Every identifier and address that reaches the text is validated here: a set
+`transactions` turns a whole-table replace into the steps that apply it without
+a gap (see there). Every identifier and address that reaches the text is validated here: a set
 name, rule id, port or IP that does not have the expected shape raises
 `ValueError`, so nothing from the wire can reach nft unescaped. Output is
 deterministic: the same input gives the same bytes.
@@ -26,6 +27,7 @@ from segd.wire import Allow, Rule, WorkloadPolicy
 
 TABLE = "segd"
 LIST_TABLE = f"list table inet {TABLE}"
+SHADOW_SUFFIX = "_shadow"
 
 SET_NAME_RE = re.compile(r"^ls_[0-9a-f]{16}\Z")
 RULE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
@@ -146,6 +148,10 @@ def _chain(name: str, hook: str, lines: Sequence[str]) -> list[str]:
     ]
 
 
+def _drop(family: str, name: str) -> str:
+    return f"add table {family} {name}\ndelete table {family} {name}\n"
+
+
 def _table(body: Sequence[str]) -> str:
     head = [f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
     return "\n".join([*head, *body, "}"]) + "\n"
@@ -199,8 +205,8 @@ def render_isolation() -> str:
 
 
 def render_removal() -> str:
-    """Remove the `inet segd` table whether or not it exists (one transaction)."""
-    return f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
+    """Remove the `inet segd` table (and any shadow) whether or not it exists."""
+    return _drop("inet", TABLE) + _drop("inet", TABLE + SHADOW_SUFFIX)
 
 
 def set_structure_key(policy: WorkloadPolicy, log_rules: frozenset[str] = frozenset()) -> str:
@@ -235,3 +241,32 @@ def render_set_delta(
     if not dels and not adds:
         return None
     return "\n".join(dels + adds) + "\n"
+
+
+_REPLACE_RE = re.compile(
+    r"add table (?P<family>inet|bridge) (?P<name>[a-z_]+)\n"
+    r"delete table (?P=family) (?P=name)\n"
+    r"table (?P=family) (?P=name) (?=\{\n)"
+)
+
+
+def transactions(script: str) -> list[str]:
+    """The nft transactions that apply `script` with no moment of lesser enforcement.
+
+    Measured on kernel 6.18 / nftables 1.0.6: deleting and re-creating a table
+    under the *same name* in one transaction lets packets through that table
+    while the transaction commits (about 1 packet in 130 of a flood, over
+    thousands of replaces). Other tables keep enforcing, and a table created
+    under a new name enforces from its commit on. So a whole-table replace of T
+    becomes three transactions: drop `T_shadow`; create `T_shadow` with the new
+    contents *and* replace T; drop `T_shadow`. The switch from old to new rules
+    still happens in one commit; until the last step a packet must pass both
+    copies of the new rules. Any other script is one transaction, as given.
+    """
+    m = _REPLACE_RE.match(script)
+    if m is None:
+        return [script]
+    family, name = m["family"], m["name"]
+    shadow = name + SHADOW_SUFFIX
+    drop = _drop(family, shadow)
+    return [drop, f"table {family} {shadow} {script[m.end() :]}{script}", drop]

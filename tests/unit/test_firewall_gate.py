@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from segd.firewall import gate
+from segd.firewall import gate, render
 
 
 def _drops(port: str, side: str) -> list[str]:
@@ -62,8 +62,38 @@ GATES: list[tuple[str, list[str], list[str], str]] = [
 @pytest.mark.parametrize(
     ("allowed", "subnets", "expected"), [g[1:] for g in GATES], ids=[g[0] for g in GATES]
 )
-def test_render_gate(allowed: list[str], subnets: list[str], expected: str) -> None:
-    assert gate.render_gate(allowed, subnets) == expected
+def test_render_gate_replace(allowed: list[str], subnets: list[str], expected: str) -> None:
+    assert gate.render_gate_replace(allowed, subnets) == expected
+
+
+_IN, _OUT = _drops("iifname", "saddr"), _drops("oifname", "daddr")
+RULES = [
+    (hook, r)
+    for hook, rs in (("forward", _IN + _OUT), ("input", _IN), ("output", _OUT))
+    for r in rs
+]
+
+
+def test_render_gate_rewrites_in_place() -> None:
+    text = gate.render_gate(["172.17.0.2", "fd00::2"], ["172.17.0.0/16"])
+    declared = expected_gate().split("table bridge segd_gate {\n")[1]
+    declared = "\n".join(line for line in declared.splitlines() if "drop" not in line)
+    assert text == (
+        "table bridge segd_gate {\n" + declared + "\nflush table bridge segd_gate\n"
+        "flush set bridge segd_gate allowed4\n"
+        "add element bridge segd_gate allowed4 { 172.17.0.2 }\n"
+        "flush set bridge segd_gate allowed6\n"
+        "add element bridge segd_gate allowed6 { fd00::2 }\n"
+        "flush set bridge segd_gate subnets4\n"
+        "add element bridge segd_gate subnets4 { 172.17.0.0/16 }\n"
+        "flush set bridge segd_gate subnets6\n"
+        + "".join(f"add rule bridge segd_gate {hook} {rule.strip()}\n" for hook, rule in RULES)
+    )
+
+
+def test_gate_rewrite_is_one_transaction() -> None:
+    text = gate.render_gate([], [])
+    assert render.transactions(text) == [text]
 
 
 def test_gate_add() -> None:
@@ -100,6 +130,8 @@ def test_gate_subnets_flush_then_add() -> None:
 def test_hostile_subnets_are_refused(subnet: str) -> None:
     with pytest.raises(ValueError, match="invalid subnet"):
         gate.render_gate([], [subnet])
+    with pytest.raises(ValueError, match="invalid subnet"):
+        gate.render_gate_replace([], [subnet])
     with pytest.raises(ValueError, match="invalid subnet"):
         gate.render_gate_subnets([subnet])
 

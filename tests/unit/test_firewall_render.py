@@ -221,8 +221,32 @@ def test_isolation() -> None:
     )
 
 
-def test_removal_is_idempotent_text() -> None:
-    assert render.render_removal() == "add table inet segd\ndelete table inet segd\n"
+def test_removal_takes_the_shadow_too() -> None:
+    assert render.render_removal() == (
+        "add table inet segd\ndelete table inet segd\n"
+        "add table inet segd_shadow\ndelete table inet segd_shadow\n"
+    )
+    assert render.transactions(render.render_removal()) == [render.render_removal()]
+
+
+def test_a_whole_table_replace_runs_behind_a_shadow() -> None:
+    script = render.render_isolation()
+    body = script.split("table inet segd {", 1)[1]
+    drop = "add table inet segd_shadow\ndelete table inet segd_shadow\n"
+    assert render.transactions(script) == [drop, "table inet segd_shadow {" + body + script, drop]
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "add element inet segd ls_00000000000000db_v4 { 10.0.0.1 }\n",
+        "add table inet segd\ndelete table inet segd\n",
+        "add table inet segd\ndelete table inet other\ntable inet segd {\n}\n",
+    ],
+    ids=["delta", "removal", "not a replace of one table"],
+)
+def test_other_scripts_are_one_transaction(script: str) -> None:
+    assert render.transactions(script) == [script]
 
 
 # ---- validation -------------------------------------------------------------------------
