@@ -252,7 +252,7 @@ class LiveServer:
 
     def __init__(self, cfg: ServerConfig, sock: socket.socket) -> None:
         self.cfg = cfg
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.url = ""
         self.token_file = Path(cfg.data_dir) / ADMIN_TOKEN_FILE
         self._sock = sock
         self._ready = threading.Event()
@@ -267,6 +267,7 @@ class LiveServer:
             self._stop = asyncio.Event()
             runner = ServerRunner(self.cfg, sock=self._sock, shutdown_timeout=2.0)
             await runner.start()
+            self.url = runner.url
             self._ready.set()
             try:
                 await self._stop.wait()
@@ -296,20 +297,22 @@ class LiveServer:
         return self.token_file.read_text().strip()
 
 
+def start_live_server(data_dir: Path, **settings: Any) -> LiveServer:
+    """Start a live server on a free loopback port; `settings` are ServerConfig fields."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    cfg = ServerConfig(data_dir=str(data_dir), listen=f"127.0.0.1:{port}", **settings)
+    server = LiveServer(cfg, sock)
+    server.start()
+    return server
+
+
 @pytest.fixture
 def live_server(tmp_path: Path) -> Iterator[LiveServer]:
     """A real server; its data dir sits where `segd ctl` looks for an allinone one
     (`<tmp>/allinone/server`), so tests can set SEGD_DATA_DIR=<tmp>/allinone."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    cfg = ServerConfig(
-        data_dir=str(tmp_path / "allinone" / "server"),
-        listen=f"127.0.0.1:{port}",
-        longpoll_timeout_s=2.0,
-    )
-    server = LiveServer(cfg, sock)
-    server.start()
+    server = start_live_server(tmp_path / "allinone" / "server", longpoll_timeout_s=2.0)
     try:
         yield server
     finally:
