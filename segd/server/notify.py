@@ -1,7 +1,7 @@
 """Wake-ups for long-polling agents: one event per host, set on a new version.
 
 `publish(host, version)` records the host's latest version and wakes only that
-host's waiters; `wait_newer(host, since, timeout)` returns as soon as the
+host's waiters; `wait_newer(host, since, wait_s)` returns as soon as the
 host's version is above `since`. Closing the hub releases every waiter, so a
 shutting-down server does not hold connections for a full poll interval.
 """
@@ -16,7 +16,6 @@ class Hub:
         self._versions: dict[str, int] = {}
         self._events: dict[str, asyncio.Event] = {}
         self._closed = False
-        self.wakeups = 0  # times a host with waiters was woken
 
     def version(self, host_id: str) -> int:
         return self._versions.get(host_id, 0)
@@ -28,7 +27,6 @@ class Hub:
         self._versions[host_id] = version
         ev = self._events.pop(host_id, None)
         if ev is not None:
-            self.wakeups += 1
             ev.set()
 
     async def wait_newer(self, host_id: str, since: int, wait_s: float) -> bool:

@@ -1,11 +1,12 @@
 """The segmentation server's operations, between the HTTP handlers and the store.
 
-One `Service` owns the store, the in-memory compiler and the publisher. Every
-change follows the same path under one lock: write it (with its audit row) in a
-store transaction; once committed, feed it to the compiler; recompile the hosts
-it may affect; persist the version of each host whose content changed; sign,
-cache and wake those hosts. The lock keeps the compiler's order of events the
-same as the store's.
+One `Service` owns the store, the in-memory compiler and the publisher. A
+change that can alter instructions (`Service.change()`) follows one path under
+one lock: write it with its audit row in a store transaction; apply it to the
+compiler; recompile the hosts it may affect; write the new version of each host
+whose content changed in the same transaction; commit; then publish and wake
+exactly those hosts. If the commit fails the compiler edits are undone, so the
+compiler always mirrors the committed store, in the store's order.
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ class Service:
 
     async def new_activation_code(self, ain: wire.ActivationCodeIn) -> wire.ActivationCode:
         lifespan = validate.bounded("lifespan_s", ain.lifespan_s, 1, validate.MAX_CODE_LIFESPAN_S)
-        code = secrets.token_urlsafe(24)
+        code = "act_" + secrets.token_urlsafe(24)  # never starts with "-"
         now = self.clock()
         async with self.store.write() as tx:
             await tx.insert_activation_code(sha256_hex(code), now, now + lifespan)
