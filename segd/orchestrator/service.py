@@ -107,10 +107,9 @@ class Orchestrator:
             await self.store.close()
 
     async def _first_start(self) -> None:
-        if self.cfg.register_local_node and await self.store.claim("local_node_registered"):
+        if self.cfg.register_local_node:
             node = wire.Node(LOCAL_NODE, LOCAL_DOCKER_URL, "", "", "", self._clock())
-            if await self.store.node(LOCAL_NODE) is None:
-                await self.store.insert_node(node)
+            if await self.store.insert_node_once("local_node_registered", node):
                 _log.info("node.added", node=LOCAL_NODE, endpoint=node.endpoint)
         self._token_hashes = await self.store.admin_token_hashes()
         if not self._token_hashes:

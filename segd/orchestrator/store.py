@@ -152,11 +152,24 @@ class Store:
 
     # ---- meta and admin tokens ----------------------------------------------------
 
-    async def claim(self, key: str) -> bool:
-        """Mark a one-time step done; True only the first time it is claimed."""
-        return (
-            await self._exec("INSERT OR IGNORE INTO meta (key, value) VALUES (?, '1')", (key,)) > 0
-        )
+    async def insert_node_once(self, marker: str, n: wire.Node) -> bool:
+        """Insert `n` unless `marker` was set before; True when inserted now.
+
+        One transaction, so the node is registered at most once in the store's
+        life and removing it later is final.
+        """
+        async with self._tx() as c:
+            async with c.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES (?, '1')", (marker,)
+            ) as cur:
+                if cur.rowcount == 0:
+                    return False
+            await c.execute(
+                "INSERT OR IGNORE INTO nodes (name, endpoint, tls_cert, tls_key, tls_ca,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (n.name, n.endpoint, n.tls_cert, n.tls_key, n.tls_ca, n.created_at),
+            )
+            return True
 
     async def admin_token_hashes(self) -> set[str]:
         return {r["token_hash"] for r in await self._all("SELECT token_hash FROM admin_tokens")}

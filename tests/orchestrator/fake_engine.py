@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +57,19 @@ class FakeEngine:
     # ---- lifecycle ----------------------------------------------------------------
 
     async def start(self, socket_path: str) -> None:
+        """Serve on a unix socket, like dockerd by default."""
         self.socket = socket_path
+        await self._setup()
+        assert self._runner is not None
+        await web.UnixSite(self._runner, socket_path).start()
+
+    async def start_tcp(self, port: int, ssl_context: ssl.SSLContext) -> None:
+        """Serve on 127.0.0.1 with TLS, like `dockerd --tlsverify -H tcp://...`."""
+        await self._setup()
+        assert self._runner is not None
+        await web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=ssl_context).start()
+
+    async def _setup(self) -> None:
         app = web.Application()
         r = app.router
         r.add_get("/version", self.version)
@@ -70,7 +83,6 @@ class FakeEngine:
         r.add_post("/{v}/networks/{id}/connect", self.connect)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.UnixSite(self._runner, socket_path).start()
 
     async def stop(self) -> None:
         if self._runner is not None:
