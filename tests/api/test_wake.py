@@ -24,7 +24,7 @@ async def test_pairing_wakes_affected_hosts_only(api: Admin, make_agent: MakeAge
     vc = c.open(on_c["instructions"]).version
 
     wait_b = asyncio.create_task(b.instructions(since=vb, wait=5))
-    wait_c = asyncio.create_task(c.instructions(since=vc, wait=0.5))
+    wait_c = asyncio.create_task(c.instructions(since=vc, wait=1.5))
     await asyncio.sleep(0.1)  # both long-polls are parked
     assert not wait_b.done() and not wait_c.done()
 
@@ -37,8 +37,9 @@ async def test_pairing_wakes_affected_hosts_only(api: Admin, make_agent: MakeAge
     assert ib.version == vb + 1
     assert ["10.0.0.1"] in ib.sets.values()  # B's web workload may now reach the new db
 
+    assert not wait_c.done()  # still parked after B was woken
     status_c, body_c = await wait_c
-    assert (status_c, body_c) == (204, None)  # C is unrelated: not woken
+    assert (status_c, body_c) == (204, None)  # C is unrelated: not woken, it timed out
     hosts = {h["id"]: h["instructions_version"] for h in await api.ok("GET", "/v1/hosts")}
     assert hosts[c.host_id] == vc
 
@@ -63,7 +64,7 @@ async def test_rule_change_wakes_only_hosts_whose_content_changed(
     assert (await asyncio.wait_for(wait_b, 2))[0] == 200
     assert (await wait_c)[0] == 200
     # A rule that matches nobody changes nothing and wakes nobody.
-    wait_b = asyncio.create_task(b.instructions(since=vb + 1, wait=0.5))
+    wait_b = asyncio.create_task(b.instructions(since=vb + 1, wait=1.0))
     await asyncio.sleep(0.05)
     nobody = {
         "providers": [{"role": "ghost"}],
@@ -71,4 +72,5 @@ async def test_rule_change_wakes_only_hosts_whose_content_changed(
         "services": ["udp/53"],
     }
     await api.ok("POST", "/v1/rules", nobody, status=201)
+    assert not wait_b.done()
     assert (await wait_b)[0] == 204
