@@ -150,7 +150,7 @@ class Stack:
         argv = [sys.executable, "-m", "segd", "agent", "--config", str(cfg)]
         if not (state / "identity.json").exists():
             code = self.api("POST", "/v1/activation-codes", {})["code"]
-            argv += ["--activation-code", code]
+            argv += [f"--activation-code={code}"]
         self.agent = Proc("agent", argv, self.root / "agent.log", self._env())
         before = self.agent.count("agent.synced") if self.agent.log_path.exists() else 0
         self.agent.start()
