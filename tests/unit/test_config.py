@@ -27,7 +27,7 @@ def _keys(struct: type[msgspec.Struct], prefix: str = "") -> set[str]:
 def _example_keys(data: dict[str, object], prefix: str = "") -> set[str]:
     out: set[str] = set()
     for k, v in data.items():
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v and f"{prefix}{k}" != "orchestrator.container_labels":
             out |= _example_keys(v, f"{prefix}{k}.")
         else:
             out.add(prefix + k)
