@@ -195,10 +195,13 @@ async def report(svc: Service, host_id: str, rep: wire.AgentReport) -> None:
 
 
 async def touch(svc: Service, host_id: str) -> None:
-    """Record that the host's agent was seen (at most once a minute per host)."""
+    """Record that the host's agent was seen (at most once a minute; best effort)."""
     now = svc.clock()
     if now - svc.touched.get(host_id, 0.0) < TOUCH_INTERVAL_S:
         return
     svc.touched[host_id] = now
-    async with svc.store.write() as tx:
-        await tx.touch_host(host_id, now)
+    try:
+        async with svc.store.write() as tx:
+            await tx.touch_host(host_id, now)
+    except SegdError as e:
+        _log.warning("host.touch_failed", host=host_id, error=e.message)

@@ -190,3 +190,15 @@ async def test_unwritable_store_is_503_and_recovers(api: Admin) -> None:
     assert await api.ok("GET", "/v1/rules") == []  # reads still work
     await api.svc.store.set_read_only(False)
     await api.ok("POST", "/v1/profiles", {"name": "p", "labels": {}}, status=201)
+
+
+async def test_agents_still_fetch_instructions_while_the_store_is_unwritable(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    agent = await make_agent()
+    await api.svc.store.set_read_only(True)
+    agent.clock.advance(120)  # past the once-a-minute last_seen write
+    status, _ = await agent.instructions()
+    assert status == 200
+    status, body = await agent.unpair("c1")
+    assert (status, body["error"]) == (503, "unavailable")
