@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Coroutine
@@ -87,10 +88,8 @@ def _run(coro: Coroutine[Any, Any, None]) -> int:
         assert task is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await coro
-        except asyncio.CancelledError:
-            pass
 
     asyncio.run(main())
     return 0

@@ -195,11 +195,15 @@ class Agent:
             )
             return
         paired = info.id in self._workloads
-        if info.pairing_key and not paired and info.id not in self.denied:
-            if info.id not in self._pairing:
-                task = asyncio.create_task(self._pair(info))
-                self._pairing[info.id] = task
-                task.add_done_callback(functools.partial(self._pair_done, info.id))
+        if (
+            info.pairing_key
+            and not paired
+            and info.id not in self.denied
+            and info.id not in self._pairing
+        ):
+            task = asyncio.create_task(self._pair(info))
+            self._pairing[info.id] = task
+            task.add_done_callback(functools.partial(self._pair_done, info.id))
         await self._converge(info.id)
 
     def _pair_done(self, cid: str, task: asyncio.Task[None]) -> None:

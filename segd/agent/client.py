@@ -12,7 +12,7 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -94,7 +94,7 @@ class ServerClient:
         body: bytes = b"",
         *,
         signed: bool = True,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - per-request HTTP timeout
     ) -> tuple[int, bytes]:
         headers = {"Content-Type": "application/json"} if body else {}
         if signed:
@@ -159,7 +159,7 @@ async def with_backoff(
     *,
     what: str,
     max_delay: float,
-    log: object,
+    log: Any,
     first_delay: float = 0.2,
 ) -> T:
     """Retry `op` on ServerUnavailable with full-jitter exponential backoff."""
@@ -168,6 +168,6 @@ async def with_backoff(
         try:
             return await op()
         except ServerUnavailable as e:
-            getattr(log, "warning")("server.unavailable", op=what, error=str(e), retry_in=delay)
+            log.warning("server.unavailable", op=what, error=str(e), retry_in=delay)
             await asyncio.sleep(random.uniform(0, delay) + delay / 2)
             delay = min(delay * 2, max_delay)

@@ -61,7 +61,10 @@ class Proc:
     def start(self) -> None:
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.popen = subprocess.Popen(
-            self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+            self.argv,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
             start_new_session=True,
         )
 
@@ -120,9 +123,18 @@ class Stack:
         data = self.root / "server"
         self.server = Proc(
             "server",
-            [sys.executable, "-m", "segd", "server", "--data-dir", str(data),
-             "--listen", f"127.0.0.1:{self.port}"],
-            self.root / "server.log", self._env(),
+            [
+                sys.executable,
+                "-m",
+                "segd",
+                "server",
+                "--data-dir",
+                str(data),
+                "--listen",
+                f"127.0.0.1:{self.port}",
+            ],
+            self.root / "server.log",
+            self._env(),
         )
         self.server.start()
         wait_for(self._healthy, 20, "server health")
@@ -134,15 +146,16 @@ class Stack:
                 return bool(r.status == 200)
         except (OSError, urllib.error.URLError):
             if self.server and self.server.popen and self.server.popen.poll() is not None:
-                raise AssertionError("server exited:\n" + self.server.log_path.read_text()[-3000:])
+                tail = self.server.log_path.read_text()[-3000:]
+                raise AssertionError("server exited:\n" + tail) from None
             return False
 
     def start_agent(self, *, interval: float = 2.0, isolate_unkeyed: bool = True) -> None:
         state = self.root / "agent"
         cfg = self.root / "agent.toml"
         cfg.write_text(
-            "[log]\nlevel = \"debug\"\nformat = \"json\"\n\n[agent]\n"
-            f"server = \"{self.url}\"\nstate_dir = \"{state}\"\n"
+            '[log]\nlevel = "debug"\nformat = "json"\n\n[agent]\n'
+            f'server = "{self.url}"\nstate_dir = "{state}"\n'
             f"reconcile_interval_s = {interval}\n"
             f"isolate_unkeyed = {'true' if isolate_unkeyed else 'false'}\n"
             "backoff_max_s = 2.0\n"
@@ -187,14 +200,26 @@ class Stack:
         return json.loads(raw) if raw else None
 
     def rule(self, provider: dict[str, str], consumer: dict[str, str], *services: str) -> str:
-        r = self.api("POST", "/v1/rules", {"providers": [provider], "consumers": [consumer],
-                                           "services": list(services)})
+        r = self.api(
+            "POST",
+            "/v1/rules",
+            {"providers": [provider], "consumers": [consumer], "services": list(services)},
+        )
         return str(r["id"])
 
     def key(self, labels: dict[str, str], *, max_uses: int = 10, lock: Iterable[str] = ()) -> str:
         name = "p-" + uuid.uuid4().hex[:8]
-        self.api("POST", "/v1/profiles", {"name": name, "labels": labels, "locked": list(lock),
-                                          "max_uses": max_uses, "lifespan_s": 3600})
+        self.api(
+            "POST",
+            "/v1/profiles",
+            {
+                "name": name,
+                "labels": labels,
+                "locked": list(lock),
+                "max_uses": max_uses,
+                "lifespan_s": 3600,
+            },
+        )
         return str(self.api("POST", "/v1/keys", {"profile": name})["token"])
 
     def workloads(self) -> list[dict[str, Any]]:
@@ -202,10 +227,25 @@ class Stack:
 
     # ---- containers ----------------------------------------------------------------
 
-    def run(self, name: str, *, key: str = "", labels: dict[str, str] | None = None,
-            cmd: str = SERVE, network: str = "", ip: str = "", extra: Iterable[str] = ()) -> str:
-        args = ["run", "-d", "--name", f"segdt-{self.run_id}-{name}",
-                "--label", f"{TEST_LABEL}={self.run_id}"]
+    def run(
+        self,
+        name: str,
+        *,
+        key: str = "",
+        labels: dict[str, str] | None = None,
+        cmd: str = SERVE,
+        network: str = "",
+        ip: str = "",
+        extra: Iterable[str] = (),
+    ) -> str:
+        args = [
+            "run",
+            "-d",
+            "--name",
+            f"segdt-{self.run_id}-{name}",
+            "--label",
+            f"{TEST_LABEL}={self.run_id}",
+        ]
         if key:
             args += ["--label", f"segd.pairing-key={key}"]
         for k, v in (labels or {}).items():
@@ -230,14 +270,17 @@ class Stack:
 
     @staticmethod
     def ip(cid: str) -> str:
-        out = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", cid)
+        out = docker(
+            "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", cid
+        )
         return out.split()[0]
 
     def enforced(self, cid: str) -> bool:
         """The agent has put a paired workload's table in place for `cid`."""
         assert self.agent is not None
         return any(
-            e.get("event") == "enforce.done" and e.get("kind") == "workload"
+            e.get("event") == "enforce.done"
+            and e.get("kind") == "workload"
             and cid.startswith(str(e.get("container", "-")))
             for e in self.agent.logs()
         )
@@ -246,18 +289,24 @@ class Stack:
         def done() -> bool:
             paired = {w["container_id"] for w in self.workloads()}
             return all(c in paired for c in cids) and all(self.enforced(c) for c in cids)
+
         wait_for(done, timeout, f"pairing of {[c[:12] for c in cids]}", interval=0.1)
 
     # ---- probes ----------------------------------------------------------------------
 
     @staticmethod
-    def probe_many(src: str, targets: list[tuple[str, int]], wait: int = 1) -> dict[tuple[str, int], bool]:
+    def probe_many(
+        src: str, targets: list[tuple[str, int]], wait: int = 1
+    ) -> dict[tuple[str, int], bool]:
         """Connect from inside `src` to every (ip, port) at once; True = connected."""
-        script = " ".join(
-            f"(nc -w {wait} {ip} {port} </dev/null >/dev/null 2>&1 && echo 'ok {ip} {port}' "
-            f"|| echo 'no {ip} {port}') &"
-            for ip, port in targets
-        ) + " wait"
+        script = (
+            " ".join(
+                f"(nc -w {wait} {ip} {port} </dev/null >/dev/null 2>&1 && echo 'ok {ip} {port}' "
+                f"|| echo 'no {ip} {port}') &"
+                for ip, port in targets
+            )
+            + " wait"
+        )
         out = docker("exec", src, "sh", "-c", script, timeout=30)
         res: dict[tuple[str, int], bool] = {}
         for line in out.splitlines():
@@ -266,7 +315,9 @@ class Stack:
         assert set(res) == set(targets), out
         return res
 
-    def matrix(self, names: dict[str, str], ports: Iterable[int]) -> dict[tuple[str, str, int], bool]:
+    def matrix(
+        self, names: dict[str, str], ports: Iterable[int]
+    ) -> dict[tuple[str, str, int], bool]:
         """Probe every ordered pair of containers on every port, in parallel."""
         ips = {n: self.ip(c) for n, c in names.items()}
         ports = list(ports)

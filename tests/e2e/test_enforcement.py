@@ -59,14 +59,20 @@ def test_tight_loop_from_first_instant_gets_nothing_through(stack: Stack) -> Non
     stack.wait_paired(db)
     db_ip = stack.ip(db)
     bridge_ip = docker("network", "inspect", "-f", "{{(index .IPAM.Config 0).Gateway}}", "bridge")
-    hits = {"n": 0}
     srv = subprocess.Popen(  # a listener on the host's bridge address counting accepts
-        ["python3", "-c", (
-            "import socket,sys\n"
-            f"s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-            f"s.bind(('{bridge_ip}', 18099)); s.listen(64); print('up', flush=True)\n"
-            "while True:\n c,_=s.accept(); print('hit', flush=True); c.close()\n"
-        )], stdout=subprocess.PIPE, text=True)
+        [
+            "python3",
+            "-c",
+            (
+                "import socket,sys\n"
+                f"s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+                f"s.bind(('{bridge_ip}', 18099)); s.listen(64); print('up', flush=True)\n"
+                "while True:\n c,_=s.accept(); print('hit', flush=True); c.close()\n"
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert srv.stdout is not None and srv.stdout.readline().strip() == "up"
         loop = (
@@ -76,12 +82,17 @@ def test_tight_loop_from_first_instant_gets_nothing_through(stack: Stack) -> Non
             "i=$((i+1)); done; sleep 100000"
         )
         # An intruder with no key, and one whose key is valid but not allowed to db.
-        intruders = [stack.run("intruder", cmd=loop),
-                     stack.run("other", key=stack.key({"role": "other"}), cmd=loop)]
+        intruders = [
+            stack.run("intruder", cmd=loop),
+            stack.run("other", key=stack.key({"role": "other"}), cmd=loop),
+        ]
         # A web that is allowed: it must get through within a second of start.
         t0 = time.monotonic()
-        web = stack.run("web", key=stack.key({"role": "web"}),
-                        cmd=f"until nc -w 1 {db_ip} 5432 </dev/null; do :; done; echo OPEN; sleep 100000")
+        web = stack.run(
+            "web",
+            key=stack.key({"role": "web"}),
+            cmd=f"until nc -w 1 {db_ip} 5432 </dev/null; do :; done; echo OPEN; sleep 100000",
+        )
         wait_for(lambda: "OPEN" in docker("logs", web), 5, "allowed connection from web")
         opened = time.monotonic() - t0
         time.sleep(3)
@@ -117,7 +128,9 @@ def _web_sets(cid: str) -> str:
     pid = docker("inspect", "-f", "{{.State.Pid}}", cid)
     return subprocess.run(
         ["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "table", "inet", "segd"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
 
 
@@ -132,7 +145,10 @@ def test_agent_killed_enforcement_stays_and_restart_pairs_newcomers(stack: Stack
     assert stack.agent is not None
     stack.agent.stop(signal.SIGKILL)
     # Enforcement is kernel state: still there with the agent gone.
-    assert stack.probe_many(web, [(db_ip, 5432), (db_ip, 80)]) == {(db_ip, 5432): True, (db_ip, 80): False}
+    assert stack.probe_many(web, [(db_ip, 5432), (db_ip, 80)]) == {
+        (db_ip, 5432): True,
+        (db_ip, 80): False,
+    }
     late = stack.run("late-web", key=stack.key({"role": "web"}))
     late_ip = stack.ip(late)
     # Started while the agent is down: isolated (the gate holds it), both ways.
@@ -157,8 +173,11 @@ def test_flushed_table_is_repaired_and_audited(stack: Stack) -> None:
     pid = docker("inspect", "-f", "{{.State.Pid}}", db)
     subprocess.run(["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "flush", "ruleset"], check=True)
     web_ip = stack.ip(web)
-    wait_for(lambda: "agent.tamper" in {e["event"] for e in stack.api("GET", "/v1/audit?limit=200")}, 10,
-             "tamper audit")
+    wait_for(
+        lambda: "agent.tamper" in {e["event"] for e in stack.api("GET", "/v1/audit?limit=200")},
+        10,
+        "tamper audit",
+    )
     assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
     assert stack.probe_many(db, [(web_ip, 80)]) == {(web_ip, 80): False}
     assert "ls_" in _web_sets(db)

@@ -298,12 +298,6 @@ async def test_replacing_the_table_never_lets_a_packet_through(pair: Pair) -> No
         assert received() > 0
 
 
-async def test_hostile_text_never_reaches_nft() -> None:
-    pol = policy([Allow("x", PEERS, [tcp(1)])])
-    with pytest.raises(ValueError):
-        render.render_workload(pol, {PEERS: ["1.2.3.4 } ; flush ruleset"]})
-
-
 async def test_a_large_ruleset_applies_whole(pair: Pair) -> None:
     names = [f"ls_{i:016x}" for i in range(20)]
     sets = {n: [f"10.213.{100 + i}.{j}" for j in range(1, 11)] for i, n in enumerate(names)}
