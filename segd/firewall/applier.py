@@ -67,8 +67,12 @@ class Firewall:
     ) -> None:
         if backend not in ("libnftables", "nsenter", "auto"):
             raise ValueError(f"unknown nftables backend {backend!r}")
-        self._want: BackendName = backend
-        self.backend: Literal["libnftables", "nsenter"] = "nsenter"
+        have_lib = libnftables_available()
+        if backend == "libnftables" and not have_lib:
+            raise NftError("libnftables.so.1 cannot be loaded")
+        self.backend: Literal["libnftables", "nsenter"] = (
+            "libnftables" if backend != "nsenter" and have_lib else "nsenter"
+        )
         self._gate_path = gate_ns
         self._setns = setns_fn
         self._home_fd: int | None = None
@@ -81,10 +85,6 @@ class Firewall:
     async def start(self) -> None:
         if self._worker is not None:
             return
-        have_lib = libnftables_available()
-        if self._want == "libnftables" and not have_lib:
-            raise NftError("libnftables.so.1 cannot be loaded")
-        self.backend = "libnftables" if self._want != "nsenter" and have_lib else "nsenter"
         # Opened on the loop thread: the namespace this process (the host) lives in.
         self._home_fd = os.open(netns.THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
         self._worker = Worker(self._home_fd, self._setns)

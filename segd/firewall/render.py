@@ -8,11 +8,11 @@ accept comes from one rule and one service, and carries the rule id as a
 comment. A peer joining or leaving is a set element change, never a rule
 rewrite.
 
-`transactions` turns a whole-table replace into the steps that apply it without
-a gap (see there). Every identifier and address that reaches the text is validated here: a set
+Every identifier and address that reaches the text is validated here: a set
 name, rule id, port or IP that does not have the expected shape raises
 `ValueError`, so nothing from the wire can reach nft unescaped. Output is
-deterministic: the same input gives the same bytes.
+deterministic: the same input gives the same bytes. `transactions` says how a
+whole-table replace is applied without a gap.
 """
 
 from __future__ import annotations
