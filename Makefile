@@ -20,8 +20,8 @@ host:
 	bash scripts/build-image.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check segd tests bench
-	$(VENV)/bin/ruff format --check segd tests bench
+	$(VENV)/bin/ruff check segd tests
+	$(VENV)/bin/ruff format --check segd tests
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
