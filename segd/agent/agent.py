@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
+import random
 import socket
 import time
 from typing import Any, Literal
@@ -36,6 +38,10 @@ from segd.wire import Instructions, PairIn, SignedInstructions, WorkloadPolicy
 _log = log.get(__name__)
 
 Kind = Literal["workload", "isolated", "exempt"]
+
+# Refusals that can change by themselves: the IP is still held by a workload
+# whose unpairing is on its way (the container that had it died moments ago).
+TRANSIENT_DENIALS = frozenset({"ip_in_use"})
 
 
 class Enforced(msgspec.Struct):
@@ -82,10 +88,12 @@ class Agent:
         self.ready = asyncio.Event()
         self._kernel = asyncio.Lock()
         self._pairing: dict[str, asyncio.Task[None]] = {}
+        self._unpairing: dict[str, asyncio.Task[None]] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._subnets: list[str] = []
         self._workloads: dict[str, WorkloadPolicy] = {}
         self._first_sync = True
+        self._server_back = asyncio.Event()
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -106,7 +114,7 @@ class Agent:
             await self._shutdown()
 
     async def _shutdown(self, drain: float = 5.0) -> None:
-        pending = list(self._pairing.values()) + list(self._bg)
+        pending = [*self._pairing.values(), *self._unpairing.values(), *self._bg]
         if pending:
             _, still = await asyncio.wait(pending, timeout=drain)
             for t in still:
@@ -181,7 +189,7 @@ class Agent:
             return
         old = self.containers.get(cid)
         if old is not None and (old.pid != info.pid or old.ips != info.ips):
-            await self._forget(cid, unpair=old.ips != info.ips)
+            await self._forget(cid, unpair=False)
         self.containers[cid] = info
         await self._handle(info)
 
@@ -194,10 +202,13 @@ class Agent:
                 reason="shares the host namespace; cannot be enforced per container",
             )
             return
-        paired = info.id in self._workloads
+        pol = self._workloads.get(info.id)
+        # A restarted container with new addresses pairs again: the server
+        # re-addresses its workload without using the key again.
+        current = pol is not None and pol.ips == info.ips
         if (
             info.pairing_key
-            and not paired
+            and not current
             and info.id not in self.denied
             and info.id not in self._pairing
         ):
@@ -230,7 +241,14 @@ class Agent:
                     await self.firewall.gate_remove(rec.gated)
                 await self.firewall.forget(rec.ns)
         if unpair and cid in self._workloads:
-            self._spawn(self._unpair(cid))
+            self._start_unpair(cid)
+
+    def _start_unpair(self, cid: str) -> None:
+        if cid in self._unpairing:
+            return
+        task = asyncio.create_task(self._unpair(cid))
+        self._unpairing[cid] = task
+        task.add_done_callback(functools.partial(self._unpair_done, cid))
 
     async def _unpair(self, cid: str) -> None:
         try:
@@ -255,7 +273,7 @@ class Agent:
         for cid, info in running.items():
             old = self.containers.get(cid)
             if old is not None and (old.pid != info.pid or old.ips != info.ips):
-                await self._forget(cid, unpair=old.ips != info.ips)
+                await self._forget(cid, unpair=False)
             self.containers[cid] = info
         if first:
             # Tables first, then the gate from scratch in one transaction.
@@ -264,9 +282,10 @@ class Agent:
                     await self._converge(info.id, gate=False)
             await self._rebuild_gate()
             self._first_sync = False
+        # Stale workloads first: a newcomer may have been given a dead one's IP.
+        await self._unpair_stale(wait=True)
         for info in running.values():
             await self._handle(info)
-        await self._unpair_stale()
         self.synced.set()
         self.ready.set()
         _log.info("agent.synced", containers=len(running), enforced=len(self.enforced))
@@ -284,12 +303,20 @@ class Agent:
                 async with self._kernel:
                     await self.firewall.gate_set_subnets(subnets)
 
-    async def _unpair_stale(self) -> None:
-        if not self.synced.is_set() and self._first_sync:
+    async def _unpair_stale(self, *, wait: bool = False) -> None:
+        """Unpair workloads whose container is no longer running here; with
+        `wait`, give those unpairings a few seconds to land first."""
+        if self._first_sync:
             return
         for cid in list(self._workloads):
             if cid not in self.containers and cid not in self._pairing:
-                self._spawn(self._unpair(cid))
+                self._start_unpair(cid)
+        if wait and self._unpairing:
+            await asyncio.wait(list(self._unpairing.values()), timeout=5.0)
+
+    def _unpair_done(self, cid: str, task: asyncio.Task[None]) -> None:
+        if self._unpairing.get(cid) is task:
+            del self._unpairing[cid]
 
     async def _periodic(self) -> None:
         while True:
@@ -301,6 +328,22 @@ class Agent:
                 await self.check_drift()
             except Exception as e:  # keep reconciling whatever one round hit
                 _log.error("reconcile.failed", error=repr(e))
+            _log.debug("agent.stats", **self.footprint())
+
+    def footprint(self) -> dict[str, int]:
+        """Counts that must stay flat under churn (leak checks) and memory."""
+        with open("/proc/self/statm") as f:
+            rss_pages = int(f.read().split()[1])
+        return {
+            "tasks": len(asyncio.all_tasks()),
+            "fds": len(os.listdir("/proc/self/fd")),
+            "namespaces": self.firewall.open_namespaces,
+            "containers": len(self.containers),
+            "enforced": len(self.enforced),
+            "workloads": len(self._workloads),
+            "pairing": len(self._pairing),
+            "rss_kb": rss_pages * os.sysconf("SC_PAGE_SIZE") // 1024,
+        }
 
     # ---- pairing and instructions ---------------------------------------------------
 
@@ -312,18 +355,24 @@ class Agent:
             name=info.name,
             requested_labels=info.requested_labels,
         )
-        try:
-            result = await with_backoff(
-                lambda: self.client.pair(req),
-                what="pair",
-                max_delay=self.cfg.backoff_max_s,
-                log=_log,
-            )
-        except Denied as e:
-            self.denied[info.id] = f"{e.code}: {e.message}"
-            self.stats.denied += 1
-            _log.warning("pairing.denied", container=info.id[:12], reason=e.message, code=e.code)
-            return
+        delay = 0.2
+        while True:
+            try:
+                result = await self.client.pair(req)
+                break
+            except ServerUnavailable as e:
+                _log.warning("server.unavailable", op="pair", container=info.id[:12], error=str(e))
+            except Denied as e:
+                if e.code not in TRANSIENT_DENIALS:
+                    self.denied[info.id] = f"{e.code}: {e.message}"
+                    self.stats.denied += 1
+                    _log.warning(
+                        "pairing.denied", container=info.id[:12], reason=e.message, code=e.code
+                    )
+                    return
+                _log.info("pairing.retry", container=info.id[:12], code=e.code)
+            await self._backoff(delay)
+            delay = min(delay * 2, self.cfg.backoff_max_s)
         self.stats.paired += 1
         _log.info(
             "workload.paired",
@@ -351,6 +400,14 @@ class Agent:
             await self._unpair_stale()
         return True
 
+    async def _backoff(self, delay: float) -> None:
+        """Sleep a jittered `delay`, or less once the server is seen to be back
+        (then a short random spread, so hosts don't all come back at once)."""
+        back = self._server_back
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(back.wait(), random.uniform(delay / 2, delay * 1.5))
+            await asyncio.sleep(random.uniform(0, min(1.0, delay)))
+
     def _set_instructions(self, instr: Instructions) -> None:
         self.instr = instr
         self._workloads = {w.container_id: w for w in instr.workloads}
@@ -362,9 +419,14 @@ class Agent:
             try:
                 signed = await self.client.instructions(since, wait=25.0)
                 delay = 0.2
+                if not self._server_back.is_set():
+                    _log.info("server.reachable")
+                    self._server_back.set()
             except ServerUnavailable as e:
+                if self._server_back.is_set():
+                    self._server_back = asyncio.Event()
                 _log.warning("server.unavailable", op="instructions", error=str(e))
-                await asyncio.sleep(delay)
+                await asyncio.sleep(random.uniform(delay / 2, delay * 1.5))
                 delay = min(delay * 2, self.cfg.backoff_max_s)
                 continue
             except Denied as e:
