@@ -12,7 +12,9 @@
 Where the orchestrator is (first match wins):
 
 - URL: `--server URL`; the `server` given by `segd ctl`; `$SEGD_ORCH_SERVER`;
-  `http://127.0.0.1:7401`.
+  `http://127.0.0.1:7401`, or `http://127.0.0.1:7400` (the all-in-one's
+  listener) when there is no standalone orchestrator token but an all-in-one
+  data dir.
 - admin token: the file of `--token-file F`; the `token` given by `segd ctl`;
   `$SEGD_ORCH_TOKEN`; the file `/var/lib/segd/orchestrator/admin.token`, then
   `orchestrator/admin.token` in the all-in-one data dir (`$SEGD_DATA_DIR`,
@@ -42,6 +44,8 @@ ENV_SERVER = "SEGD_ORCH_SERVER"
 ENV_TOKEN = "SEGD_ORCH_TOKEN"
 ENV_DATA_DIR = "SEGD_DATA_DIR"
 DEFAULT_SERVER = "http://127.0.0.1:7401"
+# `segd allinone` serves the orchestrator's routes on the server's listener.
+ALLINONE_SERVER = "http://127.0.0.1:7400"
 DEFAULT_TOKEN_FILE = "/var/lib/segd/orchestrator/admin.token"
 ALLINONE_DIR = "/var/lib/segd/allinone"
 TIMEOUT_S = 120.0  # a run of many containers takes a while
@@ -67,8 +71,18 @@ class _Parser(argparse.ArgumentParser):
 # ---- finding the orchestrator -------------------------------------------------------
 
 
+def _allinone_dir() -> Path:
+    return Path(os.environ.get(ENV_DATA_DIR) or ALLINONE_DIR)
+
+
+def _use_allinone() -> bool:
+    """No standalone orchestrator here, but an all-in-one data dir is."""
+    return not Path(DEFAULT_TOKEN_FILE).exists() and (_allinone_dir() / "orchestrator").exists()
+
+
 def resolve_server(flag: str | None, given: str | None) -> str:
-    url = flag or given or os.environ.get(ENV_SERVER) or DEFAULT_SERVER
+    default = ALLINONE_SERVER if _use_allinone() else DEFAULT_SERVER
+    url = flag or given or os.environ.get(ENV_SERVER) or default
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise OrchError(f"invalid orchestrator URL {url!r}: expected http://HOST:PORT", 2)
@@ -83,9 +97,8 @@ def resolve_token(flag: str | None, given: str | None) -> str:
     env = os.environ.get(ENV_TOKEN, "").strip()
     if env:
         return env
-    allinone = Path(os.environ.get(ENV_DATA_DIR) or ALLINONE_DIR) / "orchestrator" / "admin.token"
-    default = Path(DEFAULT_TOKEN_FILE)
-    path = default if default.exists() or not allinone.exists() else allinone
+    allinone = _allinone_dir() / "orchestrator" / "admin.token"
+    path = allinone if _use_allinone() else Path(DEFAULT_TOKEN_FILE)
     return _read_token(path, hint=f" (use --token-file or {ENV_TOKEN})")
 
 
