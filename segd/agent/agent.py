@@ -33,11 +33,13 @@ from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_ins
 from segd.config import AgentConfig
 from segd.firewall import render
 from segd.firewall.applier import Firewall, NsRef
+from segd.firewall.nft import NftError
 from segd.wire import Instructions, PairIn, SignedInstructions, WorkloadPolicy
 
 _log = log.get(__name__)
 
 Kind = Literal["workload", "isolated", "exempt"]
+GateEntry = tuple[str, str]
 
 # Refusals that can change by themselves: the IP is still held by a workload
 # whose unpairing is on its way (the container that had it died moments ago).
@@ -52,7 +54,8 @@ class Enforced(msgspec.Struct):
     structure: object = None  # render.set_structure_key() of the applied policy
     sets: dict[str, list[str]] = {}
     listing: str | None = None  # `list table` right after our last change
-    gated: list[str] = []
+    gated: list[GateEntry] = []  # (host bridge port, ip) pairs admitted by the gate
+    ports: dict[str, str] | None = None  # ip -> host bridge port, once looked up
 
 
 class AgentStats(msgspec.Struct):
@@ -470,7 +473,12 @@ class Agent:
                     rec.gated = []
                 return
             self.enforced[cid] = rec
-            want_gate = info.ips if kind in ("workload", "exempt") else []
+            want_gate: list[GateEntry] = []
+            # Keyed containers look their ports up while their pairing is in flight.
+            if rec.ports is None and (kind != "isolated" or info.pairing_key):
+                rec.ports = await self._ports(ns)
+            if kind in ("workload", "exempt") and rec.ports is not None:
+                want_gate = sorted((rec.ports[ip], ip) for ip in info.ips if ip in rec.ports)
             if gate and rec.gated != want_gate:
                 drop = sorted(set(rec.gated) - set(want_gate))
                 add = sorted(set(want_gate) - set(rec.gated))
@@ -488,6 +496,14 @@ class Agent:
                 ms=round((time.perf_counter() - t0) * 1000, 2),
             )
 
+    async def _ports(self, ns: NsRef) -> dict[str, str]:
+        """IP -> host-side bridge port; the gate admits an IP only on its own port."""
+        try:
+            return await self.firewall.ports(ns)
+        except Exception as e:
+            _log.error("enforce.ports_failed", ns=ns.key[:12], error=repr(e))
+            return {}
+
     async def _apply(
         self,
         info: ContainerInfo,
@@ -497,31 +513,43 @@ class Agent:
         rec: Enforced | None,
     ) -> Enforced:
         gated = rec.gated if rec is not None else []
+        ports = rec.ports if rec is not None else None
         if kind == "exempt":
             if rec is not None and rec.kind != "exempt":
                 await self.firewall.apply(ns, render.render_removal())
-            return Enforced(kind="exempt", ns=ns, gated=gated)
+            return Enforced(kind="exempt", ns=ns, gated=gated, ports=ports)
         if kind == "isolated":
             if rec is not None and rec.kind == "isolated" and rec.listing is not None:
                 return rec
             await self.firewall.apply(ns, render.render_isolation())
             self.stats.applies += 1
             return Enforced(
-                kind="isolated", ns=ns, listing=await self.firewall.list_table(ns), gated=gated
+                kind="isolated",
+                ns=ns,
+                listing=await self.firewall.list_table(ns),
+                gated=gated,
+                ports=ports,
             )
         assert pol is not None and self.instr is not None
         referenced = render.referenced_sets(pol)
         sets = {name: self.instr.sets.get(name, []) for name in sorted(referenced)}
         log_rules = render.log_rules(self.instr.rules)
         structure = render.set_structure_key(pol, log_rules)
+        full = True
         if rec is not None and rec.kind == "workload" and rec.structure == structure:
             if rec.sets == sets:
                 return rec
             delta = render.render_set_delta(rec.sets, sets, referenced)
-            if delta:
-                await self.firewall.apply(ns, delta)
-                self.stats.deltas += 1
-        else:
+            try:
+                if delta:
+                    await self.firewall.apply(ns, delta)
+                    self.stats.deltas += 1
+                full = False
+            except NftError as e:
+                # The table is not what we left (tampered, or a new namespace):
+                # replace it whole instead.
+                _log.warning("enforce.delta_failed", container=info.id[:12], error=str(e))
+        if full:
             await self.firewall.apply(ns, render.render_workload(pol, sets, log_rules))
             self.stats.applies += 1
         return Enforced(
@@ -531,6 +559,7 @@ class Agent:
             sets=sets,
             listing=await self.firewall.list_table(ns),
             gated=gated,
+            ports=ports,
         )
 
     async def check_drift(self) -> list[str]:

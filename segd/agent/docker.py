@@ -9,6 +9,7 @@ between them, and resubscribes (with a fresh reconcile) whenever the stream ends
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -175,8 +176,11 @@ class DockerWatcher:
             finally:
                 self.connected.clear()
                 if events is not None:
-                    await events.stop()
-                await self.close()
+                    # stop() re-raises whatever broke the stream; that is already handled.
+                    with contextlib.suppress(Exception):
+                        await events.stop()
+                with contextlib.suppress(Exception):
+                    await self.close()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self._backoff_max)
 
