@@ -20,8 +20,8 @@ host:
 	bash scripts/build-image.sh
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check segd tests
-	$(VENV)/bin/ruff format --check segd tests
+	$(VENV)/bin/ruff check segd tests bench
+	$(VENV)/bin/ruff format --check segd tests bench
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -35,8 +35,9 @@ test: $(STAMP) host lint typecheck
 test-long: $(STAMP) host
 	bash scripts/pytest.sh
 
+# Prints the table and writes bench/results/latest.json; BENCH_ARGS="--only apply --size tiny".
 bench: $(STAMP) host
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 demo: $(STAMP) host
 	$(VENV)/bin/segd demo

@@ -1,0 +1,16 @@
+"""segd's benchmark suite: `python -m bench` (or `make bench`).
+
+Each benchmark measures segd on its own code paths and, in the same run, a
+baseline to read the figure against; it prints a table and writes
+`bench/results/latest.json`. Benchmarks report; they never fail on a slow
+machine. One module per benchmark:
+
+- `enforce`: time from `docker run` / the `start` event to a container's rules
+  being in place, one by one and in a burst, and connections leaked meanwhile;
+- `pairing`: pairings per second over HTTP against a fixed-response handler;
+- `compile`: the policy compiler on 10,000 workloads, full and incremental;
+- `apply`: a ruleset and one set element through `Firewall`, against `nft -f`;
+- `footprint`: the agent's memory and CPU with 100 enforced containers.
+"""
+
+NAMES = ("enforce", "pairing", "compile", "apply", "footprint")

@@ -1,0 +1,219 @@
+"""Apply cost per namespace: segd's `Firewall` (libnftables backend) against `nsenter nft -f`.
+
+A throwaway network namespace (`ip netns add`, deleted afterwards) gets a
+workload's table as the agent renders it (`render.render_workload`): 20 peer
+sets (10 inbound and 10 outbound allows, one tcp service each) holding 200
+addresses in all — and a large variant with 2,000. Through `Firewall.apply`
+(the agent's applier: the worker thread, the namespace's cached libnftables
+context, the gap-free shadow-table replace) we time a full replace and one set
+element change (`render.render_set_delta`, alternately adding and deleting one
+address). Baseline: the same script text through `nsenter --net=... nft -f -`
+in the same namespace, in the same run. Reported: medians (p50) and p99.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.estate import fake_ip
+from bench.report import Figure, Section, Size, Target, figure, ms, pct
+from bench.stack import BenchError, require_kernel
+from segd.firewall import Firewall, NsRef, render
+from segd.firewall.netns import THREAD_NS, setns
+from segd.firewall.nft import LibNft
+from segd.policy import Service, set_name
+from segd.wire import Allow, WorkloadPolicy
+
+
+@dataclass(frozen=True)
+class Params:
+    sets: int
+    per_set: int
+    large_per_set: int
+    reps: int  # Firewall operations of each kind
+    nft_reps: int  # nsenter nft -f runs of each kind
+
+    @classmethod
+    def of(cls, size: Size) -> Params:
+        if size == "tiny":
+            return cls(sets=20, per_set=10, large_per_set=100, reps=5, nft_reps=3)
+        return cls(sets=20, per_set=10, large_per_set=100, reps=200, nft_reps=40)
+
+
+def workload(n_sets: int, per_set: int) -> tuple[WorkloadPolicy, dict[str, list[str]]]:
+    names = [set_name({"app": f"peer{i:02d}"}) for i in range(n_sets)]
+    allows = [
+        Allow(rule_id=f"r_{i:08x}", peer=n, services=[Service("tcp", 8000 + i, 8000 + i)])
+        for i, n in enumerate(names)
+    ]
+    half = n_sets // 2
+    pol = WorkloadPolicy(
+        workload_id="w_bench",
+        container_id="bench",
+        labels={"role": "bench"},
+        ips=[fake_ip(0)],
+        inbound=allows[:half],
+        outbound=allows[half:],
+    )
+    sets = {n: [fake_ip(1 + i * per_set + j) for j in range(per_set)] for i, n in enumerate(names)}
+    return pol, sets
+
+
+async def _time(n: int, op: Callable[[int], Awaitable[None]]) -> list[float]:
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        await op(i)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _one_transaction(path: str, script: str, reps: int) -> list[float]:
+    """The script as one libnftables transaction, no shadow table (for comparison).
+
+    On a thread of its own that enters the namespace only to bind the context.
+    """
+    out: list[float] = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        home = os.open(THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            setns(fd)
+            try:
+                nft = LibNft()
+            finally:
+                setns(home)
+            try:
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    nft.run(script)
+                    out.append(time.perf_counter() - t)
+            finally:
+                nft.close()
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            os.close(fd)
+            os.close(home)
+
+    th = threading.Thread(target=work, name="bench-netns")
+    th.start()
+    th.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def _nft(path: str, script: str) -> float:
+    t = time.perf_counter()
+    p = subprocess.run(
+        ["nsenter", f"--net={path}", "nft", "-f", "-"],
+        input=script,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    dt = time.perf_counter() - t
+    if p.returncode != 0:
+        raise BenchError(f"nft -f failed: {p.stderr.strip()}")
+    return dt
+
+
+async def _measure(p: Params, path: str) -> dict[str, list[float]]:
+    pol, sets = workload(p.sets, p.per_set)
+    big_pol, big_sets = workload(p.sets, p.large_per_set)
+    full = render.render_workload(pol, sets)
+    big = render.render_workload(big_pol, big_sets)
+    referenced = render.referenced_sets(pol)
+    first = sorted(referenced)[0]
+    grown = {**sets, first: [*sets[first], fake_ip(100_000)]}
+    add = render.render_set_delta(sets, grown, referenced)
+    delete = render.render_set_delta(grown, sets, referenced)
+    assert add is not None and delete is not None
+    ns = NsRef(key="bench", path=path)
+    r: dict[str, list[float]] = {}
+    async with Firewall("libnftables") as fw:
+        t = time.perf_counter()
+        await fw.apply(ns, full)  # binds the namespace's libnftables context
+        r["first"] = [time.perf_counter() - t]
+
+        async def apply_full(_: int) -> None:
+            await fw.apply(ns, full)
+
+        async def element(i: int) -> None:
+            await fw.apply(ns, add if i % 2 == 0 else delete)
+
+        async def listing(_: int) -> None:
+            await fw.list_table(ns)
+
+        async def apply_big(_: int) -> None:
+            await fw.apply(ns, big)
+
+        r["full"] = await _time(p.reps, apply_full)
+        r["element"] = await _time(p.reps, element)
+        r["list"] = await _time(p.reps, listing)
+        r["big"] = await _time(max(3, p.reps // 4), apply_big)
+        if "@ls_" not in (await fw.list_table(ns) or ""):
+            raise BenchError("the applied table is not in the namespace")
+    r["single_full"] = _one_transaction(path, full, p.reps)
+    r["nft_full"] = [_nft(path, full) for _ in range(p.nft_reps)]
+    r["nft_element"] = [_nft(path, add if i % 2 == 0 else delete) for i in range(p.nft_reps)]
+    r["nft_big"] = [_nft(path, big) for _ in range(max(3, p.nft_reps // 4))]
+    return r
+
+
+def run(size: Size) -> Section:
+    require_kernel()
+    p = Params.of(size)
+    name = f"segd-bench-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    try:
+        r = asyncio.run(_measure(p, f"/run/netns/{name}"))
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+    n_el, n_big = p.sets * p.per_set, p.sets * p.large_per_set
+    figs: list[Figure] = []
+    rows: tuple[tuple[str, str, str, str, list[Target]], ...] = (
+        ("full", "nft_full", f"full apply ({n_el} addresses)", "nft -f", [Target("<=", 5.0)]),
+        ("element", "nft_element", "one set element add/delete", "nft -f", [Target("<=", 1.0)]),
+        ("big", "nft_big", f"full apply ({n_big:,} addresses)", "nft -f", []),
+    )
+    for key, base_key, label, base_label, targets in rows:
+        for q, qn in ((0.5, "p50"), (0.99, "p99")):
+            tg = [*targets, Target(">=", 5.0, on="ratio")] if targets and qn == "p50" else []
+            figs.append(
+                figure(
+                    f"apply.{key}.{qn}",
+                    f"{label} ({qn})",
+                    ms(pct(r[key], q)),
+                    "ms",
+                    baseline=ms(pct(r[base_key], q)),
+                    baseline_label=f"nsenter {base_label}",
+                    ratio="faster",
+                    targets=tg,
+                )
+            )
+    details: dict[str, Any] = {
+        "params": p.__dict__,
+        "first_apply_ms": ms(r["first"][0]),
+        "list_table_ms": {"p50": ms(pct(r["list"], 0.5)), "p99": ms(pct(r["list"], 0.99))},
+        "full_as_one_libnftables_transaction_ms": {
+            "p50": ms(pct(r["single_full"], 0.5)),
+            "p99": ms(pct(r["single_full"], 0.99)),
+        },
+        "script_bytes": {"full": len(render.render_workload(*workload(p.sets, p.per_set)))},
+        "backend": "libnftables",
+    }
+    return Section(
+        name="apply", title="4. Apply cost per namespace (kernel)", figures=figs, details=details
+    )

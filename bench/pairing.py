@@ -1,0 +1,286 @@
+"""Pairing throughput of `segd server` over HTTP on loopback.
+
+For each concurrency level a fresh `segd server` process (its own SQLite file,
+`synchronous=FULL`) gets the three-tier policy (web -> api tcp/8080, api -> db
+tcp/5432), one pairing key per role and 16 registered agents. N clients then
+send signed `POST /v1/agent/pair` requests (`segd.crypto.sign_request`, the
+agents' own signing code) over keep-alive connections, each for a new
+container with its own address, rotating over the agents and the roles, until
+`requests` are answered or `seconds` have passed. Every pairing is a real one:
+the key use is counted, the workload recorded, the hosts it affects
+recompiled, and the answer carries the host's signed instructions.
+
+Baseline: `bench.fixed_server` (an aiohttp handler that reads the body and
+answers a fixed small JSON, in its own process) driven by the same client with
+the same signed requests, at the same concurrency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import nacl.signing
+
+from bench.estate import fake_ip
+from bench.report import Figure, Section, Size, Target, figure, ms, pct
+from bench.stack import BenchError, Proc, Server, free_port, wait_for
+from segd import crypto
+from segd.wire import PairIn
+
+PAIR_PATH = "/v1/agent/pair"
+ROLES = ("web", "api", "db")
+
+
+@dataclass(frozen=True)
+class Params:
+    levels: tuple[int, ...]
+    requests: int  # per level, at most
+    seconds: float  # per level, at most
+    agents: int
+
+    @classmethod
+    def of(cls, size: Size) -> Params:
+        if size == "tiny":
+            return cls(levels=(1, 16, 64), requests=96, seconds=3.0, agents=4)
+        return cls(levels=(1, 16, 64), requests=2000, seconds=8.0, agents=16)
+
+
+@dataclass(frozen=True)
+class LoadAgent:
+    host_id: str
+    key: nacl.signing.SigningKey
+
+
+@dataclass
+class Load:
+    ok: int
+    statuses: dict[str, int]
+    latencies: list[float]
+    elapsed: float
+
+    @property
+    def rate(self) -> float:
+        return self.ok / self.elapsed if self.elapsed > 0 else 0.0
+
+
+async def drive(
+    url: str,
+    agents: list[LoadAgent],
+    tokens: list[str],
+    *,
+    concurrency: int,
+    requests: int,
+    seconds: float,
+    prefix: str,
+) -> Load:
+    """`concurrency` clients send signed pairings until `requests` or `seconds` run out."""
+    enc = msgspec.json.Encoder()
+    counter = itertools.count()
+    statuses: Counter[str] = Counter()
+    latencies: list[float] = []
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=60)
+    ) as sess:
+        # Open every keep-alive connection before the clock starts.
+        async def warm() -> None:
+            async with sess.get(url + "/v1/health") as r:
+                await r.read()
+
+        await asyncio.gather(*(warm() for _ in range(concurrency)))
+        deadline = time.perf_counter() + seconds
+
+        async def client() -> None:
+            while time.perf_counter() < deadline:
+                i = next(counter)
+                if i >= requests:
+                    return
+                agent = agents[i % len(agents)]
+                body = enc.encode(
+                    PairIn(
+                        container_id=f"{prefix}-{i:07d}",
+                        pairing_key=tokens[i % len(tokens)],
+                        ips=[fake_ip(i)],
+                        name=f"bench-{i}",
+                    )
+                )
+                headers = crypto.sign_request(
+                    agent.key, agent.host_id, "POST", PAIR_PATH, body, time.time()
+                )
+                headers["Content-Type"] = "application/json"
+                t = time.perf_counter()
+                try:
+                    async with sess.post(url + PAIR_PATH, data=body, headers=headers) as r:
+                        await r.read()
+                        status = str(r.status)
+                except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                    status = type(e).__name__
+                latencies.append(time.perf_counter() - t)
+                statuses[status] += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return Load(statuses.get("200", 0), dict(statuses), latencies, elapsed)
+
+
+def _register(server: Server, n: int) -> list[LoadAgent]:
+    out = []
+    for i in range(n):
+        code = server.api("POST", "/v1/activation-codes", {})["code"]
+        key = nacl.signing.SigningKey.generate()
+        body = json.dumps(
+            {
+                "activation_code": code,
+                "public_key": crypto.b64e(bytes(key.verify_key)),
+                "hostname": f"bench-{i}",
+            }
+        ).encode()
+        req = urllib.request.Request(server.url + "/v1/agent/register", data=body, method="POST")
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            out.append(LoadAgent(json.loads(r.read())["host_id"], key))
+    return out
+
+
+def _segd(root: Path, p: Params) -> tuple[Server, list[LoadAgent], list[str]]:
+    server = Server(root)
+    server.start()
+    try:
+        server.rule({"role": "api"}, {"role": "web"}, "tcp/8080")
+        server.rule({"role": "db"}, {"role": "api"}, "tcp/5432")
+        tokens = [
+            server.key(f"bench-{r}", {"role": r, "app": "bench"}, max_uses=1_000_000) for r in ROLES
+        ]
+        return server, _register(server, p.agents), tokens
+    except BaseException:
+        server.stop()
+        raise
+
+
+def _fixed(root: Path) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc(
+        [sys.executable, "-m", "bench.fixed_server", str(port)],
+        root / "fixed.log",
+    )
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        proc.check_alive("fixed-response server")
+        try:
+            with urllib.request.urlopen(url + "/", timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, 30, "fixed-response server", interval=0.05)
+    return proc, url
+
+
+async def _run(p: Params, root: Path) -> tuple[dict[int, Load], dict[int, Load], dict[int, int]]:
+    segd: dict[int, Load] = {}
+    base: dict[int, Load] = {}
+    recorded: dict[int, int] = {}
+    fixed, fixed_url = _fixed(root)
+    try:
+        for c in p.levels:
+            level_root = root / f"level-{c}"
+            level_root.mkdir()
+            server, agents, tokens = _segd(level_root, p)
+            try:
+                segd[c] = await drive(
+                    server.url,
+                    agents,
+                    tokens,
+                    concurrency=c,
+                    requests=p.requests,
+                    seconds=p.seconds,
+                    prefix=f"c{c}",
+                )
+                recorded[c] = server.workload_count()
+                server.proc.check_alive("segd server")
+            finally:
+                server.stop()
+            base[c] = await drive(
+                fixed_url,
+                agents,
+                tokens,
+                concurrency=c,
+                requests=p.requests,
+                seconds=p.seconds,
+                prefix=f"c{c}",
+            )
+    finally:
+        fixed.stop()
+    return segd, base, recorded
+
+
+def run(size: Size) -> Section:
+    p = Params.of(size)
+    with tempfile.TemporaryDirectory(prefix="segd-bench-") as tmp:
+        segd, base, recorded = asyncio.run(_run(p, Path(tmp)))
+    for c, load in segd.items():
+        if load.ok == 0:
+            raise BenchError(f"no pairing succeeded at {c} clients: {load.statuses}")
+    figs: list[Figure] = []
+    details: dict[str, Any] = {"params": p.__dict__, "levels": {}}
+    for c in p.levels:
+        s, b = segd[c], base[c]
+        targets = [Target(">=", 1000.0), Target(">=", 0.3, on="ratio")] if c == 16 else []
+        figs.append(
+            figure(
+                f"pairing.c{c}.rate",
+                f"{c} client{'s' if c > 1 else ''}: pairings/s",
+                s.rate,
+                "/s",
+                baseline=b.rate,
+                baseline_label="fixed-JSON handler",
+                ratio="of",
+                targets=targets,
+            )
+        )
+        figs.append(
+            figure(
+                f"pairing.c{c}.p99",
+                f"{c} client{'s' if c > 1 else ''}: latency p99",
+                ms(pct(s.latencies, 0.99)),
+                "ms",
+                baseline=ms(pct(b.latencies, 0.99)),
+                baseline_label="fixed-JSON handler",
+                ratio="of",
+            )
+        )
+        details["levels"][str(c)] = {
+            "pairings": s.ok,
+            "recorded_workloads": recorded[c],
+            "elapsed_s": round(s.elapsed, 3),
+            "statuses": s.statuses,
+            "latency_ms": {
+                "p50": ms(pct(s.latencies, 0.5)),
+                "p99": ms(pct(s.latencies, 0.99)),
+                "max": ms(max(s.latencies)),
+            },
+            "baseline_requests": b.ok,
+            "baseline_statuses": b.statuses,
+            "baseline_latency_ms": {"p50": ms(pct(b.latencies, 0.5))},
+        }
+    return Section(
+        name="pairing",
+        title="2. Pairing throughput (HTTP, loopback)",
+        figures=figs,
+        details=details,
+    )

@@ -1,0 +1,157 @@
+"""Every benchmark runs at `--size tiny` through `python -m bench` and reports
+every figure with its baseline and sane values. No timing is asserted: these
+keep the benchmark code working, they do not judge performance."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pcts(prefix: str, names: tuple[str, ...] = ("p50", "p99", "max")) -> list[str]:
+    return [f"{prefix}.{n}" for n in names]
+
+
+# Every figure each benchmark must report; True: it must carry a baseline.
+FIGURES: dict[str, dict[str, bool]] = {
+    "enforce": {
+        **{
+            k: True
+            for phase in ("one_by_one", "burst")
+            for src in ("from_start", "from_return")
+            for k in _pcts(f"enforce.{phase}.{src}")
+        },
+        "enforce.burst.span": True,
+        "enforce.leaked": True,
+    },
+    "pairing": {f"pairing.c{c}.{m}": True for c in (1, 16, 64) for m in ("rate", "p99")},
+    "compile": {
+        "compile.full.s": False,
+        "compile.full.index_s": False,
+        "compile.full.compile_all_s": False,
+        **{
+            f"compile.incremental.{kind}.{q}": True
+            for kind in ("pairing", "unpairing")
+            for q in ("p50", "max")
+        },
+        "compile.incremental.hosts_recomputed.max": True,
+        "compile.incremental.hosts_missed": False,
+        "compile.memory.traced_peak": True,
+        "compile.memory.rss_delta": True,
+    },
+    "apply": {f"apply.{k}.{q}": True for k in ("full", "element", "big") for q in ("p50", "p99")},
+    "footprint": {
+        "footprint.idle.rss": True,
+        "footprint.churn.rss_peak": True,
+        "footprint.idle.cpu": True,
+        "footprint.churn.cpu": True,
+    },
+}
+
+
+def run_bench(name: str, tmp_path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    out = tmp_path / f"{name}.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "bench", "--only", name, "--size", "tiny", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "baseline" in p.stdout  # the table was printed
+    report = json.loads(out.read_text())
+    (section,) = report["sections"]
+    assert section["name"] == name and not section["error"]
+    figs = {f["key"]: f for f in section["figures"]}
+    expected = FIGURES[name]
+    assert sorted(figs) == sorted(expected)
+    for key, has_baseline in expected.items():
+        f = figs[key]
+        assert isinstance(f["value"], (int, float)) and math.isfinite(f["value"]), f
+        if has_baseline:
+            assert isinstance(f["baseline"], (int, float)) and math.isfinite(f["baseline"]), f
+            assert f["baseline_label"], f
+        if f["targets"]:
+            assert f["met"] in (True, False), f
+    assert report["met"] + report["missed"] == sum(1 for f in figs.values() if f["targets"])
+    return section["details"], figs
+
+
+def test_compile(tmp_path: Path) -> None:
+    details, figs = run_bench("compile", tmp_path)
+    assert figs["compile.full.s"]["value"] > 0
+    assert figs["compile.incremental.pairing.p50"]["value"] > 0
+    assert figs["compile.incremental.hosts_missed"]["value"] == 0
+    assert 1 <= figs["compile.incremental.hosts_recomputed.max"]["value"] <= 10
+    assert figs["compile.memory.traced_peak"]["baseline"] > 0
+    assert len(details["pair_ms"]) == details["params"]["samples"]
+
+
+def test_pairing(tmp_path: Path) -> None:
+    details, figs = run_bench("pairing", tmp_path)
+    for c in (1, 16, 64):
+        level = details["levels"][str(c)]
+        assert level["pairings"] > 0 and level["baseline_requests"] > 0
+        assert level["recorded_workloads"] == level["pairings"]  # real pairings, committed
+        assert figs[f"pairing.c{c}.rate"]["value"] > 0
+        assert figs[f"pairing.c{c}.p99"]["baseline"] > 0
+
+
+@pytest.mark.kernel
+def test_apply(tmp_path: Path, kernel_ready: None) -> None:
+    details, figs = run_bench("apply", tmp_path)
+    for f in figs.values():
+        assert f["value"] > 0 and f["baseline"] > 0
+    assert details["backend"] == "libnftables"
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "segd-bench-" not in before  # its namespace is gone
+
+
+@pytest.mark.docker
+def test_enforce(tmp_path: Path, docker_ready: None) -> None:
+    details, figs = run_bench("enforce", tmp_path)
+    n = details["params"]["one_by_one"]
+    for phase in ("one_by_one", "burst"):
+        d = details[phase]
+        assert d["missing"] == 0 and d["verified_in_netns"] == d["from_start_ms"]["n"] == n
+        assert 0 < d["from_start_ms"]["min"] <= d["from_start_ms"]["max"] < 60_000
+    assert details["leak"]["attempts"] > 0
+    assert details["leak"]["allowed_peer_connected"]  # the probe can connect at all
+    assert figs["enforce.leaked"]["value"] >= 0
+    assert _leftovers() == []
+
+
+@pytest.mark.docker
+def test_footprint(tmp_path: Path, docker_ready: None) -> None:
+    details, figs = run_bench("footprint", tmp_path)
+    assert 10 < figs["footprint.idle.rss"]["value"] < 4096
+    assert figs["footprint.churn.cpu"]["value"] >= 0
+    assert details["churn_cycles"] > 0
+    assert _leftovers() == []
+
+
+def _leftovers() -> list[str]:
+    out = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", "label=segd.bench.run"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    mine = []
+    for cid in out.split():
+        pid = subprocess.run(
+            ["docker", "inspect", "-f", '{{index .Config.Labels "segd.bench.pid"}}', cid],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            mine.append(cid)
+    return mine
