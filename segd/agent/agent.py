@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from segd import log
+from segd import log, sdnotify
 from segd.agent.client import Denied, ServerClient, ServerUnavailable, with_backoff
 from segd.agent.docker import ContainerInfo, DockerWatcher
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
@@ -290,7 +290,9 @@ class Agent:
         for info in running.values():
             await self._handle(info)
         self.synced.set()
-        self.ready.set()
+        if not self.ready.is_set():
+            self.ready.set()
+            sdnotify.notify("READY=1")
         _log.info("agent.synced", containers=len(running), enforced=len(self.enforced))
 
     async def _rebuild_gate(self) -> None:
@@ -435,6 +437,11 @@ class Agent:
             except Denied as e:
                 _log.error("instructions.refused", code=e.code, error=e.message)
                 await asyncio.sleep(self.cfg.backoff_max_s)
+                continue
+            except Exception as e:  # a bad answer must not stop enforcement
+                _log.error("instructions.poll_failed", error=repr(e))
+                await asyncio.sleep(random.uniform(delay / 2, delay * 1.5))
+                delay = min(delay * 2, self.cfg.backoff_max_s)
                 continue
             if signed is not None:
                 await self.accept(signed)

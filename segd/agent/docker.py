@@ -163,13 +163,13 @@ class DockerWatcher:
                 await self._wait_stream(events)
                 self.connected.set()
                 _log.info("docker.stream.up")
-                await on_resync()
+                await self._guard("resync", on_resync())
                 delay = 0.2
                 while True:
                     ev = await sub.get()
                     if ev is None:
                         break
-                    await on_event(ev)
+                    await self._guard("event", on_event(ev))
                 _log.warning("docker.stream.ended")
             except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
                 _log.warning("docker.unreachable", error=str(e) or type(e).__name__)
@@ -183,6 +183,17 @@ class DockerWatcher:
                     await self.close()
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, self._backoff_max)
+
+    @staticmethod
+    async def _guard(what: str, coro: Awaitable[None]) -> None:
+        """One failed event or resync is logged; the stream and the periodic
+        reconcile carry on (and retry what failed)."""
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            _log.error("docker.handler_failed", what=what, error=repr(e))
 
     @staticmethod
     async def _wait_stream(events: DockerEvents) -> None:

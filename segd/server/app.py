@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from segd import log
+from segd import log, sdnotify
 from segd.config import ServerConfig, TLSConfig, parse_listen
 from segd.server import openapi
 from segd.server.api import OPENAPI, ROUTES, RUNTIME, Runtime, add_routes
@@ -143,6 +143,7 @@ async def run_server(
     stop = stop or asyncio.Event()
     runner = ServerRunner(cfg, clock=clock, shutdown_timeout=shutdown_timeout)
     await runner.start()
+    sdnotify.notify("READY=1")
     loop = asyncio.get_running_loop()
     signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
     for s in signals:
@@ -150,6 +151,7 @@ async def run_server(
     try:
         await stop.wait()
     finally:
+        sdnotify.notify("STOPPING=1")
         for s in signals:
             loop.remove_signal_handler(s)
         await runner.stop()
