@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 from segd import log as logging
-from segd.firewall import gate, netns, render
+from segd.firewall import gate, netns, render, rtnl
 from segd.firewall.netns import NsId, Worker, WorkerBroken
 from segd.firewall.nft import LibNft, NftBackend, NftError, NsenterNft, libnftables_available
 
@@ -154,26 +155,61 @@ class Firewall:
 
         await self._run(job)
 
+    async def ports(self, ns: NsRef) -> dict[str, str]:
+        """The namespace's addresses, each with the gate-side name of the veth behind it.
+
+        For every veth in the namespace whose peer lives in the gate's namespace
+        (the host, or `gate_ns`), each of its IPv4 and IPv6 addresses maps to
+        the peer's name: the bridge port to admit that address on. Skipped:
+        loopback and link-local addresses; links that are not veths (macvlan,
+        ipvlan, dummy: their IFLA_LINK is a parent, not a port); veths whose
+        peer is elsewhere (e.g. both ends in the container); peers the gate does
+        not look at (not `veth*`). An address on two such links maps to the one
+        with the lower index. ~0.2 ms; no nftables endpoint is made.
+
+        The container owns its namespace: with CAP_NET_ADMIN it can put any
+        address on its interface. Use this to find the port of the addresses
+        Docker assigned, never to learn which addresses to admit.
+        Raises `NamespaceGone` when the namespace no longer exists.
+        """
+
+        def job(w: Worker) -> dict[str, str]:
+            t0 = time.perf_counter()
+            found = self._ports(w, ns.path)
+            log.debug("firewall.ports", ns=ns.key, ports=found, ms=_ms(t0))
+            return found
+
+        return await self._run(job)
+
     # ---- host gate -----------------------------------------------------------------------
 
-    async def gate_rebuild(self, enforced: Iterable[str], subnets: Iterable[str]) -> None:
-        """Make the gate exactly this, in one transaction, without a gap."""
-        allowed, nets = list(enforced), list(subnets)
-        in_place = gate.render_gate(allowed, nets)
+    async def gate_rebuild(
+        self, entries: Iterable[tuple[str, str]], subnets: Iterable[str]
+    ) -> None:
+        """Make the gate exactly this, in one transaction, without a gap.
+
+        `entries` are (port, ip) pairs: the host-side veth name and an address
+        of the container behind it (see `ports`). A gate table of another shape
+        (one of earlier versions, with IP-only sets) is replaced.
+        """
+        admitted, nets = list(entries), list(subnets)
+        in_place = gate.render_gate(admitted, nets)
         try:
             await self._gate_apply(in_place)
         except NftError as e:
             # The table exists with other set or chain definitions: replace it.
             log.warning("firewall.gate_replaced", error=str(e))
-            await self._gate_apply(gate.render_gate_replace(allowed, nets))
+            await self._gate_apply(gate.render_gate_replace(admitted, nets))
 
-    async def gate_add(self, ips: Iterable[str]) -> None:
-        script = gate.render_gate_add(ips)
+    async def gate_add(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Admit these (port, ip) pairs (idempotent)."""
+        script = gate.render_gate_add(entries)
         if script is not None:
             await self._gate_apply(script)
 
-    async def gate_remove(self, ips: Iterable[str]) -> None:
-        script = gate.render_gate_remove(ips)
+    async def gate_remove(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Stop admitting these (port, ip) pairs (idempotent)."""
+        script = gate.render_gate_remove(entries)
         if script is not None:
             await self._gate_apply(script)
 
@@ -188,7 +224,7 @@ class Firewall:
         def job(w: Worker) -> None:
             t0 = time.perf_counter()
             nft = self._gate_session(w)
-            for tx in render.transactions(script):
+            for tx in gate.transactions(script):
                 nft.run(tx)
             log.debug("firewall.gate_applied", bytes=len(script), ms=_ms(t0))
 
@@ -267,6 +303,54 @@ class Firewall:
         self._gate = self._ensure(w, have, self._gate_path)
         return self._gate.nft
 
+    def _rtnl_in(self, w: Worker, fd: int) -> rtnl.Rtnl:
+        """An rtnetlink socket bound to the namespace `fd`. Does not keep `fd`."""
+        sock: rtnl.Rtnl | None = None
+        try:
+            with w.entered(fd):
+                sock = rtnl.Rtnl()
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            raise
+        return sock
+
+    def _ports(self, w: Worker, path: str) -> dict[str, str]:
+        if self._home_fd is None:
+            raise RuntimeError("Firewall is not started")
+        home_fd = self._home_fd
+        fd, _ = netns.open_ns(path)
+        try:
+            sock = self._rtnl_in(w, fd)
+        finally:
+            os.close(fd)
+        gate_fd = None if self._gate_path is None else netns.open_ns(self._gate_path)[0]
+        try:
+            with sock:
+                links = sock.links()
+                addresses = sock.addresses()
+                # Asked after the link dump, which assigns ids to the peers' namespaces.
+                gate_id = sock.nsid(home_fd if gate_fd is None else gate_fd)
+            peers = {
+                link.index: link.peer
+                for link in links
+                if link.kind == "veth" and link.peer is not None and link.peer_netnsid == gate_id
+            }
+            names = _if_names(w, gate_fd, set(peers.values()))
+        finally:
+            if gate_fd is not None:
+                os.close(gate_fd)
+        found: dict[str, str] = {}
+        for a in sorted(addresses, key=lambda a: a.index):
+            peer = peers.get(a.index)
+            name = None if peer is None else names.get(peer)
+            if name is None or not gate.PORT_RE.match(name):
+                continue
+            if a.scope >= rtnl.RT_SCOPE_LINK or a.ip.is_loopback or a.ip.is_link_local:
+                continue
+            found.setdefault(str(a.ip), name)
+        return found
+
     def _close_all(self) -> None:
         sessions = list(self._sessions.values())
         if self._gate is not None:
@@ -275,6 +359,26 @@ class Firewall:
         self._gate = None
         for s in sessions:
             s.nft.close()
+
+
+def _if_names(w: Worker, fd: int | None, indexes: set[int]) -> dict[int, str]:
+    """Interface names by index in the namespace `fd` (None: home); gone ones left out."""
+
+    def lookup() -> dict[int, str]:
+        names: dict[int, str] = {}
+        for index in indexes:
+            try:
+                names[index] = socket.if_indextoname(index)
+            except OSError:
+                continue
+        return names
+
+    if not indexes:
+        return {}
+    if fd is None:
+        return lookup()  # the worker is at home between jobs
+    with w.entered(fd):
+        return lookup()
 
 
 def _list(nft: NftBackend, command: str) -> str | None:

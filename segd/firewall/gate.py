@@ -34,16 +34,62 @@ nft lists as `priority filter`; no br_netfilter needed; ARP is not matched):
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
+from typing import NamedTuple
 
-from segd.firewall.render import elements_block, split_addrs
+from segd.firewall.render import check_addr, elements_block
+from segd.firewall.render import transactions as _transactions
 
 GATE_TABLE = "segd_gate"
 GATE = f"bridge {GATE_TABLE}"
 LIST_GATE = f"list table {GATE}"
 PORTS = "veth*"
+PORT_RE = re.compile(r"^veth[A-Za-z0-9_.@-]{0,11}\Z")
+"""A host-side bridge port the gate rules look at: `veth*`, at most 15 bytes (IFNAMSIZ - 1)."""
 
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class GateEntry(NamedTuple):
+    """One admitted address and the bridge port (host-side veth name) it lives behind."""
+
+    port: str
+    ip: str
+
+
+def check_port(name: object) -> str:
+    """A host-side veth name the gate can match; anything else raises ValueError.
+
+    Only `veth*` ports are gated, so an entry for any other name could never
+    admit anything: it is refused rather than kept as dead weight (it is most
+    likely a container-side name such as `eth0` passed by mistake).
+    """
+    if not isinstance(name, str) or not PORT_RE.match(name):
+        raise ValueError(f"invalid bridge port {name!r}")
+    return name
+
+
+def split_entries(entries: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """Validate, deduplicate and sort (port, ip) pairs; return (ipv4, ipv6) element texts.
+
+    An element reads `"veth1a2b3c4" . 172.17.0.2`; elements sort by address,
+    then port.
+    """
+    v4: set[tuple[ipaddress.IPv4Address, str]] = set()
+    v6: set[tuple[ipaddress.IPv6Address, str]] = set()
+    for entry in entries:
+        if not isinstance(entry, tuple) or len(entry) != 2:
+            raise ValueError(f"invalid gate entry {entry!r}: want (port, ip)")
+        port, ip = check_port(entry[0]), check_addr(entry[1])
+        if isinstance(ip, ipaddress.IPv4Address):
+            v4.add((ip, port))
+        else:
+            v6.add((ip, port))
+    return (
+        [f'"{port}" . {ip}' for ip, port in sorted(v4)],
+        [f'"{port}" . {ip}' for ip, port in sorted(v6)],
+    )
 
 
 def split_subnets(texts: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -67,21 +113,30 @@ def split_subnets(texts: Iterable[str]) -> tuple[list[str], list[str]]:
     )
 
 
-def _set(name: str, family: str, elements: list[str], interval: bool) -> list[str]:
+def _set(name: str, typ: str, elements: list[str], interval: bool) -> list[str]:
     return [
         f"\tset {name} {{",
-        f"\t\ttype {family}",
+        f"\t\ttype {typ}",
         *(["\t\tflags interval"] if interval else []),
         *elements_block(elements, "\t\t"),
         "\t}",
     ]
 
 
+def _sets(a4: list[str], a6: list[str], s4: list[str], s6: list[str]) -> list[str]:
+    return [
+        *_set("allowed4", "ifname . ipv4_addr", a4, False),
+        *_set("allowed6", "ifname . ipv6_addr", a6, False),
+        *_set("subnets4", "ipv4_addr", s4, True),
+        *_set("subnets6", "ipv6_addr", s6, True),
+    ]
+
+
 def _drops(direction: str) -> list[str]:
     port, side = ("iifname", "saddr") if direction == "in" else ("oifname", "daddr")
     return [
-        f'{port} "{PORTS}" ip {side} @subnets4 ip {side} != @allowed4 drop',
-        f'{port} "{PORTS}" ip6 {side} @subnets6 ip6 {side} != @allowed6 drop',
+        f'{port} "{PORTS}" ip {side} @subnets4 {port} . ip {side} != @allowed4 drop',
+        f'{port} "{PORTS}" ip6 {side} @subnets6 {port} . ip6 {side} != @allowed6 drop',
     ]
 
 
@@ -94,88 +149,73 @@ def _chain(hook: str, lines: list[str]) -> list[str]:
     ]
 
 
-def _declarations() -> list[str]:
-    """The table's sets and chains, empty; adding them again changes nothing."""
-    return [
-        *_set("allowed4", "ipv4_addr", [], False),
-        *_set("allowed6", "ipv6_addr", [], False),
-        *_set("subnets4", "ipv4_addr", [], True),
-        *_set("subnets6", "ipv6_addr", [], True),
-        *_chain("forward", []),
-        *_chain("input", []),
-        *_chain("output", []),
-    ]
+_HOOKS = (("forward", ("in", "out")), ("input", ("in",)), ("output", ("out",)))
+
+
+def _chains(with_rules: bool) -> list[str]:
+    lines: list[str] = []
+    for hook, directions in _HOOKS:
+        rules = [r for d in directions for r in _drops(d)] if with_rules else []
+        lines += _chain(hook, rules)
+    return lines
 
 
 def _rules() -> list[str]:
-    ins, outs = _drops("in"), _drops("out")
-    hooks = (("forward", ins + outs), ("input", ins), ("output", outs))
-    return [f"add rule {GATE} {hook} {rule}" for hook, rules in hooks for rule in rules]
+    return [
+        f"add rule {GATE} {hook} {rule}"
+        for hook, directions in _HOOKS
+        for d in directions
+        for rule in _drops(d)
+    ]
 
 
-def _fill(name: str, elements: list[str]) -> list[str]:
-    return [f"add element {GATE} {name} {{ {', '.join(elements)} }}"] if elements else []
+def _elements(verb: str, name: str, elements: list[str]) -> list[str]:
+    return [f"{verb} element {GATE} {name} {{ {', '.join(elements)} }}"] if elements else []
 
 
-def render_gate(allowed: Iterable[str], subnets: Iterable[str]) -> str:
+def render_gate(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> str:
     """The whole gate, rewritten in place in one transaction (created if absent).
 
     The table, its sets and chains are kept; rules and set contents are
     replaced. Fails (changing nothing) if the table exists with other set or
-    chain definitions: then use `render_gate_replace`.
+    chain definitions, such as the IP-only `allowed4 { type ipv4_addr }` of
+    earlier versions: then use `render_gate_replace`.
     """
-    a4, a6 = split_addrs(allowed)
+    a4, a6 = split_entries(entries)
     s4, s6 = split_subnets(subnets)
-    lines = [f"table {GATE} {{", *_declarations(), "}", f"flush table {GATE}"]
+    lines = [f"table {GATE} {{", *_sets([], [], [], []), *_chains(False), "}"]
+    lines.append(f"flush table {GATE}")
     for name, elements in (("allowed4", a4), ("allowed6", a6), ("subnets4", s4), ("subnets6", s6)):
-        lines += [f"flush set {GATE} {name}", *_fill(name, elements)]
+        lines += [f"flush set {GATE} {name}", *_elements("add", name, elements)]
     return "\n".join([*lines, *_rules()]) + "\n"
 
 
-def render_gate_replace(allowed: Iterable[str], subnets: Iterable[str]) -> str:
+def render_gate_replace(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> str:
     """The whole gate as a delete-and-create replace (apply via `transactions`)."""
-    a4, a6 = split_addrs(allowed)
+    a4, a6 = split_entries(entries)
     s4, s6 = split_subnets(subnets)
-    body = [
-        *_set("allowed4", "ipv4_addr", a4, False),
-        *_set("allowed6", "ipv6_addr", a6, False),
-        *_set("subnets4", "ipv4_addr", s4, True),
-        *_set("subnets6", "ipv6_addr", s6, True),
-        *_chain("forward", _drops("in") + _drops("out")),
-        *_chain("input", _drops("in")),
-        *_chain("output", _drops("out")),
-    ]
     head = [f"add table {GATE}", f"delete table {GATE}", f"table {GATE} {{"]
-    return "\n".join([*head, *body, "}"]) + "\n"
+    return "\n".join([*head, *_sets(a4, a6, s4, s6), *_chains(True), "}"]) + "\n"
 
 
-def render_gate_add(ips: Iterable[str]) -> str | None:
-    """Let these IPs through (idempotent); None when there are none."""
-    a4, a6 = split_addrs(ips)
-    lines = [
-        f"add element {GATE} {name} {{ {', '.join(addrs)} }}"
-        for name, addrs in (("allowed4", a4), ("allowed6", a6))
-        if addrs
-    ]
+def render_gate_add(entries: Iterable[tuple[str, str]]) -> str | None:
+    """Let these (port, ip) pairs through (idempotent); None when there are none."""
+    a4, a6 = split_entries(entries)
+    lines = _elements("add", "allowed4", a4) + _elements("add", "allowed6", a6)
     return "\n".join(lines) + "\n" if lines else None
 
 
-def render_gate_remove(ips: Iterable[str]) -> str | None:
-    """Stop letting these IPs through; None when there are none.
+def render_gate_remove(entries: Iterable[tuple[str, str]]) -> str | None:
+    """Stop letting these (port, ip) pairs through; None when there are none.
 
     nftables 1.0.6 has no `destroy element`, and deleting an absent element
     fails the transaction, so each element is added then deleted in the same
     transaction: the result is "absent" whether or not it was there.
     """
-    a4, a6 = split_addrs(ips)
+    a4, a6 = split_entries(entries)
     lines: list[str] = []
-    for name, addrs in (("allowed4", a4), ("allowed6", a6)):
-        if addrs:
-            elems = ", ".join(addrs)
-            lines += [
-                f"add element {GATE} {name} {{ {elems} }}",
-                f"delete element {GATE} {name} {{ {elems} }}",
-            ]
+    for name, elements in (("allowed4", a4), ("allowed6", a6)):
+        lines += _elements("add", name, elements) + _elements("delete", name, elements)
     return "\n".join(lines) + "\n" if lines else None
 
 
@@ -183,9 +223,10 @@ def render_gate_subnets(subnets: Iterable[str]) -> str:
     """Replace the guarded subnets in one transaction."""
     s4, s6 = split_subnets(subnets)
     lines = [f"flush set {GATE} subnets4", f"flush set {GATE} subnets6"]
-    lines += [
-        f"add element {GATE} {name} {{ {', '.join(nets)} }}"
-        for name, nets in (("subnets4", s4), ("subnets6", s6))
-        if nets
-    ]
+    lines += _elements("add", "subnets4", s4) + _elements("add", "subnets6", s6)
     return "\n".join(lines) + "\n"
+
+
+def transactions(script: str) -> list[str]:
+    """The nft transactions that apply a gate script: a replace commits its shadow first."""
+    return _transactions(script, shadow_first=True)

@@ -250,7 +250,7 @@ _REPLACE_RE = re.compile(
 )
 
 
-def transactions(script: str) -> list[str]:
+def transactions(script: str, *, shadow_first: bool = False) -> list[str]:
     """The nft transactions that apply `script` with no moment of lesser enforcement.
 
     Measured on kernel 6.18 / nftables 1.0.6: deleting and re-creating a table
@@ -262,6 +262,12 @@ def transactions(script: str) -> list[str]:
     contents *and* replace T; drop `T_shadow`. The switch from old to new rules
     still happens in one commit; until the last step a packet must pass both
     copies of the new rules. Any other script is one transaction, as given.
+
+    That is enough for tables that only accept (policy drop). A table that
+    drops on a *match* in one of its sets (the host gate) also leaks through a
+    shadow created in the same transaction as the replace: `shadow_first`
+    commits the shadow in a transaction of its own first, so four
+    transactions: drop `T_shadow`; create it; replace T; drop it.
     """
     m = _REPLACE_RE.match(script)
     if m is None:
@@ -269,4 +275,7 @@ def transactions(script: str) -> list[str]:
     family, name = m["family"], m["name"]
     shadow = name + SHADOW_SUFFIX
     drop = _drop(family, shadow)
-    return [drop, f"table {family} {shadow} {script[m.end() :]}{script}", drop]
+    copy = f"table {family} {shadow} {script[m.end() :]}"
+    if shadow_first:
+        return [drop, copy, script, drop]
+    return [drop, f"{copy}{script}", drop]

@@ -160,9 +160,22 @@ class Netns:
 
         def count() -> int:
             text = self.nft("list", "chain", "inet", "probe", "after")
-            return int(text.split("counter packets ")[1].split()[0])
+            line = next(x for x in text.splitlines() if f"udp dport {port} " in x)
+            return int(line.split("counter packets ")[1].split()[0])
 
         return count
+
+    def mac(self, dev: str) -> str:
+        link: list[dict[str, str]] = json.loads(self.ip("-j", "link", "show", dev))
+        return link[0]["address"]
+
+    def pin_neighbour(self, addr: str, mac: str, dev: str) -> None:
+        """Resolve `addr` to `mac` on `dev` for good (no ARP / neighbour discovery)."""
+        self.ip("neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent")
+
+    def link_names(self) -> list[str]:
+        links: list[dict[str, str]] = json.loads(self.ip("-j", "link", "show"))
+        return [link["ifname"] for link in links]
 
     def serve(self, tcp: Sequence[int] = (), udp: Sequence[int] = ()) -> None:
         """Answer "ok" on these ports (both families) until the test ends."""
@@ -252,6 +265,27 @@ def make_netns() -> Iterator[MakeNetns]:
             ns.delete()
 
 
+def _veth(port: str, host: Netns, peer: Netns, peer_name: str = "eth0") -> None:
+    """A veth pair: `port` in `host`, `peer_name` in `peer`."""
+    _run(
+        [
+            "ip",
+            "link",
+            "add",
+            port,
+            "netns",
+            host.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer_name,
+            "netns",
+            peer.name,
+        ]
+    )
+
+
 @dataclass(frozen=True)
 class Pair:
     """Two namespaces on one veth link: `a` (.1, and .3 as a second source) and `b` (.2)."""
@@ -269,23 +303,7 @@ class Pair:
 @pytest.fixture
 def pair(make_netns: MakeNetns) -> Pair:
     a, b = make_netns("a"), make_netns("b")
-    _run(
-        [
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            a.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            b.name,
-        ]
-    )
+    _veth("eth0", a, b)
     p = Pair(a, b)
     for ns, addrs in ((a, (p.a4, p.a4_other, p.a6, p.a6_other)), (b, (p.b4, p.b6))):
         for addr in addrs:
@@ -300,8 +318,8 @@ def pair(make_netns: MakeNetns) -> Pair:
 
 @dataclass(frozen=True)
 class BridgeLab:
-    """A Docker-like bridge in `gw` with containers `c1`, `c2` on `veth*` ports,
-    and `out`, a network routed via `gw` that is not on the bridge."""
+    """A Docker-like bridge in `gw` with containers `c1`, `c2` on the ports `veth1`,
+    `veth2`, and `out`, a network routed via `gw` that is not on the bridge."""
 
     gw: Netns
     c1: Netns
@@ -317,6 +335,49 @@ class BridgeLab:
     c2_6: str = "fd10:213:1::12"
     out6: str = "fd10:213:2::2"
     subnets: tuple[str, ...] = ("10.213.1.0/24", "fd10:213:1::/64")
+    c1_port: str = "veth1"
+    c2_port: str = "veth2"
+
+    def forget_neighbours(self, *more: Netns) -> None:
+        """Drop learned (not pinned) neighbours everywhere, `more` namespaces' eth0 too.
+
+        After traffic was dropped, lookups stay pending for seconds and retry
+        only once a second: a probe right after the gate opens may time out.
+        """
+        ends = [(self.c1, "eth0"), (self.c2, "eth0"), (self.gw, self.bridge), (self.gw, "up0")]
+        ends += [(self.out, "dn0"), *((ns, "eth0") for ns in more)]
+        for ns, dev in ends:
+            _run(["ip", "-n", ns.name, "neigh", "flush", "dev", dev], check=False)
+
+    @property
+    def entries(self) -> list[tuple[str, str]]:
+        """The gate entries that admit c1 and c2 on their own ports."""
+        return [
+            (self.c1_port, self.c1_4),
+            (self.c1_port, self.c1_6),
+            (self.c2_port, self.c2_4),
+            (self.c2_port, self.c2_6),
+        ]
+
+
+def attach(lab: BridgeLab, c: Netns, port: str, addrs: Sequence[str] = ()) -> None:
+    """Put `c` on the lab's bridge like a container: its `eth0` behind the port `port`.
+
+    With an address of a family, `c` also gets a default route via the bridge for it.
+    """
+    _veth(port, lab.gw, c)
+    lab.gw.ip("link", "set", port, "master", lab.bridge, "up")
+    for addr in addrs:
+        if ":" in addr:
+            c.ip("addr", "add", f"{addr}/64", "dev", "eth0", "nodad")
+        else:
+            c.ip("addr", "add", f"{addr}/24", "dev", "eth0")
+    c.ip("link", "set", "eth0", "up")
+    if any(":" not in a for a in addrs):
+        c.ip("route", "add", "default", "via", lab.gw4)
+    if any(":" in a for a in addrs):
+        c.ip("-6", "route", "add", "default", "via", lab.gw6)
+    c.wait_ipv6("eth0")
 
 
 @pytest.fixture
@@ -327,48 +388,9 @@ def bridge_lab(make_netns: MakeNetns) -> BridgeLab:
     gw.ip("addr", "add", f"{lab.gw4}/24", "dev", lab.bridge)
     gw.ip("addr", "add", f"{lab.gw6}/64", "dev", lab.bridge, "nodad")
     gw.ip("link", "set", lab.bridge, "up")
-    for i, (c, a4, a6) in enumerate(((c1, lab.c1_4, lab.c1_6), (c2, lab.c2_4, lab.c2_6)), 1):
-        port = f"veth{i}"
-        _run(
-            [
-                "ip",
-                "link",
-                "add",
-                port,
-                "netns",
-                gw.name,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                c.name,
-            ]
-        )
-        gw.ip("link", "set", port, "master", lab.bridge, "up")
-        c.ip("addr", "add", f"{a4}/24", "dev", "eth0")
-        c.ip("addr", "add", f"{a6}/64", "dev", "eth0", "nodad")
-        c.ip("link", "set", "eth0", "up")
-        c.ip("route", "add", "default", "via", lab.gw4)
-        c.ip("-6", "route", "add", "default", "via", lab.gw6)
-    _run(
-        [
-            "ip",
-            "link",
-            "add",
-            "up0",
-            "netns",
-            gw.name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "dn0",
-            "netns",
-            out.name,
-        ]
-    )
+    attach(lab, c1, lab.c1_port, (lab.c1_4, lab.c1_6))
+    attach(lab, c2, lab.c2_port, (lab.c2_4, lab.c2_6))
+    _veth("up0", gw, out, "dn0")
     gw.ip("addr", "add", "10.213.2.1/24", "dev", "up0")
     gw.ip("addr", "add", "fd10:213:2::1/64", "dev", "up0", "nodad")
     gw.ip("link", "set", "up0", "up")
@@ -379,6 +401,6 @@ def bridge_lab(make_netns: MakeNetns) -> BridgeLab:
     out.ip("-6", "route", "add", "default", "via", "fd10:213:2::1")
     gw.sysctl("net.ipv4.ip_forward", "1")
     gw.sysctl("net.ipv6.conf.all.forwarding", "1")
-    for ns, dev in ((gw, lab.bridge), (gw, "up0"), (c1, "eth0"), (c2, "eth0"), (out, "dn0")):
+    for ns, dev in ((gw, lab.bridge), (gw, "up0"), (out, "dn0")):
         ns.wait_ipv6(dev)
     return lab

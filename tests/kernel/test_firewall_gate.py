@@ -7,14 +7,18 @@ containers on `veth*` ports.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path as FilePath
 
 import pytest
+import structlog
 
-from segd.firewall import Firewall
-from tests.kernel.conftest import BridgeLab, Netns, Probe
+from segd.firewall import Firewall, NsRef, gate
+from tests.kernel.conftest import BridgeLab, MakeNetns, Netns, Probe, attach
 
 pytestmark = pytest.mark.kernel
 
@@ -69,10 +73,11 @@ async def test_gate_drops_unenforced_ips_until_they_are_added(
         await fw.gate_rebuild([], lab.subnets)
         assert not any(reach(ps).values()), reach(ps)
 
-        await fw.gate_add([lab.c1_4, lab.c1_6, lab.c2_4, lab.c2_6])
+        await fw.gate_add(lab.entries)
+        lab.forget_neighbours()
         assert all(reach(ps).values()), reach(ps)
 
-        await fw.gate_remove([lab.c2_4, lab.c2_6])
+        await fw.gate_remove([("veth2", lab.c2_4), ("veth2", lab.c2_6)])
         got = reach(ps)
         for label, ok in got.items():
             assert ok == ("c2" not in label), (label, got)
@@ -87,9 +92,9 @@ async def test_gate_stops_tcp_too(bridge_lab: BridgeLab) -> None:
     lab.gw.serve(tcp=[81])
     probes = [Probe(lab.c2_4, 80), Probe(lab.c2_6, 80), Probe(lab.gw4, 81), Probe(lab.gw6, 81)]
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([lab.c2_4, lab.c2_6], lab.subnets)
+        await fw.gate_rebuild([("veth2", lab.c2_4), ("veth2", lab.c2_6)], lab.subnets)
         assert lab.c1.probe(probes) == ["timeout"] * 4
-        await fw.gate_add([lab.c1_4, lab.c1_6])
+        await fw.gate_add([("veth1", lab.c1_4), ("veth1", lab.c1_6)])
         assert lab.c1.probe(probes) == ["ok"] * 4
 
 
@@ -101,11 +106,11 @@ def test_gate_survives_the_agent_being_killed(bridge_lab: BridgeLab) -> None:
         "async def main():\n"
         "    fw = Firewall(gate_ns=sys.argv[1])\n"
         "    await fw.start()\n"
-        "    await fw.gate_rebuild([sys.argv[2]], sys.argv[3:])\n"
+        "    await fw.gate_rebuild([(sys.argv[2], sys.argv[3])], sys.argv[4:])\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "asyncio.run(main())\n"
     )
-    argv = [sys.executable, "-c", code, lab.gw.path, lab.c2_4, *lab.subnets]
+    argv = [sys.executable, "-c", code, lab.gw.path, "veth2", lab.c2_4, *lab.subnets]
     proc = subprocess.run(argv, capture_output=True, timeout=60, check=False)
     assert proc.returncode == -9, proc.stderr
     assert "allowed4" in lab.gw.nft("list", "table", "bridge", "segd_gate")
@@ -119,12 +124,14 @@ async def test_gate_rebuild_never_lets_a_packet_through(bridge_lab: BridgeLab) -
     lab = bridge_lab
     received = lab.c2.count_input(9999)
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([lab.c2_4], lab.subnets)
+        await fw.gate_rebuild([("veth2", lab.c2_4)], lab.subnets)
         sender = lab.c1.flood_udp(lab.c2_4, 9999, 2.0)
         rebuilds = 0
         while sender.poll() is None:
-            allowed = [lab.c2_4] if rebuilds % 2 else [lab.c2_4, "10.213.1.99"]
-            await fw.gate_rebuild(allowed, lab.subnets)
+            admitted = [("veth2", lab.c2_4)]
+            if rebuilds % 2:
+                admitted.append(("veth9", "10.213.1.99"))
+            await fw.gate_rebuild(admitted, lab.subnets)
             rebuilds += 1
         assert sender.stdout is not None
         sent = int(sender.stdout.read())
@@ -132,9 +139,31 @@ async def test_gate_rebuild_never_lets_a_packet_through(bridge_lab: BridgeLab) -
         assert received() == 0
 
         # Control: the same flood does arrive once c1 is let through.
-        await fw.gate_add([lab.c1_4])
+        await fw.gate_add([("veth1", lab.c1_4)])
         lab.c1.flood_udp(lab.c2_4, 9999, 0.2).wait(timeout=30)
         assert received() > 0
+
+
+async def test_gate_replace_never_lets_a_packet_through(bridge_lab: BridgeLab) -> None:
+    """The fallback (delete and re-create the table) under a flood from an unenforced IP."""
+    lab = bridge_lab
+    received = lab.c2.count_input(9999)
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        await fw.gate_rebuild([("veth2", lab.c2_4)], lab.subnets)
+        sender = lab.c1.flood_udp(lab.c2_4, 9999, 2.0)
+        replaces = 0
+        while sender.poll() is None:
+            admitted = [("veth2", lab.c2_4)]
+            if replaces % 2:
+                admitted.append(("veth9", "10.213.1.99"))
+            # What gate_rebuild falls back to when the table is not of our shape.
+            await fw._gate_apply(gate.render_gate_replace(admitted, lab.subnets))
+            replaces += 1
+        assert sender.stdout is not None
+        sent = int(sender.stdout.read())
+        assert replaces > 20 and sent > 1000
+        assert received() == 0
+    assert lab.gw.nft("list", "tables").count("segd_gate") == 1  # no shadow left behind
 
 
 async def test_gate_rebuild_replaces_a_table_that_is_not_ours(bridge_lab: BridgeLab) -> None:
@@ -144,12 +173,199 @@ async def test_gate_rebuild_replaces_a_table_that_is_not_ours(bridge_lab: Bridge
         " flags interval; }; add chain bridge segd_gate junk"
     )
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([lab.c2_4], lab.subnets)
+        await fw.gate_rebuild([("veth2", lab.c2_4)], lab.subnets)
         listing = await fw.gate_list()
     assert listing is not None and "junk" not in listing
     assert lab.gw.nft("list", "tables").count("segd_gate") == 1  # no shadow left behind
     assert not lab.c1.ping(lab.c2_4)
     assert lab.c2.ping(lab.gw4)
+
+
+def ip_only_gate(allowed4: list[str], allowed6: list[str], subnets4: str, subnets6: str) -> str:
+    """The gate as earlier versions wrote it: addresses only, on any port."""
+
+    def drops(port: str, side: str) -> str:
+        return (
+            f'{port} "veth*" ip {side} @subnets4 ip {side} != @allowed4 drop\n'
+            f'{port} "veth*" ip6 {side} @subnets6 ip6 {side} != @allowed6 drop\n'
+        )
+
+    ins, outs = drops("iifname", "saddr"), drops("oifname", "daddr")
+    head = "type filter hook {} priority -200; policy accept;\n"
+    return (
+        "table bridge segd_gate {\n"
+        f"set allowed4 {{ type ipv4_addr; elements = {{ {', '.join(allowed4)} }}; }}\n"
+        f"set allowed6 {{ type ipv6_addr; elements = {{ {', '.join(allowed6)} }}; }}\n"
+        f"set subnets4 {{ type ipv4_addr; flags interval; elements = {{ {subnets4} }}; }}\n"
+        f"set subnets6 {{ type ipv6_addr; flags interval; elements = {{ {subnets6} }}; }}\n"
+        f"chain forward {{\n{head.format('forward')}{ins}{outs}}}\n"
+        f"chain input {{\n{head.format('input')}{ins}}}\n"
+        f"chain output {{\n{head.format('output')}{outs}}}\n"
+        "}\n"
+    )
+
+
+def spoofer(lab: BridgeLab, x: Netns, port: str, addr: str) -> None:
+    """Put `x` on the bridge behind `port`, holding `addr` (someone else's address).
+
+    Its neighbours are pinned and it answers no ARP, so it cannot disturb how
+    the others resolve `addr`: only the frames it sends with `addr` as source
+    reach anyone.
+    """
+    attach(lab, x, port)
+    x.ip("link", "set", "eth0", "arp", "off")
+    x.ip("addr", "add", f"{addr}/24", "dev", "eth0")
+    x.pin_neighbour(lab.c2_4, lab.c2.mac("eth0"), "eth0")
+    x.pin_neighbour(lab.gw4, lab.gw.mac(lab.bridge), "eth0")
+
+
+def spoofed(lab: BridgeLab, x: Netns, src: str) -> dict[str, int]:
+    """Flood c2 and the bridge address from `x` with source `src`; what each received."""
+    to_c2, to_gw = lab.c2.count_input(9001), lab.gw.count_input(9002)
+    before = {"c2": to_c2(), "bridge": to_gw()}
+    floods = [x.flood_udp(lab.c2_4, 9001, 0.3, src), x.flood_udp(lab.gw4, 9002, 0.3, src)]
+    for f in floods:
+        f.wait(timeout=30)
+        assert f.stdout is not None and int(f.stdout.read()) > 100
+    return {"c2": to_c2() - before["c2"], "bridge": to_gw() - before["bridge"]}
+
+
+async def test_gate_rebuild_upgrades_an_ip_only_gate(
+    bridge_lab: BridgeLab, make_netns: MakeNetns, tmp_path: FilePath
+) -> None:
+    lab = bridge_lab
+    old = tmp_path / "old.nft"
+    old.write_text(ip_only_gate([lab.c1_4, lab.c2_4], [lab.c1_6, lab.c2_6], *lab.subnets))
+    lab.gw.nft("-f", str(old))
+    x = make_netns("x")
+    spoofer(lab, x, "veth3", lab.c1_4)
+    # The hole: the IP-only gate admits c1's address from any port.
+    got = spoofed(lab, x, lab.c1_4)
+    assert got["c2"] > 0 and got["bridge"] > 0, got
+
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        with structlog.testing.capture_logs() as logs:
+            await fw.gate_rebuild(lab.entries, lab.subnets)
+        listing = await fw.gate_list()
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["firewall.gate_replaced"]
+    assert listing is not None
+    assert "type ifname . ipv4_addr" in listing and "type ifname . ipv6_addr" in listing
+    assert f'"veth1" . {lab.c1_4}' in listing and f'"veth2" . {lab.c2_6}' in listing
+    assert lab.gw.nft("list", "tables").count("segd_gate") == 1  # no shadow left behind
+    assert spoofed(lab, x, lab.c1_4) == {"c2": 0, "bridge": 0}
+    assert all(reach(paths(lab)).values())
+
+
+@pytest.mark.parametrize("fam", ["4", "6"])
+async def test_an_admitted_address_behind_another_port_is_dropped(
+    fam: str, bridge_lab: BridgeLab, make_netns: MakeNetns
+) -> None:
+    """Spoofing: `x`, on port veth3, takes c1's address, which the gate admits on veth1."""
+    lab = bridge_lab
+    c1, c2, gw = (lab.c1_4, lab.c2_4, lab.gw4) if fam == "4" else (lab.c1_6, lab.c2_6, lab.gw6)
+    x = make_netns("x")
+    attach(lab, x, "veth3")
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        await fw.gate_rebuild(lab.entries, lab.subnets)
+        # The right port passes, every way: to c2, the bridge, the outside and back.
+        assert all(reach(paths(lab)).values()), reach(paths(lab))
+
+        # The attack. Neighbours are pinned so each frame takes the port under test:
+        # x -> c2 and x -> bridge leave through veth3 with c1's address as source;
+        # c2's and the host's frames to c1's address go to x's MAC, out of veth3.
+        x.ip("addr", "add", f"{c1}/{64 if fam == '6' else 24}", "dev", "eth0", "nodad")
+        x.pin_neighbour(c2, lab.c2.mac("eth0"), "eth0")
+        x.pin_neighbour(gw, lab.gw.mac(lab.bridge), "eth0")
+        x_mac = x.mac("eth0")
+        lab.c2.pin_neighbour(c1, x_mac, "eth0")
+        lab.gw.pin_neighbour(c1, x_mac, lab.bridge)
+        lab.gw.run("bridge", "fdb", "replace", x_mac, "dev", "veth3", "master", "static")
+        counters = {
+            "x->c2 (forward)": lab.c2.count_input(9001),
+            "x->bridge (input)": lab.gw.count_input(9002),
+            "c2->x (forward, reply direction)": x.count_input(9003),
+            "host->x (output, reply direction)": x.count_input(9004),
+        }
+
+        def flood() -> dict[str, int]:
+            before = {k: count() for k, count in counters.items()}
+            floods = [
+                x.flood_udp(c2, 9001, 0.3, c1),
+                x.flood_udp(gw, 9002, 0.3, c1),
+                lab.c2.flood_udp(c1, 9003, 0.3),
+                lab.gw.flood_udp(c1, 9004, 0.3),
+            ]
+            for f in floods:
+                f.wait(timeout=30)
+                assert f.stdout is not None and int(f.stdout.read()) > 100
+            return {k: count() - before[k] for k, count in counters.items()}
+
+        got = flood()
+        assert got == dict.fromkeys(counters, 0), got
+
+        # Control: the same frames arrive once the address is admitted on x's port.
+        await fw.gate_add([("veth3", c1)])
+        got = flood()
+        assert all(n > 0 for n in got.values()), got
+
+
+async def test_a_reused_address_behind_a_new_port_stays_dark(
+    bridge_lab: BridgeLab, make_netns: MakeNetns
+) -> None:
+    """The agent is down; c1 dies; a newcomer gets c1's addresses on a new port."""
+    lab = bridge_lab
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        await fw.gate_rebuild(lab.entries, lab.subnets)
+    assert lab.c2.ping(lab.c1_4) and lab.c2.ping(lab.c1_6)
+
+    lab.c1.delete()  # and with it both ends of veth1
+    deadline = time.monotonic() + 10
+    while "veth1" in lab.gw.link_names():
+        assert time.monotonic() < deadline, "veth1 outlived its namespace"
+        await asyncio.sleep(0.01)
+    new = make_netns("new")
+    attach(lab, new, "veth4", (lab.c1_4, lab.c1_6))
+    lab.forget_neighbours()  # c1's MAC
+    stale = lab.gw.nft("list", "set", "bridge", "segd_gate", "allowed4")
+    assert f'"veth1" . {lab.c1_4}' in stale  # nobody cleaned up
+
+    ps: list[Path] = []
+    for fam, (me, c2, gw, far) in {
+        "4": (lab.c1_4, lab.c2_4, lab.gw4, lab.out4),
+        "6": (lab.c1_6, lab.c2_6, lab.gw6, lab.out6),
+    }.items():
+        ps += [
+            (f"new->c2/{fam}", new, c2),
+            (f"c2->new/{fam}", lab.c2, me),
+            (f"new->bridge/{fam}", new, gw),
+            (f"new->outside/{fam}", new, far),
+            (f"host->new/{fam}", lab.gw, me),
+            (f"outside->new/{fam}", lab.out, me),
+        ]
+    got = reach(ps)
+    assert not any(got.values()), got
+
+    # Control: the newcomer's own entries let it through.
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        await fw.gate_add([("veth4", lab.c1_4), ("veth4", lab.c1_6)])
+    lab.forget_neighbours(new)
+    got = reach(ps)
+    assert all(got.values()), got
+
+
+async def test_entries_from_ports_admit_the_containers(bridge_lab: BridgeLab) -> None:
+    lab = bridge_lab
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        await fw.gate_rebuild([], lab.subnets)
+        assert not any(reach(paths(lab)).values())
+        entries = []
+        for c in (lab.c1, lab.c2):
+            found = await fw.ports(NsRef(c.name, c.path))
+            entries += [(port, ip) for ip, port in found.items()]
+        assert sorted(entries) == sorted(lab.entries)
+        await fw.gate_add(entries)
+        lab.forget_neighbours()
+        assert all(reach(paths(lab)).values())
 
 
 async def test_gate_subnets_scope_the_gate(bridge_lab: BridgeLab) -> None:
@@ -166,18 +382,20 @@ async def test_gate_subnets_scope_the_gate(bridge_lab: BridgeLab) -> None:
 
 async def test_gate_add_and_remove_are_idempotent(bridge_lab: BridgeLab) -> None:
     lab = bridge_lab
+    c1, c2_6 = ("veth1", lab.c1_4), ("veth2", lab.c2_6)
     async with Firewall(gate_ns=lab.gw.path) as fw:
         assert await fw.gate_list() is None
-        await fw.gate_rebuild([lab.c1_4], lab.subnets)
-        await fw.gate_add([lab.c1_4, lab.c2_6])
-        await fw.gate_add([lab.c1_4, lab.c2_6])
-        await fw.gate_remove(["10.213.1.77", lab.c2_6])  # one of them was never there
-        await fw.gate_remove([lab.c2_6])
+        await fw.gate_rebuild([c1], lab.subnets)
+        await fw.gate_add([c1, c2_6])
+        await fw.gate_add([c1, c2_6])
+        await fw.gate_remove([("veth2", "10.213.1.77"), c2_6])  # one was never there
+        await fw.gate_remove([c2_6])
+        await fw.gate_remove([("veth2", lab.c1_4)])  # c1's address, but not its port
         await fw.gate_add([])
         await fw.gate_remove([])
         listing = await fw.gate_list()
     assert listing is not None
-    assert f"elements = {{ {lab.c1_4} }}" in listing
+    assert f'elements = {{ "veth1" . {lab.c1_4} }}' in listing
     assert lab.c2_6 not in listing and "10.213.1.77" not in listing
 
 
@@ -185,9 +403,9 @@ async def test_backends_list_the_gate_alike(bridge_lab: BridgeLab) -> None:
     lab = bridge_lab
     gw = lab.gw.path
     async with Firewall("libnftables", gate_ns=gw) as lib, Firewall("nsenter", gate_ns=gw) as cli:
-        await cli.gate_rebuild([lab.c1_4, lab.c2_6], lab.subnets)
+        await cli.gate_rebuild(lab.entries, lab.subnets)
         first = await lib.gate_list()
         assert first is not None
         assert first == await cli.gate_list()
-        await lib.gate_rebuild([lab.c1_4, lab.c2_6], lab.subnets)
+        await lib.gate_rebuild(lab.entries, lab.subnets)
         assert await cli.gate_list() == first

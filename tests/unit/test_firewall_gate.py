@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from segd.firewall import gate, render
+from segd.firewall.gate import GateEntry
 
 
 def _drops(port: str, side: str) -> list[str]:
     return [
-        f'\t\t{port} "veth*" ip {side} @subnets4 ip {side} != @allowed4 drop',
-        f'\t\t{port} "veth*" ip6 {side} @subnets6 ip6 {side} != @allowed6 drop',
+        f'\t\t{port} "veth*" ip {side} @subnets4 {port} . ip {side} != @allowed4 drop',
+        f'\t\t{port} "veth*" ip6 {side} @subnets6 {port} . ip6 {side} != @allowed6 drop',
     ]
 
 
@@ -23,8 +24,8 @@ def expected_gate(a4: str = "", a6: str = "", s4: str = "", s6: str = "") -> str
     lines = ["add table bridge segd_gate", "delete table bridge segd_gate"]
     lines += ["table bridge segd_gate {"]
     for name, typ, interval, elems in (
-        ("allowed4", "ipv4_addr", False, a4),
-        ("allowed6", "ipv6_addr", False, a6),
+        ("allowed4", "ifname . ipv4_addr", False, a4),
+        ("allowed6", "ifname . ipv6_addr", False, a6),
         ("subnets4", "ipv4_addr", True, s4),
         ("subnets6", "ipv6_addr", True, s6),
     ):
@@ -37,33 +38,55 @@ def expected_gate(a4: str = "", a6: str = "", s4: str = "", s6: str = "") -> str
     return "\n".join([*lines, "}"]) + "\n"
 
 
-GATES: list[tuple[str, list[str], list[str], str]] = [
+Entries = list[tuple[str, str]]
+
+GATES: list[tuple[str, Entries, list[str], str]] = [
     ("empty gate", [], [], expected_gate()),
     (
         "docker default bridge, two enforced containers",
-        ["172.17.0.3", "172.17.0.2"],
+        [("veth9f3a1c2", "172.17.0.3"), ("veth0b7e4d1", "172.17.0.2")],
         ["172.17.0.0/16"],
-        expected_gate(a4="172.17.0.2, 172.17.0.3", s4="172.17.0.0/16"),
+        expected_gate(
+            a4='"veth0b7e4d1" . 172.17.0.2, "veth9f3a1c2" . 172.17.0.3', s4="172.17.0.0/16"
+        ),
     ),
     (
-        "both families; subnets normalised, merged and sorted",
-        ["fd00:dead::2", "10.213.0.2", "10.213.0.2"],
+        "both families; duplicates merged; subnets normalised, merged and sorted",
+        [
+            GateEntry("veth1", "fd00:dead:0::2"),
+            GateEntry("veth1", "10.213.0.2"),
+            ("veth1", "10.213.0.2"),
+        ],
         ["172.18.0.1/16", "10.213.0.0/24", "10.213.1.0/24", "fd00:dead::/64", "172.18.5.0/24"],
         expected_gate(
-            a4="10.213.0.2",
-            a6="fd00:dead::2",
+            a4='"veth1" . 10.213.0.2',
+            a6='"veth1" . fd00:dead::2',
             s4="10.213.0.0/23, 172.18.0.0/16",
             s6="fd00:dead::/64",
         ),
+    ),
+    (
+        "one address behind two ports (a stale entry and its successor): both kept",
+        [("vethb", "172.17.0.2"), ("vetha", "172.17.0.2"), ("vetha", "172.17.0.10")],
+        [],
+        expected_gate(
+            a4='"vetha" . 172.17.0.2, "vethb" . 172.17.0.2, "vetha" . 172.17.0.10',
+        ),
+    ),
+    (
+        "every character a port name may have",
+        [("veth_a.b@c-D9", "10.0.0.1"), ("veth", "10.0.0.2")],
+        [],
+        expected_gate(a4='"veth_a.b@c-D9" . 10.0.0.1, "veth" . 10.0.0.2'),
     ),
 ]
 
 
 @pytest.mark.parametrize(
-    ("allowed", "subnets", "expected"), [g[1:] for g in GATES], ids=[g[0] for g in GATES]
+    ("entries", "subnets", "expected"), [g[1:] for g in GATES], ids=[g[0] for g in GATES]
 )
-def test_render_gate_replace(allowed: list[str], subnets: list[str], expected: str) -> None:
-    assert gate.render_gate_replace(allowed, subnets) == expected
+def test_render_gate_replace(entries: Entries, subnets: list[str], expected: str) -> None:
+    assert gate.render_gate_replace(entries, subnets) == expected
 
 
 _IN, _OUT = _drops("iifname", "saddr"), _drops("oifname", "daddr")
@@ -75,15 +98,15 @@ RULES = [
 
 
 def test_render_gate_rewrites_in_place() -> None:
-    text = gate.render_gate(["172.17.0.2", "fd00::2"], ["172.17.0.0/16"])
+    text = gate.render_gate([("veth1", "172.17.0.2"), ("veth1", "fd00::2")], ["172.17.0.0/16"])
     declared = expected_gate().split("table bridge segd_gate {\n")[1]
     declared = "\n".join(line for line in declared.splitlines() if "drop" not in line)
     assert text == (
         "table bridge segd_gate {\n" + declared + "\nflush table bridge segd_gate\n"
         "flush set bridge segd_gate allowed4\n"
-        "add element bridge segd_gate allowed4 { 172.17.0.2 }\n"
+        'add element bridge segd_gate allowed4 { "veth1" . 172.17.0.2 }\n'
         "flush set bridge segd_gate allowed6\n"
-        "add element bridge segd_gate allowed6 { fd00::2 }\n"
+        'add element bridge segd_gate allowed6 { "veth1" . fd00::2 }\n'
         "flush set bridge segd_gate subnets4\n"
         "add element bridge segd_gate subnets4 { 172.17.0.0/16 }\n"
         "flush set bridge segd_gate subnets6\n"
@@ -93,22 +116,39 @@ def test_render_gate_rewrites_in_place() -> None:
 
 def test_gate_rewrite_is_one_transaction() -> None:
     text = gate.render_gate([], [])
-    assert render.transactions(text) == [text]
+    assert gate.transactions(text) == [text]
+    add = gate.render_gate_add([("veth1", "10.0.0.1")])
+    assert add is not None and gate.transactions(add) == [add]
+
+
+def test_gate_replace_commits_its_shadow_first() -> None:
+    text = gate.render_gate_replace([("veth1", "10.0.0.1")], ["10.0.0.0/8"])
+    body = text.split("table bridge segd_gate {\n", 1)[1]
+    drop = "add table bridge segd_gate_shadow\ndelete table bridge segd_gate_shadow\n"
+    assert gate.transactions(text) == [
+        drop,
+        "table bridge segd_gate_shadow {\n" + body,
+        text,
+        drop,
+    ]
+    # The container tables keep the three-step replace.
+    assert len(render.transactions(text)) == 3
 
 
 def test_gate_add() -> None:
     assert gate.render_gate_add([]) is None
-    assert gate.render_gate_add(["fd00::3", "10.0.0.2", "10.0.0.1"]) == (
-        "add element bridge segd_gate allowed4 { 10.0.0.1, 10.0.0.2 }\n"
-        "add element bridge segd_gate allowed6 { fd00::3 }\n"
+    entries = [("veth2", "fd00::3"), ("veth1", "10.0.0.2"), ("veth1", "10.0.0.1")]
+    assert gate.render_gate_add(entries) == (
+        'add element bridge segd_gate allowed4 { "veth1" . 10.0.0.1, "veth1" . 10.0.0.2 }\n'
+        'add element bridge segd_gate allowed6 { "veth2" . fd00::3 }\n'
     )
 
 
 def test_gate_remove_is_idempotent_by_construction() -> None:
     assert gate.render_gate_remove([]) is None
-    assert gate.render_gate_remove(["10.0.0.1"]) == (
-        "add element bridge segd_gate allowed4 { 10.0.0.1 }\n"
-        "delete element bridge segd_gate allowed4 { 10.0.0.1 }\n"
+    assert gate.render_gate_remove([GateEntry("veth1", "10.0.0.1")]) == (
+        'add element bridge segd_gate allowed4 { "veth1" . 10.0.0.1 }\n'
+        'delete element bridge segd_gate allowed4 { "veth1" . 10.0.0.1 }\n'
     )
 
 
@@ -136,10 +176,73 @@ def test_hostile_subnets_are_refused(subnet: str) -> None:
         gate.render_gate_subnets([subnet])
 
 
-@pytest.mark.parametrize("ip", ["1.2.3.4 } ; flush ruleset", "172.17.0.0/16", "fe80::1%veth0"])
+def _every_entry_renderer_refuses(entry: object, match: str) -> None:
+    entries: list[tuple[str, str]] = [entry]  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=match):
+        gate.render_gate_add(entries)
+    with pytest.raises(ValueError, match=match):
+        gate.render_gate_remove(entries)
+    with pytest.raises(ValueError, match=match):
+        gate.render_gate(entries, [])
+    with pytest.raises(ValueError, match=match):
+        gate.render_gate_replace(entries, [])
+
+
+@pytest.mark.parametrize("ip", ["1.2.3.4 } ; flush ruleset", "172.17.0.0/16", "fe80::1%veth0", ""])
 def test_hostile_gate_ips_are_refused(ip: str) -> None:
-    for fn in (gate.render_gate_add, gate.render_gate_remove):
-        with pytest.raises(ValueError, match="invalid IP address"):
-            fn([ip])
-    with pytest.raises(ValueError, match="invalid IP address"):
-        gate.render_gate([ip], [])
+    _every_entry_renderer_refuses(("veth1", ip), "invalid IP address")
+
+
+HOSTILE_PORTS = [
+    'veth1" . 1.2.3.4 }; flush ruleset; #',  # a quote closing the string
+    "veth1 } ; flush ruleset",  # a brace and spaces
+    "veth1 x",
+    "veth\t1",
+    "veth1\n",
+    "veth1\0",
+    "veth{1}",
+    "veth*",  # a wildcard would admit the address on every port
+    "veth\\",
+    "veth;",
+    "veth$x",
+    "veth1/2",
+    "veth1:0",
+    "veth012345678901",  # 16 bytes: longer than IFNAMSIZ (16 with its NUL) allows
+    "vethé",
+    "eth0",  # the container's side of the pair: the gate never looks at it
+    "docker0",
+    "br-0a1b2c3d4e5f",
+    "Veth1",
+    "",
+    "v",
+]
+
+
+@pytest.mark.parametrize("port", HOSTILE_PORTS)
+def test_hostile_port_names_are_refused(port: str) -> None:
+    _every_entry_renderer_refuses((port, "10.0.0.1"), "invalid bridge port")
+
+
+@pytest.mark.parametrize("port", [None, 1, b"veth1", ["veth1"]])
+def test_ports_that_are_not_text_are_refused(port: object) -> None:
+    _every_entry_renderer_refuses((port, "10.0.0.1"), "invalid bridge port")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "10.0.0.1",  # a bare IP, as the IP-only gate took them
+        "v1",  # two characters would unpack into (port, ip)
+        ("veth1",),
+        ("veth1", "10.0.0.1", "extra"),
+        ["veth1", "10.0.0.1"],
+        None,
+    ],
+)
+def test_entries_must_be_port_ip_pairs(entry: object) -> None:
+    _every_entry_renderer_refuses(entry, "invalid gate entry")
+
+
+def test_longest_port_name_is_accepted() -> None:
+    assert gate.check_port("veth0123456789a") == "veth0123456789a"  # 15 bytes
+    assert gate.render_gate_add([("veth0123456789a", "10.0.0.1")]) is not None
