@@ -8,12 +8,22 @@ becomes one named set, so a workload joining or leaving is a membership change.
 The compiler is incremental: it keeps an index from selectors to matching
 workloads and to the hosts those workloads live on, so adding or removing one
 workload touches only the selectors it matches, and reports the hosts whose
-instructions may have changed. Pure: no I/O.
+instructions may have changed. Everything a host's instructions are made of is
+cached and shared: the allows of each combination of matched selectors, each
+workload's policy, each host's workloads and rules, and each set's sorted
+addresses (replaced, never mutated, when a member joins or leaves). Compiling a
+host assembles those parts; `host_digest` hashes the digests of the parts, so
+telling whether a host changed does not re-encode its instructions.
+
+Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
+import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -43,21 +53,69 @@ class _CompiledRule(msgspec.Struct, frozen=True):
     services: list[Service]
 
 
+class _Profile(msgspec.Struct, frozen=True):
+    """What every workload matching exactly the same selectors shares."""
+
+    inbound: list[Allow]
+    outbound: list[Allow]
+    referenced: frozenset[str]  # sets its allows name as peers
+    relevant: frozenset[str]  # rule ids
+
+
+class _HostPart(msgspec.Struct, frozen=True):
+    """A host's instructions without the set contents, and their digest."""
+
+    workloads: list[WorkloadPolicy]
+    refs: tuple[str, ...]  # sorted names of the sets it references
+    rules: list[Rule]
+    digest: bytes  # of the host id, its workloads' policies and its rules
+
+
+class _HostView:
+    """A host's compiled parts. `sets` is replaced, never edited: a set the host
+    holds that changed is noted in `stale` and swapped in by the next compile;
+    `set_digests` (in `refs` order) likewise through `stale_digests`."""
+
+    __slots__ = ("digest", "part", "positions", "set_digests", "sets", "stale", "stale_digests")
+
+    def __init__(
+        self, part: _HostPart, sets: dict[str, list[str]], set_digests: list[bytes]
+    ) -> None:
+        self.part = part
+        self.sets = sets
+        self.set_digests = set_digests
+        self.positions = {name: i for i, name in enumerate(part.refs)}
+        self.stale: set[str] = set()
+        self.stale_digests: set[str] = set()
+        self.digest = ""
+
+
 class Compiler:
     """In-memory incremental compiler. Feed it rules and workloads; ask for hosts."""
 
     def __init__(self, rules: Iterable[Rule] = (), workloads: Iterable[Workload] = ()) -> None:
         self._rules: dict[str, _CompiledRule] = {}
         self._selectors: dict[str, Labels] = {}  # set name -> selector labels
+        self._by_items: dict[frozenset[tuple[str, str]], str] = {}  # selector labels -> name
+        self._longest = 0  # labels in the longest selector
         self._prov_rules: dict[str, set[str]] = {}  # set name -> rules naming it as provider
         self._cons_rules: dict[str, set[str]] = {}  # set name -> rules naming it as consumer
         self._any_prov: set[str] = set()  # rules whose providers are "any"
         self._any_cons: set[str] = set()
         self._workloads: dict[str, Workload] = {}
         self._by_host: dict[str, set[str]] = {}
+        self._ip_owners: dict[str, set[str]] = {}  # address -> workload ids holding it
         self._members: dict[str, set[str]] = {}  # set name -> workload ids
         self._member_hosts: dict[str, Counter[str]] = {}  # set name -> host -> count
-        self._matched: dict[str, set[str]] = {}  # workload id -> set names it matches
+        self._matched: dict[str, frozenset[str]] = {}  # workload id -> set names it matches
+        # Derived parts, rebuilt on demand.
+        self._profiles: dict[frozenset[str], _Profile] = {}
+        self._policies: dict[str, tuple[WorkloadPolicy, bytes]] = {}  # with its digest
+        self._rule_digests: dict[str, bytes] = {}
+        self._views: dict[str, _HostView] = {}
+        self._holders: dict[str, set[str]] = {}  # set name -> hosts whose views hold it
+        self._set_ips: dict[str, list[str]] = {}  # set name -> sorted addresses (never mutated)
+        self._set_digests: dict[str, bytes] = {}
         self.set_rules(rules)
         for w in workloads:
             self.add_workload(w)
@@ -67,7 +125,9 @@ class Compiler:
     def set_rules(self, rules: Iterable[Rule]) -> set[str]:
         """Replace the rule set; every host with workloads may be affected."""
         self._rules.clear()
+        self._rule_digests.clear()
         self._selectors.clear()
+        self._by_items.clear()
         self._prov_rules.clear()
         self._cons_rules.clear()
         self._any_prov.clear()
@@ -76,6 +136,14 @@ class Compiler:
             prov = self._index_side(r.id, r.providers, self._prov_rules, self._any_prov)
             cons = self._index_side(r.id, r.consumers, self._cons_rules, self._any_cons)
             self._rules[r.id] = _CompiledRule(r, prov, cons, policy.parse_services(r.services))
+            self._rule_digests[r.id] = _digest(b"rule", r)
+        self._longest = max((len(s) for s in self._selectors.values()), default=0)
+        self._profiles.clear()
+        self._policies.clear()
+        self._views.clear()
+        self._holders.clear()
+        self._set_ips.clear()
+        self._set_digests.clear()
         self._members = {name: set() for name in self._selectors}
         self._member_hosts = {name: Counter() for name in self._selectors}
         for wid, w in self._workloads.items():
@@ -99,12 +167,26 @@ class Compiler:
         for sel in side:
             name = policy.set_name(sel)
             self._selectors[name] = dict(sel)
+            self._by_items[frozenset(sel.items())] = name
             index.setdefault(name, set()).add(rule_id)
             names.append(name)
         return tuple(sorted(set(names)))
 
-    def _match(self, labels: Mapping[str, str]) -> set[str]:
-        return {n for n, sel in self._selectors.items() if policy.matches(labels, sel)}
+    def _match(self, labels: Mapping[str, str]) -> frozenset[str]:
+        """The selectors `labels` match: look up each subset of the labels no longer
+        than the longest selector, or test every selector when that is cheaper."""
+        items = sorted(labels.items())
+        longest = min(self._longest, len(items))
+        subsets = sum(math.comb(len(items), k) for k in range(longest + 1))
+        if subsets > len(self._selectors):
+            return frozenset(n for n, sel in self._selectors.items() if policy.matches(labels, sel))
+        out = []
+        for k in range(longest + 1):
+            for combo in itertools.combinations(items, k):
+                name = self._by_items.get(frozenset(combo))
+                if name is not None:
+                    out.append(name)
+        return frozenset(out)
 
     def add_workload(self, w: Workload) -> set[str]:
         """Add (or replace) a workload; return the hosts whose instructions may change."""
@@ -113,11 +195,15 @@ class Compiler:
             affected |= self.remove_workload(w.id)
         self._workloads[w.id] = w
         self._by_host.setdefault(w.host_id, set()).add(w.id)
+        for ip in w.ips:
+            self._ip_owners.setdefault(ip, set()).add(w.id)
         matched = self._match(w.labels)
         self._matched[w.id] = matched
         for name in matched:
             self._members[name].add(w.id)
             self._member_hosts[name][w.host_id] += 1
+            self._member_changed(name, w, joined=True)
+        self._drop_view(w.host_id)
         return affected | self._affected_by(w.host_id, matched)
 
     def remove_workload(self, workload_id: str) -> set[str]:
@@ -130,16 +216,53 @@ class Compiler:
             local.discard(workload_id)
             if not local:
                 del self._by_host[w.host_id]
-        matched = self._matched.pop(workload_id, set())
+        matched = self._matched.pop(workload_id, frozenset())
         for name in matched:
             self._members[name].discard(workload_id)
             counter = self._member_hosts[name]
             counter[w.host_id] -= 1
             if counter[w.host_id] <= 0:
                 del counter[w.host_id]
+            self._member_changed(name, w, joined=False)
+        for ip in w.ips:
+            owners = self._ip_owners.get(ip)
+            if owners is not None:
+                owners.discard(workload_id)
+                if not owners:
+                    del self._ip_owners[ip]
+        self._policies.pop(workload_id, None)
+        self._drop_view(w.host_id)
         return self._affected_by(w.host_id, matched) | {w.host_id}
 
-    def _affected_by(self, host_id: str, matched: set[str]) -> set[str]:
+    def _member_changed(self, name: str, w: Workload, *, joined: bool) -> None:
+        """Keep the set's cached address list current (a new list, never an edit)."""
+        self._set_digests.pop(name, None)
+        for h in self._holders.get(name, ()):
+            view = self._views[h]
+            view.stale.add(name)
+            view.stale_digests.add(name)
+            view.digest = ""
+        ips = self._set_ips.get(name)
+        if ips is None:
+            return
+        # An address stays in the set while another member holds it too.
+        members = self._members[name]
+        moved = [
+            ip for ip in w.ips if not any(o in members for o in self._ip_owners[ip] if o != w.id)
+        ]
+        if not moved:
+            return
+        new = list(ips)
+        for ip in moved:
+            i = bisect.bisect_left(new, ip)
+            present = i < len(new) and new[i] == ip
+            if joined and not present:
+                new.insert(i, ip)
+            elif not joined and present:
+                del new[i]
+        self._set_ips[name] = new
+
+    def _affected_by(self, host_id: str, matched: Iterable[str]) -> set[str]:
         """Hosts that hold a set whose membership changes when `matched` sets change."""
         out = {host_id}
         every_host = False
@@ -172,37 +295,115 @@ class Compiler:
     def compile_host(self, host_id: str, version: int) -> Instructions:
         """The management instructions of one host: its workloads' allows, the
         membership of the sets they reference, and the rules that are relevant."""
-        policies: list[WorkloadPolicy] = []
+        view = self._view(host_id)
+        if view.stale:
+            sets = dict(view.sets)
+            for name in view.stale:
+                sets[name] = self._set_list(name)
+            view.sets = sets
+            view.stale.clear()
+        part = view.part
+        return Instructions(
+            host_id=host_id,
+            version=version,
+            workloads=part.workloads,
+            sets=view.sets,
+            rules=part.rules,
+        )
+
+    def host_digest(self, host_id: str) -> str:
+        """A digest of the host's instructions but their version: equal digests, equal
+        content. Made of the digests of the parts, so it costs no encoding of sets."""
+        view = self._view(host_id)
+        if not view.digest:
+            for name in view.stale_digests:
+                view.set_digests[view.positions[name]] = self._set_digest(name)
+            view.stale_digests.clear()
+            h = hashlib.sha256(view.part.digest)
+            h.update(b"".join(view.set_digests))
+            view.digest = h.hexdigest()
+        return view.digest
+
+    def compile_all(self, versions: Mapping[str, int] | None = None) -> dict[str, Instructions]:
+        versions = versions or {}
+        return {h: self.compile_host(h, versions.get(h, 0)) for h in sorted(self.hosts())}
+
+    # ---- cached parts -----------------------------------------------------------
+
+    def _view(self, host_id: str) -> _HostView:
+        view = self._views.get(host_id)
+        if view is not None:
+            return view
+        part = self._host_part(host_id)
+        view = self._views[host_id] = _HostView(
+            part,
+            {name: self._set_list(name) for name in part.refs},
+            [self._set_digest(name) for name in part.refs],
+        )
+        for name in part.refs:
+            self._holders.setdefault(name, set()).add(host_id)
+        return view
+
+    def _drop_view(self, host_id: str) -> None:
+        view = self._views.pop(host_id, None)
+        if view is not None:
+            for name in view.part.refs:
+                holders = self._holders[name]
+                holders.discard(host_id)
+                if not holders:
+                    del self._holders[name]
+
+    def _host_part(self, host_id: str) -> _HostPart:
+        workloads: list[WorkloadPolicy] = []
+        digests: list[bytes] = []
         referenced: set[str] = set()
         relevant: set[str] = set()
-        for w in self.workloads_on(host_id):
-            matched = self._matched.get(w.id, set())
+        for wid in sorted(self._by_host.get(host_id, ())):
+            prof = self._profile(self._matched[wid])
+            pol, digest = self._policy(wid, prof)
+            workloads.append(pol)
+            digests.append(digest)
+            referenced |= prof.referenced
+            relevant |= prof.relevant
+        rule_ids = sorted(relevant)
+        digests += [self._rule_digests[rid] for rid in rule_ids]
+        rules = [self._rules[rid].rule for rid in rule_ids]
+        # Lengths first, then fixed-size digests: no two contents hash the same bytes.
+        hid = host_id.encode()
+        h = hashlib.sha256(b"host %d %d %d\0" % (len(hid), len(workloads), len(rules)) + hid)
+        h.update(b"".join(digests))
+        return _HostPart(workloads, tuple(sorted(referenced)), rules, h.digest())
+
+    def _policy(self, wid: str, prof: _Profile) -> tuple[WorkloadPolicy, bytes]:
+        out = self._policies.get(wid)
+        if out is None:
+            w = self._workloads[wid]
+            pol = WorkloadPolicy(
+                workload_id=w.id,
+                container_id=w.container_id,
+                labels=w.labels,
+                ips=sorted(w.ips),
+                inbound=prof.inbound,
+                outbound=prof.outbound,
+            )
+            out = self._policies[wid] = (pol, _digest(b"workload", pol))
+        return out
+
+    def _profile(self, matched: frozenset[str]) -> _Profile:
+        prof = self._profiles.get(matched)
+        if prof is None:
             as_prov = set(self._any_prov)
             as_cons = set(self._any_cons)
             for name in matched:
                 as_prov |= self._prov_rules.get(name, set())
                 as_cons |= self._cons_rules.get(name, set())
+            referenced: set[str] = set()
             inbound = self._allows(sorted(as_prov), provider_side=True, referenced=referenced)
             outbound = self._allows(sorted(as_cons), provider_side=False, referenced=referenced)
-            relevant |= as_prov | as_cons
-            policies.append(
-                WorkloadPolicy(
-                    workload_id=w.id,
-                    container_id=w.container_id,
-                    labels=w.labels,
-                    ips=sorted(w.ips),
-                    inbound=inbound,
-                    outbound=outbound,
-                )
+            prof = self._profiles[matched] = _Profile(
+                inbound, outbound, frozenset(referenced), frozenset(as_prov | as_cons)
             )
-        sets = {
-            name: sorted({ip for wid in self._members[name] for ip in self._workloads[wid].ips})
-            for name in sorted(referenced)
-        }
-        rules = [self._rules[rid].rule for rid in sorted(relevant)]
-        return Instructions(
-            host_id=host_id, version=version, workloads=policies, sets=sets, rules=rules
-        )
+        return prof
 
     def _allows(
         self, rule_ids: list[str], *, provider_side: bool, referenced: set[str]
@@ -219,6 +420,22 @@ class Compiler:
                 out.append(Allow(rule_id=rid, peer=name, services=cr.services))
         return out
 
-    def compile_all(self, versions: Mapping[str, int] | None = None) -> dict[str, Instructions]:
-        versions = versions or {}
-        return {h: self.compile_host(h, versions.get(h, 0)) for h in sorted(self.hosts())}
+    def _set_list(self, name: str) -> list[str]:
+        ips = self._set_ips.get(name)
+        if ips is None:
+            w = self._workloads
+            ips = self._set_ips[name] = sorted({ip for m in self._members[name] for ip in w[m].ips})
+        return ips
+
+    def _set_digest(self, name: str) -> bytes:
+        d = self._set_digests.get(name)
+        if d is None:
+            d = self._set_digests[name] = _digest(name.encode(), self._set_list(name))
+        return d
+
+
+def _digest(kind: bytes, value: object) -> bytes:
+    """SHA-256 of a kind tag and the value's deterministic JSON."""
+    h = hashlib.sha256(kind + b"\0")
+    h.update(_ENCODER.encode(value))
+    return h.digest()

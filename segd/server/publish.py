@@ -1,7 +1,8 @@
 """From compiled instructions to signed, versioned, cached bytes per host.
 
-`plan(hosts)` recompiles the given hosts and keeps only those whose content
-(everything but the version) changed, each at its next version. The caller
+`plan(hosts)` keeps those of the given hosts whose content (everything but
+the version, told by `Compiler.host_digest`) changed, compiled at their next
+version. The caller
 persists the new (version, digest) pairs, then `commit(plan)` adopts them and
 wakes exactly those hosts. Instructions are encoded and signed when first
 fetched, so a burst of changes costs one signature per version actually read.
@@ -20,7 +21,7 @@ from collections.abc import Iterable, Mapping
 import nacl.signing
 
 from segd import crypto, wire
-from segd.server.compiler import Compiler, content_digest, encode_instructions
+from segd.server.compiler import Compiler, encode_instructions
 from segd.server.notify import Hub
 
 Plan = dict[str, tuple[wire.Instructions, str]]  # host -> (instructions, content digest)
@@ -37,16 +38,16 @@ class Publisher:
         self._signed: dict[str, wire.SignedInstructions] = {}  # signed on first fetch
 
     def plan(self, hosts: Iterable[str]) -> Plan:
-        """Compile `hosts` (known ones only); keep those whose content changed."""
+        """Of `hosts` (known ones only), those whose content changed, compiled."""
         out: Plan = {}
         for h in sorted(set(hosts)):
-            if h not in self._state:
+            state = self._state.get(h)
+            if state is None:
                 continue
-            version, digest = self._state[h]
-            instr = self.compiler.compile_host(h, version + 1)
-            new_digest = content_digest(instr)
+            version, digest = state
+            new_digest = self.compiler.host_digest(h)
             if new_digest != digest:
-                out[h] = (instr, new_digest)
+                out[h] = (self.compiler.compile_host(h, version + 1), new_digest)
         return out
 
     @staticmethod

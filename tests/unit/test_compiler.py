@@ -195,3 +195,134 @@ def test_content_digest_ignores_version() -> None:
     assert encode_instructions(c.compile_host("A", 1)) != encode_instructions(
         c.compile_host("A", 9)
     )
+
+
+# ---- cached parts: the incremental compiler must equal a fresh one, always ----------
+
+
+def _random_ops(seed: int, steps: int) -> list[tuple[str, object]]:
+    """Adds (some replacing a live workload, some sharing an address), removals and
+    rule-set changes, over selectors of one to three labels."""
+    rnd = random.Random(seed)
+    roles, apps, envs = ["web", "api", "db"], ["a", "b"], ["prod", "dev"]
+
+    def sel() -> str:
+        parts = [f"role={rnd.choice(roles)}", f"app={rnd.choice(apps)}", f"env={rnd.choice(envs)}"]
+        return ",".join(rnd.sample(parts, rnd.randint(1, 3)))
+
+    def side() -> object:
+        return "any" if rnd.random() < 0.15 else [sel() for _ in range(rnd.randint(1, 2))]
+
+    def rules() -> list[Rule]:
+        return [rule(f"r{i}", side(), side(), f"tcp/{80 + i}") for i in range(rnd.randint(1, 6))]
+
+    ops: list[tuple[str, object]] = [("rules", rules())]
+    live: list[str] = []
+    for step in range(steps):
+        x = rnd.random()
+        if x < 0.05:
+            ops.append(("rules", rules()))
+        elif x < 0.3 and live:
+            ops.append(("remove", live.pop(rnd.randrange(len(live)))))
+        else:
+            wid = rnd.choice(live) if live and rnd.random() < 0.1 else f"w{step}"
+            if wid not in live:
+                live.append(wid)
+            ip = f"10.2.0.{rnd.randrange(1, 40)}"  # addresses repeat across workloads
+            labels = f"role={rnd.choice(roles)},app={rnd.choice(apps)},env={rnd.choice(envs)}"
+            ops.append(("add", wl(wid, f"H{rnd.randrange(5)}", labels, ip)))
+    return ops
+
+
+def _apply(c: Compiler, op: str, arg: object) -> set[str]:
+    if op == "rules":
+        assert isinstance(arg, list)
+        return c.set_rules(arg)
+    if op == "remove":
+        assert isinstance(arg, str)
+        return c.remove_workload(arg)
+    assert isinstance(arg, Workload)
+    return c.add_workload(arg)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_incremental_with_cached_parts_equals_a_fresh_compile(seed: int) -> None:
+    c = Compiler()
+    rules: list[Rule] = []
+    live: dict[str, Workload] = {}
+    for step, (op, arg) in enumerate(_random_ops(seed, 150)):
+        before = {h: c.host_digest(h) for h in c.hosts()}
+        affected = _apply(c, op, arg)
+        if op == "rules":
+            assert isinstance(arg, list)
+            rules = arg
+        elif op == "remove":
+            live.pop(str(arg), None)
+        else:
+            assert isinstance(arg, Workload)
+            live[arg.id] = arg
+        fresh = Compiler(rules, live.values())
+        assert c.compile_all() == fresh.compile_all(), step
+        for h in fresh.hosts():
+            assert c.host_digest(h) == fresh.host_digest(h), step
+            if before.get(h) != c.host_digest(h):
+                assert h in affected, step
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_host_digest_changes_exactly_when_the_content_does(seed: int) -> None:
+    c = Compiler()
+    seen: dict[str, str] = {}  # content digest -> host digest
+    for op, arg in _random_ops(seed, 120):
+        _apply(c, op, arg)
+        for h, instr in c.compile_all().items():
+            content, digest = h + content_digest(instr), c.host_digest(h)
+            assert seen.setdefault(content, digest) == digest
+    assert len(set(seen.values())) == len(seen)
+
+
+def test_compiled_instructions_are_never_edited_by_later_changes() -> None:
+    c = Compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1")])
+    c.add_workload(wl("d1", "B", "role=db", "10.0.0.2"))
+    snapshot = c.compile_host("A", 1)
+    frozen = encode_instructions(snapshot)
+    c.add_workload(wl("d2", "B", "role=db", "10.0.0.3"))
+    c.add_workload(wl("w2", "A", "role=web", "10.0.0.4"))
+    c.remove_workload("d1")
+    assert encode_instructions(snapshot) == frozen
+    assert c.compile_host("A", 2).sets == {DB: ["10.0.0.3"]}
+
+
+def test_shared_address_stays_in_a_set_until_its_last_holder_leaves() -> None:
+    c = Compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1")])
+    c.add_workload(wl("d1", "B", "role=db", "10.0.0.9"))
+    assert c.compile_host("A", 1).sets == {DB: ["10.0.0.9"]}
+    c.add_workload(wl("d2", "C", "role=db", "10.0.0.9"))
+    c.remove_workload("d1")
+    assert c.compile_host("A", 1).sets == {DB: ["10.0.0.9"]}
+    c.remove_workload("d2")
+    assert c.compile_host("A", 1).sets == {DB: []}
+
+
+def test_selector_index_matches_like_a_scan_with_many_dimensions() -> None:
+    dims = [f"d{i}" for i in range(12)]
+    rnd = random.Random(11)
+    selectors = [
+        {d: rnd.choice("xy") for d in rnd.sample(dims, rnd.randint(0, 4))} for _ in range(40)
+    ]
+    rules = [
+        Rule(id=f"r{i}", providers=[s], consumers="any", services=["tcp/1"])
+        for i, s in enumerate(selectors)
+    ]
+    c = Compiler(rules)
+    for i in range(60):
+        labels = {d: rnd.choice("xy") for d in rnd.sample(dims, rnd.randint(0, 12))}
+        w = Workload(
+            id=f"w{i}", host_id="H", container_id=f"c{i}", name="", labels=labels,
+            ips=[f"10.3.0.{i}"], key_id="k", paired_at=0.0,
+        )  # fmt: skip
+        c.add_workload(w)
+        [p] = [p for p in c.compile_host("H", 1).workloads if p.workload_id == w.id]
+        got = {a.rule_id for a in p.inbound}
+        want = {r.id for r, s in zip(rules, selectors, strict=True) if policy.matches(labels, s)}
+        assert got == want
