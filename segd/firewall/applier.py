@@ -5,7 +5,9 @@
 inside that namespace and cached under the caller's key together with the
 namespace's identity (device and inode of its nsfs file): when a container
 restarts with a new namespace, the next call notices and binds a new one.
-`forget` frees it (a libnftables context pins its namespace).
+`forget` frees it (a libnftables context pins its namespace). `ports` reads a
+namespace's addresses and veth peers over a short-lived rtnetlink socket
+(`rtnl`) and keeps nothing.
 """
 
 from __future__ import annotations
@@ -324,9 +326,11 @@ class Firewall:
             sock = self._rtnl_in(w, fd)
         finally:
             os.close(fd)
-        gate_fd = None if self._gate_path is None else netns.open_ns(self._gate_path)[0]
+        gate_fd: int | None = None
         try:
             with sock:
+                if self._gate_path is not None:
+                    gate_fd, _ = netns.open_ns(self._gate_path)
                 links = sock.links()
                 addresses = sock.addresses()
                 # Asked after the link dump, which assigns ids to the peers' namespaces.

@@ -3,9 +3,10 @@
 `setns(2)` moves only the calling thread, so all namespace work runs on one
 dedicated `Worker` thread, never on the event loop. The worker steps into a
 namespace only for as long as it takes to bind something there (a libnftables
-context), then steps back to its home namespace. If stepping back fails the
-thread is in an unknown namespace: it is marked broken, refuses every later
-job with `WorkerBroken`, and its owner starts a fresh one.
+context, a netlink socket), then steps back to its home namespace. If
+stepping back fails the thread is in an unknown namespace: it is marked
+broken, refuses every later job with `WorkerBroken`, and its owner starts a
+fresh one.
 """
 
 from __future__ import annotations

@@ -8,9 +8,13 @@ created on the namespace worker inside `Worker.entered`, then used at home.
 Only what the gate needs is decoded: per link its index, name, kind
 (`IFLA_INFO_KIND`) and, for a veth, where its peer is (`IFLA_LINK`, an
 ifindex in the namespace `IFLA_LINK_NETNSID` names); per address its link,
-scope and value. The parsing functions are pure. Measured (kernel 6.18,
-2-core VM): a socket, a link dump, an address dump and an `RTM_GETNSID` take
-~0.1 ms, against ~3 ms for pyroute2 0.9.7's `IPRoute()` and its two dumps.
+scope and value. The parsing functions are pure.
+
+Measured (kernel 6.18, 2-core VM, a Docker container's namespace): a socket,
+a link dump, an address dump and an `RTM_GETNSID` take ~0.12 ms on the
+worker; `Firewall.ports`, awaited from the event loop, a median of 0.26 ms.
+The same work with pyroute2 0.9.7 (`IPRoute()` created in the namespace,
+`get_links()`, `get_addr()`) took 1.4-3 ms.
 """
 
 from __future__ import annotations

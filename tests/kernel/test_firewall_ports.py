@@ -65,6 +65,7 @@ async def test_ports_map_each_address_to_the_gate_side_veth(
         }
         assert await fw.ports(ref(lab.c2)) == {lab.c2_4: "veth2", lab.c2_6: "veth2"}
         assert await fw.ports(ref(lab.out)) == {}  # its peer, up0, is no veth* port
+        assert await fw.ports(ref(gw)) == {}  # the gate's own: its veths' peers are elsewhere
         assert await fw.ports(ref(make_netns("empty"))) == {}
         assert fw.open_namespaces == 0  # no nftables endpoint was made
 
