@@ -5,7 +5,16 @@
 """
 
 from segd.firewall.applier import Firewall, NsRef
+from segd.firewall.gate import GateEntry
 from segd.firewall.netns import NamespaceGone, NetnsError, WorkerBroken
 from segd.firewall.nft import NftError
 
-__all__ = ["Firewall", "NamespaceGone", "NetnsError", "NftError", "NsRef", "WorkerBroken"]
+__all__ = [
+    "Firewall",
+    "GateEntry",
+    "NamespaceGone",
+    "NetnsError",
+    "NftError",
+    "NsRef",
+    "WorkerBroken",
+]

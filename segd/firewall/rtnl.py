@@ -257,6 +257,10 @@ class Rtnl:
                         raise RtnlError(-err, f"netlink request {typ}: {os.strerror(-err)}")
                     return out  # the ACK
                 if m_type == NLMSG_DONE:
+                    # A dump that failed part-way says so here (dump_done_errno).
+                    err = _s32(payload[:4]) if len(payload) >= 4 else 0
+                    if err < 0:
+                        raise RtnlError(-err, f"netlink dump {typ}: {os.strerror(-err)}")
                     if interrupted:
                         raise _Interrupted
                     return out

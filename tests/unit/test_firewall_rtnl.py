@@ -239,3 +239,11 @@ def test_an_error_answer_raises() -> None:
     with pytest.raises(RtnlError) as err:
         nl.addresses()
     assert err.value.errno == 1
+
+
+def test_a_dump_that_fails_part_way_raises() -> None:
+    lo = ifinfo(1, attr(rtnl.IFLA_IFNAME, b"lo\0"))
+    nl, _ = fake_rtnl([[scripted(rtnl.RTM_NEWLINK, lo), scripted(rtnl.NLMSG_DONE, s32(-90))]])
+    with pytest.raises(RtnlError) as err:
+        nl.links()
+    assert err.value.errno == 90
