@@ -40,6 +40,7 @@ from bench.stack import (
     Started,
     drop_gate,
     other_agents,
+    proc_cpu_s,
     require_docker,
     table_in_netns,
     wait_for,
@@ -179,6 +180,7 @@ def run(size: Size) -> Section:
     require_docker()
     p = Params.of(size)
     details: dict[str, Any] = {"params": p.__dict__}
+    cpu: dict[str, float] = {}  # agent CPU seconds per phase
     with tempfile.TemporaryDirectory(prefix="segd-bench-") as tmp:
         root = Path(tmp)
         box = Containers()
@@ -202,17 +204,22 @@ def run(size: Size) -> Section:
 
             seq: list[Started] = []
             missing: list[str] = []
+            cpu0 = proc_cpu_s(agent.pid)
             for i in range(p.one_by_one):
                 s = box.run(labels=_labels(ROLES[i % 3], keys))
                 seq.append(s)
-                missing += agent.wait_enforced([s.id], 30)
+                # Once one is missed the agent is likely stuck: do not wait 30 s for each.
+                missing += agent.wait_enforced([s.id], 5 if missing else 30)
+            cpu["one_by_one"] = proc_cpu_s(agent.pid) - cpu0
             one = _timing(seq, agent, events, missing)
             _reset(box, server, agent)
 
             specs = [(_labels(ROLES[i % 3], keys), "") for i in range(p.burst)]
             t0 = time.time()
+            cpu0 = proc_cpu_s(agent.pid)
             burst_started = box.run_many(specs, parallel=p.burst)
             missing = agent.wait_enforced([s.id for s in burst_started], 120)
+            cpu["burst"] = proc_cpu_s(agent.pid) - cpu0
             burst = _timing(burst_started, agent, events, missing)
             details["burst_first_call_to_last_enforced_ms"] = ms(
                 max(agent.enforced.get(s.id[:12], t0) for s in burst_started) - t0
@@ -276,6 +283,7 @@ def run(size: Size) -> Section:
             "from_return_ms": summary([ms(x) for x in t.from_return]),
             "docker_run_ms": summary([ms(x) for x in t.run_s]),
             "start_to_isolation_table_ms": summary([ms(x) for x in t.to_isolation]),
+            "agent_cpu_ms_per_container": ms(cpu[name] / max(1, len(t.run_s))),
             "missing": t.missing,
             "verified_in_netns": t.verified,
             "from_start_all_ms": [ms(x) for x in t.from_start],

@@ -149,6 +149,9 @@ def run(size: Size) -> Section:
                 "churn_cycles": cycles,
                 "containers_restarted": cycles * p.churn_batch,
                 "rss_after_churn_mib": round(after, 1),
+                "rss_per_container_kib": round(
+                    (idle.rss_mean_mib - base.rss_mean_mib) * 1024 / p.containers, 1
+                ),
                 "seconds_from_enforced_to_end": round(time.monotonic() - enforced_at, 1),
                 "agent_errors": agent.errors[:20],
                 "baseline": base.__dict__,
