@@ -12,7 +12,8 @@ recompiled, and the answer carries the host's signed instructions.
 
 Baseline: `bench.fixed_server` (an aiohttp handler that reads the body and
 answers a fixed small JSON, in its own process) driven by the same client with
-the same signed requests, at the same concurrency.
+the same signed requests, at the same concurrency, for half the budget just
+before and half just after the segd run (the two halves pooled).
 """
 
 from __future__ import annotations
@@ -191,6 +192,37 @@ def _fixed(root: Path) -> tuple[Proc, str]:
     return proc, url
 
 
+def _merge(a: Load, b: Load) -> Load:
+    statuses = Counter(a.statuses)
+    statuses.update(b.statuses)
+    return Load(a.ok + b.ok, dict(statuses), a.latencies + b.latencies, a.elapsed + b.elapsed)
+
+
+async def _level(p: Params, c: int, root: Path, fixed_url: str) -> tuple[Load, Load, int]:
+    """One level: baseline (half), segd, baseline (other half), so that the baseline
+    brackets the segd run and a passing disturbance weighs on both alike."""
+    server, agents, tokens = _segd(root, p)
+    try:
+        runs = []
+        for url, share in ((fixed_url, 0.5), (server.url, 1.0), (fixed_url, 0.5)):
+            runs.append(
+                await drive(
+                    url,
+                    agents,
+                    tokens,
+                    concurrency=c,
+                    requests=int(p.requests * share),
+                    seconds=p.seconds * share,
+                    prefix=f"c{c}",
+                )
+            )
+        recorded = server.workload_count()
+        server.proc.check_alive("segd server")
+    finally:
+        server.stop()
+    return runs[1], _merge(runs[0], runs[2]), recorded
+
+
 async def _run(p: Params, root: Path) -> tuple[dict[int, Load], dict[int, Load], dict[int, int]]:
     segd: dict[int, Load] = {}
     base: dict[int, Load] = {}
@@ -198,32 +230,8 @@ async def _run(p: Params, root: Path) -> tuple[dict[int, Load], dict[int, Load],
     fixed, fixed_url = _fixed(root)
     try:
         for c in p.levels:
-            level_root = root / f"level-{c}"
-            level_root.mkdir()
-            server, agents, tokens = _segd(level_root, p)
-            try:
-                segd[c] = await drive(
-                    server.url,
-                    agents,
-                    tokens,
-                    concurrency=c,
-                    requests=p.requests,
-                    seconds=p.seconds,
-                    prefix=f"c{c}",
-                )
-                recorded[c] = server.workload_count()
-                server.proc.check_alive("segd server")
-            finally:
-                server.stop()
-            base[c] = await drive(
-                fixed_url,
-                agents,
-                tokens,
-                concurrency=c,
-                requests=p.requests,
-                seconds=p.seconds,
-                prefix=f"c{c}",
-            )
+            (root / f"level-{c}").mkdir()
+            segd[c], base[c], recorded[c] = await _level(p, c, root / f"level-{c}", fixed_url)
     finally:
         fixed.stop()
     return segd, base, recorded

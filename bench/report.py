@@ -44,11 +44,12 @@ class Target(msgspec.Struct, frozen=True):
 
     def text(self, unit: str, ratio_kind: RatioKind | None) -> str:
         sym = {"<=": "≤", ">=": "≥", "==": "="}[self.op]
+        lim = f"{int(self.limit):,}" if self.limit == int(self.limit) else f"{self.limit:g}"
         if self.on == "value":
-            return f"{sym} {_num(self.limit)} {unit}".rstrip()
+            return f"{sym} {lim} {unit}".rstrip()
         if ratio_kind == "faster":
-            return f"{sym} {_num(self.limit)}x faster"
-        return f"{sym} {_num(self.limit)} of baseline"
+            return f"{sym} {lim}x faster"
+        return f"{sym} {lim} of baseline"
 
 
 class Figure(msgspec.Struct, kw_only=True):
