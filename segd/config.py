@@ -25,7 +25,7 @@ DATA_DIR_ENV = "SEGD_DATA_DIR"  # overrides DEFAULT_ALLINONE_DIR for allinone an
 ALLINONE_SERVER_SUBDIR = "server"  # the server's data dir inside the allinone data dir
 ADMIN_TOKEN_FILE = "admin.token"  # in the server's data dir, 0600
 
-_LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$")
+_LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 
 
 class ConfigError(Exception):

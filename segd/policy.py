@@ -22,10 +22,10 @@ from segd.errors import InvalidInput
 
 DEFAULT_DIMENSIONS: tuple[str, ...] = ("role", "app", "env", "loc")
 MAX_DIMENSIONS = 16
-DIMENSION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+DIMENSION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 # Values are short identifiers. They never reach a ruleset (sets are named by a
 # digest), but a strict alphabet keeps audit logs, tables and shells boring.
-VALUE_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62})$")
+VALUE_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62})\Z")
 RULE_OPTIONS = frozenset({"log"})
 
 Labels = dict[str, str]
@@ -135,11 +135,11 @@ def parse_service(text: str) -> Service:
             f"invalid service {text!r}: expected tcp/PORT, udp/PORT, tcp/LOW-HIGH or icmp"
         )
     lo_s, dash, hi_s = ports.partition("-")
-    try:
-        lo = int(lo_s)
-        hi = int(hi_s) if dash else lo
-    except ValueError:
-        raise InvalidInput(f"invalid port in service {text!r}") from None
+    # ASCII digits only: int() would also take "٨٠", "+80", " 80" and "8_0".
+    if not all(p.isascii() and p.isdigit() for p in ((lo_s, hi_s) if dash else (lo_s,))):
+        raise InvalidInput(f"invalid port in service {text!r}")
+    lo = int(lo_s)
+    hi = int(hi_s) if dash else lo
     if not (1 <= lo <= 65535 and 1 <= hi <= 65535) or lo > hi:
         raise InvalidInput(f"invalid port range in service {text!r}: 1-65535, low <= high")
     return Service(proto, lo, hi)  # type: ignore[arg-type]

@@ -36,8 +36,15 @@ def json_response(value: object, status: int = 200) -> web.Response:
     return web.Response(body=_enc.encode(value), status=status, content_type="application/json")
 
 
+def _one_line(text: str) -> str:
+    """Printable characters only: anything else is escaped as in a Python literal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def error_response(e: SegdError) -> web.Response:
-    resp = json_response(wire.Error(error=e.code, message=e.message), e.status)
+    resp = json_response(wire.Error(error=e.code, message=_one_line(e.message) or e.code), e.status)
     if e.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="segd-orchestrator"'
     return resp
@@ -112,7 +119,9 @@ class OrchestratorAPI:
     def _authorize(self, request: web.Request) -> None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         token = token.strip()
-        if scheme.lower() == "bearer" and token:
+        # Header bytes that are not UTF-8 arrive as lone surrogates, which cannot
+        # be hashed; no admin token has anything but printable ASCII.
+        if scheme.lower() == "bearer" and token and token.isascii() and token.isprintable():
             if self.orch.check_token(token):
                 return
             if self._accept_token is not None and self._accept_token(token):
@@ -137,7 +146,8 @@ class OrchestratorAPI:
             value: T = _decoders[typ].decode(b"".join(chunks))
         except msgspec.ValidationError as e:
             raise InvalidInput(f"invalid request: {e}") from None
-        except msgspec.DecodeError as e:
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
+            # msgspec raises UnicodeDecodeError, not DecodeError, for a string that is not UTF-8.
             raise SegdError(f"malformed JSON: {e}", code="invalid_json", status=400) from None
         return value
 

@@ -19,7 +19,7 @@ from segd import crypto
 from segd.errors import InvalidInput, Unauthorized
 from segd.server.service import Service
 
-_NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}\Z")
 
 
 class NonceCache:
@@ -48,9 +48,12 @@ class NonceCache:
 def require_admin(svc: Service, request: web.Request) -> None:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
         raise Unauthorized("admin API needs 'Authorization: Bearer <token>'")
-    if not svc.is_admin(token.strip()):
+    # Header bytes that are not UTF-8 arrive as lone surrogates, which cannot be
+    # hashed; no token segd issues has anything but printable ASCII.
+    if not (token.isascii() and token.isprintable()) or not svc.is_admin(token):
         raise Unauthorized("invalid admin token")
 
 

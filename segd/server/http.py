@@ -3,7 +3,8 @@
 Every error leaves as `{"error": CODE, "message": TEXT}` (wire.Error): segd
 errors with their own status, undecodable or invalid JSON as 400, unknown
 routes as 404, oversize bodies as 413. Anything unexpected is logged and
-answered 500 without details.
+answered 500 without details. A message is always one line of printable
+text: whatever of the request it echoes (a decoded path, a header) is escaped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from segd.errors import InvalidInput, SegdError
 _log = log.get("segd.server.http")
 _enc = msgspec.json.Encoder()
 
+MAX_MESSAGE = 1000
+
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -33,8 +36,16 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
     return web.Response(body=_enc.encode(obj), status=status, content_type="application/json")
 
 
+def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
+    """`text` as one line of printable characters: others (newlines, NUL, lone
+    surrogates from undecodable bytes) are escaped as in a Python literal."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def error_response(status: int, code: str, message: str) -> web.Response:
-    return json_response(wire.Error(error=code, message=message), status)
+    return json_response(wire.Error(error=code, message=one_line(message) or code), status)
 
 
 @web.middleware
@@ -48,6 +59,9 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(400, "invalid_input", str(e))
     except msgspec.DecodeError as e:
         return error_response(400, "malformed_json", f"request body is not valid JSON: {e}")
+    except UnicodeDecodeError as e:
+        # msgspec raises this (not a DecodeError) for a string that is not UTF-8.
+        return error_response(400, "malformed_json", f"request body is not valid UTF-8: {e}")
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -83,13 +83,22 @@ def parse(token: str) -> tuple[Claims, bytes, bytes]:
         raise TokenError(MALFORMED, "pairing key signature has the wrong length")
     try:
         claims = _decode_claims(data)
-    except msgspec.DecodeError as e:
-        raise TokenError(MALFORMED, f"pairing key claims are invalid: {e}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        # msgspec raises UnicodeDecodeError, not DecodeError, for a string that is not UTF-8.
+        # The claims are not signed yet: echo no more of them than a short, printable line.
+        raise TokenError(
+            MALFORMED, f"pairing key claims are invalid: {_printable(str(e))}"
+        ) from None
     if claims.v != VERSION:
         raise TokenError(UNSUPPORTED, f"pairing key version {claims.v} is not supported")
     if claims.exp < claims.iat:
         raise TokenError(MALFORMED, "pairing key expires before it was issued")
     return claims, data, sig
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def verify(token: str, server_keys: Mapping[str, nacl.signing.VerifyKey], now: float) -> Claims:

@@ -13,11 +13,11 @@ from collections.abc import Iterable
 from segd import policy, wire
 from segd.errors import InvalidInput
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}$")
-EVENT_RE = re.compile(r"^[a-z][a-z0-9_.]{0,63}$")
-ID_RE = re.compile(r"^[a-z]_[0-9a-f]{8,32}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
+CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
+EVENT_RE = re.compile(r"^[a-z][a-z0-9_.]{0,63}\Z")
+ID_RE = re.compile(r"^[a-z]_[0-9a-f]{8,32}\Z")
 
 MAX_DESCRIPTION = 500
 MAX_DETAIL = 2000
@@ -137,6 +137,9 @@ def ips(value: list[str]) -> list[str]:
             raise InvalidInput(f"ips: invalid IP address {v!r}") from None
         if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
             raise InvalidInput(f"ips: {v!r} cannot be a workload address")
+        if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+            # Peers render it into nft sets, which refuse `fe80::1%eth0`.
+            raise InvalidInput(f"ips: {v!r}: a scoped address cannot be a workload address")
         out.add(str(addr))
     return sorted(out)
 

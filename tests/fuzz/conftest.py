@@ -1,0 +1,24 @@
+"""Fixtures for the fuzz tests: the in-process server of tests/api (with the
+shortest long-poll the config allows), populated with something to break."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from segd.config import ServerConfig
+from tests.api.conftest import Admin, Clock, api, clock, make_agent  # noqa: F401 (fixtures)
+from tests.fuzz.harness import LONGPOLL_S, Env, populate
+
+
+@pytest.fixture
+def server_cfg(tmp_path: Path) -> ServerConfig:
+    return ServerConfig(
+        data_dir=str(tmp_path / "server"), longpoll_timeout_s=LONGPOLL_S, request_skew_s=60.0
+    )
+
+
+@pytest.fixture
+async def env(api: Admin, clock: Clock) -> Env:  # noqa: F811 (the fixture above)
+    return await populate(api, clock)
