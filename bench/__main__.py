@@ -91,6 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     sections = [_run_one(n, size) for n in names]
     meta["seconds"] = round(time.monotonic() - t0, 1)
+    for s in sections:
+        foreign = s.details.get("foreign_keyed_containers")
+        if foreign:
+            w = (
+                f"{s.name}: {len(foreign)} keyed containers of another segd stack ran meanwhile; "
+                "its agent also enforces ours, so these figures may be disturbed"
+            )
+            print(f"bench: warning: {w}", file=sys.stderr)
+            warnings.append(w)
     report = finish(meta, sections)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_bytes(to_json(report) + b"\n")

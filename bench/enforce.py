@@ -39,6 +39,7 @@ from bench.stack import (
     Server,
     Started,
     drop_gate,
+    foreign_keyed,
     other_agents,
     proc_cpu_s,
     require_docker,
@@ -187,6 +188,7 @@ def run(size: Size) -> Section:
         events = Events(box.run_id)
         server = Server(root)
         agent: Agent | None = None
+        foreign = foreign_keyed(box.run_id)
         try:
             server.start()
             server.rule({"role": "api"}, {"role": "web"}, "tcp/8080")
@@ -229,6 +231,7 @@ def run(size: Size) -> Section:
             leak = _leak(box, agent, keys, p)
             agent.poll()
             details["agent_errors"] = agent.errors[:20]
+            details["foreign_keyed_containers"] = sorted(set(foreign) | set(box.foreign(agent)))
         finally:
             if agent is not None:
                 agent.stop()

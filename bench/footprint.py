@@ -27,6 +27,7 @@ from bench.stack import (
     Server,
     docker,
     drop_gate,
+    foreign_keyed,
     other_agents,
     proc_cpu_s,
     proc_rss_kib,
@@ -121,6 +122,7 @@ def run(size: Size) -> Section:
         box = Containers()
         server = Server(root)
         agent: Agent | None = None
+        foreign = foreign_keyed(box.run_id)
         try:
             server.start()
             server.rule({"role": "api"}, {"role": "web"}, "tcp/8080")
@@ -154,6 +156,7 @@ def run(size: Size) -> Section:
                 ),
                 "seconds_from_enforced_to_end": round(time.monotonic() - enforced_at, 1),
                 "agent_errors": agent.errors[:20],
+                "foreign_keyed_containers": sorted(set(foreign) | set(box.foreign(agent))),
                 "baseline": base.__dict__,
                 "idle": idle.__dict__,
                 "churn": churn.__dict__,

@@ -258,6 +258,7 @@ def table(report: Report) -> str:
         f"{m.get('cores')} cores, {m.get('cpu')}, kernel {m.get('kernel')}, "
         f"size {m.get('size')}, {m.get('seconds', 0):.0f} s"
     )
+    out += [f"warning: {w}" for w in m.get("warnings", [])]
     return "\n".join(out)
 
 

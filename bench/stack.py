@@ -124,6 +124,20 @@ def other_agents(mine: Iterable[int] = ()) -> list[int]:
     return found
 
 
+def foreign_keyed(run_id: str) -> list[str]:
+    """Running containers with a pairing key that are not this run's: another segd
+    stack uses this Docker engine, and its agent enforces our containers too."""
+    out = docker(
+        "ps",
+        "--filter",
+        "label=segd.pairing-key",
+        "--format",
+        '{{.ID}} {{.Label "segd.bench.run"}}',
+        check=False,
+    )
+    return [line.split()[0] for line in out.splitlines() if line.split()[1:] != [run_id]]
+
+
 def drop_gate() -> None:
     """Delete the host gate table (only call when no other agent is running)."""
     subprocess.run(["nft", "delete", "table", *GATE], capture_output=True, check=False)
@@ -304,6 +318,7 @@ class Agent:
         self.isolated: dict[str, float] = {}  # container id[:12] -> first isolation table
         self.synced = 0
         self.errors: list[str] = []
+        self.denied: set[str] = set()  # container id[:12] the server refused to pair
 
     def start(self) -> None:
         code = self.server.api("POST", "/v1/activation-codes", {})["code"]
@@ -330,6 +345,8 @@ class Agent:
                 cid, ts = str(rec.get("container", "")), iso_ts(str(rec["timestamp"]))
                 book = self.enforced if rec.get("kind") == "workload" else self.isolated
                 book.setdefault(cid, ts)
+            elif ev == "pairing.denied":
+                self.denied.add(str(rec.get("container", "")))
             elif ev == "agent.synced":
                 self.synced += 1
             elif rec.get("level") == "error":
@@ -416,7 +433,8 @@ class Containers:
     """This run's containers on the local Docker engine."""
 
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    ids: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)  # still present
+    started: set[str] = field(default_factory=set)  # every id[:12] this run started
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def run(self, *, labels: Mapping[str, str] | None = None, cmd: str = "") -> Started:
@@ -438,7 +456,14 @@ class Containers:
         returned = time.time()
         with self._lock:
             self.ids.append(cid)
+            self.started.add(cid[:12])
         return Started(cid, called, returned)
+
+    def foreign(self, agent: Agent) -> list[str]:
+        """Keyed containers of another segd stack seen now or by our agent (see
+        `foreign_keyed`): their figures may be disturbed."""
+        seen = set(foreign_keyed(self.run_id)) | (agent.denied - self.started)
+        return sorted(c[:12] for c in seen)
 
     def run_many(
         self, specs: Sequence[tuple[Mapping[str, str], str]], *, parallel: int

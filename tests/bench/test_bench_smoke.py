@@ -122,8 +122,12 @@ def test_enforce(tmp_path: Path, docker_ready: None) -> None:
     n = details["params"]["one_by_one"]
     for phase in ("one_by_one", "burst"):
         d = details[phase]
-        assert d["missing"] == 0 and d["verified_in_netns"] == d["from_start_ms"]["n"] == n
+        assert d["missing"] == 0 and d["from_start_ms"]["n"] == n
         assert 0 < d["from_start_ms"]["min"] <= d["from_start_ms"]["max"] < 60_000
+        # Another segd stack on this engine (a concurrent test) enforces our
+        # containers too and may have isolated them since: then only ours counts.
+        if not details["foreign_keyed_containers"]:
+            assert d["verified_in_netns"] == n
     assert details["leak"]["attempts"] > 0
     assert details["leak"]["allowed_peer_connected"]  # the probe can connect at all
     assert figs["enforce.leaked"]["value"] >= 0
