@@ -40,12 +40,13 @@ class Params:
     large_per_set: int
     reps: int  # Firewall operations of each kind
     nft_reps: int  # nsenter nft -f runs of each kind
+    extra_ns: int  # namespaces bound at once, for the memory each one holds
 
     @classmethod
     def of(cls, size: Size) -> Params:
         if size == "tiny":
-            return cls(sets=20, per_set=10, large_per_set=100, reps=5, nft_reps=3)
-        return cls(sets=20, per_set=10, large_per_set=100, reps=200, nft_reps=40)
+            return cls(sets=20, per_set=10, large_per_set=100, reps=5, nft_reps=3, extra_ns=3)
+        return cls(sets=20, per_set=10, large_per_set=100, reps=200, nft_reps=40, extra_ns=20)
 
 
 def workload(n_sets: int, per_set: int) -> tuple[WorkloadPolicy, dict[str, list[str]]]:
@@ -129,7 +130,15 @@ def _nft(path: str, script: str) -> float:
     return dt
 
 
-async def _measure(p: Params, path: str) -> dict[str, list[float]]:
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def _measure(p: Params, path: str, extra: list[str]) -> dict[str, list[float]]:
     pol, sets = workload(p.sets, p.per_set)
     big_pol, big_sets = workload(p.sets, p.large_per_set)
     full = render.render_workload(pol, sets)
@@ -165,6 +174,14 @@ async def _measure(p: Params, path: str) -> dict[str, list[float]]:
         r["big"] = await _time(max(3, p.reps // 4), apply_big)
         if "@ls_" not in (await fw.list_table(ns) or ""):
             raise BenchError("the applied table is not in the namespace")
+        # What each namespace the applier keeps a context for costs in memory.
+        rss0 = _rss_kib()
+        for i, e in enumerate(extra):
+            await fw.apply(NsRef(key=f"extra{i}", path=e), full)
+            await fw.list_table(NsRef(key=f"extra{i}", path=e))
+        r["rss_per_ns_kib"] = [(_rss_kib() - rss0) / max(1, len(extra))]
+        for i, e in enumerate(extra):
+            await fw.forget(NsRef(key=f"extra{i}", path=e))
     r["single_full"] = _one_transaction(path, full, p.reps)
     r["nft_full"] = [_nft(path, full) for _ in range(p.nft_reps)]
     r["nft_element"] = [_nft(path, add if i % 2 == 0 else delete) for i in range(p.nft_reps)]
@@ -175,12 +192,18 @@ async def _measure(p: Params, path: str) -> dict[str, list[float]]:
 def run(size: Size) -> Section:
     require_kernel()
     p = Params.of(size)
-    name = f"segd-bench-{secrets.token_hex(3)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    tag = f"segd-bench-{secrets.token_hex(3)}"
+    names = [tag] + [f"{tag}-{i}" for i in range(p.extra_ns)]
+    made: list[str] = []
     try:
-        r = asyncio.run(_measure(p, f"/run/netns/{name}"))
+        for n in names:
+            subprocess.run(["ip", "netns", "add", n], check=True, capture_output=True)
+            made.append(n)
+        paths = [f"/run/netns/{n}" for n in names]
+        r = asyncio.run(_measure(p, paths[0], paths[1:]))
     finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+        for n in made:
+            subprocess.run(["ip", "netns", "delete", n], check=False, capture_output=True)
     n_el, n_big = p.sets * p.per_set, p.sets * p.large_per_set
     figs: list[Figure] = []
     rows: tuple[tuple[str, str, str, str, list[Target]], ...] = (
@@ -213,6 +236,7 @@ def run(size: Size) -> Section:
         },
         "script_bytes": {"full": len(render.render_workload(*workload(p.sets, p.per_set)))},
         "backend": "libnftables",
+        "rss_per_bound_namespace_kib": round(r["rss_per_ns_kib"][0], 1),
     }
     return Section(
         name="apply", title="4. Apply cost per namespace (kernel)", figures=figs, details=details

@@ -74,6 +74,8 @@ class Timing:
     from_return: list[float]
     run_s: list[float]
     to_isolation: list[float]
+    to_paired: list[float]  # start event -> the agent has the server's answer
+    paired_to_enforced: list[float]
     span: float  # first start event -> last container enforced
     missing: int
     verified: int
@@ -87,7 +89,7 @@ def _timing(
     started: Sequence[Started], agent: Agent, events: Events, missing: Sequence[str]
 ) -> Timing:
     starts = events.wait([s.id for s in started])
-    t = Timing([], [], [], [], float("nan"), len(missing), 0)
+    t = Timing([], [], [], [], [], [], float("nan"), len(missing), 0)
     done: list[float] = []
     for s in started:
         t.run_s.append(s.returned - s.called)
@@ -101,6 +103,10 @@ def _timing(
             iso = agent.isolated.get(s.id[:12])
             if iso is not None:
                 t.to_isolation.append(iso - starts[s.id])
+            paired = agent.paired.get(s.id[:12])
+            if paired is not None:
+                t.to_paired.append(paired - starts[s.id])
+                t.paired_to_enforced.append(enforced - paired)
     if done and starts:
         t.span = max(done) - min(starts.values())
     pids = Containers.inspect([s.id for s in started])
@@ -286,6 +292,8 @@ def run(size: Size) -> Section:
             "from_return_ms": summary([ms(x) for x in t.from_return]),
             "docker_run_ms": summary([ms(x) for x in t.run_s]),
             "start_to_isolation_table_ms": summary([ms(x) for x in t.to_isolation]),
+            "start_to_pairing_answer_ms": summary([ms(x) for x in t.to_paired]),
+            "pairing_answer_to_enforced_ms": summary([ms(x) for x in t.paired_to_enforced]),
             "agent_cpu_ms_per_container": ms(cpu[name] / max(1, len(t.run_s))),
             "missing": t.missing,
             "verified_in_netns": t.verified,

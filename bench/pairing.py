@@ -36,7 +36,7 @@ import nacl.signing
 
 from bench.estate import fake_ip
 from bench.report import Figure, Section, Size, Target, figure, ms, pct
-from bench.stack import BenchError, Proc, Server, free_port, wait_for
+from bench.stack import BenchError, Proc, Server, free_port, proc_cpu_s, wait_for
 from segd import crypto
 from segd.wire import PairIn
 
@@ -70,6 +70,8 @@ class Load:
     statuses: dict[str, int]
     latencies: list[float]
     elapsed: float
+    server_cpu_pct: float = 0.0  # of one core, over the run
+    client_cpu_pct: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -195,27 +197,47 @@ def _fixed(root: Path) -> tuple[Proc, str]:
 def _merge(a: Load, b: Load) -> Load:
     statuses = Counter(a.statuses)
     statuses.update(b.statuses)
-    return Load(a.ok + b.ok, dict(statuses), a.latencies + b.latencies, a.elapsed + b.elapsed)
+    elapsed = a.elapsed + b.elapsed
+
+    def cpu(x: float, y: float) -> float:
+        return (x * a.elapsed + y * b.elapsed) / elapsed if elapsed else 0.0
+
+    return Load(
+        a.ok + b.ok,
+        dict(statuses),
+        a.latencies + b.latencies,
+        elapsed,
+        cpu(a.server_cpu_pct, b.server_cpu_pct),
+        cpu(a.client_cpu_pct, b.client_cpu_pct),
+    )
 
 
-async def _level(p: Params, c: int, root: Path, fixed_url: str) -> tuple[Load, Load, int]:
+async def _level(
+    p: Params, c: int, root: Path, fixed_url: str, fixed_pid: int
+) -> tuple[Load, Load, int]:
     """One level: baseline (half), segd, baseline (other half), so that the baseline
     brackets the segd run and a passing disturbance weighs on both alike."""
     server, agents, tokens = _segd(root, p)
     try:
         runs = []
-        for url, share in ((fixed_url, 0.5), (server.url, 1.0), (fixed_url, 0.5)):
-            runs.append(
-                await drive(
-                    url,
-                    agents,
-                    tokens,
-                    concurrency=c,
-                    requests=int(p.requests * share),
-                    seconds=p.seconds * share,
-                    prefix=f"c{c}",
-                )
+        for url, pid, share in (
+            (fixed_url, fixed_pid, 0.5),
+            (server.url, server.proc.pid, 1.0),
+            (fixed_url, fixed_pid, 0.5),
+        ):
+            cpu0, me0 = proc_cpu_s(pid), time.process_time()
+            load = await drive(
+                url,
+                agents,
+                tokens,
+                concurrency=c,
+                requests=int(p.requests * share),
+                seconds=p.seconds * share,
+                prefix=f"c{c}",
             )
+            load.server_cpu_pct = 100 * (proc_cpu_s(pid) - cpu0) / load.elapsed
+            load.client_cpu_pct = 100 * (time.process_time() - me0) / load.elapsed
+            runs.append(load)
         recorded = server.workload_count()
         server.proc.check_alive("segd server")
     finally:
@@ -231,7 +253,9 @@ async def _run(p: Params, root: Path) -> tuple[dict[int, Load], dict[int, Load],
     try:
         for c in p.levels:
             (root / f"level-{c}").mkdir()
-            segd[c], base[c], recorded[c] = await _level(p, c, root / f"level-{c}", fixed_url)
+            segd[c], base[c], recorded[c] = await _level(
+                p, c, root / f"level-{c}", fixed_url, fixed.pid
+            )
     finally:
         fixed.stop()
     return segd, base, recorded
@@ -282,6 +306,10 @@ def run(size: Size) -> Section:
                 "p99": ms(pct(s.latencies, 0.99)),
                 "max": ms(max(s.latencies)),
             },
+            "server_cpu_pct": round(s.server_cpu_pct, 1),
+            "client_cpu_pct": round(s.client_cpu_pct, 1),
+            "baseline_server_cpu_pct": round(b.server_cpu_pct, 1),
+            "baseline_client_cpu_pct": round(b.client_cpu_pct, 1),
             "baseline_requests": b.ok,
             "baseline_statuses": b.statuses,
             "baseline_latency_ms": {"p50": ms(pct(b.latencies, 0.5))},

@@ -316,6 +316,7 @@ class Agent:
         self.tail = LogTail(self.proc.log_path)
         self.enforced: dict[str, float] = {}  # container id[:12] -> first workload table
         self.isolated: dict[str, float] = {}  # container id[:12] -> first isolation table
+        self.paired: dict[str, float] = {}  # container id[:12] -> server's answer arrived
         self.synced = 0
         self.errors: list[str] = []
         self.denied: set[str] = set()  # container id[:12] the server refused to pair
@@ -345,6 +346,8 @@ class Agent:
                 cid, ts = str(rec.get("container", "")), iso_ts(str(rec["timestamp"]))
                 book = self.enforced if rec.get("kind") == "workload" else self.isolated
                 book.setdefault(cid, ts)
+            elif ev == "workload.paired":
+                self.paired.setdefault(str(rec.get("container", "")), iso_ts(str(rec["timestamp"])))
             elif ev == "pairing.denied":
                 self.denied.add(str(rec.get("container", "")))
             elif ev == "agent.synced":
