@@ -240,9 +240,11 @@ class Agent:
         async with self._kernel:
             rec = self.enforced.pop(cid, None)
             if rec is not None:
-                if rec.gated:
-                    await self.firewall.gate_remove(rec.gated)
-                await self.firewall.forget(rec.ns)
+                await self._gate_sync(drop=rec.gated, add=[])
+                try:
+                    await self.firewall.forget(rec.ns)
+                except Exception as e:
+                    _log.warning("firewall.forget_failed", container=cid[:12], error=repr(e))
         if unpair and cid in self._workloads:
             self._start_unpair(cid)
 
@@ -297,8 +299,31 @@ class Agent:
 
     async def _rebuild_gate(self) -> None:
         async with self._kernel:
-            allowed = sorted({ip for r in self.enforced.values() for ip in r.gated})
-            await self.firewall.gate_rebuild(allowed, self._subnets)
+            await self._rebuild_gate_locked()
+
+    async def _rebuild_gate_locked(self) -> bool:
+        """The gate from scratch: exactly the entries of what is enforced now."""
+        entries = sorted({e for r in self.enforced.values() for e in r.gated})
+        try:
+            await self.firewall.gate_rebuild(entries, self._subnets)
+        except Exception as e:
+            _log.error("gate.rebuild_failed", error=repr(e))
+            return False
+        return True
+
+    async def _gate_sync(self, *, drop: list[GateEntry], add: list[GateEntry]) -> None:
+        """Apply a gate change; if the gate is not what we left (deleted or
+        altered behind our back), rebuild it whole and report the tampering.
+        Callers hold the kernel lock and have updated `self.enforced` first."""
+        try:
+            if drop:
+                await self.firewall.gate_remove(drop)
+            if add:
+                await self.firewall.gate_add(add)
+        except Exception as e:
+            _log.warning("tamper.gate", error=repr(e))
+            if await self._rebuild_gate_locked():
+                self._spawn(self._report("tamper", "", f"host gate changed outside segd: {e}"))
 
     async def _refresh_subnets(self) -> None:
         subnets = await self.docker.subnets()
@@ -444,7 +469,10 @@ class Agent:
                 delay = min(delay * 2, self.cfg.backoff_max_s)
                 continue
             if signed is not None:
-                await self.accept(signed)
+                try:
+                    await self.accept(signed)
+                except Exception as e:  # enforcement retries on the next reconcile
+                    _log.error("instructions.apply_failed", error=repr(e))
 
     # ---- enforcement ------------------------------------------------------------------
 
@@ -467,7 +495,8 @@ class Agent:
                 return
             rec = self.enforced.get(cid)
             if rec is not None and rec.ns != ns:
-                await self.firewall.forget(rec.ns)
+                with contextlib.suppress(Exception):
+                    await self.firewall.forget(rec.ns)
                 rec = None
             t0 = time.perf_counter()
             try:
@@ -476,8 +505,8 @@ class Agent:
                 # Fail closed: the gate never admitted this IP, or we pull it now.
                 _log.error("enforce.failed", container=cid[:12], error=repr(e))
                 if rec is not None and rec.gated:
-                    await self.firewall.gate_remove(rec.gated)
-                    rec.gated = []
+                    dropped, rec.gated = rec.gated, []
+                    await self._gate_sync(drop=dropped, add=[])
                 return
             self.enforced[cid] = rec
             want_gate: list[GateEntry] = []
@@ -489,11 +518,8 @@ class Agent:
             if gate and rec.gated != want_gate:
                 drop = sorted(set(rec.gated) - set(want_gate))
                 add = sorted(set(want_gate) - set(rec.gated))
-                if drop:
-                    await self.firewall.gate_remove(drop)
-                if add:
-                    await self.firewall.gate_add(add)
                 rec.gated = list(want_gate)
+                await self._gate_sync(drop=drop, add=add)
             elif not gate:
                 rec.gated = list(want_gate)
             _log.debug(

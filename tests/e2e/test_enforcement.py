@@ -181,3 +181,33 @@ def test_flushed_table_is_repaired_and_audited(stack: Stack) -> None:
     assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
     assert stack.probe_many(db, [(web_ip, 80)]) == {(web_ip, 80): False}
     assert "ls_" in _web_sets(db)
+
+
+def test_gate_deleted_behind_the_agents_back_is_rebuilt_and_audited(stack: Stack) -> None:
+    stack.start_server()
+    stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
+    stack.start_agent(interval=1.0)
+    web = stack.run("web", key=stack.key({"role": "web"}))
+    db = stack.run("db", key=stack.key({"role": "db"}))
+    stack.wait_paired(web, db)
+    subprocess.run(["nft", "delete", "table", "bridge", "segd_gate"], check=True)
+    # A newcomer arrives while the gate is gone; the agent must not stop over it.
+    late = stack.run("late", key=stack.key({"role": "web"}))
+    stack.wait_paired(late)
+    wait_for(
+        lambda: (
+            subprocess.run(
+                ["nft", "list", "table", "bridge", "segd_gate"], capture_output=True
+            ).returncode
+            == 0
+        ),
+        10,
+        "the gate to be rebuilt",
+    )
+    audit = stack.api("GET", "/v1/audit?limit=200")
+    assert any(e["event"] == "agent.tamper" and "gate" in e["detail"] for e in audit), audit
+    db_ip = stack.ip(db)
+    for src in (web, late):
+        assert stack.probe_many(src, [(db_ip, 5432)]) == {(db_ip, 5432): True}
+    assert stack.agent is not None and stack.agent.popen is not None
+    assert stack.agent.popen.poll() is None, "the agent is still running"
