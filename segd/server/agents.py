@@ -2,15 +2,19 @@
 
 Pairing is idempotent per (host, container): asking again returns the workload
 already recorded, without checking the key again or consuming a use (a key may
-have expired since, the container has not changed). A new pairing is decided
-by the pure `pairing` module on rows read inside the write transaction; the use
-is counted, the workload and its addresses recorded and the attempt audited in
-that one transaction. A refusal commits only its audit row.
+have expired since, the container has not changed). The token's signature is
+checked before the write (it needs no store); a new pairing is then decided by
+the pure `pairing` module on rows read inside the write; the use is counted,
+the workload and its addresses recorded and the attempt audited in that one
+write. A refusal commits only its audit row. The answer goes out once the
+write's transaction is durable.
 """
 
 from __future__ import annotations
 
 import re
+
+import msgspec
 
 from segd import log, wire
 from segd.errors import SegdError
@@ -21,6 +25,8 @@ from segd.server.store import Tx
 _log = log.get("segd.server.agents")
 _KEY_ID_RE = re.compile(r"^k_[0-9a-f]{16}$")
 TOUCH_INTERVAL_S = 60.0
+VERIFIED_TOKENS_MAX = 4096
+_JSON = msgspec.json.Encoder()
 
 
 def _claimed_key_id(token: str) -> str:
@@ -32,25 +38,57 @@ def _claimed_key_id(token: str) -> str:
     return kid if _KEY_ID_RE.match(kid) else ""
 
 
-async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> wire.PairResult:
+def _verify_token(svc: Service, token: str, now: float) -> tokens.Claims | tokens.TokenError:
+    """The token's claims, or why it is refused. A token whose signature verified
+    is remembered by its exact text (one key pairs many containers); its expiry
+    is checked every time."""
+    claims = svc.verified_tokens.get(token)
+    if claims is None:
+        try:
+            claims = tokens.verify(token, svc.server_keys, now)
+        except tokens.TokenError as e:
+            return e
+        if len(svc.verified_tokens) >= VERIFIED_TOKENS_MAX:
+            del svc.verified_tokens[next(iter(svc.verified_tokens))]
+        svc.verified_tokens[token] = claims
+    elif now >= claims.exp:
+        return tokens.TokenError(tokens.EXPIRED, "pairing key has expired")
+    return claims
+
+
+def pair_result_json(w: wire.Workload, signed: bytes) -> bytes:
+    """A `wire.PairResult` as JSON, around the host's instructions already signed
+    and encoded (they are shared by every reader of that version)."""
+    return b'{"workload_id":%b,"labels":%b,"instructions":%b}' % (
+        _JSON.encode(w.id),
+        _JSON.encode(w.labels),
+        signed,
+    )
+
+
+async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> bytes:
+    """Pair a container; the answer is the JSON of a `wire.PairResult`."""
     pin = validate.pair_in(pin)
     now = svc.clock()
+    verified = _verify_token(svc, pin.pairing_key, now)
     failure: SegdError | None = None
     async with svc.change() as (tx, ch):
         svc.check_host(host_id)
-        old = await tx.workload_by_container(host_id, pin.container_id)
+        old = tx.workload_by_container(host_id, pin.container_id)
         w: wire.Workload | None = old
         if old is not None:
-            w, failure = await _repair(tx, old, pin, now)
+            w, failure = _repair(tx, old, pin, now)
             if w is not old:
                 ch.add_workload(w, previous=old)
         else:
             try:
-                w = await _new(svc, tx, host_id, pin, now)
+                if isinstance(verified, tokens.TokenError):
+                    raise verified
+                w = _new(svc, tx, host_id, pin, verified, now)
                 ch.add_workload(w)
             except (pairing.Denied, tokens.TokenError) as e:
                 failure = e
-                await tx.audit(
+                tx.audit(
                     now,
                     "workload.paired",
                     "denied",
@@ -66,25 +104,25 @@ async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> wire.PairResult:
         raise failure or SegdError("pairing failed")
     signed = svc.pub.signed(host_id)
     assert signed is not None
-    return wire.PairResult(workload_id=w.id, labels=w.labels, instructions=signed)
+    return pair_result_json(w, signed)
 
 
-async def _repair(
+def _repair(
     tx: Tx, w: wire.Workload, pin: wire.PairIn, now: float
 ) -> tuple[wire.Workload, SegdError | None]:
     """Pairing an already paired container: the same workload (a new object only
     when its addresses changed), or the reason new addresses were refused."""
     audit = {"host_id": w.host_id, "container_id": w.container_id, "workload_id": w.id}
     if w.ips == pin.ips:
-        await tx.audit(now, "workload.paired", "ok", "already_paired", key_id=w.key_id, **audit)
+        tx.audit(now, "workload.paired", "ok", "already_paired", key_id=w.key_id, **audit)
         return w, None
-    held = {ip: o for ip, o in (await tx.ip_holders(pin.ips)).items() if o != w.id}
+    held = {ip: o for ip, o in (tx.ip_holders(pin.ips)).items() if o != w.id}
     if held:
         e = pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
-        await tx.audit(now, "workload.readdressed", "denied", e.code, detail=e.message, **audit)
+        tx.audit(now, "workload.readdressed", "denied", e.code, detail=e.message, **audit)
         return w, e
-    await tx.set_workload_ips(w.id, pin.ips)
-    await tx.audit(now, "workload.readdressed", "ok", detail=",".join(pin.ips), **audit)
+    tx.set_workload_ips(w.id, pin.ips)
+    tx.audit(now, "workload.readdressed", "ok", detail=",".join(pin.ips), **audit)
     _log.info("workload.readdressed", workload=w.id, ips=pin.ips)
     return (
         wire.Workload(
@@ -101,16 +139,17 @@ async def _repair(
     )
 
 
-async def _new(svc: Service, tx: Tx, host_id: str, pin: wire.PairIn, now: float) -> wire.Workload:
-    """Decide and record a new pairing; raises `Denied`/`TokenError` having written nothing."""
-    claims = tokens.verify(pin.pairing_key, svc.server_keys, now)
-    found = await tx.key_with_profile(claims.kid)
+def _new(
+    svc: Service, tx: Tx, host_id: str, pin: wire.PairIn, claims: tokens.Claims, now: float
+) -> wire.Workload:
+    """Decide and record a new pairing; raises `Denied` having written nothing."""
+    found = tx.key_with_profile(claims.kid)
     key, prof = found if found else (None, None)
     decision = pairing.decide(claims, key, prof, pin.requested_labels, svc.dims, now)
-    held = await tx.ip_holders(pin.ips)
+    held = tx.ip_holders(pin.ips)
     if held:
         raise pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
-    if not await tx.consume_use(claims.kid, now):
+    if not tx.consume_use(claims.kid, now):
         raise pairing.Denied(pairing.EXHAUSTED, f"pairing key {claims.kid} has no uses left")
     w = wire.Workload(
         id=new_id("w", 8),
@@ -122,9 +161,9 @@ async def _new(svc: Service, tx: Tx, host_id: str, pin: wire.PairIn, now: float)
         key_id=claims.kid,
         paired_at=now,
     )
-    await tx.insert_workload(w)
+    tx.insert_workload(w)
     reason = "profile_labels_applied" if decision.defaulted else ""
-    await tx.audit(
+    tx.audit(
         now,
         "workload.paired",
         "ok",
@@ -151,11 +190,11 @@ async def unpair(svc: Service, host_id: str, uin: wire.UnpairIn) -> None:
     cid = validate.container_id(uin.container_id)
     async with svc.change() as (tx, ch):
         svc.check_host(host_id)
-        w = await tx.workload_by_container(host_id, cid)
+        w = tx.workload_by_container(host_id, cid)
         if w is not None:
-            await tx.delete_workload(w.id)
+            tx.delete_workload(w.id)
             ch.remove_workload(w)
-        await tx.audit(
+        tx.audit(
             svc.clock(),
             "workload.unpaired",
             "ok",
@@ -169,10 +208,9 @@ async def unpair(svc: Service, host_id: str, uin: wire.UnpairIn) -> None:
         _log.info("workload.unpaired", host=host_id, container=cid, workload=w.id)
 
 
-async def instructions(
-    svc: Service, host_id: str, since: int, wait_s: float
-) -> wire.SignedInstructions | None:
-    """The host's signed instructions once their version is above `since`, else None."""
+async def instructions(svc: Service, host_id: str, since: int, wait_s: float) -> bytes | None:
+    """The host's signed instructions (the JSON of a `wire.SignedInstructions`) once
+    their version is above `since`, else None."""
     if svc.pub.version(host_id) <= since and wait_s > 0:
         await svc.hub.wait_newer(host_id, since, wait_s)
     if svc.pub.version(host_id) <= since:
@@ -183,7 +221,7 @@ async def instructions(
 async def report(svc: Service, host_id: str, rep: wire.AgentReport) -> None:
     rep = validate.report(rep)
     async with svc.store.write() as tx:
-        await tx.audit(
+        tx.audit(
             svc.clock(),
             f"agent.{rep.event}",
             "reported",
@@ -202,6 +240,6 @@ async def touch(svc: Service, host_id: str) -> None:
     svc.touched[host_id] = now
     try:
         async with svc.store.write() as tx:
-            await tx.touch_host(host_id, now)
+            tx.touch_host(host_id, now)
     except SegdError as e:
         _log.warning("host.touch_failed", host=host_id, error=e.message)

@@ -157,18 +157,20 @@ async def register(c: Call) -> wire.Registered:
     return await c.svc.register(c.body_as(wire.RegisterIn))
 
 
-async def pair(c: Call) -> wire.PairResult:
-    return await agents.pair(c.svc, c.host_id, c.body_as(wire.PairIn))
+async def pair(c: Call) -> web.Response:
+    body = await agents.pair(c.svc, c.host_id, c.body_as(wire.PairIn))
+    return web.Response(body=body, content_type="application/json")
 
 
 async def unpair(c: Call) -> None:
     await agents.unpair(c.svc, c.host_id, c.body_as(wire.UnpairIn))
 
 
-async def instructions(c: Call) -> wire.SignedInstructions | None:
+async def instructions(c: Call) -> web.Response | None:
     since = int_param(c.request, "since", 0, 0, 2**62)
     wait = float_param(c.request, "wait", 0.0, 0.0, c.svc.cfg.longpoll_timeout_s)
-    return await agents.instructions(c.svc, c.host_id, since, wait)
+    body = await agents.instructions(c.svc, c.host_id, since, wait)
+    return None if body is None else web.Response(body=body, content_type="application/json")
 
 
 async def report(c: Call) -> None:

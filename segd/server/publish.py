@@ -5,7 +5,8 @@ the version, told by `Compiler.host_digest`) changed, compiled at their next
 version. The caller
 persists the new (version, digest) pairs, then `commit(plan)` adopts them and
 wakes exactly those hosts. Instructions are encoded and signed when first
-fetched, so a burst of changes costs one signature per version actually read.
+fetched, so a burst of changes costs one signature per version actually read,
+and the signed JSON is kept for every later reader.
 A host whose content did not change keeps its version and is not woken.
 
 At start, `load(states)` compiles every host and bumps any whose content no
@@ -18,11 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import msgspec
 import nacl.signing
 
 from segd import crypto, wire
-from segd.server.compiler import Compiler, encode_instructions
+from segd.server.compiler import Compiler, InstructionsEncoder
 from segd.server.notify import Hub
+
+_JSON = msgspec.json.Encoder()
 
 Plan = dict[str, tuple[wire.Instructions, str]]  # host -> (instructions, content digest)
 
@@ -35,7 +39,8 @@ class Publisher:
         self.hub = hub
         self._state: dict[str, tuple[int, str]] = {}  # host -> (version, digest)
         self._latest: dict[str, wire.Instructions] = {}
-        self._signed: dict[str, wire.SignedInstructions] = {}  # signed on first fetch
+        self._signed: dict[str, bytes] = {}  # signed on first fetch
+        self._encoder = InstructionsEncoder()
 
     def plan(self, hosts: Iterable[str]) -> Plan:
         """Of `hosts` (known ones only), those whose content changed, compiled."""
@@ -99,8 +104,9 @@ class Publisher:
     def version(self, host_id: str) -> int:
         return self._state.get(host_id, (0, ""))[0]
 
-    def signed(self, host_id: str) -> wire.SignedInstructions | None:
-        """The host's latest instructions, signed (once per version, on demand)."""
+    def signed(self, host_id: str) -> bytes | None:
+        """The host's latest instructions, signed, as the JSON of a `SignedInstructions`
+        (signed once per version, when first asked for)."""
         out = self._signed.get(host_id)
         if out is None:
             instr = self._latest.get(host_id)
@@ -109,9 +115,11 @@ class Publisher:
             out = self._signed[host_id] = self._sign(instr)
         return out
 
-    def _sign(self, instr: wire.Instructions) -> wire.SignedInstructions:
-        payload = encode_instructions(instr)
+    def _sign(self, instr: wire.Instructions) -> bytes:
+        payload = self._encoder.encode(instr)
         sig = self._key.sign(payload).signature
-        return wire.SignedInstructions(
-            key_id=self.key_id, payload=crypto.b64e(payload), signature=crypto.b64e(sig)
+        return _JSON.encode(
+            wire.SignedInstructions(
+                key_id=self.key_id, payload=crypto.b64e(payload), signature=crypto.b64e(sig)
+            )
         )

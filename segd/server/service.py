@@ -1,17 +1,19 @@
 """The segmentation server's operations, between the HTTP handlers and the store.
 
 One `Service` owns the store, the in-memory compiler and the publisher. A
-change that can alter instructions (`Service.change()`) follows one path under
-one lock: write it with its audit row in a store transaction; apply it to the
-compiler; recompile the hosts it may affect; write the new version of each host
-whose content changed in the same transaction; commit; then publish and wake
-exactly those hosts. If the commit fails the compiler edits are undone, so the
-compiler always mirrors the committed store, in the store's order.
+change that can alter instructions (`Service.change()`) follows one path: write
+it with its audit row as one writer of a group-committed store transaction, and
+apply it to the compiler alongside, noting the hosts it may affect. Just before
+the transaction commits, the hosts affected by all its writers are planned
+(those whose content changed get their next version), and the new versions are
+written in the same transaction; once it is durable they are published and
+exactly those hosts woken. If a writer fails its compiler edits are undone; if
+the commit fails, every writer's are, so the compiler always mirrors the
+committed store, in the store's order.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import secrets
@@ -28,7 +30,7 @@ from segd.errors import Forbidden, InvalidInput, NotFound, SegdError, Unauthoriz
 from segd.server import tokens, validate
 from segd.server.compiler import Compiler
 from segd.server.notify import Hub
-from segd.server.publish import Publisher
+from segd.server.publish import Plan, Publisher
 from segd.server.store import Store, Tx
 
 _log = log.get("segd.server")
@@ -66,48 +68,43 @@ def _read_secret(path: Path) -> str:
 
 
 class Change:
-    """Compiler edits within a store transaction, each with its undo."""
+    """Compiler edits within a store write, each with its undo."""
 
-    def __init__(self, svc: Service) -> None:
+    def __init__(self, svc: Service, tx: Tx) -> None:
         self._svc = svc
+        self._tx = tx
         self.affected: set[str] = set()
-        self._undo: list[Callable[[], object]] = []
 
     def add_workload(self, w: wire.Workload, previous: wire.Workload | None = None) -> None:
         """Add `w` (replacing `previous`, the same workload before this change)."""
         c = self._svc.compiler
         self.affected |= c.add_workload(w)
-        self._undo.append(lambda: c.add_workload(previous) if previous else c.remove_workload(w.id))
+        self._tx.on_undo(lambda: c.add_workload(previous) if previous else c.remove_workload(w.id))
 
     def remove_workload(self, w: wire.Workload) -> None:
         c = self._svc.compiler
         self.affected |= c.remove_workload(w.id)
-        self._undo.append(lambda: c.add_workload(w))
+        self._tx.on_undo(lambda: c.add_workload(w))
 
     def set_rules(self, rules: list[wire.Rule], previous: list[wire.Rule]) -> None:
         c = self._svc.compiler
         self.affected |= c.set_rules(rules)
-        self._undo.append(lambda: c.set_rules(previous))
+        self._tx.on_undo(lambda: c.set_rules(previous))
 
     def add_host(self, host_id: str) -> None:
         self._svc.pub.add_host(host_id)
         self.affected.add(host_id)
-        self._undo.append(lambda: self._svc.pub.drop_host(host_id))
+        self._tx.on_undo(lambda: self._svc.pub.drop_host(host_id))
 
     def drop_host(self, host_id: str) -> None:
         """Stop publishing to a host (its instructions are kept for an undo)."""
         saved = self._svc.pub.save_host(host_id)
         self._svc.pub.drop_host(host_id)
         self.affected.discard(host_id)
-        self._undo.append(lambda: self._svc.pub.restore_host(host_id, saved))
+        self._tx.on_undo(lambda: self._svc.pub.restore_host(host_id, saved))
 
     def on_undo(self, fn: Callable[[], object]) -> None:
-        self._undo.append(fn)
-
-    def undo(self) -> None:
-        for fn in reversed(self._undo):
-            fn()
-        self._undo.clear()
+        self._tx.on_undo(fn)
 
 
 class Service:
@@ -130,7 +127,10 @@ class Service:
         self.hosts: dict[str, HostAuth] = {}
         self.admin_hashes: set[str] = set()
         self.touched: dict[str, float] = {}  # host -> when last_seen was last written
-        self.lock = asyncio.Lock()
+        self.verified_tokens: dict[str, tokens.Claims] = {}  # pairing key text -> claims
+        self._pending: set[str] = set()  # hosts the open transaction's changes may affect
+        self._plan: Plan = {}  # what that transaction publishes once committed
+        store.hooks = self
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -161,7 +161,7 @@ class Service:
         stale = self.pub.load(states)
         if stale:
             async with self.store.write() as tx:
-                await tx.set_versions(self.pub.versions(stale))
+                tx.set_versions(self.pub.versions(stale))
             self.pub.commit(stale)
         await self._ensure_admin_token()
         _log.info(
@@ -181,7 +181,7 @@ class Service:
             token = "segd_" + secrets.token_urlsafe(32)
             crypto.write_secret(path, token + "\n")
             async with self.store.write() as tx:
-                await tx.insert_admin_token(sha256_hex(token), self.clock())
+                tx.insert_admin_token(sha256_hex(token), self.clock())
             hashes.add(sha256_hex(token))
             _log.info("admin.token_created", path=str(path))
         self.admin_hashes = hashes
@@ -206,47 +206,56 @@ class Service:
 
     @contextlib.asynccontextmanager
     async def change(self) -> AsyncIterator[tuple[Tx, Change]]:
-        """One policy change: a store transaction plus the compiler edits it implies.
+        """One policy change: a store write plus the compiler edits it implies.
 
-        The edits are made inside the transaction so that the new instruction
-        versions commit together with the change (one durable commit); if the
-        transaction does not commit, the edits are undone. Once committed, the
-        changed hosts' instructions are published and their agents woken.
+        The edits are made inside the write, so the new instruction versions
+        commit together with the change (one durable commit, shared with the
+        other writers of the transaction); if the write does not commit, the
+        edits are undone. Once committed, the changed hosts' instructions are
+        published and their agents woken.
         """
-        async with self.lock:
-            ch = Change(self)
-            try:
-                async with self.store.write() as tx:
-                    yield tx, ch
-                    plan = self.pub.plan(ch.affected)
-                    if plan:
-                        await tx.set_versions(self.pub.versions(plan))
-            except BaseException:
-                ch.undo()
-                raise
-            self.pub.commit(plan)
+        async with self.store.write() as tx:
+            ch = Change(self, tx)
+            yield tx, ch
+            self._pending |= ch.affected
+
+    # Store commit hooks: plan the transaction's hosts, publish them once durable.
+
+    def before_commit(self, tx: Tx) -> None:
+        self._plan = self.pub.plan(self._pending)
+        self._pending = set()
+        if self._plan:
+            tx.set_versions(self.pub.versions(self._plan))
+
+    def after_commit(self) -> None:
+        plan, self._plan = self._plan, {}
+        self.pub.commit(plan)
         if plan:
             _log.debug("instructions.published", hosts=sorted(plan))
+
+    def after_abort(self) -> None:
+        self._pending = set()
+        self._plan = {}
 
     # ---- rules --------------------------------------------------------------------
 
     async def add_rule(self, rin: wire.RuleIn) -> wire.Rule:
         rule = validate.rule(rin, self.dims, new_id("r"), self.clock())
         async with self.change() as (tx, ch):
-            before = await tx.rules()
-            await tx.insert_rule(rule)
-            await tx.audit(rule.created_at, "rule.added", "ok", detail=rule.id)
-            ch.set_rules(await tx.rules(), before)
+            before = tx.rules()
+            tx.insert_rule(rule)
+            tx.audit(rule.created_at, "rule.added", "ok", detail=rule.id)
+            ch.set_rules(tx.rules(), before)
         _log.info("rule.added", rule=rule.id, services=rule.services)
         return rule
 
     async def delete_rule(self, rule_id: str) -> None:
         async with self.change() as (tx, ch):
-            before = await tx.rules()
-            if not await tx.delete_rule(rule_id):
+            before = tx.rules()
+            if not tx.delete_rule(rule_id):
                 raise NotFound(f"no rule {rule_id!r}")
-            await tx.audit(self.clock(), "rule.removed", "ok", detail=rule_id)
-            ch.set_rules(await tx.rules(), before)
+            tx.audit(self.clock(), "rule.removed", "ok", detail=rule_id)
+            ch.set_rules(tx.rules(), before)
         _log.info("rule.removed", rule=rule_id)
 
     # ---- profiles and keys --------------------------------------------------------
@@ -254,38 +263,38 @@ class Service:
     async def add_profile(self, pin: wire.ProfileIn) -> wire.Profile:
         prof = validate.profile(pin, self.dims, new_id("p"), self.clock())
         async with self.store.write() as tx:
-            if await tx.profile_by_name(prof.name) is not None:
+            if tx.profile_by_name(prof.name) is not None:
                 raise SegdError(f"profile {prof.name!r} already exists", code="exists", status=409)
-            await tx.insert_profile(prof)
-            await tx.audit(prof.created_at, "profile.added", "ok", detail=prof.name)
+            tx.insert_profile(prof)
+            tx.audit(prof.created_at, "profile.added", "ok", detail=prof.name)
         _log.info("profile.added", profile=prof.name, labels=prof.labels, locked=prof.locked)
         return prof
 
     async def delete_profile(self, name: str) -> int:
         """Delete a profile with its keys (which stop working); return how many keys."""
         async with self.store.write() as tx:
-            prof = await tx.profile_by_name(name)
+            prof = tx.profile_by_name(name)
             if prof is None:
                 raise NotFound(f"no profile {name!r}")
-            n = await tx.delete_profile(prof.id)
-            await tx.audit(self.clock(), "profile.removed", "ok", detail=f"{name}: {n} keys")
+            n = tx.delete_profile(prof.id)
+            tx.audit(self.clock(), "profile.removed", "ok", detail=f"{name}: {n} keys")
         _log.info("profile.removed", profile=name, keys=n)
         return n
 
     async def revoke_profile(self, name: str) -> list[wire.PairingKey]:
         async with self.store.write() as tx:
-            prof = await tx.profile_by_name(name)
+            prof = tx.profile_by_name(name)
             if prof is None:
                 raise NotFound(f"no profile {name!r}")
-            n = await tx.revoke_profile_keys(prof.id)
-            await tx.audit(self.clock(), "profile.revoked", "ok", detail=f"{name}: {n} keys")
+            n = tx.revoke_profile_keys(prof.id)
+            tx.audit(self.clock(), "profile.revoked", "ok", detail=f"{name}: {n} keys")
         _log.info("profile.revoked", profile=name, keys=n)
         return await self.store.keys(name)
 
     async def issue_key(self, kin: wire.KeyIssueIn) -> wire.KeyIssued:
         now = self.clock()
         async with self.store.write() as tx:
-            prof = await tx.profile_by_name(kin.profile)
+            prof = tx.profile_by_name(kin.profile)
             if prof is None:
                 raise NotFound(f"no profile {kin.profile!r}")
             max_uses = prof.max_uses if kin.max_uses is None else kin.max_uses
@@ -312,8 +321,8 @@ class Service:
                 revoked=False,
                 description=kin.description,
             )
-            await tx.insert_key(key, prof.id)
-            await tx.audit(now, "key.issued", "ok", key_id=key.key_id, detail=prof.name)
+            tx.insert_key(key, prof.id)
+            tx.audit(now, "key.issued", "ok", key_id=key.key_id, detail=prof.name)
         _log.info("key.issued", key_id=key.key_id, profile=prof.name, max_uses=max_uses)
         return wire.KeyIssued(
             key_id=key.key_id,
@@ -329,9 +338,9 @@ class Service:
 
     async def revoke_key(self, key_id: str) -> wire.PairingKey:
         async with self.store.write() as tx:
-            if not await tx.revoke_key(key_id):
+            if not tx.revoke_key(key_id):
                 raise NotFound(f"no pairing key {key_id!r}")
-            await tx.audit(self.clock(), "key.revoked", "ok", key_id=key_id)
+            tx.audit(self.clock(), "key.revoked", "ok", key_id=key_id)
         _log.info("key.revoked", key_id=key_id)
         key = await self.store.key(key_id)
         assert key is not None
@@ -343,12 +352,12 @@ class Service:
         """Refuse the host's agent from now on and drop its workloads."""
         now = self.clock()
         async with self.change() as (tx, ch):
-            if not await tx.revoke_host(host_id):
+            if not tx.revoke_host(host_id):
                 raise NotFound(f"no host {host_id!r}")
-            gone = await tx.workloads_of_host(host_id)
+            gone = tx.workloads_of_host(host_id)
             for w in gone:
-                await tx.delete_workload(w.id)
-                await tx.audit(
+                tx.delete_workload(w.id)
+                tx.audit(
                     now,
                     "workload.unpaired",
                     "ok",
@@ -358,7 +367,7 @@ class Service:
                     workload_id=w.id,
                 )
                 ch.remove_workload(w)
-            await tx.audit(now, "host.revoked", "ok", host_id=host_id)
+            tx.audit(now, "host.revoked", "ok", host_id=host_id)
             auth = self.hosts.get(host_id)
             if auth is not None:
                 self.hosts[host_id] = HostAuth(auth.verify_key, True)
@@ -374,8 +383,8 @@ class Service:
         code = "act_" + secrets.token_urlsafe(24)  # never starts with "-"
         now = self.clock()
         async with self.store.write() as tx:
-            await tx.insert_activation_code(sha256_hex(code), now, now + lifespan)
-            await tx.audit(now, "activation_code.issued", "ok")
+            tx.insert_activation_code(sha256_hex(code), now, now + lifespan)
+            tx.audit(now, "activation_code.issued", "ok")
         _log.info("activation_code.issued", lifespan_s=lifespan)
         return wire.ActivationCode(code=code, expires_at=now + lifespan)
 
@@ -391,20 +400,18 @@ class Service:
         now = self.clock()
         failure: SegdError | None = None
         async with self.change() as (tx, ch):
-            if await tx.host_with_key(rin.public_key) is not None:
+            if tx.host_with_key(rin.public_key) is not None:
                 failure = SegdError(
                     "this public key is already registered", code="public_key_in_use", status=409
                 )
-            elif not await tx.consume_activation_code(
-                sha256_hex(rin.activation_code), now, host_id
-            ):
+            elif not tx.consume_activation_code(sha256_hex(rin.activation_code), now, host_id):
                 failure = Unauthorized(
                     "activation code is unknown, used or expired", code="invalid_activation_code"
                 )
             else:
-                await tx.insert_host(host_id, hostname, rin.public_key, now)
+                tx.insert_host(host_id, hostname, rin.public_key, now)
                 ch.add_host(host_id)
-            await tx.audit(
+            tx.audit(
                 now,
                 "host.registered",
                 "denied" if failure else "ok",

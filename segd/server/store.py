@@ -1,10 +1,11 @@
 """The server's durable state: one SQLite file in WAL mode. All SQL lives here.
 
-Two connections: a writer that runs every change in one `BEGIN IMMEDIATE`
-transaction behind an asyncio lock (so writes are serialised and a
-check-then-update inside a transaction cannot race), and a query-only reader
-that sees committed data only. `synchronous=FULL` makes an acknowledged commit
-survive a power cut. A lock file keeps a second server off the same data dir.
+Two connections: a writer whose changes are group-committed (`commit.py`:
+writers run one after another, each in its own savepoint of a shared `BEGIN
+IMMEDIATE` transaction, so a check-then-update cannot race, and each returns
+once the transaction is durable), and a query-only reader that sees committed
+data only. `synchronous=FULL` makes an acknowledged commit survive a power cut.
+A lock file keeps a second server off the same data dir.
 
 SQLite failures surface as `Unavailable` (HTTP 503) and constraint failures as
 `Conflict`; callers never see a raw `sqlite3` error.
@@ -17,16 +18,17 @@ import contextlib
 import fcntl
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import aiosqlite
 import msgspec
 
 from segd import wire
-from segd.errors import Conflict, SegdError, Unavailable
+from segd.errors import Conflict, Unavailable
 from segd.policy import Labels, Selectors
+from segd.server.commit import GroupCommit, Undo, map_error
 from segd.server.migrations import MIGRATIONS
 
 _enc = msgspec.json.Encoder(order="deterministic")
@@ -43,12 +45,6 @@ _PRAGMAS = (
 
 def _j(value: object) -> str:
     return _enc.encode(value).decode()
-
-
-def _map_error(e: sqlite3.Error) -> SegdError:
-    if isinstance(e, sqlite3.IntegrityError):
-        return Conflict(f"conflicting change: {e}")
-    return Unavailable(f"store unavailable: {e}")
 
 
 # ---- row converters -----------------------------------------------------------------
@@ -145,28 +141,35 @@ _HOST_SELECT = (
 
 
 class Tx:
-    """One write transaction. Only valid inside `Store.write()`."""
+    """One writer's part of a write transaction; only valid inside `Store.write()`.
 
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    Its statements are synchronous (they run against SQLite's page cache); what
+    the writer changes in memory alongside them is undone with `on_undo` when the
+    writer's body or the transaction's commit fails.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, undo: Undo) -> None:
         self._c = conn
+        self._undo = undo
 
-    async def _one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._c.execute(sql, tuple(params)) as cur:
-            row: sqlite3.Row | None = await cur.fetchone()
-            return row
+    def on_undo(self, fn: Callable[[], object]) -> None:
+        """Run `fn` if this write does not commit (undos run newest first)."""
+        self._undo.add(fn)
 
-    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._c.execute(sql, tuple(params)) as cur:
-            return list(await cur.fetchall())
+    def _one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self._c.execute(sql, tuple(params)).fetchone()
+        return row
 
-    async def _exec(self, sql: str, params: Iterable[Any] = ()) -> int:
-        async with self._c.execute(sql, tuple(params)) as cur:
-            return cur.rowcount
+    def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return self._c.execute(sql, tuple(params)).fetchall()
+
+    def _exec(self, sql: str, params: Iterable[Any] = ()) -> int:
+        return self._c.execute(sql, tuple(params)).rowcount
 
     # ---- rules --------------------------------------------------------------------
 
-    async def insert_rule(self, r: wire.Rule) -> None:
-        await self._exec(
+    def insert_rule(self, r: wire.Rule) -> None:
+        self._exec(
             "INSERT INTO rules (id, providers, consumers, services, options, description,"
             " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
@@ -180,16 +183,16 @@ class Tx:
             ),
         )
 
-    async def delete_rule(self, rule_id: str) -> bool:
-        return await self._exec("DELETE FROM rules WHERE id = ?", (rule_id,)) > 0
+    def delete_rule(self, rule_id: str) -> bool:
+        return self._exec("DELETE FROM rules WHERE id = ?", (rule_id,)) > 0
 
-    async def rules(self) -> list[wire.Rule]:
-        return [_rule(r) for r in await self._all("SELECT * FROM rules ORDER BY created_at, id")]
+    def rules(self) -> list[wire.Rule]:
+        return [_rule(r) for r in self._all("SELECT * FROM rules ORDER BY created_at, id")]
 
     # ---- profiles and keys --------------------------------------------------------
 
-    async def insert_profile(self, p: wire.Profile) -> None:
-        await self._exec(
+    def insert_profile(self, p: wire.Profile) -> None:
+        self._exec(
             "INSERT INTO profiles (id, name, labels, locked, max_uses, lifespan_s, on_mismatch,"
             " enabled, description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -206,23 +209,23 @@ class Tx:
             ),
         )
 
-    async def profile_by_name(self, name: str) -> wire.Profile | None:
-        row = await self._one("SELECT * FROM profiles WHERE name = ?", (name,))
+    def profile_by_name(self, name: str) -> wire.Profile | None:
+        row = self._one("SELECT * FROM profiles WHERE name = ?", (name,))
         return _profile(row) if row else None
 
-    async def delete_profile(self, profile_id: str) -> int:
+    def delete_profile(self, profile_id: str) -> int:
         """Delete a profile and its keys; return how many keys went with it."""
-        n = await self._one("SELECT count(*) AS n FROM keys WHERE profile_id = ?", (profile_id,))
-        await self._exec("DELETE FROM profiles WHERE id = ?", (profile_id,))
+        n = self._one("SELECT count(*) AS n FROM keys WHERE profile_id = ?", (profile_id,))
+        self._exec("DELETE FROM profiles WHERE id = ?", (profile_id,))
         return int(n["n"]) if n else 0
 
-    async def revoke_profile_keys(self, profile_id: str) -> int:
-        return await self._exec(
+    def revoke_profile_keys(self, profile_id: str) -> int:
+        return self._exec(
             "UPDATE keys SET revoked = 1 WHERE profile_id = ? AND revoked = 0", (profile_id,)
         )
 
-    async def insert_key(self, k: wire.PairingKey, profile_id: str) -> None:
-        await self._exec(
+    def insert_key(self, k: wire.PairingKey, profile_id: str) -> None:
+        self._exec(
             "INSERT INTO keys (key_id, profile_id, max_uses, uses, issued_at, expires_at,"
             " revoked, description) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -237,20 +240,20 @@ class Tx:
             ),
         )
 
-    async def key_with_profile(self, key_id: str) -> tuple[wire.PairingKey, wire.Profile] | None:
-        row = await self._one(_KEY_SELECT + " WHERE k.key_id = ?", (key_id,))
+    def key_with_profile(self, key_id: str) -> tuple[wire.PairingKey, wire.Profile] | None:
+        row = self._one(_KEY_SELECT + " WHERE k.key_id = ?", (key_id,))
         if row is None:
             return None
-        prof = await self._one("SELECT * FROM profiles WHERE id = ?", (row["profile_id"],))
+        prof = self._one("SELECT * FROM profiles WHERE id = ?", (row["profile_id"],))
         assert prof is not None  # foreign key
         return _key(row), _profile(prof)
 
-    async def revoke_key(self, key_id: str) -> bool:
-        return await self._exec("UPDATE keys SET revoked = 1 WHERE key_id = ?", (key_id,)) > 0
+    def revoke_key(self, key_id: str) -> bool:
+        return self._exec("UPDATE keys SET revoked = 1 WHERE key_id = ?", (key_id,)) > 0
 
-    async def consume_use(self, key_id: str, now: float) -> bool:
+    def consume_use(self, key_id: str, now: float) -> bool:
         """Count one use, only while the key is live: the guard against over-use."""
-        n = await self._exec(
+        n = self._exec(
             "UPDATE keys SET uses = uses + 1 WHERE key_id = ? AND uses < max_uses"
             " AND revoked = 0 AND expires_at > ?",
             (key_id, now),
@@ -259,30 +262,28 @@ class Tx:
 
     # ---- workloads ----------------------------------------------------------------
 
-    async def workload_by_container(self, host_id: str, container_id: str) -> wire.Workload | None:
-        row = await self._one(
+    def workload_by_container(self, host_id: str, container_id: str) -> wire.Workload | None:
+        row = self._one(
             "SELECT * FROM workloads WHERE host_id = ? AND container_id = ?",
             (host_id, container_id),
         )
         return _workload(row) if row else None
 
-    async def workloads_of_host(self, host_id: str) -> list[wire.Workload]:
-        rows = await self._all("SELECT * FROM workloads WHERE host_id = ? ORDER BY id", (host_id,))
+    def workloads_of_host(self, host_id: str) -> list[wire.Workload]:
+        rows = self._all("SELECT * FROM workloads WHERE host_id = ? ORDER BY id", (host_id,))
         return [_workload(r) for r in rows]
 
-    async def ip_holders(self, ips: Iterable[str]) -> dict[str, str]:
+    def ip_holders(self, ips: Iterable[str]) -> dict[str, str]:
         """Which of `ips` are held, and by which workload id."""
         ips = list(ips)
         if not ips:
             return {}
         marks = ",".join("?" * len(ips))
-        rows = await self._all(
-            f"SELECT ip, workload_id FROM workload_ips WHERE ip IN ({marks})", ips
-        )
+        rows = self._all(f"SELECT ip, workload_id FROM workload_ips WHERE ip IN ({marks})", ips)
         return {r["ip"]: r["workload_id"] for r in rows}
 
-    async def insert_workload(self, w: wire.Workload) -> None:
-        await self._exec(
+    def insert_workload(self, w: wire.Workload) -> None:
+        self._exec(
             "INSERT INTO workloads (id, host_id, container_id, name, labels, ips, key_id,"
             " paired_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -296,71 +297,71 @@ class Tx:
                 w.paired_at,
             ),
         )
-        await self._insert_ips(w.id, w.ips)
+        self._insert_ips(w.id, w.ips)
 
-    async def _insert_ips(self, workload_id: str, ips: Iterable[str]) -> None:
-        await self._c.executemany(
+    def _insert_ips(self, workload_id: str, ips: Iterable[str]) -> None:
+        self._c.executemany(
             "INSERT INTO workload_ips (ip, workload_id) VALUES (?, ?)",
             [(ip, workload_id) for ip in ips],
         )
 
-    async def set_workload_ips(self, workload_id: str, ips: list[str]) -> None:
-        await self._exec("DELETE FROM workload_ips WHERE workload_id = ?", (workload_id,))
-        await self._exec("UPDATE workloads SET ips = ? WHERE id = ?", (_j(ips), workload_id))
-        await self._insert_ips(workload_id, ips)
+    def set_workload_ips(self, workload_id: str, ips: list[str]) -> None:
+        self._exec("DELETE FROM workload_ips WHERE workload_id = ?", (workload_id,))
+        self._exec("UPDATE workloads SET ips = ? WHERE id = ?", (_j(ips), workload_id))
+        self._insert_ips(workload_id, ips)
 
-    async def delete_workload(self, workload_id: str) -> bool:
-        return await self._exec("DELETE FROM workloads WHERE id = ?", (workload_id,)) > 0
+    def delete_workload(self, workload_id: str) -> bool:
+        return self._exec("DELETE FROM workloads WHERE id = ?", (workload_id,)) > 0
 
     # ---- hosts and activation codes -----------------------------------------------
 
-    async def insert_activation_code(self, code_hash: str, now: float, expires_at: float) -> None:
-        await self._exec(
+    def insert_activation_code(self, code_hash: str, now: float, expires_at: float) -> None:
+        self._exec(
             "INSERT INTO activation_codes (code_hash, created_at, expires_at) VALUES (?, ?, ?)",
             (code_hash, now, expires_at),
         )
 
-    async def consume_activation_code(self, code_hash: str, now: float, host_id: str) -> bool:
-        n = await self._exec(
+    def consume_activation_code(self, code_hash: str, now: float, host_id: str) -> bool:
+        n = self._exec(
             "UPDATE activation_codes SET used_at = ?, host_id = ?"
             " WHERE code_hash = ? AND used_at IS NULL AND expires_at > ?",
             (now, host_id, code_hash, now),
         )
         return n == 1
 
-    async def insert_host(self, host_id: str, hostname: str, public_key: str, now: float) -> None:
-        await self._exec(
+    def insert_host(self, host_id: str, hostname: str, public_key: str, now: float) -> None:
+        self._exec(
             "INSERT INTO hosts (id, hostname, public_key, registered_at, last_seen)"
             " VALUES (?, ?, ?, ?, ?)",
             (host_id, hostname, public_key, now, now),
         )
 
-    async def host_with_key(self, public_key: str) -> str | None:
-        row = await self._one("SELECT id FROM hosts WHERE public_key = ?", (public_key,))
+    def host_with_key(self, public_key: str) -> str | None:
+        row = self._one("SELECT id FROM hosts WHERE public_key = ?", (public_key,))
         return str(row["id"]) if row else None
 
-    async def revoke_host(self, host_id: str) -> bool:
-        return await self._exec("UPDATE hosts SET revoked = 1 WHERE id = ?", (host_id,)) > 0
+    def revoke_host(self, host_id: str) -> bool:
+        return self._exec("UPDATE hosts SET revoked = 1 WHERE id = ?", (host_id,)) > 0
 
-    async def touch_host(self, host_id: str, now: float) -> None:
-        await self._exec("UPDATE hosts SET last_seen = ? WHERE id = ?", (now, host_id))
+    def touch_host(self, host_id: str, now: float) -> None:
+        self._exec("UPDATE hosts SET last_seen = ? WHERE id = ?", (now, host_id))
 
-    async def set_versions(self, versions: Mapping[str, tuple[int, str]]) -> None:
+    def set_versions(self, versions: Mapping[str, tuple[int, str]]) -> None:
         """Persist (instructions version, content digest) per host."""
-        await self._c.executemany(
+        self._c.executemany(
             "UPDATE hosts SET instructions_version = ?, instructions_digest = ? WHERE id = ?",
             [(v, d, h) for h, (v, d) in versions.items()],
         )
 
     # ---- admin tokens and audit ---------------------------------------------------
 
-    async def insert_admin_token(self, token_hash: str, now: float) -> None:
-        await self._exec(
+    def insert_admin_token(self, token_hash: str, now: float) -> None:
+        self._exec(
             "INSERT OR IGNORE INTO admin_tokens (token_hash, created_at) VALUES (?, ?)",
             (token_hash, now),
         )
 
-    async def audit(
+    def audit(
         self,
         at: float,
         event: str,
@@ -373,46 +374,68 @@ class Tx:
         workload_id: str = "",
         detail: str = "",
     ) -> None:
-        await self._exec(
+        self._exec(
             "INSERT INTO audit (at, event, result, reason, host_id, container_id, key_id,"
             " workload_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (at, event, result, reason, host_id, container_id, key_id, workload_id, detail),
         )
 
 
+class CommitHooks(Protocol):
+    """What the owner of the store adds to every transaction, and hears of its end."""
+
+    def before_commit(self, tx: Tx) -> None: ...
+    def after_commit(self) -> None: ...
+    def after_abort(self) -> None: ...
+
+
+class _NoHooks:
+    def before_commit(self, tx: Tx) -> None:
+        pass
+
+    def after_commit(self) -> None:
+        pass
+
+    def after_abort(self) -> None:
+        pass
+
+
 class Store:
     """The open store. Use `await Store.open(path)` and `await store.close()`."""
 
     def __init__(
-        self, path: Path, writer: aiosqlite.Connection, reader: aiosqlite.Connection, lock_fd: int
+        self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection, lock_fd: int
     ) -> None:
         self.path = path
+        self.hooks: CommitHooks = _NoHooks()
         self._w = writer
         self._r = reader
         self._lock_fd = lock_fd
-        self._wlock = asyncio.Lock()
+        self._commits = GroupCommit(
+            writer,
+            before_commit=lambda: self.hooks.before_commit(Tx(writer, Undo())),
+            after_commit=lambda: self.hooks.after_commit(),
+            after_abort=lambda: self.hooks.after_abort(),
+        )
 
     @classmethod
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock(path.with_name(path.name + ".lock"))
-        conns: list[aiosqlite.Connection] = []
+        w: sqlite3.Connection | None = None
         try:
-            w = await aiosqlite.connect(path, isolation_level=None)
-            conns.append(w)
-            w.row_factory = sqlite3.Row
-            await w.execute("PRAGMA journal_mode = WAL")
-            for p in _PRAGMAS:
-                await w.execute(p)
-            await _migrate(w)
+            w = await asyncio.to_thread(_open_writer, path)
             r = await aiosqlite.connect(path, isolation_level=None)
-            conns.append(r)
-            r.row_factory = sqlite3.Row
-            for p in (*_PRAGMAS, "PRAGMA query_only = ON"):
-                await r.execute(p)
+            try:
+                r.row_factory = sqlite3.Row
+                for p in (*_PRAGMAS, "PRAGMA query_only = ON"):
+                    await r.execute(p)
+            except BaseException:
+                await r.close()
+                raise
         except BaseException as e:
-            for c in conns:
-                await c.close()
+            if w is not None:
+                w.close()
             os.close(lock_fd)
             if isinstance(e, sqlite3.Error):
                 raise Unavailable(f"cannot open store {path}: {e}") from None
@@ -421,40 +444,31 @@ class Store:
 
     async def close(self) -> None:
         try:
+            await self._commits.close()
             await self._r.close()
-            await self._w.close()
+            self._w.close()
         finally:
             os.close(self._lock_fd)
 
     async def set_read_only(self, on: bool) -> None:
         """Refuse (or allow again) every write, as an unwritable disk would."""
-        async with self._wlock:
-            await self._w.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
+        await self._commits.when_idle(
+            lambda c: c.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
+        )
 
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[Tx]:
-        """One serialised write transaction; rolled back when the body raises."""
-        async with self._wlock:
-            try:
-                await self._w.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
-                raise _map_error(e) from None
-            try:
-                yield Tx(self._w)
-                await self._w.execute("COMMIT")
-            except BaseException as e:
-                with contextlib.suppress(sqlite3.Error):
-                    await self._w.execute("ROLLBACK")
-                if isinstance(e, sqlite3.Error):
-                    raise _map_error(e) from None
-                raise
+        """One writer's part of a (group-committed) write transaction: returns once
+        it is durable; rolled back, with its undos run, when the body raises."""
+        async with self._commits.write() as undo:
+            yield Tx(self._w, undo)
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
             async with self._r.execute(sql, tuple(params)) as cur:
                 return list(await cur.fetchall())
         except sqlite3.Error as e:
-            raise _map_error(e) from None
+            raise map_error(e) from None
 
     # ---- reads (committed state) --------------------------------------------------
 
@@ -530,13 +544,27 @@ def _lock(path: Path) -> int:
     return fd
 
 
-async def _migrate(conn: aiosqlite.Connection) -> None:
+def _open_writer(path: Path) -> sqlite3.Connection:
+    """The writer connection, in WAL mode and migrated (run on a worker thread)."""
+    w = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        w.row_factory = sqlite3.Row
+        w.execute("PRAGMA journal_mode = WAL")
+        for p in _PRAGMAS:
+            w.execute(p)
+        _migrate(w)
+    except BaseException:
+        w.close()
+        raise
+    return w
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
     """Apply the migrations this file does not have yet, each in a transaction."""
-    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    async with conn.execute("SELECT version FROM schema_version") as cur:
-        row = await cur.fetchone()
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT version FROM schema_version").fetchone()
     if row is None:
-        await conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (0)")
         current = 0
     else:
         current = int(row[0])
@@ -551,8 +579,8 @@ async def _migrate(conn: aiosqlite.Connection) -> None:
             + f"\nUPDATE schema_version SET version = {version + 1};\nCOMMIT;"
         )
         try:
-            await conn.executescript(script)
+            conn.executescript(script)
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                await conn.execute("ROLLBACK")
+                conn.execute("ROLLBACK")
             raise
