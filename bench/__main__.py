@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     size = cast(Size, args.size)
     log.setup(level="warning", fmt="json")
 
-    from bench import stack
+    from bench import containers, stack
 
     meta = machine()
     meta["size"] = size
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if DOCKER & set(names):
         try:
-            stale = stack.remove_stale()
+            stale = containers.remove_stale()
             if stale:
                 warnings.append(f"removed {stale} containers left by an earlier, killed run")
         except (stack.BenchError, OSError) as e:

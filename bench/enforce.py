@@ -26,26 +26,20 @@ import contextlib
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.report import Section, Size, Target, figure, ms, pct, summary
-from bench.stack import (
-    Agent,
-    BenchError,
+from bench.containers import (
     Containers,
     Events,
-    Server,
     Started,
-    drop_gate,
     foreign_keyed,
-    other_agents,
-    proc_cpu_s,
     require_docker,
     table_in_netns,
-    wait_for,
 )
+from bench.report import Section, Size, Target, figure, ms, pct, summary
+from bench.stack import Agent, BenchError, Server, drop_gate, other_agents, proc_cpu_s, wait_for
 
 ROLES = ("web", "api", "db")
 KEY = "segd.pairing-key"
@@ -68,17 +62,17 @@ class Params:
 
 @dataclass
 class Timing:
-    """One phase: per container, seconds from start event / run return to rules."""
+    """One phase, per container, in seconds: start event / run return -> rules, and stages."""
 
-    from_start: list[float]
-    from_return: list[float]
-    run_s: list[float]
-    to_isolation: list[float]
-    to_paired: list[float]  # start event -> the agent has the server's answer
-    paired_to_enforced: list[float]
-    span: float  # first start event -> last container enforced
-    missing: int
-    verified: int
+    missing: int  # containers whose rules never showed up
+    from_start: list[float] = field(default_factory=list)
+    from_return: list[float] = field(default_factory=list)
+    run_s: list[float] = field(default_factory=list)  # `docker run -d` itself
+    to_isolation: list[float] = field(default_factory=list)  # start -> isolation table
+    to_paired: list[float] = field(default_factory=list)  # start -> the server's answer
+    paired_to_enforced: list[float] = field(default_factory=list)
+    span: float = float("nan")  # first start event -> last container enforced
+    verified: int = 0  # containers whose namespace holds the workload's set lookups
 
 
 def _labels(role: str, keys: Mapping[str, str]) -> dict[str, str]:
@@ -89,7 +83,7 @@ def _timing(
     started: Sequence[Started], agent: Agent, events: Events, missing: Sequence[str]
 ) -> Timing:
     starts = events.wait([s.id for s in started])
-    t = Timing([], [], [], [], [], [], float("nan"), len(missing), 0)
+    t = Timing(missing=len(missing))
     done: list[float] = []
     for s in started:
         t.run_s.append(s.returned - s.called)
@@ -237,7 +231,9 @@ def run(size: Size) -> Section:
             leak = _leak(box, agent, keys, p)
             agent.poll()
             details["agent_errors"] = agent.errors[:20]
-            details["foreign_keyed_containers"] = sorted(set(foreign) | set(box.foreign(agent)))
+            details["foreign_keyed_containers"] = sorted(
+                set(foreign) | set(box.foreign(agent.denied))
+            )
         finally:
             if agent is not None:
                 agent.stop()

@@ -19,19 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.containers import Containers, docker, foreign_keyed, require_docker
 from bench.report import Figure, Section, Size, Target, figure
 from bench.stack import (
     Agent,
     BenchError,
-    Containers,
     Server,
-    docker,
     drop_gate,
-    foreign_keyed,
     other_agents,
     proc_cpu_s,
     proc_rss_kib,
-    require_docker,
 )
 
 ROLES = ("web", "api", "db")
@@ -156,7 +153,7 @@ def run(size: Size) -> Section:
                 ),
                 "seconds_from_enforced_to_end": round(time.monotonic() - enforced_at, 1),
                 "agent_errors": agent.errors[:20],
-                "foreign_keyed_containers": sorted(set(foreign) | set(box.foreign(agent))),
+                "foreign_keyed_containers": sorted({*foreign, *box.foreign(agent.denied)}),
                 "baseline": base.__dict__,
                 "idle": idle.__dict__,
                 "churn": churn.__dict__,
