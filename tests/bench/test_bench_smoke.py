@@ -120,16 +120,16 @@ def test_apply(tmp_path: Path, kernel_ready: None) -> None:
 def test_enforce(tmp_path: Path, docker_ready: None) -> None:
     details, figs = run_bench("enforce", tmp_path)
     n = details["params"]["one_by_one"]
+    # Another segd stack on this engine (a concurrent test) enforces our containers
+    # too, and isolates them: then only what our own agent logged can be checked.
+    alone = not details["foreign_keyed_containers"]
     for phase in ("one_by_one", "burst"):
         d = details[phase]
         assert d["missing"] == 0 and d["from_start_ms"]["n"] == n
         assert 0 < d["from_start_ms"]["min"] <= d["from_start_ms"]["max"] < 60_000
-        # Another segd stack on this engine (a concurrent test) enforces our
-        # containers too and may have isolated them since: then only ours counts.
-        if not details["foreign_keyed_containers"]:
-            assert d["verified_in_netns"] == n
+        assert d["verified_in_netns"] == n or not alone
     assert details["leak"]["attempts"] > 0
-    assert details["leak"]["allowed_peer_connected"]  # the probe can connect at all
+    assert details["leak"]["allowed_peer_connected"] or not alone  # the probe can connect
     assert figs["enforce.leaked"]["value"] >= 0
     assert _leftovers() == []
 
