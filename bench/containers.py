@@ -128,6 +128,10 @@ class Events:
             self._proc.wait(5)
         if self._proc.poll() is None:
             self._proc.kill()
+            self._proc.wait(5)
+        self._thread.join(5)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
 
 
 @dataclass(frozen=True)
