@@ -248,15 +248,22 @@ def table(report: Report) -> str:
         parts += [r[i].ljust(widths[i]) for i in range(2, len(r))]
         return "  ".join(parts).rstrip()
 
-    out = [line(head), "-" * len(line(head))]
+    m = report.meta
+    nft = str(m.get("nftables", "")).split(" (")[0]
+    out = [
+        f"segd benchmarks, size {m.get('size')}, commit {m.get('commit')}, {m.get('started')}",
+        f"machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gib')} GiB, "
+        f"{m.get('os')}, kernel {m.get('kernel')}, Docker {m.get('docker')}, {nft}, "
+        f"Python {m.get('python')}",
+        "",
+        line(head),
+        "-" * len(line(head)),
+    ]
     for r in rows:
         out.append(r if isinstance(r, str) else line(r))
-    m = report.meta
     out.append("")
     out.append(
-        f"targets: {report.met} met, {report.missed} missed; "
-        f"{m.get('cores')} cores, {m.get('cpu')}, kernel {m.get('kernel')}, "
-        f"size {m.get('size')}, {m.get('seconds', 0):.0f} s"
+        f"targets: {report.met} met, {report.missed} missed; ran in {m.get('seconds', 0):.0f} s"
     )
     out += [f"warning: {w}" for w in m.get("warnings", [])]
     return "\n".join(out)
