@@ -28,6 +28,7 @@ MAX_SELECTORS = 64
 MAX_SERVICES = 64
 MAX_IPS = 16
 MAX_WORKLOAD_NAME = 255
+MAX_PAIRING_KEY = 4096
 
 
 def text(field: str, value: str, limit: int) -> str:
@@ -148,7 +149,7 @@ def pair_in(p: wire.PairIn) -> wire.PairIn:
     """Shape checks of a pairing request; label values are judged by the pairing."""
     container_id(p.container_id)
     text("name", p.name, MAX_WORKLOAD_NAME)
-    if len(p.pairing_key) > 4096:
+    if len(p.pairing_key) > MAX_PAIRING_KEY:
         raise InvalidInput("pairing_key: too long")
     return wire.PairIn(
         container_id=p.container_id,
