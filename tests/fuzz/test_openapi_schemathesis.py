@@ -147,20 +147,32 @@ def run_operation(stack: Stack, route: Route, examples: int, *, derandomize: boo
     modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if _mutable(route) else [])
     for mode in modes:
         for signed in (True, False) if route.auth == "agent" else (True,):
-
-            @settings(
-                max_examples=max(1, int(examples * fz.SCALE)),
-                deadline=None,
-                database=None,
-                derandomize=derandomize,
-                suppress_health_check=list(HealthCheck),
-                phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink],
+            _run(
+                stack,
+                route,
+                operation.as_strategy(generation_mode=mode),
+                signed,
+                examples,
+                derandomize,
             )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case: Any) -> None:
-                _check(stack, route, case, signed)
 
-            run()
+
+def _run(
+    stack: Stack, route: Route, cases: Any, signed: bool, examples: int, derandomize: bool
+) -> None:
+    @settings(
+        max_examples=max(1, int(examples * fz.SCALE)),
+        deadline=None,
+        database=None,
+        derandomize=derandomize,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink],
+    )
+    @given(case=cases)
+    def run(case: Any) -> None:
+        _check(stack, route, case, signed)
+
+    run()
 
 
 def test_the_document_lists_every_route(stack: Stack) -> None:
