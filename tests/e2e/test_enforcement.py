@@ -211,3 +211,31 @@ def test_gate_deleted_behind_the_agents_back_is_rebuilt_and_audited(stack: Stack
         assert stack.probe_many(src, [(db_ip, 5432)]) == {(db_ip, 5432): True}
     assert stack.agent is not None and stack.agent.popen is not None
     assert stack.agent.popen.poll() is None, "the agent is still running"
+
+
+def test_rollout_switch_leaves_unkeyed_containers_alone(stack: Stack) -> None:
+    """`isolate_unkeyed = false`: unkeyed containers keep talking; keyed ones are enforced."""
+    stack.start_server()
+    stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
+    stack.start_agent(isolate_unkeyed=False)
+    legacy_a = stack.run("legacy-a")
+    legacy_b = stack.run("legacy-b")
+    db = stack.run("db", key=stack.key({"role": "db"}))
+    stack.wait_paired(db)
+    time.sleep(0.5)
+    a_ip, b_ip, db_ip = stack.ip(legacy_a), stack.ip(legacy_b), stack.ip(db)
+    assert stack.probe_many(legacy_a, [(b_ip, 80), (db_ip, 5432)]) == {
+        (b_ip, 80): True,  # both unkeyed: left alone
+        (db_ip, 5432): False,  # db is enforced: only web may use it
+    }
+    assert stack.probe_many(db, [(a_ip, 80)]) == {(a_ip, 80): False}
+    assert _table_absent(legacy_a)
+
+
+def _table_absent(cid: str) -> bool:
+    pid = docker("inspect", "-f", "{{.State.Pid}}", cid)
+    p = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid}/ns/net", "nft", "list", "table", "inet", "segd"],
+        capture_output=True,
+    )
+    return p.returncode != 0
