@@ -25,6 +25,8 @@ DATA_DIR_ENV = "SEGD_DATA_DIR"  # overrides DEFAULT_ALLINONE_DIR for allinone an
 ALLINONE_SERVER_SUBDIR = "server"  # the server's data dir inside the allinone data dir
 ADMIN_TOKEN_FILE = "admin.token"  # in the server's data dir, 0600
 
+# What the server takes as an agent's hostname (segd.server.validate.HOSTNAME_RE).
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
 _LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 
 
@@ -33,9 +35,16 @@ class ConfigError(Exception):
 
     def __init__(self, path: str, key: str, reason: str):
         self.path, self.key, self.reason = path, key, reason
-        where = f"{path}: " if path else ""
-        keypart = f"key '{key}': " if key else ""
-        super().__init__(f"config error: {where}{keypart}{reason}")
+        where = f"{_printable(path)}: " if path else ""
+        keypart = f"key '{_printable(key)}': " if key else ""
+        super().__init__(f"config error: {where}{keypart}{_printable(reason)}")
+
+
+def _printable(text: str) -> str:
+    """One line: a quoted TOML key or a file name may hold a newline or worse."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -51,6 +60,14 @@ def _check(key: str, fn: Callable[[str], object], value: str) -> None:
         fn(value)
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from None
+
+
+def _check_path(key: str, value: str, *, required: bool = False) -> None:
+    """A file or directory name: no NUL byte (the OS refuses it), not empty when required."""
+    if required and not value:
+        raise ValueError(f"{key}: must not be empty")
+    if "\x00" in value:
+        raise ValueError(f"{key}: a path cannot contain a NUL character")
 
 
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -70,6 +87,8 @@ class TLSConfig(_Strict):
     def __post_init__(self) -> None:
         if bool(self.cert) != bool(self.key):
             raise ValueError("cert: tls needs both cert and key")
+        for key in ("cert", "key", "client_ca"):
+            _check_path(key, getattr(self, key))
 
 
 class ServerConfig(_Strict):
@@ -83,6 +102,7 @@ class ServerConfig(_Strict):
 
     def __post_init__(self) -> None:
         _check("listen", parse_listen, self.listen)
+        _check_path("data_dir", self.data_dir, required=True)
         if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ValueError("max_body_bytes: must be between 1024 and 16777216")
         if not 1 <= self.request_skew_s <= 3600:
@@ -109,6 +129,13 @@ class AgentConfig(_Strict):
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
             raise ValueError("server: must be an http:// or https:// URL")
+        _check_path("state_dir", self.state_dir, required=True)
+        if self.hostname and not _HOSTNAME_RE.match(self.hostname):
+            raise ValueError(
+                "hostname: use letters, digits, '_', '.', '-', starting with a letter or digit, "
+                "max 253 (the server refuses anything else)"
+            )
+        _check_path("server_ca", self.server_ca)
         if not 0.5 <= self.reconcile_interval_s <= 3600:
             raise ValueError("reconcile_interval_s: must be between 0.5 and 3600")
         if not 0.1 <= self.backoff_max_s <= 600:
@@ -126,6 +153,7 @@ class OrchestratorConfig(_Strict):
 
     def __post_init__(self) -> None:
         _check("listen", parse_listen, self.listen)
+        _check_path("data_dir", self.data_dir, required=True)
         if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ValueError("max_body_bytes: must be between 1024 and 16777216")
         try:
@@ -179,11 +207,15 @@ def load(path: str | Path | None) -> Config:
         return Config()
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(p), "", f"cannot read file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), "", f"invalid TOML: not UTF-8 (byte {e.start})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), "", f"invalid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise ConfigError(str(p), "", "invalid TOML: values nested too deeply") from None
     return decode(data, str(p))
