@@ -97,6 +97,8 @@ class Agent:
         self._workloads: dict[str, WorkloadPolicy] = {}
         self._first_sync = True
         self._server_back = asyncio.Event()
+        self._saving = asyncio.Lock()
+        self._saved_version = 0
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -108,6 +110,7 @@ class Agent:
             loaded = self.state.load_instructions(self._ident())
             if loaded is not None:
                 self._set_instructions(loaded[1])
+                self._saved_version = loaded[1].version
                 _log.info("instructions.loaded", version=loaded[1].version)
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.docker.watch(self._on_event, self._resync))
@@ -421,14 +424,30 @@ class Agent:
             return False
         if self.instr is not None and instr.version <= self.instr.version:
             return False
-        self.state.save_instructions(signed)
         self._set_instructions(instr)
         _log.info("instructions.accepted", version=instr.version, workloads=len(instr.workloads))
-        for cid in sorted(self.containers):
+
+        # Containers waiting for their first table go first: they are the ones
+        # whose traffic is held; the rest only see membership changes.
+        def waiting_first(cid: str) -> tuple[bool, str]:
+            rec = self.enforced.get(cid)
+            return (rec is not None and rec.kind == "workload", cid)
+
+        saved = asyncio.create_task(self._save(signed, instr.version))
+        for cid in sorted(self.containers, key=waiting_first):
             await self._converge(cid)
+        await saved
         if self.synced.is_set():
             await self._unpair_stale()
         return True
+
+    async def _save(self, signed: SignedInstructions, version: int) -> None:
+        """Keep the newest instructions on disk (off the loop; never an older one)."""
+        async with self._saving:
+            if version <= self._saved_version:
+                return
+            await asyncio.to_thread(self.state.save_instructions, signed)
+            self._saved_version = version
 
     async def _backoff(self, delay: float) -> None:
         """Sleep a jittered `delay`, or less once the server is seen to be back
