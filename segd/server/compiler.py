@@ -11,9 +11,10 @@ workload touches only the selectors it matches, and reports the hosts whose
 instructions may have changed. Everything a host's instructions are made of is
 cached and shared: the allows of each combination of matched selectors, each
 workload's policy, each host's workloads and rules, and each set's sorted
-addresses (replaced, never mutated, when a member joins or leaves). Compiling a
-host assembles those parts; `host_digest` hashes the digests of the parts, so
-telling whether a host changed does not re-encode its instructions.
+addresses (replaced, never mutated, when a member joins or leaves), each with
+its JSON. Compiling a host assembles those parts; `host_digest` hashes the
+digests of the parts, so telling whether a host changed does not re-encode its
+instructions, and `encode` joins the parts' JSON.
 
 Pure: no I/O.
 """
@@ -46,45 +47,6 @@ def content_digest(instr: Instructions) -> str:
     return hashlib.sha256(_ENCODER.encode(msgspec.structs.replace(instr, version=0))).hexdigest()
 
 
-class InstructionsEncoder:
-    """`encode_instructions`, reusing the bytes of parts it encoded before.
-
-    Versions of a host share, never edit, the parts that did not change (each
-    workload's policy, the host's rules, each set's address list), so those
-    parts' JSON is kept, checked by identity; encoding a new version costs the
-    changed parts and the copying. Gives exactly `encode_instructions`' bytes.
-    """
-
-    MAX_PARTS = 200_000
-
-    def __init__(self) -> None:
-        self._parts: dict[tuple[str, str], tuple[object, bytes]] = {}  # -> (part, its JSON)
-
-    def encode(self, instr: Instructions) -> bytes:
-        policies = b",".join(self._json("policy", p.workload_id, p) for p in instr.workloads)
-        sets = b",".join(
-            b"%b:%b" % (_ENCODER.encode(name), self._json("set", name, ips))
-            for name, ips in sorted(instr.sets.items())
-        )
-        return b'{"host_id":%b,"version":%d,"workloads":[%b],"sets":{%b},"rules":%b}' % (
-            _ENCODER.encode(instr.host_id),
-            instr.version,
-            policies,
-            sets,
-            self._json("rules", instr.host_id, instr.rules),
-        )
-
-    def _json(self, kind: str, key: str, part: object) -> bytes:
-        hit = self._parts.get((kind, key))
-        if hit is not None and hit[0] is part:
-            return hit[1]
-        if len(self._parts) >= self.MAX_PARTS:
-            self._parts.clear()
-        data = _ENCODER.encode(part)
-        self._parts[(kind, key)] = (part, data)
-        return data
-
-
 class _CompiledRule(msgspec.Struct, frozen=True):
     rule: Rule
     providers: tuple[str, ...] | None  # selector set names; None = any
@@ -101,12 +63,22 @@ class _Profile(msgspec.Struct, frozen=True):
     relevant: frozenset[str]  # rule ids
 
 
+class _Policy(msgspec.Struct, frozen=True):
+    """A workload's policy with its JSON and the digest of that JSON."""
+
+    policy: WorkloadPolicy
+    json: bytes
+    digest: bytes
+
+
 class _HostPart(msgspec.Struct, frozen=True):
-    """A host's instructions without the set contents, and their digest."""
+    """A host's instructions without the set contents, their JSON and digest."""
 
     workloads: list[WorkloadPolicy]
     refs: tuple[str, ...]  # sorted names of the sets it references
     rules: list[Rule]
+    workloads_json: bytes  # the policies' JSON, comma-separated
+    rules_json: bytes
     digest: bytes  # of the host id, its workloads' policies and its rules
 
 
@@ -149,12 +121,12 @@ class Compiler:
         self._matched: dict[str, frozenset[str]] = {}  # workload id -> set names it matches
         # Derived parts, rebuilt on demand.
         self._profiles: dict[frozenset[str], _Profile] = {}
-        self._policies: dict[str, tuple[WorkloadPolicy, bytes]] = {}  # with its digest
+        self._policies: dict[str, _Policy] = {}
         self._rule_digests: dict[str, bytes] = {}
         self._views: dict[str, _HostView] = {}
         self._holders: dict[str, set[str]] = {}  # set name -> hosts whose views hold it
         self._set_ips: dict[str, list[str]] = {}  # set name -> sorted addresses (never mutated)
-        self._set_digests: dict[str, bytes] = {}
+        self._set_digests: dict[str, tuple[bytes, bytes]] = {}  # set name -> (JSON, digest)
         self.set_rules(rules)
         for w in workloads:
             self.add_workload(w)
@@ -367,6 +339,40 @@ class Compiler:
         versions = versions or {}
         return {h: self.compile_host(h, versions.get(h, 0)) for h in sorted(self.hosts())}
 
+    def encode(self, instr: Instructions) -> bytes:
+        """`encode_instructions(instr)`, reusing the JSON of the parts it shares with
+        what the compiler holds: a new version costs its changed parts and copying."""
+        view = self._views.get(instr.host_id)
+        part = view.part if view is not None else None
+        if part is not None and instr.workloads is part.workloads:
+            workloads = part.workloads_json
+        else:
+            workloads = b",".join(self._policy_json(p) for p in instr.workloads)
+        if part is not None and instr.rules is part.rules:
+            rules = part.rules_json
+        else:
+            rules = _ENCODER.encode(instr.rules)
+        sets = b",".join(
+            b"%b:%b" % (_ENCODER.encode(name), self._set_json(name, instr.sets[name]))
+            for name in sorted(instr.sets)
+        )
+        return b'{"host_id":%b,"version":%d,"workloads":[%b],"sets":{%b},"rules":%b}' % (
+            _ENCODER.encode(instr.host_id),
+            instr.version,
+            workloads,
+            sets,
+            rules,
+        )
+
+    def _policy_json(self, p: WorkloadPolicy) -> bytes:
+        pol = self._policies.get(p.workload_id)
+        return pol.json if pol is not None and pol.policy is p else _ENCODER.encode(p)
+
+    def _set_json(self, name: str, ips: list[str]) -> bytes:
+        if self._set_ips.get(name) is ips:
+            return self._set_encoded(name)[0]
+        return _ENCODER.encode(ips)
+
     # ---- cached parts -----------------------------------------------------------
 
     def _view(self, host_id: str) -> _HostView:
@@ -393,40 +399,50 @@ class Compiler:
                     del self._holders[name]
 
     def _host_part(self, host_id: str) -> _HostPart:
-        workloads: list[WorkloadPolicy] = []
-        digests: list[bytes] = []
+        policies: list[_Policy] = []
+        matched: set[frozenset[str]] = set()
+        for wid in sorted(self._by_host.get(host_id, ())):
+            pol = self._policies.get(wid)
+            if pol is None:
+                pol = self._policy(wid)
+            policies.append(pol)
+            matched.add(self._matched[wid])
         referenced: set[str] = set()
         relevant: set[str] = set()
-        for wid in sorted(self._by_host.get(host_id, ())):
-            prof = self._profile(self._matched[wid])
-            pol, digest = self._policy(wid, prof)
-            workloads.append(pol)
-            digests.append(digest)
+        for m in matched:
+            prof = self._profile(m)
             referenced |= prof.referenced
             relevant |= prof.relevant
         rule_ids = sorted(relevant)
-        digests += [self._rule_digests[rid] for rid in rule_ids]
         rules = [self._rules[rid].rule for rid in rule_ids]
         # Lengths first, then fixed-size digests: no two contents hash the same bytes.
         hid = host_id.encode()
-        h = hashlib.sha256(b"host %d %d %d\0" % (len(hid), len(workloads), len(rules)) + hid)
-        h.update(b"".join(digests))
-        return _HostPart(workloads, tuple(sorted(referenced)), rules, h.digest())
+        h = hashlib.sha256(b"host %d %d %d\0" % (len(hid), len(policies), len(rules)) + hid)
+        h.update(b"".join(p.digest for p in policies))
+        h.update(b"".join(self._rule_digests[rid] for rid in rule_ids))
+        return _HostPart(
+            workloads=[p.policy for p in policies],
+            refs=tuple(sorted(referenced)),
+            rules=rules,
+            workloads_json=b",".join(p.json for p in policies),
+            rules_json=_ENCODER.encode(rules),
+            digest=h.digest(),
+        )
 
-    def _policy(self, wid: str, prof: _Profile) -> tuple[WorkloadPolicy, bytes]:
-        out = self._policies.get(wid)
-        if out is None:
-            w = self._workloads[wid]
-            pol = WorkloadPolicy(
-                workload_id=w.id,
-                container_id=w.container_id,
-                labels=w.labels,
-                ips=sorted(w.ips),
-                inbound=prof.inbound,
-                outbound=prof.outbound,
-            )
-            out = self._policies[wid] = (pol, _digest(b"workload", pol))
-        return out
+    def _policy(self, wid: str) -> _Policy:
+        w = self._workloads[wid]
+        prof = self._profile(self._matched[wid])
+        policy = WorkloadPolicy(
+            workload_id=w.id,
+            container_id=w.container_id,
+            labels=w.labels,
+            ips=sorted(w.ips),
+            inbound=prof.inbound,
+            outbound=prof.outbound,
+        )
+        data = _ENCODER.encode(policy)
+        pol = self._policies[wid] = _Policy(policy, data, hashlib.sha256(data).digest())
+        return pol
 
     def _profile(self, matched: frozenset[str]) -> _Profile:
         prof = self._profiles.get(matched)
@@ -467,10 +483,17 @@ class Compiler:
         return ips
 
     def _set_digest(self, name: str) -> bytes:
-        d = self._set_digests.get(name)
-        if d is None:
-            d = self._set_digests[name] = _digest(name.encode(), self._set_list(name))
-        return d
+        return self._set_encoded(name)[1]
+
+    def _set_encoded(self, name: str) -> tuple[bytes, bytes]:
+        """The set's address list as JSON, and the digest of its name and that JSON."""
+        out = self._set_digests.get(name)
+        if out is None:
+            data = _ENCODER.encode(self._set_list(name))
+            h = hashlib.sha256(name.encode() + b"\0")
+            h.update(data)
+            out = self._set_digests[name] = (data, h.digest())
+        return out
 
 
 def _digest(kind: bytes, value: object) -> bytes:

@@ -9,7 +9,6 @@ import pytest
 from segd import policy
 from segd.server.compiler import (
     Compiler,
-    InstructionsEncoder,
     content_digest,
     encode_instructions,
 )
@@ -287,19 +286,18 @@ def test_host_digest_changes_exactly_when_the_content_does(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_encoder_reusing_parts_gives_the_same_bytes(seed: int) -> None:
+def test_encoding_reusing_parts_gives_the_same_bytes(seed: int) -> None:
     c = Compiler()
-    enc = InstructionsEncoder()
     kept: list[tuple[bytes, object]] = []  # older versions, encoded again later
     for step, (op, arg) in enumerate(_random_ops(seed, 120)):
         _apply(c, op, arg)
         for h in sorted(c.hosts()):
             instr = c.compile_host(h, step)
-            assert enc.encode(instr) == encode_instructions(instr), step
+            assert c.encode(instr) == encode_instructions(instr), step
             kept.append((encode_instructions(instr), instr))
     for want, instr in kept[::7]:
         assert isinstance(instr, Instructions)
-        assert enc.encode(instr) == want
+        assert c.encode(instr) == want
 
 
 def test_compiled_instructions_are_never_edited_by_later_changes() -> None:
