@@ -1,23 +1,30 @@
 """The orchestrator's REST API under `/v1/orch/`: admin only, JSON in and out.
 
-Every handler authenticates (bearer token) and answers errors as
-`{"error": CODE, "message": TEXT}` by itself, so the routes work the same on
-the orchestrator's own listener and mounted on another application (the
-all-in-one mode) whatever that application's middlewares are.
+One route table (`ROUTES`) drives the handlers and the OpenAPI document at
+`/v1/orch/openapi.json` (the one route that needs no token). Every handler
+authenticates (bearer token) and answers errors as `{"error": CODE, "message":
+TEXT}` by itself, so the routes work the same on the orchestrator's own
+listener and mounted on another application (the all-in-one mode) whatever
+that application's middlewares are.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 
 from segd import log, wire
 from segd.errors import InvalidInput, SegdError, Unauthorized, Unavailable
+from segd.orchestrator import validate
 from segd.orchestrator import wire as owire
 from segd.orchestrator.service import Orchestrator
+from segd.server import openapi
 
 PREFIX = "/v1/orch"
 
@@ -79,26 +86,23 @@ class OrchestratorAPI:
         return self._orch
 
     def routes(self) -> list[web.RouteDef]:
-        e = self._endpoint
         return [
-            web.post(PREFIX + "/profiles", e(self.add_profile)),
-            web.get(PREFIX + "/profiles", e(self.list_profiles)),
-            web.delete(PREFIX + "/profiles/{name}", e(self.remove_profile)),
-            web.post(PREFIX + "/nodes", e(self.add_node)),
-            web.get(PREFIX + "/nodes", e(self.list_nodes)),
-            web.delete(PREFIX + "/nodes/{name}", e(self.remove_node)),
-            web.post(PREFIX + "/run", e(self.run)),
-            web.get(PREFIX + "/containers", e(self.ps)),
-            web.delete(PREFIX + "/containers/{id}", e(self.rm)),
-            web.post(PREFIX + "/containers/{id}/change", e(self.change)),
+            web.route(
+                r.method,
+                r.path,
+                self._endpoint(getattr(self, r.handler.__name__), r.auth),
+                expect_handler=_expect,
+            )
+            for r in ROUTES
         ]
 
     # ---- plumbing -----------------------------------------------------------------
 
-    def _endpoint(self, fn: Handler) -> Handler:
+    def _endpoint(self, fn: Handler, auth: str = "admin") -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                self._authorize(request)
+                if auth != "none":
+                    self._authorize(request)
                 return await fn(request)
             except SegdError as err:
                 if err.status >= 500:
@@ -197,3 +201,145 @@ class OrchestratorAPI:
     async def change(self, request: web.Request) -> web.Response:
         c = await self._body(request, owire.ChangeIn)
         return json_response(await self.orch.change(request.match_info["id"], c))
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=document(), content_type="application/json")
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` as aiohttp answers it; any other expectation a JSON 417
+    (aiohttp runs this before any handler or middleware)."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11:
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response
+        return None
+    return error_response(
+        SegdError(f"cannot meet the expectation {expect!r}", code="expectation_failed", status=417)
+    )
+
+
+# ---- the route table and its OpenAPI document -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Callable[..., Any]  # an OrchestratorAPI method
+    summary: str
+    body: type | None = None
+    response: Any = None  # a msgspec-describable type, or None for 204
+    status: int = 200
+    query: tuple[Param, ...] = ()
+    auth: str = "admin"
+
+
+A = OrchestratorAPI
+# fmt: off
+ROUTES: tuple[Route, ...] = (
+    Route("POST", PREFIX + "/profiles", A.add_profile, "Add a container profile",
+          owire.ProfileIn, owire.Profile, 201),
+    Route("GET", PREFIX + "/profiles", A.list_profiles, "List container profiles (keys masked)",
+          response=list[owire.Profile]),
+    Route("DELETE", PREFIX + "/profiles/{name}", A.remove_profile,
+          "Remove a container profile no container uses"),
+    Route("POST", PREFIX + "/nodes", A.add_node, "Add a node (a Docker engine)", owire.NodeIn,
+          owire.Node, 201),
+    Route("GET", PREFIX + "/nodes", A.list_nodes, "List nodes", response=list[owire.Node]),
+    Route("DELETE", PREFIX + "/nodes/{name}", A.remove_node, "Remove a node with no containers"),
+    Route("POST", PREFIX + "/run", A.run, "Start containers of a profile (all or nothing)",
+          owire.RunIn, list[owire.Container], 201),
+    Route("GET", PREFIX + "/containers", A.ps, "List containers with their live state",
+          response=list[owire.Container],
+          query=(Param("node", "string", "only the containers of this node"),)),
+    Route("DELETE", PREFIX + "/containers/{id}", A.rm, "Remove a container (id, prefix or name)",
+          response=owire.Removed),
+    Route("POST", PREFIX + "/containers/{id}/change", A.change,
+          "Replace a container by one of another profile", owire.ChangeIn, owire.Changed),
+    Route("GET", PREFIX + "/openapi.json", A.openapi, "This document", response=dict[str, Any],
+          auth="none"),
+)
+# fmt: on
+
+_NO_NUL = "^[^\\u0000]*$"
+_PATH = {
+    "type": "string",
+    "maxLength": validate.MAX_PATH,
+    "pattern": "^(/[^\\u0000-\\u001f\\u007f]*)?$",
+}
+_NAME = openapi.named(validate.NAME_RE)
+CONSTRAINTS: openapi.Constraints = {
+    "ProfileIn": {
+        "name": _NAME,
+        "image": openapi.named(validate.IMAGE_RE),
+        "pairing_key": openapi.named(validate.KEY_RE),
+        "command": {
+            "type": "array",
+            "maxItems": validate.MAX_ARGS,
+            "items": {"type": "string", "maxLength": validate.MAX_ARG, "pattern": _NO_NUL},
+        },
+        "env": {
+            "type": "object",
+            "maxProperties": validate.MAX_ENV,
+            "propertyNames": {"pattern": openapi.pattern(validate.ENV_KEY_RE)},
+            "additionalProperties": {
+                "type": "string",
+                "maxLength": validate.MAX_ARG,
+                "pattern": _NO_NUL,
+            },
+        },
+        "networks": {
+            "type": "array",
+            "maxItems": validate.MAX_NETWORKS,
+            "uniqueItems": True,
+            "items": {**openapi.named(validate.NETWORK_RE), "not": {"const": "host"}},
+        },
+        "labels": openapi.labels(),
+        "description": {
+            "type": "string",
+            "maxLength": validate.MAX_DESCRIPTION,
+            "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+        },
+    },
+    "NodeIn": {
+        "name": _NAME,
+        "endpoint": {
+            "type": "string",
+            "pattern": "^(unix:///[^\\u0000]*|"
+            + openapi.pattern(validate.TCP_RE).removeprefix("^").removesuffix("$")
+            + ")$",
+        },
+        "tls_cert": _PATH,
+        "tls_key": _PATH,
+        "tls_ca": _PATH,
+    },
+    "RunIn": {
+        "profile": _NAME,
+        "node": {"anyOf": [_NAME, {"type": "null"}]},
+        "count": openapi.bounded(1, validate.MAX_RUN),
+    },
+    "ChangeIn": {"profile": _NAME},
+}
+ERRORS = {
+    "4XX": "Bad input, unauthorised, not found, in use, or refused by the node",
+    "502": "The node failed",
+    "503": "The store or the node is unavailable",
+}
+
+
+@functools.cache
+def document() -> bytes:
+    """The OpenAPI document of `ROUTES`."""
+    return openapi.document(
+        ROUTES, title="segd orchestrator API", constraints=CONSTRAINTS, errors=ERRORS
+    )

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+import zlib
 from typing import Any
 
 import msgspec
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError
 
 from segd import log, wire
 from segd.errors import InvalidInput, SegdError
@@ -29,6 +32,7 @@ _HTTP_CODES = {
     405: "method_not_allowed",
     413: "body_too_large",
     415: "unsupported_media_type",
+    417: "expectation_failed",
 }
 
 
@@ -82,14 +86,36 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return error_response(500, "internal_error", "internal server error (see server log)")
 
 
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue` as aiohttp answers it; any other expectation a JSON 417.
+
+    aiohttp runs a route's expect handler before any middleware, so its default
+    answers an unknown expectation in plain text: pass this one to `add_route`.
+    """
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11:
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim answer is not the response
+        return None
+    return error_response(417, "expectation_failed", f"cannot meet the expectation {expect!r}")
+
+
 async def read_body(request: web.Request) -> bytes:
-    """The raw body, refused (413) beyond the app's size limit."""
+    """The raw body, refused (413) beyond the app's size limit (after decompression)."""
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
         raise SegdError(
             f"request body is larger than {limit} bytes", code="body_too_large", status=413
         )
-    return await request.read()
+    try:
+        return await request.read()
+    except (web.RequestPayloadError, HttpProcessingError, zlib.error):
+        # A body cut short, badly chunked, or not what its Content-Encoding says.
+        encoding = request.headers.get("Content-Encoding", "")
+        what = f"valid {encoding} data" if encoding else "a complete body"
+        raise SegdError(f"request body is not {what}", code="bad_body", status=400) from None
 
 
 def int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int:
