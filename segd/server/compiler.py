@@ -11,10 +11,11 @@ workload touches only the selectors it matches, and reports the hosts whose
 instructions may have changed. Everything a host's instructions are made of is
 cached and shared: the allows of each combination of matched selectors, each
 workload's policy, each host's workloads and rules, and each set's sorted
-addresses (replaced, never mutated, when a member joins or leaves), each with
-its JSON. Compiling a host assembles those parts; `host_digest` hashes the
-digests of the parts, so telling whether a host changed does not re-encode its
-instructions, and `encode` joins the parts' JSON.
+addresses (replaced, never mutated, when a member joins or leaves), and the
+JSON of the sets and of the parts already encoded. Compiling a host assembles
+those parts; `host_digest` hashes the digests of the parts, so telling whether a
+host changed does not re-encode its instructions, and `encode` re-encodes only
+the parts that changed.
 
 Pure: no I/O.
 """
@@ -64,30 +65,67 @@ class _Profile(msgspec.Struct, frozen=True):
 
 
 class _Policy(msgspec.Struct, frozen=True):
-    """A workload's policy with its JSON and the digest of that JSON."""
+    """A workload's policy and the digest of its JSON."""
 
     policy: WorkloadPolicy
-    json: bytes
     digest: bytes
 
 
+class _HostRows:
+    """A host's workloads in id order, with their policies and digests, kept up to
+    date as workloads come and go (so a host's part is rebuilt by copies)."""
+
+    __slots__ = ("digests", "matched", "policies", "wids")
+
+    def __init__(self) -> None:
+        self.wids: list[str] = []
+        self.policies: list[WorkloadPolicy] = []
+        self.digests: list[bytes] = []
+        self.matched: Counter[frozenset[str]] = Counter()  # selector combinations present
+
+    def insert(self, pol: _Policy, matched: frozenset[str]) -> None:
+        i = bisect.bisect_left(self.wids, pol.policy.workload_id)
+        self.wids.insert(i, pol.policy.workload_id)
+        self.policies.insert(i, pol.policy)
+        self.digests.insert(i, pol.digest)
+        self.matched[matched] += 1
+
+    def remove(self, wid: str, matched: frozenset[str]) -> None:
+        i = bisect.bisect_left(self.wids, wid)
+        if i < len(self.wids) and self.wids[i] == wid:
+            for column in (self.wids, self.policies, self.digests):
+                del column[i]
+            self.matched[matched] -= 1
+            if self.matched[matched] <= 0:
+                del self.matched[matched]
+
+
 class _HostPart(msgspec.Struct, frozen=True):
-    """A host's instructions without the set contents, their JSON and digest."""
+    """A host's instructions without the set contents, and their digest."""
 
     workloads: list[WorkloadPolicy]
     refs: tuple[str, ...]  # sorted names of the sets it references
     rules: list[Rule]
-    workloads_json: bytes  # the policies' JSON, comma-separated
-    rules_json: bytes
     digest: bytes  # of the host id, its workloads' policies and its rules
 
 
 class _HostView:
     """A host's compiled parts. `sets` is replaced, never edited: a set the host
     holds that changed is noted in `stale` and swapped in by the next compile;
-    `set_digests` (in `refs` order) likewise through `stale_digests`."""
+    `set_digests` (in `refs` order) likewise through `stale_digests`. The JSON of
+    the part's workloads and rules is made when first encoded, then kept."""
 
-    __slots__ = ("digest", "part", "positions", "set_digests", "sets", "stale", "stale_digests")
+    __slots__ = (
+        "digest",
+        "part",
+        "positions",
+        "rules_json",
+        "set_digests",
+        "sets",
+        "stale",
+        "stale_digests",
+        "workloads_json",
+    )
 
     def __init__(
         self, part: _HostPart, sets: dict[str, list[str]], set_digests: list[bytes]
@@ -99,6 +137,8 @@ class _HostView:
         self.stale: set[str] = set()
         self.stale_digests: set[str] = set()
         self.digest = ""
+        self.workloads_json = b""
+        self.rules_json = b""
 
 
 class Compiler:
@@ -123,6 +163,7 @@ class Compiler:
         self._profiles: dict[frozenset[str], _Profile] = {}
         self._policies: dict[str, _Policy] = {}
         self._rule_digests: dict[str, bytes] = {}
+        self._rows: dict[str, _HostRows] = {}
         self._views: dict[str, _HostView] = {}
         self._holders: dict[str, set[str]] = {}  # set name -> hosts whose views hold it
         self._set_ips: dict[str, list[str]] = {}  # set name -> sorted addresses (never mutated)
@@ -151,6 +192,7 @@ class Compiler:
         self._longest = max((len(s) for s in self._selectors.values()), default=0)
         self._profiles.clear()
         self._policies.clear()
+        self._rows.clear()
         self._views.clear()
         self._holders.clear()
         self._set_ips.clear()
@@ -214,6 +256,9 @@ class Compiler:
             self._members[name].add(w.id)
             self._member_hosts[name][w.host_id] += 1
             self._member_changed(name, w, joined=True)
+        rows = self._rows.get(w.host_id)
+        if rows is not None:
+            rows.insert(self._policy(w.id), matched)
         self._drop_view(w.host_id)
         return affected | self._affected_by(w.host_id, matched)
 
@@ -242,6 +287,11 @@ class Compiler:
                 if not owners:
                     del self._ip_owners[ip]
         self._policies.pop(workload_id, None)
+        rows = self._rows.get(w.host_id)
+        if rows is not None:
+            rows.remove(workload_id, matched)
+            if not rows.wids:
+                del self._rows[w.host_id]
         self._drop_view(w.host_id)
         return self._affected_by(w.host_id, matched) | {w.host_id}
 
@@ -343,30 +393,29 @@ class Compiler:
         """`encode_instructions(instr)`, reusing the JSON of the parts it shares with
         what the compiler holds: a new version costs its changed parts and copying."""
         view = self._views.get(instr.host_id)
-        part = view.part if view is not None else None
-        if part is not None and instr.workloads is part.workloads:
-            workloads = part.workloads_json
+        if view is not None and instr.workloads is view.part.workloads:
+            if not view.workloads_json:
+                view.workloads_json = _ENCODER.encode(instr.workloads)
+            workloads = view.workloads_json
         else:
-            workloads = b",".join(self._policy_json(p) for p in instr.workloads)
-        if part is not None and instr.rules is part.rules:
-            rules = part.rules_json
+            workloads = _ENCODER.encode(instr.workloads)
+        if view is not None and instr.rules is view.part.rules:
+            if not view.rules_json:
+                view.rules_json = _ENCODER.encode(instr.rules)
+            rules = view.rules_json
         else:
             rules = _ENCODER.encode(instr.rules)
         sets = b",".join(
             b"%b:%b" % (_ENCODER.encode(name), self._set_json(name, instr.sets[name]))
             for name in sorted(instr.sets)
         )
-        return b'{"host_id":%b,"version":%d,"workloads":[%b],"sets":{%b},"rules":%b}' % (
+        return b'{"host_id":%b,"version":%d,"workloads":%b,"sets":{%b},"rules":%b}' % (
             _ENCODER.encode(instr.host_id),
             instr.version,
             workloads,
             sets,
             rules,
         )
-
-    def _policy_json(self, p: WorkloadPolicy) -> bytes:
-        pol = self._policies.get(p.workload_id)
-        return pol.json if pol is not None and pol.policy is p else _ENCODER.encode(p)
 
     def _set_json(self, name: str, ips: list[str]) -> bytes:
         if self._set_ips.get(name) is ips:
@@ -399,17 +448,14 @@ class Compiler:
                     del self._holders[name]
 
     def _host_part(self, host_id: str) -> _HostPart:
-        policies: list[_Policy] = []
-        matched: set[frozenset[str]] = set()
-        for wid in sorted(self._by_host.get(host_id, ())):
-            pol = self._policies.get(wid)
-            if pol is None:
-                pol = self._policy(wid)
-            policies.append(pol)
-            matched.add(self._matched[wid])
+        rows = self._rows.get(host_id)
+        if rows is None:
+            rows = self._rows[host_id] = _HostRows()
+            for wid in self._by_host.get(host_id, ()):
+                rows.insert(self._policies.get(wid) or self._policy(wid), self._matched[wid])
         referenced: set[str] = set()
         relevant: set[str] = set()
-        for m in matched:
+        for m in rows.matched:
             prof = self._profile(m)
             referenced |= prof.referenced
             relevant |= prof.relevant
@@ -417,19 +463,21 @@ class Compiler:
         rules = [self._rules[rid].rule for rid in rule_ids]
         # Lengths first, then fixed-size digests: no two contents hash the same bytes.
         hid = host_id.encode()
-        h = hashlib.sha256(b"host %d %d %d\0" % (len(hid), len(policies), len(rules)) + hid)
-        h.update(b"".join(p.digest for p in policies))
+        n = len(rows.wids)
+        h = hashlib.sha256(b"host %d %d %d\0" % (len(hid), n, len(rules)) + hid)
+        h.update(b"".join(rows.digests))
         h.update(b"".join(self._rule_digests[rid] for rid in rule_ids))
         return _HostPart(
-            workloads=[p.policy for p in policies],
+            workloads=list(rows.policies),
             refs=tuple(sorted(referenced)),
             rules=rules,
-            workloads_json=b",".join(p.json for p in policies),
-            rules_json=_ENCODER.encode(rules),
             digest=h.digest(),
         )
 
     def _policy(self, wid: str) -> _Policy:
+        pol = self._policies.get(wid)
+        if pol is not None:
+            return pol
         w = self._workloads[wid]
         prof = self._profile(self._matched[wid])
         policy = WorkloadPolicy(
@@ -440,8 +488,8 @@ class Compiler:
             inbound=prof.inbound,
             outbound=prof.outbound,
         )
-        data = _ENCODER.encode(policy)
-        pol = self._policies[wid] = _Policy(policy, data, hashlib.sha256(data).digest())
+        digest = hashlib.sha256(_ENCODER.encode(policy)).digest()
+        pol = self._policies[wid] = _Policy(policy, digest)
         return pol
 
     def _profile(self, matched: frozenset[str]) -> _Profile:
