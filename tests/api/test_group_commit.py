@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from segd.errors import Unavailable
+from segd.errors import SegdError, Unavailable
 from segd.server.store import Store, Tx
 
 
@@ -141,3 +141,31 @@ async def test_close_waits_for_writers_in_flight(tmp_path: Path) -> None:
         assert db.execute("SELECT count(*) FROM admin_tokens").fetchone()[0] == 10
     finally:
         db.close()
+
+
+async def test_a_statement_that_rolls_back_the_transaction_fails_its_whole_batch(
+    store: Store,
+) -> None:
+    """SQLite may roll back the whole transaction on an error (a full disk does):
+    then the writers before it lost their statements too, and must not succeed."""
+    db = sqlite3.connect(store.path)
+    db.executescript(
+        "CREATE TRIGGER poison BEFORE INSERT ON admin_tokens WHEN NEW.token_hash = 'poison'"
+        " BEGIN SELECT RAISE(ROLLBACK, 'injected rollback'); END;"
+    )
+    db.close()
+    undone: list[str] = []
+
+    async def writer(token: str) -> None:
+        async with store.write() as tx:
+            tx.insert_admin_token(token, 0.0)
+            tx.on_undo(lambda: undone.append(token))
+
+    tokens = ["a", "b", "poison", "c", "d"]
+    results = await asyncio.gather(*(writer(t) for t in tokens), return_exceptions=True)
+    assert all(isinstance(r, SegdError) for r in results), results
+    assert committed_tokens(store) == set()
+    assert sorted(undone) == ["a", "b"]  # poison failed first; c and d never ran
+    async with store.write() as tx:
+        tx.insert_admin_token("after", 0.0)
+    assert committed_tokens(store) == {"after"}
