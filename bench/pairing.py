@@ -72,6 +72,7 @@ class Load:
     elapsed: float
     server_cpu_pct: float = 0.0  # of one core, over the run
     client_cpu_pct: float = 0.0
+    answer_bytes: int = 0  # all response bodies together
 
     @property
     def rate(self) -> float:
@@ -93,6 +94,7 @@ async def drive(
     counter = itertools.count()
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
+    answered = [0]  # response body bytes
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(
         connector=conn, timeout=aiohttp.ClientTimeout(total=60)
@@ -126,7 +128,7 @@ async def drive(
                 t = time.perf_counter()
                 try:
                     async with sess.post(url + PAIR_PATH, data=body, headers=headers) as r:
-                        await r.read()
+                        answered[0] += len(await r.read())
                         status = str(r.status)
                 except (aiohttp.ClientError, OSError, TimeoutError) as e:
                     status = type(e).__name__
@@ -136,7 +138,9 @@ async def drive(
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return Load(statuses.get("200", 0), dict(statuses), latencies, elapsed)
+    return Load(
+        statuses.get("200", 0), dict(statuses), latencies, elapsed, answer_bytes=answered[0]
+    )
 
 
 def _register(server: Server, n: int) -> list[LoadAgent]:
@@ -209,6 +213,7 @@ def _merge(a: Load, b: Load) -> Load:
         elapsed,
         cpu(a.server_cpu_pct, b.server_cpu_pct),
         cpu(a.client_cpu_pct, b.client_cpu_pct),
+        a.answer_bytes + b.answer_bytes,
     )
 
 
@@ -306,6 +311,7 @@ def run(size: Size) -> Section:
                 "p99": ms(pct(s.latencies, 0.99)),
                 "max": ms(max(s.latencies)),
             },
+            "answer_bytes_mean": round(s.answer_bytes / max(1, sum(s.statuses.values()))),
             "server_cpu_pct": round(s.server_cpu_pct, 1),
             "client_cpu_pct": round(s.client_cpu_pct, 1),
             "baseline_server_cpu_pct": round(b.server_cpu_pct, 1),
