@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -59,6 +59,14 @@ def slow(examples: int) -> settings:
         derandomize=False,
         suppress_health_check=_QUIET,
     )
+
+
+def pick(values: Sequence[Any]) -> st.SearchStrategy[Any]:
+    """One of `values`, drawn as an index. The values mirror the server's state
+    and change between examples; a fixed-size draw keeps hypothesis's replays of
+    an example consistent."""
+    snapshot = list(values) or [""]
+    return st.integers(0, 1023).map(lambda i: snapshot[i % len(snapshot)])
 
 
 # ---- hostile text --------------------------------------------------------------------

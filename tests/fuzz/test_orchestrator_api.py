@@ -116,7 +116,7 @@ def hints(o: Orch) -> tuple[fz.Hints, fz.Hints]:
     names = sorted(set(o.ids["name"]) | {"web", "db", "fake"})
     fresh = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True)
     good: dict[str, st.SearchStrategy[Any]] = {
-        "name": st.one_of(fresh, st.sampled_from(names)),
+        "name": st.one_of(fresh, fz.pick(names)),
         "profile": st.sampled_from(["web", "db", "web"]),
         "node": st.one_of(st.none(), st.just("fake")),
         "image": st.sampled_from(["segd-busybox:latest", "segd-busybox:latest", "nope:1"]),
@@ -175,7 +175,7 @@ def request_for(
 
     def fill(m: re.Match[str]) -> str:
         known = o.ids.get(m.group(1), [])
-        return str(draw(st.one_of(fz.path_value, *([st.sampled_from(known)] if known else []))))
+        return str(draw(st.one_of(fz.path_value, fz.pick(known or ["x"]))))
 
     path = _PARAM_RE.sub(fill, route.path)
     pairs = [
