@@ -98,11 +98,15 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        """Start it; it gets SIGTERM if the starting thread dies (a killed benchmark
+        must not leave an agent enforcing the host), through `setpriv` (which execs)."""
         env = dict(os.environ)
         env.pop("NOTIFY_SOCKET", None)
+        setpriv = shutil.which("setpriv")
+        argv = [setpriv, "--pdeathsig", "TERM", "--", *self.argv] if setpriv else self.argv
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
 
     @property
