@@ -96,7 +96,7 @@ async def _kill_restart_rounds(
         attempts: list[PairAttempt] = []
         versions: dict[str, int] = {}
         for r in range(rounds):
-            kill_after = rnd.randrange(per_round // 10, per_round // 2)
+            kill_after = rnd.randrange(per_round // 20, per_round // 5)
             result = await _storm_and_kill(
                 server,
                 agents,
@@ -147,11 +147,11 @@ async def test_sigkill_during_pairing_storm_loses_nothing_acknowledged(
     await _kill_restart_rounds(
         make_server,
         hosts=6,
-        keys=40,
+        keys=60,
         max_uses=3,
         per_round=600,
         rounds=2,
-        concurrency=32,
+        concurrency=64,
         seed=1,
     )
 
@@ -168,6 +168,6 @@ async def test_sigkill_repeatedly_during_big_pairing_storms(
         max_uses=10,
         per_round=3000,
         rounds=5,
-        concurrency=64,
+        concurrency=200,
         seed=seed,
     )
