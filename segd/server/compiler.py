@@ -72,15 +72,17 @@ class _Policy(msgspec.Struct, frozen=True):
 
 
 class _HostRows:
-    """A host's workloads in id order, with their policies and digests, kept up to
-    date as workloads come and go (so a host's part is rebuilt by copies)."""
+    """A host's workloads in id order, with their policies, digests and (once the
+    host was encoded) JSON, kept up to date as workloads come and go: a host's
+    part is rebuilt, and encoded, by copies."""
 
-    __slots__ = ("digests", "matched", "policies", "wids")
+    __slots__ = ("digests", "jsons", "matched", "policies", "wids")
 
     def __init__(self) -> None:
         self.wids: list[str] = []
         self.policies: list[WorkloadPolicy] = []
         self.digests: list[bytes] = []
+        self.jsons: list[bytes] = []  # b"" until first needed
         self.matched: Counter[frozenset[str]] = Counter()  # selector combinations present
 
     def insert(self, pol: _Policy, matched: frozenset[str]) -> None:
@@ -88,12 +90,20 @@ class _HostRows:
         self.wids.insert(i, pol.policy.workload_id)
         self.policies.insert(i, pol.policy)
         self.digests.insert(i, pol.digest)
+        self.jsons.insert(i, b"")
         self.matched[matched] += 1
+
+    def encode(self) -> bytes:
+        """The JSON of the policies list, encoding only the policies not yet done."""
+        for i, data in enumerate(self.jsons):
+            if not data:
+                self.jsons[i] = _ENCODER.encode(self.policies[i])
+        return b"[" + b",".join(self.jsons) + b"]"
 
     def remove(self, wid: str, matched: frozenset[str]) -> None:
         i = bisect.bisect_left(self.wids, wid)
         if i < len(self.wids) and self.wids[i] == wid:
-            for column in (self.wids, self.policies, self.digests):
+            for column in (self.wids, self.policies, self.digests, self.jsons):
                 del column[i]
             self.matched[matched] -= 1
             if self.matched[matched] <= 0:
@@ -394,8 +404,9 @@ class Compiler:
         what the compiler holds: a new version costs its changed parts and copying."""
         view = self._views.get(instr.host_id)
         if view is not None and instr.workloads is view.part.workloads:
+            # A current view: the host's rows hold exactly these workloads.
             if not view.workloads_json:
-                view.workloads_json = _ENCODER.encode(instr.workloads)
+                view.workloads_json = self._rows[instr.host_id].encode()
             workloads = view.workloads_json
         else:
             workloads = _ENCODER.encode(instr.workloads)
