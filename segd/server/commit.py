@@ -55,13 +55,21 @@ class Undo:
 
 
 class _Batch:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self) -> None:
         self.undos: list[Undo] = []  # of the writers whose bodies completed
+        self.waiting: list[asyncio.Future[None]] = []  # their answers, one each
         self.active = 0  # writers inside their body
         self.failed: SegdError | None = None  # the transaction is lost
-        self.done: asyncio.Future[None] = loop.create_future()
-        # Every writer may have gone (cancelled); nobody else reads the outcome.
-        self.done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def finish(self, err: BaseException | None) -> None:
+        """Answer every waiting writer (in the order they came)."""
+        for fut in self.waiting:
+            if fut.done():  # that writer was cancelled
+                continue
+            if err is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(err)
 
 
 class GroupCommit:
@@ -90,6 +98,7 @@ class GroupCommit:
         """One writer: yields the undo list for its in-memory edits."""
         batch = await self._join()
         undo = Undo()
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             async with self._body:
                 if batch.failed is not None:
@@ -105,13 +114,14 @@ class GroupCommit:
                     raise
                 self._exec("RELEASE w")
                 batch.undos.append(undo)
+                batch.waiting.append(answer)
         except sqlite3.Error as e:  # SAVEPOINT or RELEASE: count the transaction lost
             undo.run()
             batch.failed = batch.failed or map_error(e)
             raise batch.failed from None
         finally:
             self._leave(batch)
-        await asyncio.shield(batch.done)
+        await answer
 
     async def when_idle(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on the connection once no transaction is open or committing."""
@@ -136,7 +146,7 @@ class GroupCommit:
                 return self._open
             if self._committing is None:
                 self._exec_mapped("BEGIN IMMEDIATE")
-                self._open = _Batch(asyncio.get_running_loop())
+                self._open = _Batch()
                 continue
             await self._wait_idle()
 
@@ -164,7 +174,6 @@ class GroupCommit:
                 raise batch.failed
             if not batch.undos:
                 self._conn.execute("ROLLBACK")  # nothing of it was kept
-                batch.done.set_result(None)
                 self._set_idle()
                 return
             self._before_commit()
@@ -190,9 +199,11 @@ class GroupCommit:
                 self._after_commit()
             except Exception:  # committed all the same: the writers must hear so
                 _log.exception("store.after_commit_failed")
-            batch.done.set_result(None)
+            batch.finish(None)
         else:
             self._abort(batch, err)
+        # The writers answered first run first: they read what this commit
+        # published before the next transaction's writers change anything.
         self._set_idle()
 
     def _abort(self, batch: _Batch, e: BaseException) -> None:
@@ -205,7 +216,7 @@ class GroupCommit:
         err = map_error(e) if isinstance(e, sqlite3.Error) else e
         if isinstance(err, SegdError):
             _log.warning("store.commit_failed", error=err.message, writers=len(batch.undos))
-        batch.done.set_exception(err)
+        batch.finish(err)
 
     def _set_idle(self) -> None:
         idle, self._idle = self._idle, None

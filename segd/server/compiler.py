@@ -178,6 +178,7 @@ class Compiler:
         self._holders: dict[str, set[str]] = {}  # set name -> hosts whose views hold it
         self._set_ips: dict[str, list[str]] = {}  # set name -> sorted addresses (never mutated)
         self._set_digests: dict[str, tuple[bytes, bytes]] = {}  # set name -> (JSON, digest)
+        self._previous_set_json: dict[str, tuple[list[str], bytes]] = {}  # the list before
         self.set_rules(rules)
         for w in workloads:
             self.add_workload(w)
@@ -207,6 +208,7 @@ class Compiler:
         self._holders.clear()
         self._set_ips.clear()
         self._set_digests.clear()
+        self._previous_set_json.clear()
         self._members = {name: set() for name in self._selectors}
         self._member_hosts = {name: Counter() for name in self._selectors}
         for wid, w in self._workloads.items():
@@ -306,15 +308,10 @@ class Compiler:
         return self._affected_by(w.host_id, matched) | {w.host_id}
 
     def _member_changed(self, name: str, w: Workload, *, joined: bool) -> None:
-        """Keep the set's cached address list current (a new list, never an edit)."""
-        self._set_digests.pop(name, None)
-        for h in self._holders.get(name, ()):
-            view = self._views[h]
-            view.stale.add(name)
-            view.stale_digests.add(name)
-            view.digest = ""
+        """Keep the set's cached address list current (a new list, never an edit)
+        and note it on the views of the hosts that hold it."""
         ips = self._set_ips.get(name)
-        if ips is None:
+        if ips is None:  # never built, so nobody holds it yet
             return
         # An address stays in the set while another member holds it too.
         members = self._members[name]
@@ -332,6 +329,14 @@ class Compiler:
             elif not joined and present:
                 del new[i]
         self._set_ips[name] = new
+        encoded = self._set_digests.pop(name, None)
+        if encoded is not None:  # instructions compiled before may still be encoded
+            self._previous_set_json[name] = (ips, encoded[0])
+        for h in self._holders.get(name, ()):
+            view = self._views[h]
+            view.stale.add(name)
+            view.stale_digests.add(name)
+            view.digest = ""
 
     def _affected_by(self, host_id: str, matched: Iterable[str]) -> set[str]:
         """Hosts that hold a set whose membership changes when `matched` sets change."""
@@ -431,6 +436,9 @@ class Compiler:
     def _set_json(self, name: str, ips: list[str]) -> bytes:
         if self._set_ips.get(name) is ips:
             return self._set_encoded(name)[0]
+        previous = self._previous_set_json.get(name)
+        if previous is not None and previous[0] is ips:
+            return previous[1]
         return _ENCODER.encode(ips)
 
     # ---- cached parts -----------------------------------------------------------
