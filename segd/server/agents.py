@@ -80,12 +80,14 @@ async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> bytes:
             w, failure = _repair(tx, old, pin, now)
             if w is not old:
                 ch.add_workload(w, previous=old)
+                ch.will_read(host_id)
         else:
             try:
                 if isinstance(verified, tokens.TokenError):
                     raise verified
                 w = _new(svc, tx, host_id, pin, verified, now)
                 ch.add_workload(w)
+                ch.will_read(host_id)
             except (pairing.Denied, tokens.TokenError) as e:
                 failure = e
                 tx.audit(

@@ -12,7 +12,9 @@ Statements run on the event loop's thread: they touch SQLite's page cache and
 take microseconds. Only COMMIT, which waits for the disk, runs on a worker
 thread, and nobody uses the connection meanwhile; writers that arrive during a
 commit form the next batch. So the batch grows with the load and a lone writer
-waits for one fsync, as it would without batching.
+waits for one fsync, as it would without batching. The owner may hand the
+worker thread more to do once the transaction is durable (work that releases
+the GIL, such as signing), before the writers are answered.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from segd.errors import Conflict, SegdError, Unavailable
 _log = log.get("segd.server.store")
 
 Hook = Callable[[], None]
+Work = Callable[[], None]
 T = TypeVar("T")
 
 
@@ -79,7 +82,7 @@ class GroupCommit:
         self,
         conn: sqlite3.Connection,
         *,
-        before_commit: Hook,
+        before_commit: Callable[[], Work | None],
         after_commit: Hook,
         after_abort: Hook,
     ) -> None:
@@ -176,7 +179,7 @@ class GroupCommit:
                 self._conn.execute("ROLLBACK")  # nothing of it was kept
                 self._set_idle()
                 return
-            self._before_commit()
+            then = self._before_commit()
         except BaseException as e:
             self._abort(batch, e)
             self._set_idle()
@@ -184,12 +187,19 @@ class GroupCommit:
                 raise
             return
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._thread, self._commit_now)
+        fut = loop.run_in_executor(self._thread, self._commit_now, then)
         self._committing = fut
         fut.add_done_callback(lambda f: self._committed(batch, f))
 
-    def _commit_now(self) -> None:
+    def _commit_now(self, then: Work | None) -> None:
+        """On the worker thread: COMMIT; once durable, the owner's work (whose
+        failure only costs what it would have saved)."""
         self._conn.execute("COMMIT")
+        if then is not None:
+            try:
+                then()
+            except Exception:
+                _log.exception("store.after_commit_work_failed")
 
     def _committed(self, batch: _Batch, fut: asyncio.Future[None]) -> None:
         self._committing = None

@@ -60,12 +60,23 @@ class Publisher:
         """What to persist for a plan: host -> (version, digest)."""
         return {h: (i.version, d) for h, (i, d) in plan.items()}
 
-    def commit(self, plan: Plan) -> None:
-        """Adopt the planned instructions, then wake their hosts."""
+    def sign_ahead(self, plan: Plan, hosts: Iterable[str]) -> Signing | None:
+        """Encode the planned instructions of `hosts` now, for signing elsewhere
+        (the store's commit thread) before they are read."""
+        payloads = {h: self.compiler.encode(plan[h][0]) for h in hosts if h in plan}
+        return Signing(self._key, self.key_id, payloads) if payloads else None
+
+    def commit(self, plan: Plan, signing: Signing | None = None) -> None:
+        """Adopt the planned instructions (with those signed ahead), then wake
+        their hosts."""
+        ahead = signing.signed if signing is not None else {}
         for h, (instr, digest) in plan.items():
             self._state[h] = (instr.version, digest)
             self._latest[h] = instr
-            self._signed.pop(h, None)
+            if h in ahead:
+                self._signed[h] = ahead[h]
+            else:
+                self._signed.pop(h, None)
         for h, (instr, _) in plan.items():
             self.hub.publish(h, instr.version)
 
@@ -116,15 +127,35 @@ class Publisher:
         return out
 
     def _sign(self, instr: wire.Instructions) -> bytes:
-        """The JSON of a `SignedInstructions`, written around the base64url payload
-        as bytes (its alphabet needs no escaping) to spare another pass over it."""
-        payload = self.compiler.encode(instr)
-        sig = self._key.sign(payload).signature
-        return b'{"key_id":%b,"payload":"%b","signature":"%b"}' % (
-            _JSON.encode(self.key_id),
-            _b64url(payload),
-            _b64url(sig),
-        )
+        return signed_json(self._key, self.key_id, self.compiler.encode(instr))
+
+
+class Signing:
+    """Payloads encoded on the event loop, to be signed on another thread: the
+    Ed25519 hashing, most of the cost, runs without the GIL."""
+
+    def __init__(
+        self, key: nacl.signing.SigningKey, key_id: str, payloads: dict[str, bytes]
+    ) -> None:
+        self._key = key
+        self._key_id = key_id
+        self._payloads = payloads
+        self.signed: dict[str, bytes] = {}  # host -> signed JSON, once run
+
+    def __call__(self) -> None:
+        for h, payload in self._payloads.items():
+            self.signed[h] = signed_json(self._key, self._key_id, payload)
+
+
+def signed_json(key: nacl.signing.SigningKey, key_id: str, payload: bytes) -> bytes:
+    """The JSON of a `SignedInstructions`, written around the base64url payload as
+    bytes (its alphabet needs no escaping) to spare another pass over it."""
+    sig = key.sign(payload).signature
+    return b'{"key_id":%b,"payload":"%b","signature":"%b"}' % (
+        _JSON.encode(key_id),
+        _b64url(payload),
+        _b64url(sig),
+    )
 
 
 def _b64url(data: bytes) -> bytes:

@@ -28,9 +28,10 @@ from segd import crypto, log, wire
 from segd.config import ADMIN_TOKEN_FILE, ServerConfig
 from segd.errors import Forbidden, InvalidInput, NotFound, SegdError, Unauthorized
 from segd.server import tokens, validate
+from segd.server.commit import Work
 from segd.server.compiler import Compiler
 from segd.server.notify import Hub
-from segd.server.publish import Plan, Publisher
+from segd.server.publish import Plan, Publisher, Signing
 from segd.server.store import Store, Tx
 
 _log = log.get("segd.server")
@@ -106,6 +107,11 @@ class Change:
     def on_undo(self, fn: Callable[[], object]) -> None:
         self._tx.on_undo(fn)
 
+    def will_read(self, host_id: str) -> None:
+        """The answer carries the host's new instructions: have them signed on the
+        commit thread, before the answer is due."""
+        self._svc.awaited.add(host_id)
+
 
 class Service:
     """The server core and its admin operations (agent ones are in `agents`)."""
@@ -129,7 +135,9 @@ class Service:
         self.touched: dict[str, float] = {}  # host -> when last_seen was last written
         self.verified_tokens: dict[str, tokens.Claims] = {}  # pairing key text -> claims
         self._pending: set[str] = set()  # hosts the open transaction's changes may affect
+        self.awaited: set[str] = set()  # of those, hosts whose answers carry instructions
         self._plan: Plan = {}  # what that transaction publishes once committed
+        self._signing: Signing | None = None  # its instructions signed ahead
         store.hooks = self
 
     # ---- lifecycle ----------------------------------------------------------------
@@ -221,21 +229,25 @@ class Service:
 
     # Store commit hooks: plan the transaction's hosts, publish them once durable.
 
-    def before_commit(self, tx: Tx) -> None:
+    def before_commit(self, tx: Tx) -> Work | None:
         self._plan = self.pub.plan(self._pending)
-        self._pending = set()
         if self._plan:
             tx.set_versions(self.pub.versions(self._plan))
+        self._signing = self.pub.sign_ahead(self._plan, self.awaited)
+        self._pending, self.awaited = set(), set()
+        return self._signing
 
     def after_commit(self) -> None:
         plan, self._plan = self._plan, {}
-        self.pub.commit(plan)
+        signing, self._signing = self._signing, None
+        self.pub.commit(plan, signing)
         if plan:
             _log.debug("instructions.published", hosts=sorted(plan))
 
     def after_abort(self) -> None:
-        self._pending = set()
+        self._pending, self.awaited = set(), set()
         self._plan = {}
+        self._signing = None
 
     # ---- rules --------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ import msgspec
 from segd import wire
 from segd.errors import Conflict, Unavailable
 from segd.policy import Labels, Selectors
-from segd.server.commit import GroupCommit, Undo, map_error
+from segd.server.commit import GroupCommit, Undo, Work, map_error
 from segd.server.migrations import MIGRATIONS
 
 _enc = msgspec.json.Encoder(order="deterministic")
@@ -382,16 +382,19 @@ class Tx:
 
 
 class CommitHooks(Protocol):
-    """What the owner of the store adds to every transaction, and hears of its end."""
+    """What the owner of the store adds to every transaction, and hears of its end.
 
-    def before_commit(self, tx: Tx) -> None: ...
+    `before_commit` may return work for the commit thread, run once the
+    transaction is durable and before `after_commit` (on the event loop)."""
+
+    def before_commit(self, tx: Tx) -> Work | None: ...
     def after_commit(self) -> None: ...
     def after_abort(self) -> None: ...
 
 
 class _NoHooks:
-    def before_commit(self, tx: Tx) -> None:
-        pass
+    def before_commit(self, tx: Tx) -> Work | None:
+        return None
 
     def after_commit(self) -> None:
         pass

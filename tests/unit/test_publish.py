@@ -58,3 +58,23 @@ def test_a_new_version_is_signed_anew() -> None:
     signed = msgspec.json.decode(again or b"", type=wire.SignedInstructions)
     instr = msgspec.json.decode(crypto.b64d(signed.payload), type=wire.Instructions)
     assert instr.sets and ["10.0.0.2"] in instr.sets.values()
+
+
+def test_instructions_signed_ahead_are_the_ones_served() -> None:
+    pub, c, key = publisher()
+    c.add_workload(wl("d1", "B", "role=db", "10.0.0.2"))
+    plan = pub.plan({"A", "B"})
+    signing = pub.sign_ahead(plan, {"B", "elsewhere"})
+    assert signing is not None
+    signing()  # as the commit thread would, once the transaction is durable
+    pub.commit(plan, signing)
+    assert pub.signed("B") == signing.signed["B"]
+    assert set(signing.signed) == {"B"}
+    for h in ("A", "B"):
+        raw = pub.signed(h)
+        signed = msgspec.json.decode(raw or b"", type=wire.SignedInstructions)
+        payload = crypto.b64d(signed.payload)
+        assert crypto.verify(key.verify_key, payload, crypto.b64d(signed.signature))
+        assert msgspec.json.decode(payload, type=wire.Instructions) == c.compile_host(
+            h, pub.version(h)
+        )
