@@ -2,12 +2,13 @@
 
 `plan(hosts)` keeps those of the given hosts whose content (everything but
 the version, told by `Compiler.host_digest`) changed, compiled at their next
-version. The caller
-persists the new (version, digest) pairs, then `commit(plan)` adopts them and
-wakes exactly those hosts. Instructions are encoded and signed when first
-fetched, so a burst of changes costs one signature per version actually read,
-and the signed JSON is kept for every later reader.
-A host whose content did not change keeps its version and is not woken.
+version. The caller persists the new (version, digest) pairs, then
+`commit(plan)` adopts them and wakes exactly those hosts; a host whose content
+did not change keeps its version and is not woken. Instructions are encoded
+and signed when first fetched, so a burst of changes costs one signature per
+version actually read, and the signed JSON is kept for every later reader.
+Those a caller is about to read (a pairing's answer) can be signed ahead with
+`sign_ahead`, on another thread.
 
 At start, `load(states)` compiles every host and bumps any whose content no
 longer matches the digest last persisted (after an upgrade that compiles
