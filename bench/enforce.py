@@ -39,8 +39,18 @@ from bench.containers import (
     table_in_netns,
 )
 from bench.report import Section, Size, Target, figure, ms, pct, summary
-from bench.stack import Agent, BenchError, Server, drop_gate, other_agents, proc_cpu_s, wait_for
+from bench.stack import (
+    Agent,
+    BenchError,
+    Server,
+    drop_gate,
+    keep_logs,
+    other_agents,
+    proc_cpu_s,
+    wait_for,
+)
 
+NAME = "enforce"
 ROLES = ("web", "api", "db")
 KEY = "segd.pairing-key"
 DB_SERVE = "httpd -p 5432 -h /www && exec sleep 100000"
@@ -232,7 +242,7 @@ def run(size: Size) -> Section:
 
             leak = _leak(box, agent, keys, p)
             agent.poll()
-            details["agent_errors"] = agent.errors[:20]
+            details["agent_errors"] = agent.error_summary()
             details["foreign_keyed_containers"] = sorted(
                 set(foreign) | set(box.foreign(agent.denied))
             )
@@ -242,6 +252,7 @@ def run(size: Size) -> Section:
             box.rm_all()
             events.close()
             server.stop()
+            details["logs"] = keep_logs(NAME, server.proc, *([agent.proc] if agent else []))
             if not other_agents():
                 drop_gate()
 
@@ -303,6 +314,4 @@ def run(size: Size) -> Section:
         "burst_start_span_ms": ms(bare_span),
     }
     details["leak"] = leak
-    return Section(
-        name="enforce", title="1. Time to enforce (Docker)", figures=figs, details=details
-    )
+    return Section(name=NAME, title="1. Time to enforce (Docker)", figures=figs, details=details)

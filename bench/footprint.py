@@ -26,11 +26,13 @@ from bench.stack import (
     BenchError,
     Server,
     drop_gate,
+    keep_logs,
     other_agents,
     proc_cpu_s,
     proc_rss_kib,
 )
 
+NAME = "footprint"
 ROLES = ("web", "api", "db")
 
 
@@ -114,6 +116,7 @@ def _churn(box: Containers, agent: Agent, p: Params, ids: list[str]) -> tuple[Wi
 def run(size: Size) -> Section:
     require_docker()
     p = Params.of(size)
+    details: dict[str, Any] = {"params": p.__dict__}
     with tempfile.TemporaryDirectory(prefix="segd-bench-") as tmp:
         root = Path(tmp)
         box = Containers()
@@ -143,8 +146,7 @@ def run(size: Size) -> Section:
             churn, cycles = _churn(box, agent, p, ids)
             agent.poll()
             after = proc_rss_kib(agent.pid) / 1024
-            details: dict[str, Any] = {
-                "params": p.__dict__,
+            details |= {
                 "churn_cycles": cycles,
                 "containers_restarted": cycles * p.churn_batch,
                 "rss_after_churn_mib": round(after, 1),
@@ -152,7 +154,7 @@ def run(size: Size) -> Section:
                     (idle.rss_mean_mib - base.rss_mean_mib) * 1024 / p.containers, 1
                 ),
                 "seconds_from_enforced_to_end": round(time.monotonic() - enforced_at, 1),
-                "agent_errors": agent.errors[:20],
+                "agent_errors": agent.error_summary(),
                 "foreign_keyed_containers": sorted({*foreign, *box.foreign(agent.denied)}),
                 "baseline": base.__dict__,
                 "idle": idle.__dict__,
@@ -163,6 +165,7 @@ def run(size: Size) -> Section:
                 agent.stop()
             box.rm_all()
             server.stop()
+            details["logs"] = keep_logs(NAME, server.proc, *([agent.proc] if agent else []))
             if not other_agents():
                 drop_gate()
     n = p.containers
@@ -204,4 +207,4 @@ def run(size: Size) -> Section:
             baseline_label="agent idle, no containers",
         ),
     ]
-    return Section(name="footprint", title="5. Agent footprint", figures=figs, details=details)
+    return Section(name=NAME, title="5. Agent footprint", figures=figs, details=details)

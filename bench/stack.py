@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 GATE = ("bridge", "segd_gate")
+LOGS = Path(tempfile.gettempdir()) / "segd-bench-logs"  # the last run's process logs
 
 
 class BenchError(Exception):
@@ -79,6 +81,15 @@ def other_agents(mine: Iterable[int] = ()) -> list[int]:
         if is_segd and ("agent" in words or "allinone" in words):
             found.append(int(d.name))
     return found
+
+
+def keep_logs(bench: str, *procs: Proc) -> str:
+    """Copy the processes' logs to `LOGS` as `<bench>-<name>.log`; return the folder."""
+    LOGS.mkdir(exist_ok=True)
+    for p in procs:
+        with contextlib.suppress(OSError):
+            shutil.copyfile(p.log_path, LOGS / f"{bench}-{p.log_path.name}")
+    return str(LOGS)
 
 
 def drop_gate() -> None:
@@ -265,7 +276,7 @@ class Agent:
         self.isolated: dict[str, float] = {}  # container id[:12] -> first isolation table
         self.paired: dict[str, float] = {}  # container id[:12] -> server's answer arrived
         self.synced = 0
-        self.errors: list[str] = []
+        self.errors: list[str] = []  # "event: error" of every error line
         self.denied: set[str] = set()  # container id[:12] the server refused to pair
 
     def start(self) -> None:
@@ -284,6 +295,14 @@ class Agent:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def error_summary(self) -> dict[str, Any]:
+        """Error lines by event, and the last few in full."""
+        by_event: dict[str, int] = {}
+        for e in self.errors:
+            ev = e.split(":", 1)[0]
+            by_event[ev] = by_event.get(ev, 0) + 1
+        return {"by_event": by_event, "last": self.errors[-10:]}
 
     def poll(self) -> None:
         """Read the log lines the agent wrote since the last poll; raise if it died."""
