@@ -4,7 +4,6 @@ Docker engine on a unix socket, and the real engine (root only)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -20,6 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from segd.config import OrchestratorConfig
 from segd.orchestrator.app import build_app
+from tests.hostreq import docker_missing, require
 from tests.orchestrator.fake_engine import FakeEngine
 
 IMAGE = "segd-busybox:latest"
@@ -136,30 +136,10 @@ def docker(*args: str, check: bool = True) -> str:
     return p.stdout
 
 
-def _docker_missing() -> str:
-    if os.geteuid() != 0:
-        return "needs root"
-    if not shutil.which("docker"):
-        return "needs the docker CLI (make host)"
-    try:
-        docker("info")
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        return f"needs a running Docker engine (make host): {e}"
-    try:
-        docker("image", "inspect", IMAGE)
-    except RuntimeError:
-        return f"needs the {IMAGE} image (make host)"
-    return ""
-
-
 @pytest.fixture(scope="session")
 def docker_engine() -> None:
     """Skip without root/Docker, but fail under CI or SEGD_REQUIRE_DOCKER."""
-    why = _docker_missing()
-    if why:
-        if os.environ.get("CI") or os.environ.get("SEGD_REQUIRE_DOCKER"):
-            pytest.fail(why)
-        pytest.skip(why)
+    require(docker_missing())
 
 
 @pytest.fixture
