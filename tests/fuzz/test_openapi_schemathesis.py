@@ -190,3 +190,19 @@ def test_schemathesis(stack: Stack, route: Route) -> None:
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.method} {r.path}")
 def test_schemathesis_long(stack: Stack, route: Route) -> None:
     run_operation(stack, route, 300, derandomize=False)
+
+
+def test_the_document_can_name_the_configured_dimensions() -> None:
+    """`build_app` could pass `dimensions=cfg.dimensions`: label sets then list
+    exactly the dimensions the server takes, and nothing it refuses is valid."""
+    from segd.server import openapi
+
+    doc = openapi.build(ROUTES, dimensions=("tier", "zone"))
+    profile = doc["components"]["schemas"]["ProfileIn"]["properties"]
+    assert profile["labels"]["propertyNames"] == {"enum": ["tier", "zone"]}
+    assert profile["labels"]["maxProperties"] == 2
+    assert profile["locked"]["items"]["enum"] == ["tier", "zone"]
+    rule = doc["components"]["schemas"]["RuleIn"]["properties"]
+    assert rule["providers"]["anyOf"][0]["items"]["propertyNames"] == {"enum": ["tier", "zone"]}
+    plain = openapi.build(ROUTES)["components"]["schemas"]["ProfileIn"]["properties"]
+    assert "pattern" in plain["labels"]["propertyNames"]
