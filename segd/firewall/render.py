@@ -168,6 +168,11 @@ def log_rules(rules: Iterable[Rule]) -> frozenset[str]:
     return frozenset(r.id for r in rules if "log" in r.options)
 
 
+def _allow_order(a: Allow) -> tuple[str, bool, str, list[Service]]:
+    """A total order on allows (a rule may have `peer=None` and named peers)."""
+    return (a.rule_id, a.peer is not None, a.peer or "", a.services)
+
+
 def render_workload(
     policy: WorkloadPolicy,
     sets: Mapping[str, Sequence[str]],
@@ -185,7 +190,7 @@ def render_workload(
 
     def chain_lines(allows: Sequence[Allow], direction: Direction) -> list[str]:
         lines: list[str] = []
-        for allow in sorted(allows):
+        for allow in sorted(allows, key=_allow_order):
             lines += allow_rules(allow, direction, allow.rule_id in log_rules)
         return lines
 

@@ -395,11 +395,6 @@ def test_the_daemons_refuse_bad_config_files_before_starting(tmp_path: Path) -> 
     assert failures == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TLS files are only opened when the listener starts, after the data dir, key, "
-    "token and store are created: a missing file ends in a traceback with exit code 1",
-)
 def test_a_missing_tls_file_is_refused_before_starting(tmp_path: Path) -> None:
     text = (
         b'[server]\nlisten = "127.0.0.1:1"\n'

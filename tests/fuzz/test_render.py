@@ -60,23 +60,14 @@ allows = st.fixed_dictionaries(
 )
 
 
-def _sortable(allows: list[dict[str, Any]]) -> bool:
-    """No rule id with both a peer set and no peer: that input is pinned by
-    `test_allows_of_one_rule_with_and_without_a_peer_render` (xfail) instead."""
-    peers: dict[str, set[bool]] = {}
-    for a in allows:
-        peers.setdefault(a["rule_id"], set()).add(a["peer"] is None)
-    return all(len(kinds) == 1 for kinds in peers.values())
-
-
 policies = st.fixed_dictionaries(
     {
         "workload_id": fz.text,
         "container_id": fz.text,
         "labels": st.dictionaries(fz.text, fz.text, max_size=2),
         "ips": st.lists(addresses, max_size=3),
-        "inbound": st.lists(allows, max_size=3).filter(_sortable),
-        "outbound": st.lists(allows, max_size=3).filter(_sortable),
+        "inbound": st.lists(allows, max_size=3),
+        "outbound": st.lists(allows, max_size=3),
     }
 )
 set_maps = st.dictionaries(
@@ -158,11 +149,6 @@ def test_nft_syntax_in_a_rule_id_or_set_name_is_refused(bad: str) -> None:
         render.render_set_delta({}, {SETS[0]: [bad]}, [SETS[0]])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="render_workload sorts Allow structs field by field: the same rule id with "
-    "peer=None and peer=<set> compares None with str and raises TypeError, not ValueError",
-)
 def test_allows_of_one_rule_with_and_without_a_peer_render() -> None:
     svc = {"proto": "tcp", "port": 80, "port_end": 80}
     policy = {
