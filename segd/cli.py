@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from segd import __version__, config, log
+from segd import __version__, config, log, preflight
 from segd.errors import SegdError
 
 MODES = ("server", "orchestrator", "agent", "allinone")
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(args.config) if args.config else config.Config()
         if args.mode != "allinone":
             cfg = _override(cfg, args, args.config or "")
+        preflight.check(cfg, args.mode, args.config or "", listen=args.listen or "")
     except config.ConfigError as e:
         return _fail(str(e), 2)
     log.setup(cfg.log.level, cfg.log.format)
