@@ -33,6 +33,7 @@ from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_ins
 from segd.config import AgentConfig
 from segd.firewall import render
 from segd.firewall.applier import Firewall, NsRef
+from segd.firewall.netns import NamespaceGone
 from segd.firewall.nft import NftError
 from segd.wire import Instructions, PairIn, SignedInstructions, WorkloadPolicy
 
@@ -522,7 +523,10 @@ class Agent:
                 rec = await self._apply(info, ns, kind, pol, rec)
             except Exception as e:
                 # Fail closed: the gate never admitted this IP, or we pull it now.
-                _log.error("enforce.failed", container=cid[:12], error=repr(e))
+                if isinstance(e, NamespaceGone):  # it died while we worked: not an error
+                    _log.info("enforce.container_gone", container=cid[:12])
+                else:
+                    _log.error("enforce.failed", container=cid[:12], error=repr(e))
                 if rec is not None and rec.gated:
                     dropped, rec.gated = rec.gated, []
                     await self._gate_sync(drop=dropped, add=[])

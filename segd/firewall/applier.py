@@ -12,6 +12,7 @@ namespace's addresses and veth peers over a short-lived rtnetlink socket
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import socket
@@ -67,6 +68,7 @@ class Firewall:
         *,
         gate_ns: str | None = None,
         setns_fn: Callable[[int], None] = netns.setns,
+        max_open: int = 32,
     ) -> None:
         if backend not in ("libnftables", "nsenter", "auto"):
             raise ValueError(f"unknown nftables backend {backend!r}")
@@ -81,6 +83,7 @@ class Firewall:
         self._home_fd: int | None = None
         self._worker: Worker | None = None
         self._sessions: dict[str, _Session] = {}
+        self.max_open = max_open
         self._gate: _Session | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -153,6 +156,7 @@ class Firewall:
             s = self._sessions.pop(ns.key, None)
             if s is not None:
                 s.nft.close()
+                _malloc_trim()
                 log.debug("firewall.forgot", ns=ns.key)
 
         await self._run(job)
@@ -299,8 +303,20 @@ class Firewall:
 
     def _session(self, w: Worker, ns: NsRef) -> NftBackend:
         s = self._ensure(w, self._sessions.pop(ns.key, None), ns.path)
-        self._sessions[ns.key] = s
+        self._sessions[ns.key] = s  # most recently used last
+        self._evict()
         return s.nft
+
+    def _evict(self) -> None:
+        """Keep at most `max_open` endpoints: a libnftables context costs ~0.7 MiB
+        once used. The least recently used are freed (and rebound on next use);
+        freed heap goes back to the system."""
+        if len(self._sessions) <= self.max_open:
+            return
+        while len(self._sessions) > self.max_open:
+            key = next(iter(self._sessions))
+            self._sessions.pop(key).nft.close()
+        _malloc_trim()
 
     def _gate_session(self, w: Worker) -> NftBackend:
         have, self._gate = self._gate, None
@@ -365,6 +381,30 @@ class Firewall:
         self._gate = None
         for s in sessions:
             s.nft.close()
+
+
+_last_trim = 0.0
+
+
+def _malloc_trim() -> None:
+    """Return freed heap to the system (glibc; at most once a second)."""
+    global _last_trim
+    now = time.monotonic()
+    libc = _libc()
+    if libc is not None and now - _last_trim >= 1.0:
+        _last_trim = now
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 def _if_names(w: Worker, fd: int | None, indexes: set[int]) -> dict[int, str]:

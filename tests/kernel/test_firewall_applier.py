@@ -216,6 +216,23 @@ async def test_forget_frees_the_namespace_endpoint(backend: str, pair: Pair) -> 
     assert open_fds() == baseline - 1  # close() frees the rest, and the home netns fd
 
 
+async def test_least_recently_used_endpoints_are_freed_beyond_max_open(pair: Pair) -> None:
+    a, b = NsRef("a", pair.a.path), NsRef("b", pair.b.path)
+    async with Firewall(max_open=1) as fw:
+        baseline = open_fds()
+        await fw.apply(a, render.render_isolation())
+        await fw.apply(b, render.render_isolation())
+        assert fw.open_namespaces == 1
+        assert open_fds() == baseline + 1
+        # The evicted namespace is bound again on its next use, still the right one.
+        assert await fw.list_table(a) == await fw.list_table(b)
+        await fw.apply(a, render.render_removal())
+        assert await fw.list_table(a) is None
+        assert await fw.list_table(b) is not None
+        assert "table inet segd" not in pair.a.nft("list", "tables")
+        assert fw.open_namespaces == 1
+
+
 async def test_a_new_namespace_under_the_same_key_gets_a_new_context(pair: Pair) -> None:
     ns = NsRef("b", pair.b.path)
     async with Firewall() as fw:
