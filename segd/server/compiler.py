@@ -76,35 +76,40 @@ class _HostRows:
     host was encoded) JSON, kept up to date as workloads come and go: a host's
     part is rebuilt, and encoded, by copies."""
 
-    __slots__ = ("digests", "jsons", "matched", "policies", "wids")
+    __slots__ = ("digests", "jsons", "matched", "pending", "policies", "wids")
 
     def __init__(self) -> None:
         self.wids: list[str] = []
         self.policies: list[WorkloadPolicy] = []
         self.digests: list[bytes] = []
         self.jsons: list[bytes] = []  # b"" until first needed
+        self.pending: set[str] = set()  # workloads whose JSON is not made yet
         self.matched: Counter[frozenset[str]] = Counter()  # selector combinations present
 
     def insert(self, pol: _Policy, matched: frozenset[str]) -> None:
-        i = bisect.bisect_left(self.wids, pol.policy.workload_id)
-        self.wids.insert(i, pol.policy.workload_id)
+        wid = pol.policy.workload_id
+        i = bisect.bisect_left(self.wids, wid)
+        self.wids.insert(i, wid)
         self.policies.insert(i, pol.policy)
         self.digests.insert(i, pol.digest)
         self.jsons.insert(i, b"")
+        self.pending.add(wid)
         self.matched[matched] += 1
 
     def encode(self) -> bytes:
-        """The JSON of the policies list, encoding only the policies not yet done."""
-        for i, data in enumerate(self.jsons):
-            if not data:
-                self.jsons[i] = _ENCODER.encode(self.policies[i])
-        return b"[" + b",".join(self.jsons) + b"]"
+        """The policies' JSON, comma-separated, encoding only those not done yet."""
+        for wid in self.pending:
+            i = bisect.bisect_left(self.wids, wid)
+            self.jsons[i] = _ENCODER.encode(self.policies[i])
+        self.pending.clear()
+        return b",".join(self.jsons)
 
     def remove(self, wid: str, matched: frozenset[str]) -> None:
         i = bisect.bisect_left(self.wids, wid)
         if i < len(self.wids) and self.wids[i] == wid:
             for column in (self.wids, self.policies, self.digests, self.jsons):
                 del column[i]
+            self.pending.discard(wid)
             self.matched[matched] -= 1
             if self.matched[matched] <= 0:
                 del self.matched[matched]
@@ -406,32 +411,30 @@ class Compiler:
 
     def encode(self, instr: Instructions) -> bytes:
         """`encode_instructions(instr)`, reusing the JSON of the parts it shares with
-        what the compiler holds: a new version costs its changed parts and copying."""
+        what the compiler holds: a new version costs its changed parts and one copy."""
         view = self._views.get(instr.host_id)
+        pieces = [b'{"host_id":', _ENCODER.encode(instr.host_id)]
+        pieces.append(b',"version":%d,"workloads":' % instr.version)
         if view is not None and instr.workloads is view.part.workloads:
             # A current view: the host's rows hold exactly these workloads.
             if not view.workloads_json:
                 view.workloads_json = self._rows[instr.host_id].encode()
-            workloads = view.workloads_json
+            pieces += (b"[", view.workloads_json, b"]")
         else:
-            workloads = _ENCODER.encode(instr.workloads)
+            pieces.append(_ENCODER.encode(instr.workloads))
+        pieces.append(b',"sets":{')
+        for i, name in enumerate(sorted(instr.sets)):
+            key = _ENCODER.encode(name)
+            pieces += (b"," if i else b"", key, b":", self._set_json(name, instr.sets[name]))
+        pieces.append(b'},"rules":')
         if view is not None and instr.rules is view.part.rules:
             if not view.rules_json:
                 view.rules_json = _ENCODER.encode(instr.rules)
-            rules = view.rules_json
+            pieces.append(view.rules_json)
         else:
-            rules = _ENCODER.encode(instr.rules)
-        sets = b",".join(
-            b"%b:%b" % (_ENCODER.encode(name), self._set_json(name, instr.sets[name]))
-            for name in sorted(instr.sets)
-        )
-        return b'{"host_id":%b,"version":%d,"workloads":%b,"sets":{%b},"rules":%b}' % (
-            _ENCODER.encode(instr.host_id),
-            instr.version,
-            workloads,
-            sets,
-            rules,
-        )
+            pieces.append(_ENCODER.encode(instr.rules))
+        pieces.append(b"}")
+        return b"".join(pieces)
 
     def _set_json(self, name: str, ips: list[str]) -> bytes:
         if self._set_ips.get(name) is ips:
