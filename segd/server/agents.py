@@ -23,7 +23,7 @@ from segd.server.service import Service, new_id
 from segd.server.store import Tx
 
 _log = log.get("segd.server.agents")
-_KEY_ID_RE = re.compile(r"^k_[0-9a-f]{16}$")
+_KEY_ID_RE = re.compile(r"^k_[0-9a-f]{16}\Z")
 TOUCH_INTERVAL_S = 60.0
 VERIFIED_TOKENS_MAX = 4096
 _JSON = msgspec.json.Encoder()

@@ -17,10 +17,10 @@ from aiohttp import web
 
 import segd
 from segd import wire
-from segd.errors import Unavailable
+from segd.errors import InvalidInput, Unavailable
 from segd.server import agents
 from segd.server.auth import NonceCache, require_admin, verify_agent
-from segd.server.http import float_param, int_param, json_response, read_body
+from segd.server.http import expect_handler, float_param, int_param, json_response, read_body
 from segd.server.service import Service
 
 T = TypeVar("T")
@@ -238,11 +238,15 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
     decoder: msgspec.json.Decoder[Any] | None = (
         msgspec.json.Decoder(route.body) if route.body is not None else None
     )
+    allowed = frozenset(p.name for p in route.query)
 
     async def handle(request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME]
         if rt.svc is None or rt.nonces is None:
             raise Unavailable("server is starting or stopping")
+        unknown = sorted(set(request.query) - allowed)
+        if unknown:  # a typo must not silently mean the default
+            raise InvalidInput(f"unknown query parameter {unknown[0]!r}")
         svc = rt.svc
         host_id = ""
         if route.auth == "admin":
@@ -264,4 +268,4 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
 
 def add_routes(app: web.Application) -> None:
     for r in ROUTES:
-        app.router.add_route(r.method, r.path, _adapt(r))
+        app.router.add_route(r.method, r.path, _adapt(r), expect_handler=expect_handler)
