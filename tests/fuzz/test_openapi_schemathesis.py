@@ -49,8 +49,8 @@ class Stack:
         self.session = requests.Session()
         self.schema = schemathesis.openapi.from_url(f"{self.url}/v1/openapi.json")
         self.schema.config.generation.update(
-            # Unknown query parameters are ignored, not refused: pinned by
-            # test_unknown_query_parameters_are_refused (xfail) in test_protocol.py.
+            # Unknown query parameters are refused with a 400; that is pinned by
+            # test_unknown_query_parameters_are_refused in test_protocol.py.
             allow_extra_parameters=False,
         )
         self.agent_key = nacl.signing.SigningKey.generate()

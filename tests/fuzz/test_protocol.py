@@ -250,14 +250,9 @@ async def test_random_header_bytes(
         check_error(status, body)
 
 
-# ---- what segd should do and does not yet -----------------------------------------------
+# ---- regressions pinned by fuzzing ------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="aiohttp answers an unknown Expect before any middleware runs, with a text/plain "
-    "417; fix: add_routes passes expect_handler=http.expect_handler (JSON error body)",
-)
 async def test_an_unknown_expectation_is_a_json_417(api: Admin) -> None:
     raw = await exchange_raw(api, request("GET", b"/v1/rules", [admin(api), (b"Expect", b"magic")]))
     assert assert_app_error(raw, 417)["error"] == "expectation_failed"
@@ -275,22 +270,11 @@ async def test_expect_100_continue_is_honoured(api: Admin) -> None:
     assert parse(raw[len(b"HTTP/1.1 100 Continue\r\n\r\n") :])[0] == 201
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the route adapter ignores query parameters a route does not declare (a typo such "
-    "as ?limt=5 silently gives the default); fix: _adapt refuses request.query keys not in "
-    "route.query with 400 invalid_input, as the orchestrator does",
-)
 async def test_unknown_query_parameters_are_refused(api: Admin) -> None:
     status, body = await api.call("GET", "/v1/audit?limt=5")
     assert (status, body["error"]) == (400, "invalid_input")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agents._KEY_ID_RE ends in $, which matches before a final newline: the key id a "
-    "refused token claims reaches the audit with its newline; fix: end the pattern in \\Z",
-)
 async def test_a_claimed_key_id_with_a_newline_is_not_audited(
     api: Admin, make_agent: MakeAgent
 ) -> None:
@@ -307,8 +291,8 @@ async def test_a_claimed_key_id_with_a_newline_is_not_audited(
 
 
 async def test_the_proposed_expect_handler_answers_json(aiohttp_client: AiohttpClient) -> None:
-    """What the xfail above asks of add_routes, on a one-route app: JSON 417s,
-    and 100-continue still honoured."""
+    """The expect handler add_routes uses, on a one-route app: JSON 417s, and
+    100-continue still honoured."""
     from aiohttp import web
 
     from segd.server.http import error_middleware, expect_handler
