@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
@@ -19,6 +18,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from segd import sqlite
 from segd.errors import Conflict, SegdError, Unavailable
 from segd.orchestrator import wire
 from segd.orchestrator.migrations import MIGRATIONS
@@ -30,11 +30,6 @@ _labels = msgspec.json.Decoder(Labels)
 _strings = msgspec.json.Decoder(list[str])
 _env = msgspec.json.Decoder(dict[str, str])
 
-_PRAGMAS = (
-    "PRAGMA foreign_keys = ON",
-    "PRAGMA synchronous = FULL",
-    "PRAGMA busy_timeout = 5000",
-)
 
 _CONTAINER_SELECT = (
     "SELECT c.id, c.name, c.created_at, n.name AS node, p.name AS profile"
@@ -95,15 +90,15 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock_fd = _lock(path.with_name(path.name + ".lock"))
+        lock_fd = sqlite.lock_data_dir(path, "orchestrator")
         conn: aiosqlite.Connection | None = None
         try:
+            first = await asyncio.to_thread(sqlite.open_migrated, path, MIGRATIONS)
+            first.close()
             conn = await aiosqlite.connect(path, isolation_level=None)
             conn.row_factory = sqlite3.Row
-            await conn.execute("PRAGMA journal_mode = WAL")
-            for p in _PRAGMAS:
+            for p in sqlite.PRAGMAS:
                 await conn.execute(p)
-            await _migrate(conn)
             for f in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
                 if f.exists():
                     os.chmod(f, 0o600)  # they hold pairing keys
@@ -274,41 +269,3 @@ async def _insert_container(conn: aiosqlite.Connection, c: ContainerRecord) -> N
         " ?, ?)",
         (c.id, c.node, c.profile, c.name, c.created_at),
     )
-
-
-def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Conflict(f"another segd orchestrator is using {path.parent}") from None
-    return fd
-
-
-async def _migrate(conn: aiosqlite.Connection) -> None:
-    """Apply the migrations this file does not have yet, each in a transaction."""
-    await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    async with conn.execute("SELECT version FROM schema_version") as cur:
-        row = await cur.fetchone()
-    if row is None:
-        await conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-        current = 0
-    else:
-        current = int(row[0])
-    if current > len(MIGRATIONS):
-        raise Unavailable(
-            f"store schema version {current} is newer than this segd ({len(MIGRATIONS)})"
-        )
-    for version in range(current, len(MIGRATIONS)):
-        script = (
-            "BEGIN IMMEDIATE;\n"
-            + MIGRATIONS[version]
-            + f"\nUPDATE schema_version SET version = {version + 1};\nCOMMIT;"
-        )
-        try:
-            await conn.executescript(script)
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await conn.execute("ROLLBACK")
-            raise

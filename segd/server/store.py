@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -25,8 +24,8 @@ from typing import Any, Protocol
 import aiosqlite
 import msgspec
 
-from segd import wire
-from segd.errors import Conflict, Unavailable
+from segd import sqlite, wire
+from segd.errors import Unavailable
 from segd.policy import Labels, Selectors
 from segd.server.commit import GroupCommit, Undo, Work, map_error
 from segd.server.migrations import MIGRATIONS
@@ -35,12 +34,6 @@ _enc = msgspec.json.Encoder(order="deterministic")
 _labels = msgspec.json.Decoder(Labels)
 _selectors: msgspec.json.Decoder[Selectors] = msgspec.json.Decoder(Selectors)
 _strings = msgspec.json.Decoder(list[str])
-
-_PRAGMAS = (
-    "PRAGMA foreign_keys = ON",
-    "PRAGMA synchronous = FULL",
-    "PRAGMA busy_timeout = 5000",
-)
 
 
 def _j(value: object) -> str:
@@ -424,14 +417,14 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(path.with_name(path.name + ".lock"))
+        lock_fd = sqlite.lock_data_dir(path, "server")
         w: sqlite3.Connection | None = None
         try:
-            w = await asyncio.to_thread(_open_writer, path)
+            w = await asyncio.to_thread(sqlite.open_migrated, path, MIGRATIONS)
             r = await aiosqlite.connect(path, isolation_level=None)
             try:
                 r.row_factory = sqlite3.Row
-                for p in (*_PRAGMAS, "PRAGMA query_only = ON"):
+                for p in (*sqlite.PRAGMAS, "PRAGMA query_only = ON"):
                     await r.execute(p)
             except BaseException:
                 await r.close()
@@ -535,55 +528,3 @@ class Store:
     async def schema_version(self) -> int:
         rows = await self._all("SELECT version FROM schema_version")
         return int(rows[0]["version"])
-
-
-def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Conflict(f"another segd server is using {path.parent}") from None
-    return fd
-
-
-def _open_writer(path: Path) -> sqlite3.Connection:
-    """The writer connection, in WAL mode and migrated (run on a worker thread)."""
-    w = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    try:
-        w.row_factory = sqlite3.Row
-        w.execute("PRAGMA journal_mode = WAL")
-        for p in _PRAGMAS:
-            w.execute(p)
-        _migrate(w)
-    except BaseException:
-        w.close()
-        raise
-    return w
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    """Apply the migrations this file does not have yet, each in a transaction."""
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-    row = conn.execute("SELECT version FROM schema_version").fetchone()
-    if row is None:
-        conn.execute("INSERT INTO schema_version (version) VALUES (0)")
-        current = 0
-    else:
-        current = int(row[0])
-    if current > len(MIGRATIONS):
-        raise Unavailable(
-            f"store schema version {current} is newer than this segd ({len(MIGRATIONS)})"
-        )
-    for version in range(current, len(MIGRATIONS)):
-        script = (
-            "BEGIN IMMEDIATE;\n"
-            + MIGRATIONS[version]
-            + f"\nUPDATE schema_version SET version = {version + 1};\nCOMMIT;"
-        )
-        try:
-            conn.executescript(script)
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
