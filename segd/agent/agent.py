@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import os
 import random
 import socket
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -59,6 +61,22 @@ class Enforced(msgspec.Struct):
     ports: dict[str, str] | None = None  # ip -> host bridge port, once looked up
 
 
+HOST_LOCK = "/run/segd/agent.lock"
+
+
+def take_host_lock(path: str) -> int:
+    """One agent per host: the host gate is a single table in the host's
+    namespace, and two agents would keep undoing each other's entries."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"segd agent: another agent is running on this host ({path})") from None
+    return fd
+
+
 class AgentStats(msgspec.Struct):
     paired: int = 0
     denied: int = 0
@@ -76,6 +94,7 @@ class Agent:
         firewall: Firewall | None = None,
     ) -> None:
         self.cfg = cfg
+        self.host_lock_path = HOST_LOCK
         self.state = StateDir(cfg.state_dir)
         self.key = self.state.signing_key()
         self.activation_code = activation_code or cfg.activation_code
@@ -105,6 +124,13 @@ class Agent:
 
     async def run(self) -> None:
         """Run until cancelled."""
+        host_lock = take_host_lock(self.host_lock_path)
+        try:
+            await self._run()
+        finally:
+            os.close(host_lock)
+
+    async def _run(self) -> None:
         await self.firewall.start()
         try:
             await self._identify()

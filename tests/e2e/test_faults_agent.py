@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -145,3 +146,25 @@ def test_docker_restarted_stream_reconnects_and_nothing_is_left_open(stack: Stac
     assert stack.probe_many(db, [("10.231.11.30", 80)]) == {("10.231.11.30", 80): False}
     assert _hits(intruder) == 0
     assert sorted(w["container_id"] for w in stack.workloads()) == sorted([web, db])
+
+
+def test_a_second_agent_on_the_host_refuses_to_start(stack: Stack) -> None:
+    stack.start_server()
+    stack.start_agent()
+    cfg = stack.root / "second.toml"
+    cfg.write_text(
+        f'[agent]\nserver = "{stack.url}"\nstate_dir = "{stack.root / "second"}"\n'
+        'activation_code = "act_unused"\n'
+    )
+    p = subprocess.run(
+        [sys.executable, "-m", "segd", "agent", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [
+        "segd agent: another agent is running on this host (/run/segd/agent.lock)"
+    ]
+    assert stack.agent is not None and stack.agent.popen is not None
+    assert stack.agent.popen.poll() is None
