@@ -17,11 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from segd import __version__, log, sdnotify
-from segd.config import OrchestratorConfig, TLSConfig, parse_listen
+from segd.config import OrchestratorConfig, parse_listen
 from segd.errors import SegdError
 from segd.orchestrator import wire
 from segd.orchestrator.api import OrchestratorAPI, TokenCheck, error_response, json_response
 from segd.orchestrator.service import Orchestrator
+from segd.tls import listener_context
 
 SHUTDOWN_TIMEOUT_S = 10.0  # how long in-flight requests may finish on stop
 API_KEY = web.AppKey("orchestrator_api", OrchestratorAPI)
@@ -92,17 +93,6 @@ def build_app(
     return app
 
 
-def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
-    if not tls.cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tls.cert, tls.key)
-    if tls.client_ca:
-        ctx.load_verify_locations(tls.client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
 class OrchestratorServer:
     """The orchestrator API on its own listener, in the running event loop."""
 
@@ -129,7 +119,7 @@ class OrchestratorServer:
     async def start(self) -> None:
         host, port = parse_listen(self.cfg.listen)
         try:
-            ctx = server_ssl_context(self.cfg.tls)
+            ctx = listener_context(self.cfg.tls)
         except (OSError, ssl.SSLError) as e:
             raise SegdError(f"cannot load the listener's TLS files: {e}") from None
         if self.orch is None:

@@ -13,19 +13,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import ssl
 import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from segd import log, sdnotify
-from segd.config import ServerConfig, TLSConfig, parse_listen
+from segd.config import ServerConfig, parse_listen
 from segd.server import openapi
 from segd.server.api import OPENAPI, ROUTES, RUNTIME, Runtime, add_routes
 from segd.server.auth import NonceCache
 from segd.server.http import error_middleware
 from segd.server.service import Clock, Service
+from segd.tls import listener_context
 
 _log = log.get("segd.server")
 
@@ -67,17 +67,6 @@ def build_app(cfg: ServerConfig, *, clock: Clock = time.time) -> web.Application
     return app
 
 
-def ssl_context(tls: TLSConfig) -> ssl.SSLContext | None:
-    if not tls.cert:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(tls.cert, tls.key)
-    if tls.client_ca:
-        ctx.load_verify_locations(tls.client_ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
 class ServerRunner:
     """The server app on a TCP listener: `await start()`, then `await stop()`."""
 
@@ -101,7 +90,7 @@ class ServerRunner:
 
     async def start(self) -> None:
         await self._runner.setup()
-        ctx = ssl_context(self.cfg.tls)
+        ctx = listener_context(self.cfg.tls)
         site: web.BaseSite
         if self._sock is not None:
             site = web.SockSite(self._runner, self._sock, ssl_context=ctx)
