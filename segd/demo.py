@@ -320,14 +320,20 @@ def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
         demo.wait_enforced()
         ips = demo.ips()
         workloads = {w["container_id"]: w for w in demo.call("GET", "/v1/workloads")}
+        denials = {
+            e["container_id"]: e["reason"]
+            for e in demo.call("GET", "/v1/audit?limit=500")
+            if e["result"] == "denied" and e["container_id"]
+        }
         _say("\n  containers:")
         for name, cid in demo.containers.items():
             w = workloads.get(cid)
-            state = (
-                "paired  " + ",".join(f"{k}={v}" for k, v in w["labels"].items())
-                if w
-                else "isolated (no valid pairing)"
-            )
+            if w is not None:
+                state = "paired  " + ",".join(f"{k}={v}" for k, v in w["labels"].items())
+            elif cid in denials:
+                state = f"isolated: pairing refused ({denials[cid]})"
+            else:
+                state = "isolated: no pairing key"
             _say(f"    {name:<9} {ips[name]:<15} {state}")
         names = list(demo.containers)
         t0 = time.monotonic()
