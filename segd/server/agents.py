@@ -126,19 +126,7 @@ def _repair(
     tx.set_workload_ips(w.id, pin.ips)
     tx.audit(now, "workload.readdressed", "ok", detail=",".join(pin.ips), **audit)
     _log.info("workload.readdressed", workload=w.id, ips=pin.ips)
-    return (
-        wire.Workload(
-            id=w.id,
-            host_id=w.host_id,
-            container_id=w.container_id,
-            name=w.name,
-            labels=w.labels,
-            ips=pin.ips,
-            key_id=w.key_id,
-            paired_at=w.paired_at,
-        ),
-        None,
-    )
+    return msgspec.structs.replace(w, ips=pin.ips), None
 
 
 def _new(

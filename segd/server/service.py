@@ -188,9 +188,10 @@ class Service:
         if not current or sha256_hex(current) not in hashes:
             token = "segd_" + secrets.token_urlsafe(32)
             crypto.write_secret(path, token + "\n")
+            h = sha256_hex(token)
             async with self.store.write() as tx:
-                tx.insert_admin_token(sha256_hex(token), self.clock())
-            hashes.add(sha256_hex(token))
+                tx.insert_admin_token(h, self.clock())
+            hashes.add(h)
             _log.info("admin.token_created", path=str(path))
         self.admin_hashes = hashes
 
