@@ -32,13 +32,15 @@ import json
 import os
 import shlex
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from segd.ctl.client import CtlError
+from segd.ctl.render import labels_text, parse_labels, table, when
 
 ENV_SERVER = "SEGD_ORCH_SERVER"
 ENV_TOKEN = "SEGD_ORCH_TOKEN"
@@ -53,19 +55,10 @@ TIMEOUT_S = 120.0  # a run of many containers takes a while
 PROG = "segd ctl orch"
 
 
-class OrchError(Exception):
-    """A failure to report as one line; `status` is the exit code."""
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         where = self.prog[len(PROG) :].strip()
-        raise OrchError(f"{where}: {message}" if where else message, 2)
+        raise CtlError(f"{where}: {message}" if where else message, 2)
 
 
 # ---- finding the orchestrator -------------------------------------------------------
@@ -85,7 +78,7 @@ def resolve_server(flag: str | None, given: str | None) -> str:
     url = flag or given or os.environ.get(ENV_SERVER) or default
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise OrchError(f"invalid orchestrator URL {url!r}: expected http://HOST:PORT", 2)
+        raise CtlError(f"invalid orchestrator URL {url!r}: expected http://HOST:PORT", 2)
     return url.rstrip("/")
 
 
@@ -106,14 +99,14 @@ def _read_token(path: Path, hint: str = "") -> str:
     try:
         token = path.read_text().strip()
     except OSError as e:
-        raise OrchError(f"cannot read admin token {path}: {e.strerror}{hint}") from None
+        raise CtlError(f"cannot read admin token {path}: {e.strerror}{hint}") from None
     if not token:
-        raise OrchError(f"admin token file {path} is empty")
+        raise CtlError(f"admin token file {path} is empty")
     return token
 
 
 class Client:
-    """One JSON request at a time over urllib; errors become `OrchError`."""
+    """One JSON request at a time over urllib; errors become `CtlError`."""
 
     def __init__(self, server: str, token: str, timeout: float = TIMEOUT_S) -> None:
         self.server = server
@@ -131,18 +124,18 @@ class Client:
             with urllib.request.urlopen(req, timeout=self._timeout) as resp:
                 raw: bytes = resp.read()
         except urllib.error.HTTPError as e:
-            raise OrchError(_http_error(e)) from None
+            raise CtlError(_http_error(e)) from None
         except urllib.error.URLError as e:
             reason = getattr(e.reason, "strerror", None) or str(e.reason)
-            raise OrchError(f"cannot reach the orchestrator at {self.server}: {reason}") from None
+            raise CtlError(f"cannot reach the orchestrator at {self.server}: {reason}") from None
         except (TimeoutError, OSError) as e:
-            raise OrchError(f"orchestrator at {self.server}: {e}") from None
+            raise CtlError(f"orchestrator at {self.server}: {e}") from None
         if not raw:
             return None
         try:
             return json.loads(raw)
         except ValueError:
-            raise OrchError(f"orchestrator at {self.server} sent a malformed answer") from None
+            raise CtlError(f"orchestrator at {self.server} sent a malformed answer") from None
 
 
 def _http_error(e: urllib.error.HTTPError) -> str:
@@ -156,48 +149,12 @@ def _http_error(e: urllib.error.HTTPError) -> str:
 # ---- text ---------------------------------------------------------------------------
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """An aligned plain-text table; empty cells show as `-`."""
-    cells = [[str(c) if str(c) != "" else "-" for c in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, c in enumerate(row):
-            widths[i] = max(widths[i], len(c))
-    return "\n".join(
-        "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip()
-        for row in [list(headers), *cells]
-    )
-
-
-def labels_text(labels: Mapping[str, str]) -> str:
-    return ",".join(f"{k}={labels[k]}" for k in sorted(labels)) or "-"
-
-
-def when(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t)) if t else "-"
-
-
-def parse_labels(text: str) -> dict[str, str]:
-    """Split `role=web,app=shop`; the orchestrator checks dimensions and values."""
-    out: dict[str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        dim, sep, value = part.partition("=")
-        if not sep or not dim.strip():
-            raise OrchError(f"invalid label {part!r}: expected dimension=value", 2)
-        if dim.strip() in out:
-            raise OrchError(f"label dimension {dim.strip()!r} given twice", 2)
-        out[dim.strip()] = value.strip()
-    return out
-
-
 def parse_env(items: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items:
         k, sep, v = item.partition("=")
         if not sep or not k:
-            raise OrchError(f"invalid --env {item!r}: expected NAME=VALUE", 2)
+            raise CtlError(f"invalid --env {item!r}: expected NAME=VALUE", 2)
         out[k] = v
     return out
 
@@ -233,7 +190,7 @@ def _key(value: str) -> str:
         value = sys.stdin.readline()
     value = value.strip()
     if not value:
-        raise OrchError("--key: the pairing key is empty", 2)
+        raise CtlError("--key: the pairing key is empty", 2)
     return value
 
 
@@ -241,7 +198,7 @@ def profile_add(api: Client, a: argparse.Namespace) -> None:
     try:
         command = shlex.split(a.cmd) if a.cmd else []
     except ValueError as e:
-        raise OrchError(f"--cmd: {e}", 2) from None
+        raise CtlError(f"--cmd: {e}", 2) from None
     body = {
         "name": a.name,
         "image": a.image,
@@ -418,7 +375,7 @@ def orch_main(argv: list[str], *, server: str | None = None, token: str | None =
             return e.code if isinstance(e.code, int) else 0
         api = Client(resolve_server(args.server, server), resolve_token(args.token_file, token))
         args.fn(api, args)
-    except OrchError as e:
+    except CtlError as e:
         print(f"{PROG}: {e.message}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:

@@ -21,6 +21,7 @@ from pathlib import Path
 from segd import log
 from segd.agent.docker import KEY_LABEL
 from segd.config import OrchestratorConfig
+from segd.crypto import write_secret
 from segd.errors import Conflict, InvalidInput, NotFound, SegdError
 from segd.orchestrator import validate, wire
 from segd.orchestrator.docker import (
@@ -44,18 +45,6 @@ _log = log.get(__name__)
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _write_secret(path: Path, text: str) -> None:
-    """Write a 0600 file atomically (never readable by others, even briefly)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _private_dir(path: str) -> Path:
@@ -114,7 +103,7 @@ class Orchestrator:
         self._token_hashes = await self.store.admin_token_hashes()
         if not self._token_hashes:
             token = secrets.token_urlsafe(32)
-            _write_secret(self.token_file, token + "\n")
+            write_secret(self.token_file, token + "\n")
             await self.store.add_admin_token_hash(token_hash(token), self._clock())
             self._token_hashes = {token_hash(token)}
             _log.info("admin_token.created", file=str(self.token_file))

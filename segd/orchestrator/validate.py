@@ -14,8 +14,9 @@ import msgspec
 from segd import policy
 from segd.errors import InvalidInput
 from segd.orchestrator import wire
+from segd.server.validate import NAME_RE as NAME_RE
+from segd.server.validate import name as name
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}\Z")
 NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
@@ -46,14 +47,6 @@ def _plain(field: str, value: str, limit: int) -> str:
         raise InvalidInput(f"{field}: longer than {limit} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidInput(f"{field}: control characters are not allowed")
-    return value
-
-
-def name(field: str, value: str) -> str:
-    if not NAME_RE.match(value):
-        raise InvalidInput(
-            f"{field}: invalid name {value!r}: use letters, digits, '_', '.', '-', max 63"
-        )
     return value
 
 
