@@ -20,16 +20,17 @@ import dataclasses
 import ipaddress
 import json
 import re
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import nacl.signing
 import yarl
-from hypothesis import event
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from segd import crypto, wire
+from segd import crypto
 from segd.firewall import render
 from segd.server import pairing, tokens
 from segd.server.api import ROUTES, Route
@@ -553,15 +554,31 @@ def check_error(status: int, raw: bytes) -> dict[str, str]:
     return answer
 
 
-_ROUTE_RES = [
-    (r, re.compile(_PARAM_RE.sub("[^/]+", r.path.replace(".", r"\.")) + r"\Z")) for r in ROUTES
-]
+class RouteLike(Protocol):
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
 
 
-def matching_route(method: str, path_qs: str) -> Route | None:
-    """The route aiohttp gives the request to (it matches the decoded path)."""
-    path = yarl.URL(path_qs, encoded=True).path
-    return next((r for r, rx in _ROUTE_RES if r.method == method and rx.match(path)), None)
+R = TypeVar("R", bound=RouteLike)
+
+
+def route_matcher(routes: Iterable[R]) -> Callable[[str, str], R | None]:
+    """`match(method, path_qs)`: the route of `routes` aiohttp gives the request
+    to (it matches the decoded path), or None."""
+    table = [
+        (r, re.compile(_PARAM_RE.sub("[^/]+", r.path.replace(".", r"\.")) + r"\Z")) for r in routes
+    ]
+
+    def match(method: str, path_qs: str) -> R | None:
+        path = yarl.URL(path_qs, encoded=True).path
+        return next((r for r, rx in table if r.method == method and rx.match(path)), None)
+
+    return match
+
+
+matching_route = route_matcher(ROUTES)
 
 
 def check_success(req: Request, status: int, raw: bytes) -> None:
@@ -729,12 +746,32 @@ def assert_script_grammar(script: str) -> None:
             assert 1 <= lo <= hi <= 65535, line
 
 
-def bodies_of(raw: bytes) -> Any:
-    return json.loads(raw) if raw else None
-
-
 def encode(value: Any) -> bytes:
     return json.dumps(value).encode("utf-8", "surrogatepass")
 
 
-__all__ = ["Env", "Request", "exchange", "populate", "request_for", "wire"]
+def can_be_invalid(route: Any) -> bool:
+    """Whether a request to the route (of the server's or the orchestrator's
+    table) can be schema-invalid at all: schemathesis then sends invalid ones too."""
+    return bool(route.body or route.query or "{" in route.path or route.auth != "none")
+
+
+def run_examples(
+    cases: Any, examples: int, derandomize: bool, check: Callable[[Any], None]
+) -> None:
+    """`check` each of about `examples` (scaled by SEGD_FUZZ_SCALE) cases drawn from
+    `cases`, without a deadline, example database or health checks."""
+
+    @settings(
+        max_examples=max(1, int(examples * fz.SCALE)),
+        deadline=None,
+        database=None,
+        derandomize=derandomize,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink],
+    )
+    @given(case=cases)
+    def run(case: Any) -> None:
+        check(case)
+
+    run()

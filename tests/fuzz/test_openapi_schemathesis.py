@@ -16,6 +16,7 @@ an unknown activation code or pairing key), which a JSON schema cannot say.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterator
@@ -26,15 +27,14 @@ import nacl.signing
 import pytest
 import requests
 import schemathesis
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import event
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
 from segd import crypto
 from segd.server.api import ROUTES, Route
 from tests.api.conftest import LiveServer, start_live_server
-from tests.fuzz import strategies as fz
-from tests.fuzz.harness import check_error
+from tests.fuzz.harness import can_be_invalid, check_error, run_examples
 
 TIMEOUT_S = 15.0
 
@@ -137,42 +137,17 @@ def _check(stack: Stack, route: Route, case: Any, signed: bool) -> None:
     event(f"{route.method} {route.path} -> {response.status_code} {code}".rstrip())
 
 
-def _mutable(route: Route) -> bool:
-    """Whether a request to the route can be schema-invalid at all."""
-    return bool(route.body or route.query or "{" in route.path or route.auth != "none")
-
-
 def run_operation(stack: Stack, route: Route, examples: int, *, derandomize: bool) -> None:
     operation = stack.schema[route.path][route.method]
-    modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if _mutable(route) else [])
+    modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if can_be_invalid(route) else [])
     for mode in modes:
         for signed in (True, False) if route.auth == "agent" else (True,):
-            _run(
-                stack,
-                route,
+            run_examples(
                 operation.as_strategy(generation_mode=mode),
-                signed,
                 examples,
                 derandomize,
+                functools.partial(_check, stack, route, signed=signed),
             )
-
-
-def _run(
-    stack: Stack, route: Route, cases: Any, signed: bool, examples: int, derandomize: bool
-) -> None:
-    @settings(
-        max_examples=max(1, int(examples * fz.SCALE)),
-        deadline=None,
-        database=None,
-        derandomize=derandomize,
-        suppress_health_check=list(HealthCheck),
-        phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink],
-    )
-    @given(case=cases)
-    def run(case: Any) -> None:
-        _check(stack, route, case, signed)
-
-    run()
 
 
 def test_the_document_lists_every_route(stack: Stack) -> None:

@@ -28,7 +28,7 @@ import requests
 import schemathesis
 import yarl
 from aiohttp.test_utils import TestClient
-from hypothesis import HealthCheck, Phase, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
@@ -37,7 +37,14 @@ from segd.config import OrchestratorConfig
 from segd.orchestrator.api import ROUTES, Route
 from segd.orchestrator.app import OrchestratorServer, build_app
 from tests.fuzz import strategies as fz
-from tests.fuzz.harness import LABEL_VALUE, NAME, check_error
+from tests.fuzz.harness import (
+    LABEL_VALUE,
+    NAME,
+    can_be_invalid,
+    check_error,
+    route_matcher,
+    run_examples,
+)
 from tests.orchestrator.conftest import KEY, KEY2, profile_body
 from tests.orchestrator.fake_engine import FakeEngine
 
@@ -213,13 +220,7 @@ def request_for(
     return method, path, body, headers, auth
 
 
-def _route(method: str, path_qs: str) -> Route | None:
-    path = yarl.URL(path_qs, encoded=True).path
-    for r in ROUTES:
-        rx = _PARAM_RE.sub("[^/]+", r.path.replace(".", r"\.")) + r"\Z"
-        if r.method == method and re.match(rx, path):
-            return r
-    return None
+_route = route_matcher(ROUTES)
 
 
 def check_orch_stored(s: dict[str, Any]) -> None:
@@ -456,27 +457,16 @@ def _st_check(stack: OrchStack, route: Route, case: Any) -> None:
         )
 
 
-def _st_run(stack: OrchStack, route: Route, cases: Any, examples: int, derandomize: bool) -> None:
-    @settings(
-        max_examples=max(1, int(examples * fz.SCALE)),
-        deadline=None,
-        database=None,
-        derandomize=derandomize,
-        suppress_health_check=list(HealthCheck),
-        phases=[Phase.explicit, Phase.generate, Phase.target, Phase.shrink],
-    )
-    @given(case=cases)
-    def run(case: Any) -> None:
-        _st_check(stack, route, case)
-
-    run()
-
-
 def run_operation(stack: OrchStack, route: Route, examples: int, derandomize: bool) -> None:
     operation = stack.schema[route.path][route.method]
-    mutable = bool(route.body or route.query or "{" in route.path or route.auth != "none")
-    for mode in [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if mutable else []):
-        _st_run(stack, route, operation.as_strategy(generation_mode=mode), examples, derandomize)
+    modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if can_be_invalid(route) else [])
+    for mode in modes:
+        run_examples(
+            operation.as_strategy(generation_mode=mode),
+            examples,
+            derandomize,
+            lambda case: _st_check(stack, route, case),
+        )
 
 
 def test_the_orchestrator_document_lists_every_route(orch_stack: OrchStack) -> None:
