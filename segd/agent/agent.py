@@ -23,13 +23,14 @@ import os
 import random
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
 from segd import log, sdnotify
-from segd.agent.client import Denied, ServerClient, ServerUnavailable, with_backoff
+from segd.agent.client import Denied, ServerClient, ServerUnavailable
 from segd.agent.docker import ContainerInfo, DockerWatcher
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
 from segd.config import AgentConfig
@@ -43,6 +44,7 @@ _log = log.get(__name__)
 
 Kind = Literal["workload", "isolated", "exempt"]
 GateEntry = tuple[str, str]
+T = TypeVar("T")
 
 # Refusals that can change by themselves: the IP is still held by a workload
 # whose unpairing is on its way (the container that had it died moments ago).
@@ -54,6 +56,8 @@ class Enforced(msgspec.Struct):
 
     kind: Kind
     ns: NsRef
+    policy: WorkloadPolicy | None = None  # the applied policy (workload kind)
+    log_rules: frozenset[str] = frozenset()  # rules whose accepts it logs
     structure: object = None  # render.set_structure_key() of the applied policy
     sets: dict[str, list[str]] = {}
     listing: str | None = None  # `list table` right after our last change
@@ -77,14 +81,6 @@ def take_host_lock(path: str) -> int:
     return fd
 
 
-class AgentStats(msgspec.Struct):
-    paired: int = 0
-    denied: int = 0
-    applies: int = 0
-    deltas: int = 0
-    tamper_repairs: int = 0
-
-
 class Agent:
     def __init__(
         self,
@@ -106,7 +102,6 @@ class Agent:
         self.containers: dict[str, ContainerInfo] = {}
         self.enforced: dict[str, Enforced] = {}
         self.denied: dict[str, str] = {}
-        self.stats = AgentStats()
         self.synced = asyncio.Event()
         self.ready = asyncio.Event()
         self._kernel = asyncio.Lock()
@@ -171,11 +166,8 @@ class Agent:
                     "(--activation-code or [agent] activation_code)"
                 )
             hostname = self.cfg.hostname or socket.gethostname()
-            reg = await with_backoff(
-                lambda: self.client.register(self.activation_code, hostname),
-                what="register",
-                max_delay=self.cfg.backoff_max_s,
-                log=_log,
+            reg = await self._retry(
+                lambda: self.client.register(self.activation_code, hostname), "register"
             )
             ident = Identity(
                 host_id=reg.host_id, server=self.cfg.server, server_keys=reg.server_keys
@@ -220,11 +212,16 @@ class Agent:
         info = await self.docker.inspect(cid)
         if info is None:
             return
-        old = self.containers.get(cid)
-        if old is not None and (old.pid != info.pid or old.ips != info.ips):
-            await self._forget(cid, unpair=False)
-        self.containers[cid] = info
+        await self._track(info)
         await self._handle(info)
+
+    async def _track(self, info: ContainerInfo) -> None:
+        """Record what Docker says; a restarted container (new namespace or
+        addresses) loses what was enforced for its old one, but stays paired."""
+        old = self.containers.get(info.id)
+        if old is not None and (old.pid != info.pid or old.ips != info.ips):
+            await self._forget(info.id, unpair=False)
+        self.containers[info.id] = info
 
     async def _handle(self, info: ContainerInfo) -> None:
         """Bring one container to its desired state, pairing it when needed."""
@@ -287,12 +284,7 @@ class Agent:
 
     async def _unpair(self, cid: str) -> None:
         try:
-            await with_backoff(
-                lambda: self.client.unpair(cid),
-                what="unpair",
-                max_delay=self.cfg.backoff_max_s,
-                log=_log,
-            )
+            await self._retry(lambda: self.client.unpair(cid), "unpair", cid)
             _log.info("workload.unpaired", container=cid[:12])
         except Denied as e:
             _log.warning("unpair.refused", container=cid[:12], error=e.message)
@@ -305,11 +297,8 @@ class Agent:
         for cid in list(self.containers):
             if cid not in running:
                 await self._on_gone(cid)
-        for cid, info in running.items():
-            old = self.containers.get(cid)
-            if old is not None and (old.pid != info.pid or old.ips != info.ips):
-                await self._forget(cid, unpair=False)
-            self.containers[cid] = info
+        for info in running.values():
+            await self._track(info)
         if first:
             # Tables first, then the gate from scratch in one transaction.
             for info in running.values():
@@ -415,25 +404,12 @@ class Agent:
             name=info.name,
             requested_labels=info.requested_labels,
         )
-        delay = 0.2
-        while True:
-            try:
-                result = await self.client.pair(req)
-                break
-            except ServerUnavailable as e:
-                _log.warning("server.unavailable", op="pair", container=info.id[:12], error=str(e))
-            except Denied as e:
-                if e.code not in TRANSIENT_DENIALS:
-                    self.denied[info.id] = f"{e.code}: {e.message}"
-                    self.stats.denied += 1
-                    _log.warning(
-                        "pairing.denied", container=info.id[:12], reason=e.message, code=e.code
-                    )
-                    return
-                _log.info("pairing.retry", container=info.id[:12], code=e.code)
-            await self._backoff(delay)
-            delay = min(delay * 2, self.cfg.backoff_max_s)
-        self.stats.paired += 1
+        try:
+            result = await self._retry(lambda: self.client.pair(req), "pair", info.id)
+        except Denied as e:
+            self.denied[info.id] = f"{e.code}: {e.message}"
+            _log.warning("pairing.denied", container=info.id[:12], reason=e.message, code=e.code)
+            return
         _log.info(
             "workload.paired",
             container=info.id[:12],
@@ -475,6 +451,22 @@ class Agent:
                 return
             await asyncio.to_thread(self.state.save_instructions, signed)
             self._saved_version = version
+
+    async def _retry(self, op: Callable[[], Awaitable[T]], what: str, cid: str = "") -> T:
+        """Run `op` until the server answers: unreachable, or refused for a reason
+        that changes by itself (TRANSIENT_DENIALS), means try again later."""
+        delay = 0.2
+        while True:
+            try:
+                return await op()
+            except ServerUnavailable as e:
+                _log.warning("server.unavailable", op=what, container=cid[:12], error=str(e))
+            except Denied as e:
+                if e.code not in TRANSIENT_DENIALS:
+                    raise
+                _log.info("server.retry", op=what, container=cid[:12], code=e.code)
+            await self._backoff(delay)
+            delay = min(delay * 2, self.cfg.backoff_max_s)
 
     async def _backoff(self, delay: float) -> None:
         """Sleep a jittered `delay`, or less once the server is seen to be back
@@ -604,7 +596,6 @@ class Agent:
             if rec is not None and rec.kind == "isolated" and rec.listing is not None:
                 return rec
             await self.firewall.apply(ns, render.render_isolation())
-            self.stats.applies += 1
             return Enforced(
                 kind="isolated",
                 ns=ns,
@@ -616,7 +607,15 @@ class Agent:
         referenced = render.referenced_sets(pol)
         sets = {name: self.instr.sets.get(name, []) for name in sorted(referenced)}
         log_rules = render.log_rules(self.instr.rules)
-        structure = render.set_structure_key(pol, log_rules)
+        if (
+            rec is not None
+            and rec.policy == pol
+            and rec.log_rules == log_rules
+            and rec.structure is not None
+        ):
+            structure = rec.structure  # same policy: rendering it again tells nothing new
+        else:
+            structure = render.set_structure_key(pol, log_rules)
         full = True
         if rec is not None and rec.kind == "workload" and rec.structure == structure:
             if rec.sets == sets:
@@ -625,7 +624,6 @@ class Agent:
             try:
                 if delta:
                     await self.firewall.apply(ns, delta)
-                    self.stats.deltas += 1
                 full = False
             except NftError as e:
                 # The table is not what we left (tampered, or a new namespace):
@@ -633,10 +631,11 @@ class Agent:
                 _log.warning("enforce.delta_failed", container=info.id[:12], error=str(e))
         if full:
             await self.firewall.apply(ns, render.render_workload(pol, sets, log_rules))
-            self.stats.applies += 1
         return Enforced(
             kind="workload",
             ns=ns,
+            policy=pol,
+            log_rules=log_rules,
             structure=structure,
             sets=sets,
             listing=await self.firewall.list_table(ns),
@@ -664,7 +663,6 @@ class Agent:
                 rec.structure = None  # forces a full replace, not a delta
                 rec.listing = None
             await self._converge(cid)
-            self.stats.tamper_repairs += 1
             repaired.append(cid)
             self._spawn(
                 self._report("tamper", cid, "namespace table changed outside segd; repaired")

@@ -7,12 +7,8 @@ retry with jittered backoff).
 
 from __future__ import annotations
 
-import asyncio
-import random
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -29,8 +25,6 @@ from segd.wire import (
     SignedInstructions,
     UnpairIn,
 )
-
-T = TypeVar("T")
 
 
 class Denied(Exception):
@@ -152,22 +146,3 @@ class ServerClient:
         if status == 204 or not data:
             return None
         return msgspec.json.decode(data, type=SignedInstructions)
-
-
-async def with_backoff(
-    op: Callable[[], Awaitable[T]],
-    *,
-    what: str,
-    max_delay: float,
-    log: Any,
-    first_delay: float = 0.2,
-) -> T:
-    """Retry `op` on ServerUnavailable with full-jitter exponential backoff."""
-    delay = first_delay
-    while True:
-        try:
-            return await op()
-        except ServerUnavailable as e:
-            log.warning("server.unavailable", op=what, error=str(e), retry_in=delay)
-            await asyncio.sleep(random.uniform(0, delay) + delay / 2)
-            delay = min(delay * 2, max_delay)
