@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 from segd import log as logging
 from segd.firewall import gate, netns, render, rtnl
@@ -269,15 +269,7 @@ class Firewall:
                 raise
         if fd is None:
             return LibNft()  # the worker is at home between jobs
-        nft: LibNft | None = None
-        try:
-            with w.entered(fd):
-                nft = LibNft()
-        except BaseException:
-            if nft is not None:
-                nft.close()
-            raise
-        return nft
+        return _made_in(w, fd, LibNft)
 
     def _ensure(self, w: Worker, have: _Session | None, path: str | None) -> _Session:
         """`have` if it still points at `path`'s namespace, else a fresh endpoint."""
@@ -323,25 +315,13 @@ class Firewall:
         self._gate = self._ensure(w, have, self._gate_path)
         return self._gate.nft
 
-    def _rtnl_in(self, w: Worker, fd: int) -> rtnl.Rtnl:
-        """An rtnetlink socket bound to the namespace `fd`. Does not keep `fd`."""
-        sock: rtnl.Rtnl | None = None
-        try:
-            with w.entered(fd):
-                sock = rtnl.Rtnl()
-        except BaseException:
-            if sock is not None:
-                sock.close()
-            raise
-        return sock
-
     def _ports(self, w: Worker, path: str) -> dict[str, str]:
         if self._home_fd is None:
             raise RuntimeError("Firewall is not started")
         home_fd = self._home_fd
         fd, _ = netns.open_ns(path)
         try:
-            sock = self._rtnl_in(w, fd)
+            sock = _made_in(w, fd, rtnl.Rtnl)
         finally:
             os.close(fd)
         gate_fd: int | None = None
@@ -381,6 +361,29 @@ class Firewall:
         self._gate = None
         for s in sessions:
             s.nft.close()
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
+def _made_in(w: Worker, fd: int, make: Callable[[], C]) -> C:
+    """`make()` run inside the namespace `fd`, so that what it opens binds there.
+
+    Does not keep `fd`. Closed again if the worker cannot return home.
+    """
+    made: C | None = None
+    try:
+        with w.entered(fd):
+            made = make()
+    except BaseException:
+        if made is not None:
+            made.close()
+        raise
+    return made
 
 
 _last_trim = 0.0

@@ -64,7 +64,7 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from segd.firewall.render import check_addr, elements_block
+from segd.firewall.render import check_addr, element_lines, set_block
 from segd.firewall.render import transactions as _transactions
 
 GATE_TABLE = "segd_gate"
@@ -139,22 +139,12 @@ def split_subnets(texts: Iterable[str]) -> tuple[list[str], list[str]]:
     )
 
 
-def _set(name: str, typ: str, elements: list[str], interval: bool) -> list[str]:
-    return [
-        f"\tset {name} {{",
-        f"\t\ttype {typ}",
-        *(["\t\tflags interval"] if interval else []),
-        *elements_block(elements, "\t\t"),
-        "\t}",
-    ]
-
-
 def _sets(a4: list[str], a6: list[str], s4: list[str], s6: list[str]) -> list[str]:
     return [
-        *_set("allowed4", "ifname . ipv4_addr", a4, False),
-        *_set("allowed6", "ifname . ipv6_addr", a6, False),
-        *_set("subnets4", "ipv4_addr", s4, True),
-        *_set("subnets6", "ipv6_addr", s6, True),
+        *set_block("allowed4", "ifname . ipv4_addr", a4),
+        *set_block("allowed6", "ifname . ipv6_addr", a6),
+        *set_block("subnets4", "ipv4_addr", s4, interval=True),
+        *set_block("subnets6", "ipv6_addr", s6, interval=True),
     ]
 
 
@@ -186,17 +176,20 @@ def _chains(with_rules: bool) -> list[str]:
     return lines
 
 
-def _rules() -> list[str]:
-    return [
-        f"add rule {GATE} {hook} {rule}"
-        for hook, directions in _HOOKS
-        for d in directions
-        for rule in _drops(d)
-    ]
+_RULES = [
+    f"add rule {GATE} {hook} {rule}"
+    for hook, directions in _HOOKS
+    for d in directions
+    for rule in _drops(d)
+]
+"""Every gate rule, as `add rule` commands (after a `flush table`)."""
+
+_SKELETON = [f"table {GATE} {{", *_sets([], [], [], []), *_chains(False), "}"]
+"""The table, its sets and chains, empty: declares them whether or not they exist."""
 
 
 def _elements(verb: str, name: str, elements: list[str]) -> list[str]:
-    return [f"{verb} element {GATE} {name} {{ {', '.join(elements)} }}"] if elements else []
+    return element_lines(verb, GATE, name, elements)
 
 
 def render_gate(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> str:
@@ -209,11 +202,10 @@ def render_gate(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> s
     """
     a4, a6 = split_entries(entries)
     s4, s6 = split_subnets(subnets)
-    lines = [f"table {GATE} {{", *_sets([], [], [], []), *_chains(False), "}"]
-    lines.append(f"flush table {GATE}")
+    lines = [*_SKELETON, f"flush table {GATE}"]
     for name, elements in (("allowed4", a4), ("allowed6", a6), ("subnets4", s4), ("subnets6", s6)):
         lines += [f"flush set {GATE} {name}", *_elements("add", name, elements)]
-    return "\n".join([*lines, *_rules()]) + "\n"
+    return "\n".join([*lines, *_RULES]) + "\n"
 
 
 def render_gate_replace(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> str:

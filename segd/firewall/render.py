@@ -106,13 +106,13 @@ def elements_block(addrs: Sequence[str], indent: str) -> list[str]:
     return [f"{indent}elements = {{ {', '.join(addrs)} }}"] if addrs else []
 
 
-def _set_block(
-    name: str, family: Literal["ipv4_addr", "ipv6_addr"], addrs: Sequence[str]
-) -> list[str]:
+def set_block(name: str, typ: str, elements: Sequence[str], interval: bool = False) -> list[str]:
+    """A named set definition inside a `table { ... }` block."""
     return [
         f"\tset {name} {{",
-        f"\t\ttype {family}",
-        *elements_block(addrs, "\t\t"),
+        f"\t\ttype {typ}",
+        *(["\t\tflags interval"] if interval else []),
+        *elements_block(elements, "\t\t"),
         "\t}",
     ]
 
@@ -185,8 +185,8 @@ def render_workload(
     body: list[str] = []
     for name in sorted(referenced_sets(policy)):
         v4, v6 = split_addrs(sets.get(name, ()))
-        body += _set_block(f"{name}_v4", "ipv4_addr", v4)
-        body += _set_block(f"{name}_v6", "ipv6_addr", v6)
+        body += set_block(f"{name}_v4", "ipv4_addr", v4)
+        body += set_block(f"{name}_v6", "ipv6_addr", v6)
 
     def chain_lines(allows: Sequence[Allow], direction: Direction) -> list[str]:
         lines: list[str] = []
@@ -219,7 +219,8 @@ def set_structure_key(policy: WorkloadPolicy, log_rules: frozenset[str] = frozen
     return render_workload(policy, {}, log_rules)
 
 
-def _element_lines(verb: str, table: str, name: str, addrs: Sequence[str]) -> list[str]:
+def element_lines(verb: str, table: str, name: str, addrs: Sequence[str]) -> list[str]:
+    """`add`/`delete element` on the set `table name`; nothing for no elements."""
     return [f"{verb} element {table} {name} {{ {', '.join(addrs)} }}"] if addrs else []
 
 
@@ -241,8 +242,8 @@ def render_set_delta(
             keep_after, keep_before = set(after), set(before)
             gone = [a for a in before if a not in keep_after]
             came = [a for a in after if a not in keep_before]
-            dels += _element_lines("delete", f"inet {TABLE}", f"{name}_{fam}", gone)
-            adds += _element_lines("add", f"inet {TABLE}", f"{name}_{fam}", came)
+            dels += element_lines("delete", f"inet {TABLE}", f"{name}_{fam}", gone)
+            adds += element_lines("add", f"inet {TABLE}", f"{name}_{fam}", came)
     if not dels and not adds:
         return None
     return "\n".join(dels + adds) + "\n"

@@ -286,6 +286,15 @@ def _veth(port: str, host: Netns, peer: Netns, peer_name: str = "eth0") -> None:
     )
 
 
+def _add_addrs(ns: Netns, dev: str, addrs: Sequence[str]) -> None:
+    """Put each address on `dev`: IPv4 as a /24, IPv6 as a /64 without DAD."""
+    for addr in addrs:
+        if ":" in addr:
+            ns.ip("addr", "add", f"{addr}/64", "dev", dev, "nodad")
+        else:
+            ns.ip("addr", "add", f"{addr}/24", "dev", dev)
+
+
 @dataclass(frozen=True)
 class Pair:
     """Two namespaces on one veth link: `a` (.1, and .3 as a second source) and `b` (.2)."""
@@ -306,10 +315,7 @@ def pair(make_netns: MakeNetns) -> Pair:
     _veth("eth0", a, b)
     p = Pair(a, b)
     for ns, addrs in ((a, (p.a4, p.a4_other, p.a6, p.a6_other)), (b, (p.b4, p.b6))):
-        for addr in addrs:
-            plen = "64" if ":" in addr else "24"
-            extra = ["nodad"] if ":" in addr else []
-            ns.ip("addr", "add", f"{addr}/{plen}", "dev", "eth0", *extra)
+        _add_addrs(ns, "eth0", addrs)
         ns.ip("link", "set", "eth0", "up")
     a.wait_ipv6("eth0")
     b.wait_ipv6("eth0")
@@ -367,11 +373,7 @@ def attach(lab: BridgeLab, c: Netns, port: str, addrs: Sequence[str] = ()) -> No
     """
     _veth(port, lab.gw, c)
     lab.gw.ip("link", "set", port, "master", lab.bridge, "up")
-    for addr in addrs:
-        if ":" in addr:
-            c.ip("addr", "add", f"{addr}/64", "dev", "eth0", "nodad")
-        else:
-            c.ip("addr", "add", f"{addr}/24", "dev", "eth0")
+    _add_addrs(c, "eth0", addrs)
     c.ip("link", "set", "eth0", "up")
     if any(":" not in a for a in addrs):
         c.ip("route", "add", "default", "via", lab.gw4)
@@ -385,17 +387,14 @@ def bridge_lab(make_netns: MakeNetns) -> BridgeLab:
     gw, c1, c2, out = (make_netns(r) for r in ("gw", "c1", "c2", "out"))
     lab = BridgeLab(gw, c1, c2, out)
     gw.ip("link", "add", lab.bridge, "type", "bridge")
-    gw.ip("addr", "add", f"{lab.gw4}/24", "dev", lab.bridge)
-    gw.ip("addr", "add", f"{lab.gw6}/64", "dev", lab.bridge, "nodad")
+    _add_addrs(gw, lab.bridge, (lab.gw4, lab.gw6))
     gw.ip("link", "set", lab.bridge, "up")
     attach(lab, c1, lab.c1_port, (lab.c1_4, lab.c1_6))
     attach(lab, c2, lab.c2_port, (lab.c2_4, lab.c2_6))
     _veth("up0", gw, out, "dn0")
-    gw.ip("addr", "add", "10.213.2.1/24", "dev", "up0")
-    gw.ip("addr", "add", "fd10:213:2::1/64", "dev", "up0", "nodad")
+    _add_addrs(gw, "up0", ("10.213.2.1", "fd10:213:2::1"))
     gw.ip("link", "set", "up0", "up")
-    out.ip("addr", "add", f"{lab.out4}/24", "dev", "dn0")
-    out.ip("addr", "add", f"{lab.out6}/64", "dev", "dn0", "nodad")
+    _add_addrs(out, "dn0", (lab.out4, lab.out6))
     out.ip("link", "set", "dn0", "up")
     out.ip("route", "add", "default", "via", "10.213.2.1")
     out.ip("-6", "route", "add", "default", "via", "fd10:213:2::1")

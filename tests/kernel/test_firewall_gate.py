@@ -11,6 +11,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path as FilePath
 
@@ -119,24 +120,33 @@ def test_gate_survives_the_agent_being_killed(bridge_lab: BridgeLab) -> None:
     assert lab.c2.ping(lab.gw4)
 
 
+async def rebuild_under_flood(
+    lab: BridgeLab, rebuild: Callable[[list[tuple[str, str]]], Awaitable[None]]
+) -> Callable[[], int]:
+    """Flood c2 from unenforced c1 while `rebuild` runs over and over (with and without
+    an extra entry); nothing may arrive. Returns c2's counter of the flood's port."""
+    received = lab.c2.count_input(9999)
+    sender = lab.c1.flood_udp(lab.c2_4, 9999, 2.0)
+    rebuilds = 0
+    while sender.poll() is None:
+        admitted = [("veth2", lab.c2_4)]
+        if rebuilds % 2:
+            admitted.append(("veth9", "10.213.1.99"))
+        await rebuild(admitted)
+        rebuilds += 1
+    assert sender.stdout is not None
+    sent = int(sender.stdout.read())
+    assert rebuilds > 20 and sent > 1000
+    assert received() == 0
+    return received
+
+
 async def test_gate_rebuild_never_lets_a_packet_through(bridge_lab: BridgeLab) -> None:
     """Rebuild the gate over and over under a flood from an unenforced IP."""
     lab = bridge_lab
-    received = lab.c2.count_input(9999)
     async with Firewall(gate_ns=lab.gw.path) as fw:
         await fw.gate_rebuild([("veth2", lab.c2_4)], lab.subnets)
-        sender = lab.c1.flood_udp(lab.c2_4, 9999, 2.0)
-        rebuilds = 0
-        while sender.poll() is None:
-            admitted = [("veth2", lab.c2_4)]
-            if rebuilds % 2:
-                admitted.append(("veth9", "10.213.1.99"))
-            await fw.gate_rebuild(admitted, lab.subnets)
-            rebuilds += 1
-        assert sender.stdout is not None
-        sent = int(sender.stdout.read())
-        assert rebuilds > 20 and sent > 1000
-        assert received() == 0
+        received = await rebuild_under_flood(lab, lambda a: fw.gate_rebuild(a, lab.subnets))
 
         # Control: the same flood does arrive once c1 is let through.
         await fw.gate_add([("veth1", lab.c1_4)])
@@ -147,22 +157,12 @@ async def test_gate_rebuild_never_lets_a_packet_through(bridge_lab: BridgeLab) -
 async def test_gate_replace_never_lets_a_packet_through(bridge_lab: BridgeLab) -> None:
     """The fallback (delete and re-create the table) under a flood from an unenforced IP."""
     lab = bridge_lab
-    received = lab.c2.count_input(9999)
     async with Firewall(gate_ns=lab.gw.path) as fw:
         await fw.gate_rebuild([("veth2", lab.c2_4)], lab.subnets)
-        sender = lab.c1.flood_udp(lab.c2_4, 9999, 2.0)
-        replaces = 0
-        while sender.poll() is None:
-            admitted = [("veth2", lab.c2_4)]
-            if replaces % 2:
-                admitted.append(("veth9", "10.213.1.99"))
-            # What gate_rebuild falls back to when the table is not of our shape.
-            await fw._gate_apply(gate.render_gate_replace(admitted, lab.subnets))
-            replaces += 1
-        assert sender.stdout is not None
-        sent = int(sender.stdout.read())
-        assert replaces > 20 and sent > 1000
-        assert received() == 0
+        # What gate_rebuild falls back to when the table is not of our shape.
+        await rebuild_under_flood(
+            lab, lambda a: fw._gate_apply(gate.render_gate_replace(a, lab.subnets))
+        )
     assert lab.gw.nft("list", "tables").count("segd_gate") == 1  # no shadow left behind
 
 
