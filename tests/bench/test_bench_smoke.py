@@ -130,7 +130,9 @@ def test_enforce(tmp_path: Path, docker_ready: None) -> None:
         assert d["verified_in_netns"] == n or not alone
     assert details["leak"]["attempts"] > 0
     assert details["leak"]["allowed_peer_connected"] or not alone  # the probe can connect
-    assert figs["enforce.leaked"]["value"] >= 0
+    # The tight loop of an unkeyed prober never gets through (the e2e tight-loop
+    # test holds the same guarantee at full size).
+    assert figs["enforce.leaked"]["value"] == 0 or not alone
     assert _leftovers() == []
 
 
@@ -138,7 +140,9 @@ def test_enforce(tmp_path: Path, docker_ready: None) -> None:
 def test_footprint(tmp_path: Path, docker_ready: None) -> None:
     details, figs = run_bench("footprint", tmp_path)
     assert 10 < figs["footprint.idle.rss"]["value"] < 4096
-    assert figs["footprint.churn.cpu"]["value"] >= 0
+    # Churn makes the agent pair, apply and unpair: it costs CPU time.
+    assert figs["footprint.churn.cpu"]["value"] > 0
+    assert figs["footprint.churn.rss_peak"]["value"] > 10
     assert details["churn_cycles"] > 0
     assert _leftovers() == []
 
