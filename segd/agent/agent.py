@@ -20,7 +20,6 @@ import contextlib
 import fcntl
 import functools
 import os
-import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,14 @@ import msgspec
 from segd import log, sdnotify
 from segd.agent.client import Denied, ServerClient, ServerUnavailable
 from segd.agent.docker import ContainerInfo, DockerWatcher
+from segd.agent.events import (
+    BridgesChanged,
+    ContainerGone,
+    ContainerNetworksChanged,
+    ContainerStarted,
+    DockerEvent,
+)
+from segd.agent.retry import Backoff
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
 from segd.config import AgentConfig
 from segd.firewall import render
@@ -179,24 +186,14 @@ class Agent:
 
     # ---- docker events and reconcile -------------------------------------------------
 
-    async def _on_event(self, ev: dict[str, Any]) -> None:
-        action = str(ev.get("Action") or ev.get("status") or "")
-        actor = ev.get("Actor") or {}
-        if ev.get("Type") == "network":
-            if action in ("create", "destroy"):
+    async def _on_event(self, ev: DockerEvent) -> None:
+        match ev:
+            case ContainerStarted(cid) | ContainerNetworksChanged(cid):
+                self._spawn(self._on_start(cid))
+            case ContainerGone(cid):
+                await self._on_gone(cid)
+            case BridgesChanged():
                 await self._refresh_subnets()
-            elif action in ("connect", "disconnect"):
-                cid = str((actor.get("Attributes") or {}).get("container") or "")
-                if cid:
-                    self._spawn(self._on_start(cid))
-            return
-        cid = str(actor.get("ID") or ev.get("id") or "")
-        if not cid:
-            return
-        if action == "start":
-            self._spawn(self._on_start(cid))
-        elif action in ("die", "destroy"):
-            await self._on_gone(cid)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -455,7 +452,7 @@ class Agent:
     async def _retry(self, op: Callable[[], Awaitable[T]], what: str, cid: str = "") -> T:
         """Run `op` until the server answers: unreachable, or refused for a reason
         that changes by itself (TRANSIENT_DENIALS), means try again later."""
-        delay = 0.2
+        backoff = Backoff(self.cfg.backoff_max_s)
         while True:
             try:
                 return await op()
@@ -465,28 +462,20 @@ class Agent:
                 if e.code not in TRANSIENT_DENIALS:
                     raise
                 _log.info("server.retry", op=what, container=cid[:12], code=e.code)
-            await self._backoff(delay)
-            delay = min(delay * 2, self.cfg.backoff_max_s)
-
-    async def _backoff(self, delay: float) -> None:
-        """Sleep a jittered `delay`, or less once the server is seen to be back
-        (then a short random spread, so hosts don't all come back at once)."""
-        back = self._server_back
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(back.wait(), random.uniform(delay / 2, delay * 1.5))
-            await asyncio.sleep(random.uniform(0, min(1.0, delay)))
+            # Wake early (with a random spread) once the long-poll sees the server again.
+            await backoff.wait(self._server_back)
 
     def _set_instructions(self, instr: Instructions) -> None:
         self.instr = instr
         self._workloads = {w.container_id: w for w in instr.workloads}
 
     async def _poll_instructions(self) -> None:
-        delay = 0.2
+        backoff = Backoff(self.cfg.backoff_max_s)
         while True:
             since = self.instr.version if self.instr is not None else 0
             try:
                 signed = await self.client.instructions(since, wait=25.0)
-                delay = 0.2
+                backoff.reset()
                 if not self._server_back.is_set():
                     _log.info("server.reachable")
                     self._server_back.set()
@@ -494,8 +483,7 @@ class Agent:
                 if self._server_back.is_set():
                     self._server_back = asyncio.Event()
                 _log.warning("server.unavailable", op="instructions", error=str(e))
-                await asyncio.sleep(random.uniform(delay / 2, delay * 1.5))
-                delay = min(delay * 2, self.cfg.backoff_max_s)
+                await backoff.wait()
                 continue
             except Denied as e:
                 _log.error("instructions.refused", code=e.code, error=e.message)
@@ -503,8 +491,7 @@ class Agent:
                 continue
             except Exception as e:  # a bad answer must not stop enforcement
                 _log.error("instructions.poll_failed", error=repr(e))
-                await asyncio.sleep(random.uniform(delay / 2, delay * 1.5))
-                delay = min(delay * 2, self.cfg.backoff_max_s)
+                await backoff.wait()
                 continue
             if signed is not None:
                 try:

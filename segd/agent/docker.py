@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +20,8 @@ import msgspec
 from aiodocker.events import DockerEvents
 
 from segd import log
+from segd.agent.events import DockerEvent, from_docker
+from segd.agent.retry import Backoff
 
 KEY_LABEL = "segd.pairing-key"
 LABEL_PREFIX = "segd.label."
@@ -106,7 +107,7 @@ def bridge_subnets(networks: Sequence[Mapping[str, Any]]) -> list[str]:
     return sorted(out)
 
 
-EventHandler = Callable[[dict[str, Any]], Awaitable[None]]
+EventHandler = Callable[[DockerEvent], Awaitable[None]]
 ResyncHandler = Callable[[], Awaitable[None]]
 
 
@@ -153,7 +154,7 @@ class DockerWatcher:
 
     async def watch(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         """Run forever: subscribe, resync, deliver events; reconnect on loss."""
-        delay = 0.2
+        backoff = Backoff(self._backoff_max)
         while True:
             events: DockerEvents | None = None
             try:
@@ -164,12 +165,14 @@ class DockerWatcher:
                 self.connected.set()
                 _log.info("docker.stream.up")
                 await self._guard("resync", on_resync())
-                delay = 0.2
+                backoff.reset()
                 while True:
-                    ev = await sub.get()
-                    if ev is None:
+                    raw = await sub.get()
+                    if raw is None:
                         break
-                    await self._guard("event", on_event(ev))
+                    ev = from_docker(raw)
+                    if ev is not None:
+                        await self._guard("event", on_event(ev))
                 _log.warning("docker.stream.ended")
             except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
                 _log.warning("docker.unreachable", error=str(e) or type(e).__name__)
@@ -181,8 +184,7 @@ class DockerWatcher:
                         await events.stop()
                 with contextlib.suppress(Exception):
                     await self.close()
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, self._backoff_max)
+            await backoff.wait()
 
     @staticmethod
     async def _guard(what: str, coro: Awaitable[None]) -> None:
