@@ -10,6 +10,7 @@ exits at once with --no-wait) and removes everything it started.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from segd.ctl.client import ApiClient, CtlError
+from segd.firewall.gate import render_gate_removal
+from segd.firewall.kernel import Firewall, NetnsError, NftError, unavailable
 
 IMAGE = "segd-busybox:latest"
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
@@ -77,10 +80,9 @@ def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def _preflight() -> str:
-    if os.geteuid() != 0:
-        return "the demo needs root (it starts containers and programs nftables); run `make demo`"
-    if shutil.which("nft") is None:
-        return "nftables is missing; run `make demo`, which installs it"
+    problem = unavailable()
+    if problem is not None:
+        return f"{problem}; run `make demo` (as root: it installs nftables and Docker)"
     try:
         _docker("info")
         _docker("image", "inspect", IMAGE)
@@ -266,9 +268,17 @@ class Demo:
                 self.proc.kill()
                 self.proc.wait(5)
         # The host gate outlives the agent by design; the demo started it, so it goes.
-        subprocess.run(["nft", "delete", "table", "bridge", "segd_gate"], capture_output=True)
+        try:
+            asyncio.run(_remove_gate())
+        except (NftError, NetnsError, OSError) as e:
+            print(f"segd demo: could not remove the host gate: {e}", file=sys.stderr)
         if self.own_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def _remove_gate() -> None:
+    async with Firewall() as fw:
+        await fw.gate_apply(render_gate_removal())
 
 
 def expected(src: str, dst: str) -> bool:

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import functools
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -42,9 +40,8 @@ from segd.agent.retry import Backoff
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
 from segd.config import AgentConfig
 from segd.firewall import render
-from segd.firewall.applier import Firewall, NsRef
-from segd.firewall.netns import NamespaceGone
-from segd.firewall.nft import NftError
+from segd.firewall.gate import render_gate, render_gate_add, render_gate_remove, render_gate_subnets
+from segd.firewall.kernel import HOST_LOCK, Firewall, NamespaceGone, NftError, NsRef, take_host_lock
 from segd.wire import Instructions, PairIn, SignedInstructions, WorkloadPolicy
 
 _log = log.get(__name__)
@@ -72,20 +69,13 @@ class Enforced(msgspec.Struct):
     ports: dict[str, str] | None = None  # ip -> host bridge port, once looked up
 
 
-HOST_LOCK = "/run/segd/agent.lock"
-
-
-def take_host_lock(path: str) -> int:
-    """One agent per host: the host gate is a single table in the host's
-    namespace, and two agents would keep undoing each other's entries."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SystemExit(f"segd agent: another agent is running on this host ({path})") from None
-    return fd
+def _in_table(rec: Enforced | None) -> set[str] | None:
+    """The peer sets our last change left in the namespace's table; None when
+    unknown (nothing applied yet, or found changed): the table is then
+    replaced whole rather than rewritten in place."""
+    if rec is None or rec.listing is None:
+        return None
+    return render.referenced_sets(rec.policy) if rec.policy is not None else set()
 
 
 class Agent:
@@ -321,7 +311,7 @@ class Agent:
         """The gate from scratch: exactly the entries of what is enforced now."""
         entries = sorted({e for r in self.enforced.values() for e in r.gated})
         try:
-            await self.firewall.gate_rebuild(entries, self._subnets)
+            await self.firewall.gate_apply(render_gate(entries, self._subnets))
         except Exception as e:
             _log.error("gate.rebuild_failed", error=repr(e))
             return False
@@ -332,10 +322,9 @@ class Agent:
         altered behind our back), rebuild it whole and report the tampering.
         Callers hold the kernel lock and have updated `self.enforced` first."""
         try:
-            if drop:
-                await self.firewall.gate_remove(drop)
-            if add:
-                await self.firewall.gate_add(add)
+            for plan in (render_gate_remove(drop), render_gate_add(add)):
+                if plan is not None:
+                    await self.firewall.gate_apply(plan)
         except Exception as e:
             _log.warning("tamper.gate", error=repr(e))
             if await self._rebuild_gate_locked():
@@ -347,7 +336,7 @@ class Agent:
             self._subnets = subnets
             if not self._first_sync:
                 async with self._kernel:
-                    await self.firewall.gate_set_subnets(subnets)
+                    await self.firewall.gate_apply(render_gate_subnets(subnets))
 
     async def _unpair_stale(self, *, wait: bool = False) -> None:
         """Unpair workloads whose container is no longer running here; with
@@ -582,7 +571,7 @@ class Agent:
         if kind == "isolated":
             if rec is not None and rec.kind == "isolated" and rec.listing is not None:
                 return rec
-            await self.firewall.apply(ns, render.render_isolation())
+            await self.firewall.apply(ns, render.render_isolation(was=_in_table(rec)))
             return Enforced(
                 kind="isolated",
                 ns=ns,
@@ -603,7 +592,7 @@ class Agent:
             structure = rec.structure  # same policy: rendering it again tells nothing new
         else:
             structure = render.set_structure_key(pol, log_rules)
-        full = True
+        was, full = _in_table(rec), True
         if rec is not None and rec.kind == "workload" and rec.structure == structure:
             if rec.sets == sets:
                 return rec
@@ -616,8 +605,9 @@ class Agent:
                 # The table is not what we left (tampered, or a new namespace):
                 # replace it whole instead.
                 _log.warning("enforce.delta_failed", container=info.id[:12], error=str(e))
+                was = None
         if full:
-            await self.firewall.apply(ns, render.render_workload(pol, sets, log_rules))
+            await self.firewall.apply(ns, render.render_workload(pol, sets, log_rules, was=was))
         return Enforced(
             kind="workload",
             ns=ns,

@@ -1,20 +1,7 @@
-"""Enforcement: ruleset rendering (pure) and nftables application in namespaces.
+"""Enforcement: kernel plans rendered from instructions (pure), and the one module that runs them.
 
-`render` and `gate` turn instructions into nft script text and never do I/O;
-`applier.Firewall` is the only code that enters namespaces or talks to nftables.
+`render` (the container table) and `gate` (the host gate) turn instructions
+into `plan.Plan` values, sharing the nft text of `nftext`; none of them does
+I/O or loads ctypes. `kernel` is the only module that enters namespaces or
+talks to nftables: it runs plans, lists tables and reads ports.
 """
-
-from segd.firewall.applier import Firewall, NsRef
-from segd.firewall.gate import GateEntry
-from segd.firewall.netns import NamespaceGone, NetnsError, WorkerBroken
-from segd.firewall.nft import NftError
-
-__all__ = [
-    "Firewall",
-    "GateEntry",
-    "NamespaceGone",
-    "NetnsError",
-    "NftError",
-    "NsRef",
-    "WorkerBroken",
-]

@@ -1,4 +1,4 @@
-"""The host gate: container IPs on Docker bridges stay dark until enforced (pure).
+"""The host gate: container IPs on Docker bridges stay dark until enforced (pure plans).
 
 A container's process runs a few milliseconds before Docker reports it, and a
 container with CAP_NET_ADMIN can flush its own table, so rules inside the
@@ -8,7 +8,7 @@ bridge port) or destination (going out to a `veth*` port) lies in a Docker
 bridge subnet (`subnets4`/`subnets6`) are dropped unless the pair (that port,
 that address) is in `allowed4`/`allowed6` (`type ifname . ipv4_addr`). An
 entry is the host-side veth name and an address of the container behind it
-(`Firewall.ports` finds the name). The agent adds a container's entries only
+(`kernel.Firewall.ports` finds the name). The agent adds a container's entries only
 after its own table is in place. The table is plain kernel state: it keeps
 failing closed while the agent is down.
 
@@ -47,14 +47,15 @@ nft lists as `priority filter`; no br_netfilter needed; ARP is not matched):
   frames from an unadmitted address over ~3,400-4,000 rebuilds. So
   `render_gate` rewrites in place.
 - Deleting and re-creating the table lets frames through while it commits,
-  even behind a shadow copy made in the same transaction (`render.transactions`):
+  even behind a shadow copy made in the same transaction (`nftext.replace_txs`):
   the gate drops on a *match* in `subnets4`, a set the replace creates anew.
   ~120-550 of 190,000-340,000 frames over ~1,400-2,300 replaces. With the
-  shadow committed in a transaction of its own first (`transactions` here):
+  shadow committed in a transaction of its own first (`render_gate_replace`):
   0 of 250,000-520,000 over ~1,600-1,800 replaces. The replace is the
-  fallback for a table whose structure is not ours, such as the address-only
-  gate of earlier versions: on that one the in-place rewrite fails on
-  `allowed4` ("Could not process rule: File exists") and changes nothing.
+  fallback of `render_gate`'s plan, for a table whose structure is not ours,
+  such as the address-only gate of earlier versions: on that one the
+  in-place rewrite fails on `allowed4` ("Could not process rule: File
+  exists") and changes nothing.
 """
 
 from __future__ import annotations
@@ -64,12 +65,12 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from segd.firewall.render import check_addr, element_lines, set_block
-from segd.firewall.render import transactions as _transactions
+from segd.firewall import nftext
+from segd.firewall.nftext import check_addr
+from segd.firewall.plan import Plan, Table, one
 
 GATE_TABLE = "segd_gate"
-GATE = f"bridge {GATE_TABLE}"
-LIST_GATE = f"list table {GATE}"
+GATE = Table("bridge", GATE_TABLE)
 PORTS = "veth*"
 PORT_RE = re.compile(r"^veth[A-Za-z0-9_.@-]{0,11}\Z")
 """A host-side bridge port the gate rules look at: `veth*`, at most 15 bytes (IFNAMSIZ - 1)."""
@@ -141,10 +142,10 @@ def split_subnets(texts: Iterable[str]) -> tuple[list[str], list[str]]:
 
 def _sets(a4: list[str], a6: list[str], s4: list[str], s6: list[str]) -> list[str]:
     return [
-        *set_block("allowed4", "ifname . ipv4_addr", a4),
-        *set_block("allowed6", "ifname . ipv6_addr", a6),
-        *set_block("subnets4", "ipv4_addr", s4, interval=True),
-        *set_block("subnets6", "ipv6_addr", s6, interval=True),
+        *nftext.set_block("allowed4", "ifname . ipv4_addr", a4),
+        *nftext.set_block("allowed6", "ifname . ipv6_addr", a6),
+        *nftext.set_block("subnets4", "ipv4_addr", s4, interval=True),
+        *nftext.set_block("subnets6", "ipv6_addr", s6, interval=True),
     ]
 
 
@@ -156,74 +157,71 @@ def _drops(direction: str) -> list[str]:
     ]
 
 
-def _chain(hook: str, lines: list[str]) -> list[str]:
-    return [
-        f"\tchain {hook} {{",
-        f"\t\ttype filter hook {hook} priority -200; policy accept;",
-        *(f"\t\t{line}" for line in lines),
-        "\t}",
-    ]
-
-
 _HOOKS = (("forward", ("in", "out")), ("input", ("in",)), ("output", ("out",)))
+_RULES = {hook: [r for d in directions for r in _drops(d)] for hook, directions in _HOOKS}
 
 
 def _chains(with_rules: bool) -> list[str]:
     lines: list[str] = []
-    for hook, directions in _HOOKS:
-        rules = [r for d in directions for r in _drops(d)] if with_rules else []
-        lines += _chain(hook, rules)
+    for hook, rules in _RULES.items():
+        head = f"type filter hook {hook} priority -200; policy accept;"
+        lines += nftext.chain_block(hook, head, rules if with_rules else [])
     return lines
 
 
-_RULES = [
-    f"add rule {GATE} {hook} {rule}"
-    for hook, directions in _HOOKS
-    for d in directions
-    for rule in _drops(d)
+_SKELETON = nftext.table_text(GATE, [*_sets([], [], [], []), *_chains(False)])
+"""The table, its sets and chains, empty: declares them whether or not they exist."""
+
+_ADD_RULES = [
+    line for hook, rules in _RULES.items() for line in nftext.rule_lines(GATE, hook, rules)
 ]
 """Every gate rule, as `add rule` commands (after a `flush table`)."""
 
-_SKELETON = [f"table {GATE} {{", *_sets([], [], [], []), *_chains(False), "}"]
-"""The table, its sets and chains, empty: declares them whether or not they exist."""
+_DROP_SHADOW = nftext.drop_table(nftext.shadow_of(GATE))
 
 
 def _elements(verb: str, name: str, elements: list[str]) -> list[str]:
-    return element_lines(verb, GATE, name, elements)
+    return nftext.element_lines(verb, GATE, name, elements)
 
 
-def render_gate(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> str:
+def render_gate(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> Plan:
     """The whole gate, rewritten in place in one transaction (created if absent).
 
     The table, its sets and chains are kept; rules and set contents are
-    replaced. Fails (changing nothing) if the table exists with other set or
-    chain definitions, such as the IP-only `allowed4 { type ipv4_addr }` of
-    earlier versions: then use `render_gate_replace`.
+    replaced; a shadow left by an interrupted replace is dropped. If the table
+    exists with other set or chain definitions, such as the IP-only
+    `allowed4 { type ipv4_addr }` of earlier versions, the transaction is
+    refused (changing nothing) and the plan falls back to `render_gate_replace`.
     """
     a4, a6 = split_entries(entries)
     s4, s6 = split_subnets(subnets)
-    lines = [*_SKELETON, f"flush table {GATE}"]
+    lines = [f"flush table {GATE}", _DROP_SHADOW[:-1]]
     for name, elements in (("allowed4", a4), ("allowed6", a6), ("subnets4", s4), ("subnets6", s6)):
-        lines += [f"flush set {GATE} {name}", *_elements("add", name, elements)]
-    return "\n".join([*lines, *_RULES]) + "\n"
+        lines += nftext.refill(GATE, name, elements)
+    in_place = _SKELETON + "\n".join([*lines, *_ADD_RULES]) + "\n"
+    return Plan("gate", (in_place,), fallback=_replace(a4, a6, s4, s6))
 
 
-def render_gate_replace(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> str:
-    """The whole gate as a delete-and-create replace (apply via `transactions`)."""
+def _replace(a4: list[str], a6: list[str], s4: list[str], s6: list[str]) -> Plan:
+    body = [*_sets(a4, a6, s4, s6), *_chains(True)]
+    return Plan("gate_replace", nftext.replace_txs(GATE, body, shadow_first=True))
+
+
+def render_gate_replace(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> Plan:
+    """The whole gate deleted and created again, its shadow committed first (4 transactions)."""
     a4, a6 = split_entries(entries)
     s4, s6 = split_subnets(subnets)
-    head = [f"add table {GATE}", f"delete table {GATE}", f"table {GATE} {{"]
-    return "\n".join([*head, *_sets(a4, a6, s4, s6), *_chains(True), "}"]) + "\n"
+    return _replace(a4, a6, s4, s6)
 
 
-def render_gate_add(entries: Iterable[tuple[str, str]]) -> str | None:
+def render_gate_add(entries: Iterable[tuple[str, str]]) -> Plan | None:
     """Let these (port, ip) pairs through (idempotent); None when there are none."""
     a4, a6 = split_entries(entries)
     lines = _elements("add", "allowed4", a4) + _elements("add", "allowed6", a6)
-    return "\n".join(lines) + "\n" if lines else None
+    return one("gate_add", lines) if lines else None
 
 
-def render_gate_remove(entries: Iterable[tuple[str, str]]) -> str | None:
+def render_gate_remove(entries: Iterable[tuple[str, str]]) -> Plan | None:
     """Stop letting these (port, ip) pairs through; None when there are none.
 
     nftables 1.0.6 has no `destroy element`, and deleting an absent element
@@ -234,17 +232,17 @@ def render_gate_remove(entries: Iterable[tuple[str, str]]) -> str | None:
     lines: list[str] = []
     for name, elements in (("allowed4", a4), ("allowed6", a6)):
         lines += _elements("add", name, elements) + _elements("delete", name, elements)
-    return "\n".join(lines) + "\n" if lines else None
+    return one("gate_remove", lines) if lines else None
 
 
-def render_gate_subnets(subnets: Iterable[str]) -> str:
+def render_gate_subnets(subnets: Iterable[str]) -> Plan:
     """Replace the guarded subnets in one transaction."""
     s4, s6 = split_subnets(subnets)
     lines = [f"flush set {GATE} subnets4", f"flush set {GATE} subnets6"]
     lines += _elements("add", "subnets4", s4) + _elements("add", "subnets6", s6)
-    return "\n".join(lines) + "\n"
+    return one("gate_subnets", lines)
 
 
-def transactions(script: str) -> list[str]:
-    """The nft transactions that apply a gate script: a replace commits its shadow first."""
-    return _transactions(script, shadow_first=True)
+def render_gate_removal() -> Plan:
+    """Remove the gate (and any shadow) whether or not it exists: nothing is gated."""
+    return Plan("gate_removal", (nftext.drop_table(GATE) + _DROP_SHADOW,))

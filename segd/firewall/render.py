@@ -1,4 +1,4 @@
-"""Render a workload's management instructions as nftables script text (pure).
+"""Render a workload's management instructions as kernel plans (pure).
 
 One container network namespace holds one table, `inet segd`: a pair of named
 sets (`<set>_v4`, `<set>_v6`) per peer label set the workload's allows refer
@@ -8,35 +8,49 @@ accept comes from one rule and one service, and carries the rule id as a
 comment. A peer joining or leaving is a set element change, never a rule
 rewrite.
 
+A whole table is applied one of two ways (`render_workload`, `render_isolation`):
+
+- `was` known (the peer sets the table holds now, from the caller's last
+  change): rewritten in place, one transaction. The table and its base chains
+  stay hooked; rules are flushed and added again, sets declared, flushed and
+  refilled, sets no longer referenced dropped, a leftover shadow table dropped.
+  If the table has other chain or set definitions the transaction is refused
+  and the plan falls back to the replace below. Measured (kernel 6.18,
+  nftables 1.0.6): 0 of a UDP flood's packets through over thousands of
+  rewrites, against ~1.8 ms for a 200-address table (the replace: ~3.5 ms).
+- `was` unknown (None): replaced whole behind a shadow table (`nftext`), three
+  transactions; works whatever the table holds, and leaves nothing else in it.
+
 Every identifier and address that reaches the text is validated here: a set
 name, rule id, port or IP that does not have the expected shape raises
 `ValueError`, so nothing from the wire can reach nft unescaped. Output is
-deterministic: the same input gives the same bytes. `transactions` says how a
-whole-table replace is applied without a gap.
+deterministic: the same input gives the same plan.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
+from segd.firewall import nftext
+from segd.firewall.nftext import split_addrs
+from segd.firewall.plan import Plan, Table, one
 from segd.policy import Service
 from segd.wire import Allow, Rule, WorkloadPolicy
 
 TABLE = "segd"
-LIST_TABLE = f"list table inet {TABLE}"
-SHADOW_SUFFIX = "_shadow"
+CONTAINER = Table("inet", TABLE)
+"""The table segd keeps in every enforced container's namespace."""
 
 SET_NAME_RE = re.compile(r"^ls_[0-9a-f]{16}\Z")
 RULE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
-Addr = ipaddress.IPv4Address | ipaddress.IPv6Address
 Direction = Literal["in", "out"]
 
 _ND_IN = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert } accept"
 _ND_OUT = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept"
+_FAMILIES = (("v4", "ipv4_addr"), ("v6", "ipv6_addr"))
 
 
 # ---- validation ----------------------------------------------------------------------
@@ -52,32 +66,6 @@ def check_rule_id(rule_id: object) -> str:
     if not isinstance(rule_id, str) or not RULE_ID_RE.match(rule_id):
         raise ValueError(f"invalid rule id {rule_id!r}")
     return rule_id
-
-
-def check_addr(text: object) -> Addr:
-    """One IPv4 or IPv6 host address; scoped IPv6 (`fe80::1%eth0`) is refused."""
-    if not isinstance(text, str):
-        raise ValueError(f"invalid IP address {text!r}")
-    try:
-        addr = ipaddress.ip_address(text)
-    except ValueError:
-        raise ValueError(f"invalid IP address {text!r}") from None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
-        raise ValueError(f"invalid IP address {text!r}: scoped addresses are not allowed")
-    return addr
-
-
-def split_addrs(texts: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Validate, deduplicate and sort addresses; return (ipv4, ipv6) texts."""
-    v4: set[ipaddress.IPv4Address] = set()
-    v6: set[ipaddress.IPv6Address] = set()
-    for t in texts:
-        addr = check_addr(t)
-        if isinstance(addr, ipaddress.IPv4Address):
-            v4.add(addr)
-        else:
-            v6.add(addr)
-    return [str(a) for a in sorted(v4)], [str(a) for a in sorted(v6)]
 
 
 def _ports(svc: Service) -> str:
@@ -99,22 +87,15 @@ def _service_matches(svc: Service) -> tuple[str, str]:
     raise ValueError(f"invalid protocol in service {svc!r}")
 
 
-# ---- rendering -----------------------------------------------------------------------
+# ---- what a table holds --------------------------------------------------------------
 
 
-def elements_block(addrs: Sequence[str], indent: str) -> list[str]:
-    return [f"{indent}elements = {{ {', '.join(addrs)} }}"] if addrs else []
+class _Shape(NamedTuple):
+    """A whole `inet segd` table: its sets (name, type, elements) and its chains' rules."""
 
-
-def set_block(name: str, typ: str, elements: Sequence[str], interval: bool = False) -> list[str]:
-    """A named set definition inside a `table { ... }` block."""
-    return [
-        f"\tset {name} {{",
-        f"\t\ttype {typ}",
-        *(["\t\tflags interval"] if interval else []),
-        *elements_block(elements, "\t\t"),
-        "\t}",
-    ]
+    sets: list[tuple[str, str, list[str]]]
+    input: list[str]
+    output: list[str]
 
 
 def allow_rules(allow: Allow, direction: Direction, log: bool) -> list[str]:
@@ -139,24 +120,6 @@ def allow_rules(allow: Allow, direction: Direction, log: bool) -> list[str]:
     return out
 
 
-def _chain(name: str, hook: str, lines: Sequence[str]) -> list[str]:
-    return [
-        f"\tchain {name} {{",
-        f"\t\ttype filter hook {hook} priority filter; policy drop;",
-        *(f"\t\t{line}" for line in lines),
-        "\t}",
-    ]
-
-
-def _drop(family: str, name: str) -> str:
-    return f"add table {family} {name}\ndelete table {family} {name}\n"
-
-
-def _table(body: Sequence[str]) -> str:
-    head = [f"add table inet {TABLE}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
-    return "\n".join([*head, *body, "}"]) + "\n"
-
-
 def referenced_sets(policy: WorkloadPolicy) -> set[str]:
     """The peer set names the workload's allows refer to (validated)."""
     allows = [*policy.inbound, *policy.outbound]
@@ -173,65 +136,126 @@ def _allow_order(a: Allow) -> tuple[str, bool, str, list[Service]]:
     return (a.rule_id, a.peer is not None, a.peer or "", a.services)
 
 
-def render_workload(
+def _workload_shape(
+    policy: WorkloadPolicy, sets: Mapping[str, Sequence[str]], logged: frozenset[str]
+) -> _Shape:
+    """A referenced set missing from `sets` is empty (fail closed)."""
+    peer_sets: list[tuple[str, str, list[str]]] = []
+    for name in sorted(referenced_sets(policy)):
+        v4, v6 = split_addrs(sets.get(name, ()))
+        peer_sets += [(f"{name}_v4", "ipv4_addr", v4), (f"{name}_v6", "ipv6_addr", v6)]
+
+    def chain_rules(allows: Sequence[Allow], direction: Direction) -> list[str]:
+        rules: list[str] = []
+        for allow in sorted(allows, key=_allow_order):
+            rules += allow_rules(allow, direction, allow.rule_id in logged)
+        return rules
+
+    base = ["ct state established,related accept", "ct state invalid drop"]
+    return _Shape(
+        peer_sets,
+        ['iif "lo" accept', *base, _ND_IN, *chain_rules(policy.inbound, "in")],
+        ['oif "lo" accept', *base, _ND_OUT, *chain_rules(policy.outbound, "out")],
+    )
+
+
+_ISOLATION = _Shape([], ['iif "lo" accept'], ['oif "lo" accept'])
+
+
+# ---- text and plans ------------------------------------------------------------------
+
+
+def _head(hook: str) -> str:
+    return f"type filter hook {hook} priority filter; policy drop;"
+
+
+def _body(shape: _Shape, *, with_contents: bool = True) -> list[str]:
+    """The `table { ... }` body; without contents: the sets and chains, empty."""
+    body: list[str] = []
+    for name, typ, elements in shape.sets:
+        body += nftext.set_block(name, typ, elements if with_contents else [])
+    for hook, rules in (("input", shape.input), ("output", shape.output)):
+        body += nftext.chain_block(hook, _head(hook), rules if with_contents else [])
+    return body
+
+
+def _in_place(shape: _Shape, was: Iterable[str]) -> str:
+    """One transaction that makes an `inet segd` table holding the peer sets `was`
+    (or absent, or holding fewer) exactly `shape`."""
+    kept = {name for name, _, _ in shape.sets}
+    lines = [f"flush table {CONTAINER}", nftext.drop_table(nftext.shadow_of(CONTAINER))[:-1]]
+    for peer in sorted({check_set_name(n) for n in was}):
+        for fam, typ in _FAMILIES:
+            if f"{peer}_{fam}" not in kept:
+                lines += nftext.drop_set(CONTAINER, f"{peer}_{fam}", typ)
+    for name, _, elements in shape.sets:
+        lines += nftext.refill(CONTAINER, name, elements)
+    lines += nftext.rule_lines(CONTAINER, "input", shape.input)
+    lines += nftext.rule_lines(CONTAINER, "output", shape.output)
+    return nftext.table_text(CONTAINER, _body(shape, with_contents=False)) + "\n".join(lines) + "\n"
+
+
+def _plan(what: str, shape: _Shape, was: Iterable[str] | None) -> Plan:
+    replace = Plan(
+        f"{what}_replace", nftext.replace_txs(CONTAINER, _body(shape), shadow_first=False)
+    )
+    if was is None:
+        return replace
+    return Plan(what, (_in_place(shape, was),), fallback=replace)
+
+
+def workload_script(
     policy: WorkloadPolicy,
     sets: Mapping[str, Sequence[str]],
     log_rules: frozenset[str] = frozenset(),
 ) -> str:
-    """The whole `inet segd` table for one workload, as one atomic replace.
+    """The whole table as one same-name replace script (what `nft -f` would be given).
 
-    A referenced set missing from `sets` is rendered empty (fail closed).
+    Not gap-free on its own: `render_workload` wraps it in a shadow.
     """
-    body: list[str] = []
-    for name in sorted(referenced_sets(policy)):
-        v4, v6 = split_addrs(sets.get(name, ()))
-        body += set_block(f"{name}_v4", "ipv4_addr", v4)
-        body += set_block(f"{name}_v6", "ipv6_addr", v6)
-
-    def chain_lines(allows: Sequence[Allow], direction: Direction) -> list[str]:
-        lines: list[str] = []
-        for allow in sorted(allows, key=_allow_order):
-            lines += allow_rules(allow, direction, allow.rule_id in log_rules)
-        return lines
-
-    base = ["ct state established,related accept", "ct state invalid drop"]
-    inbound = chain_lines(policy.inbound, "in")
-    outbound = chain_lines(policy.outbound, "out")
-    body += _chain("input", "input", ['iif "lo" accept', *base, _ND_IN, *inbound])
-    body += _chain("output", "output", ['oif "lo" accept', *base, _ND_OUT, *outbound])
-    return _table(body)
+    return nftext.replace_script(CONTAINER, _body(_workload_shape(policy, sets, log_rules)))
 
 
-def render_isolation() -> str:
-    """The `inet segd` table that drops everything but loopback."""
-    body = _chain("input", "input", ['iif "lo" accept'])
-    body += _chain("output", "output", ['oif "lo" accept'])
-    return _table(body)
+def render_workload(
+    policy: WorkloadPolicy,
+    sets: Mapping[str, Sequence[str]],
+    log_rules: frozenset[str] = frozenset(),
+    *,
+    was: Iterable[str] | None = None,
+) -> Plan:
+    """The whole `inet segd` table for one workload.
+
+    `was`: the peer set names the table holds now (empty for an isolation
+    table), or None when unknown. A referenced set missing from `sets` is
+    rendered empty (fail closed).
+    """
+    return _plan("workload", _workload_shape(policy, sets, log_rules), was)
 
 
-def render_removal() -> str:
+def render_isolation(*, was: Iterable[str] | None = None) -> Plan:
+    """The `inet segd` table that drops everything but loopback (`was` as above)."""
+    return _plan("isolation", _ISOLATION, was)
+
+
+def render_removal() -> Plan:
     """Remove the `inet segd` table (and any shadow) whether or not it exists."""
-    return _drop("inet", TABLE) + _drop("inet", TABLE + SHADOW_SUFFIX)
+    drops = nftext.drop_table(CONTAINER) + nftext.drop_table(nftext.shadow_of(CONTAINER))
+    return Plan("removal", (drops,))
 
 
 def set_structure_key(policy: WorkloadPolicy, log_rules: frozenset[str] = frozenset()) -> str:
     """Everything in the table but set elements: equal keys -> a delta is enough."""
-    return render_workload(policy, {}, log_rules)
-
-
-def element_lines(verb: str, table: str, name: str, addrs: Sequence[str]) -> list[str]:
-    """`add`/`delete element` on the set `table name`; nothing for no elements."""
-    return [f"{verb} element {table} {name} {{ {', '.join(addrs)} }}"] if addrs else []
+    return workload_script(policy, {}, log_rules)
 
 
 def render_set_delta(
     old: Mapping[str, Sequence[str]],
     new: Mapping[str, Sequence[str]],
     referenced: Iterable[str],
-) -> str | None:
+) -> Plan | None:
     """Element add/delete lines turning `old` into `new` for the referenced sets.
 
-    One script (one transaction); None when nothing changed. Deletes come first.
+    One transaction; None when nothing changed. Deletes come first.
     """
     dels: list[str] = []
     adds: list[str] = []
@@ -242,46 +266,8 @@ def render_set_delta(
             keep_after, keep_before = set(after), set(before)
             gone = [a for a in before if a not in keep_after]
             came = [a for a in after if a not in keep_before]
-            dels += element_lines("delete", f"inet {TABLE}", f"{name}_{fam}", gone)
-            adds += element_lines("add", f"inet {TABLE}", f"{name}_{fam}", came)
+            dels += nftext.element_lines("delete", CONTAINER, f"{name}_{fam}", gone)
+            adds += nftext.element_lines("add", CONTAINER, f"{name}_{fam}", came)
     if not dels and not adds:
         return None
-    return "\n".join(dels + adds) + "\n"
-
-
-_REPLACE_RE = re.compile(
-    r"add table (?P<family>inet|bridge) (?P<name>[a-z_]+)\n"
-    r"delete table (?P=family) (?P=name)\n"
-    r"table (?P=family) (?P=name) (?=\{\n)"
-)
-
-
-def transactions(script: str, *, shadow_first: bool = False) -> list[str]:
-    """The nft transactions that apply `script` with no moment of lesser enforcement.
-
-    Measured on kernel 6.18 / nftables 1.0.6: deleting and re-creating a table
-    under the *same name* in one transaction lets packets through that table
-    while the transaction commits (about 1 packet in 130 of a flood, over
-    thousands of replaces). Other tables keep enforcing, and a table created
-    under a new name enforces from its commit on. So a whole-table replace of T
-    becomes three transactions: drop `T_shadow`; create `T_shadow` with the new
-    contents *and* replace T; drop `T_shadow`. The switch from old to new rules
-    still happens in one commit; until the last step a packet must pass both
-    copies of the new rules. Any other script is one transaction, as given.
-
-    That is enough for tables that only accept (policy drop). A table that
-    drops on a *match* in one of its sets (the host gate) also leaks through a
-    shadow created in the same transaction as the replace: `shadow_first`
-    commits the shadow in a transaction of its own first, so four
-    transactions: drop `T_shadow`; create it; replace T; drop it.
-    """
-    m = _REPLACE_RE.match(script)
-    if m is None:
-        return [script]
-    family, name = m["family"], m["name"]
-    shadow = name + SHADOW_SUFFIX
-    drop = _drop(family, shadow)
-    copy = f"table {family} {shadow} {script[m.end() :]}"
-    if shadow_first:
-        return [drop, copy, script, drop]
-    return [drop, f"{copy}{script}", drop]
+    return one("set_delta", dels + adds)

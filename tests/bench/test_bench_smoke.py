@@ -47,7 +47,11 @@ FIGURES: dict[str, dict[str, bool]] = {
         "compile.memory.traced_peak": True,
         "compile.memory.rss_delta": True,
     },
-    "apply": {f"apply.{k}.{q}": True for k in ("full", "element", "big") for q in ("p50", "p99")},
+    "apply": {
+        f"apply.{k}.{q}": True
+        for k in ("full", "replace", "element", "big")
+        for q in ("p50", "p99")
+    },
     "footprint": {
         "footprint.idle.rss": True,
         "footprint.churn.rss_peak": True,

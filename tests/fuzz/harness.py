@@ -32,6 +32,7 @@ from multidict import CIMultiDict
 
 from segd import crypto
 from segd.firewall import render
+from segd.firewall.plan import Plan
 from segd.server import pairing, tokens
 from segd.server.api import ROUTES, Route
 from tests.api.conftest import Admin, Agent, Clock, register_agent
@@ -664,11 +665,11 @@ async def check_renders(env: Env) -> None:
         instr = agent.open(body)
         logged = render.log_rules(instr.rules)
         for wp in instr.workloads:
-            script = render.render_workload(wp, instr.sets, logged)
-            assert_script_grammar(script)
+            assert_plan_grammar(render.render_workload(wp, instr.sets, logged))
+            assert_plan_grammar(render.render_workload(wp, instr.sets, logged, was=instr.sets))
         delta = render.render_set_delta({}, instr.sets, instr.sets)
         if delta is not None:
-            assert_script_grammar(delta)
+            assert_plan_grammar(delta)
 
 
 async def exchange(env: Env, req: Request) -> tuple[int, bytes]:
@@ -705,11 +706,20 @@ _ADDR = r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-f:.]*:[0-9a-f:.]*)"
 _MATCH = r"(?:(?:tcp|udp) dport [0-9]{1,5}(?:-[0-9]{1,5})?|meta l4proto (?:icmp|ipv6-icmp))"
 _TAIL = rf'(?:log prefix "segd:(?P<lid>{_ID}) " )?accept comment "(?P<cid>{_ID})"'
 _ELEMENTS = rf"\{{ {_ADDR}(?:, {_ADDR})* \}}"
+_RULES = [
+    r'(?:iif|oif) "lo" accept',
+    r"ct state established,related accept",
+    r"ct state invalid drop",
+    r"icmpv6 type \{ nd-neighbor-solicit, nd-neighbor-advert, "
+    r"nd-router-(?:advert|solicit) \} accept",
+    rf"(?:(?:ip|ip6) (?:saddr|daddr) @{_SET} )?{_MATCH} {_TAIL}",
+]
 GRAMMAR = [
     re.compile(line + r"\Z")
     for line in (
         r"add table inet segd",
         r"delete table inet segd",
+        r"flush table inet segd",
         r"table inet segd \{",
         r"\}",
         rf"\tset {_SET} \{{",
@@ -718,15 +728,22 @@ GRAMMAR = [
         r"\t\}",
         r"\tchain (?:input|output) \{",
         r"\t\ttype filter hook (?:input|output) priority filter; policy drop;",
-        r'\t\t(?:iif|oif) "lo" accept',
-        r"\t\tct state established,related accept",
-        r"\t\tct state invalid drop",
-        r"\t\ticmpv6 type \{ nd-neighbor-solicit, nd-neighbor-advert, "
-        r"nd-router-(?:advert|solicit) \} accept",
-        rf"\t\t(?:(?:ip|ip6) (?:saddr|daddr) @{_SET} )?{_MATCH} {_TAIL}",
+        *(rf"\t\t{rule}" for rule in _RULES),
+        *(rf"add rule inet segd (?:input|output) {rule}" for rule in _RULES),
         rf"(?:add|delete) element inet segd {_SET} {_ELEMENTS}",
+        rf"add set inet segd {_SET} \{{ type ipv[46]_addr; \}}",
+        rf"(?:delete|flush) set inet segd {_SET}",
     )
 ]
+
+
+def assert_plan_grammar(plan: Plan) -> None:
+    """`assert_script_grammar` for every transaction of the plan and its fallback
+    (the shadow table read as the table it shadows)."""
+    for tx in plan.txs:
+        assert_script_grammar(tx.replace("inet segd_shadow", "inet segd"))
+    if plan.fallback is not None:
+        assert_plan_grammar(plan.fallback)
 
 
 def assert_script_grammar(script: str) -> None:
@@ -738,7 +755,7 @@ def assert_script_grammar(script: str) -> None:
         if m.groupdict().get("lid") is not None:
             assert m["lid"] == m["cid"], line
         for addr in re.findall(r"(?<=[{,] )[^ ,}]+", line):
-            if addr.startswith("nd-"):
+            if addr.startswith("nd-") or line.startswith("add set "):
                 continue
             ipaddress.ip_address(addr)
         for port in re.findall(r"dport ([0-9]+)(?:-([0-9]+))?", line):

@@ -1,8 +1,8 @@
 """`segd.firewall.render` under fuzz: whatever instructions an agent decodes
 (any rule id, peer set name, service, address a message could carry), the
-renderer raises ValueError or writes a script in which every line is one of
-the forms segd emits (`harness.GRAMMAR`): nothing from the wire reaches nft
-unescaped.
+renderer raises ValueError or returns a plan in which every line of every
+transaction is one of the forms segd emits (`harness.GRAMMAR`): nothing from
+the wire reaches nft unescaped.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from segd.firewall import render
 from segd.policy import set_name
 from segd.wire import WorkloadPolicy
 from tests.fuzz import strategies as fz
-from tests.fuzz.harness import assert_script_grammar
+from tests.fuzz.harness import assert_plan_grammar
 
 SETS = [set_name({"role": "db"}), set_name({"role": "web"}), set_name({})]
 NFT_SYNTAX = [
@@ -95,15 +95,16 @@ def _render_checked(policy: dict[str, Any], sets: dict[str, list[str]], logged: 
         event("refused by the decoder")
         return
     try:
-        script = render.render_workload(wp, sets, frozenset(logged))
+        plans = [
+            render.render_workload(wp, sets, frozenset(logged)),
+            render.render_workload(wp, sets, frozenset(logged), was=SETS),
+        ]
     except ValueError:
         event("refused by the renderer")
         return
     event("rendered")
-    assert_script_grammar(script)
-    for step in render.transactions(script):
-        lines = step.replace(f"table inet {render.TABLE}{render.SHADOW_SUFFIX}", "table inet segd")
-        assert_script_grammar(lines)
+    for plan in plans:
+        assert_plan_grammar(plan)
 
 
 @fz.fast(300)
@@ -120,11 +121,11 @@ def test_any_set_delta_renders_to_segd_grammar_or_is_refused(
     old: dict[str, list[str]], new: dict[str, list[str]], referenced: list[str]
 ) -> None:
     try:
-        script = render.render_set_delta(old, new, referenced)
+        plan = render.render_set_delta(old, new, referenced)
     except ValueError:
         return
-    if script is not None:
-        assert_script_grammar(script)
+    if plan is not None:
+        assert_plan_grammar(plan)
 
 
 @pytest.mark.parametrize("bad", NFT_SYNTAX)
@@ -164,7 +165,7 @@ def test_allows_of_one_rule_with_and_without_a_peer_render() -> None:
     }
     wp = _decode(policy)
     assert wp is not None
-    assert_script_grammar(render.render_workload(wp, {SETS[0]: ["10.0.0.1"]}))
+    assert_plan_grammar(render.render_workload(wp, {SETS[0]: ["10.0.0.1"]}, was=[SETS[1]]))
 
 
 @pytest.mark.slow

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from collections.abc import Callable
 
 import pytest
+import structlog
 
-from segd.firewall import Firewall, NamespaceGone, NftError, NsRef, render
-from segd.firewall.netns import setns
+from segd.firewall import render
+from segd.firewall.kernel import Firewall, NamespaceGone, NftError, NsRef
+from segd.firewall.plan import Plan
 from segd.policy import Service
 from segd.wire import Allow, WorkloadPolicy
 from tests.kernel.conftest import MakeNetns, Pair, Probe
@@ -109,7 +112,7 @@ async def test_set_element_changes_reachability_without_rule_rewrite(
 
         new = {PEERS: [pair.a4, pair.a4_other, pair.a6_other]}
         delta = render.render_set_delta(old, new, {PEERS})
-        assert delta is not None and "rule" not in delta
+        assert delta is not None and "rule" not in delta.text
         await fw.apply(ns, delta)
         assert a.probe(probes) == ["ok", "ok"]
 
@@ -158,6 +161,8 @@ async def test_list_table_is_stable_and_none_when_absent(pair: Pair) -> None:
         assert await fw.list_table(ns) == first
         await fw.apply(ns, render.render_workload(POLICY, members))
         assert await fw.list_table(ns) == first
+        await fw.apply(ns, render.render_workload(POLICY, members, was={PEERS}))  # in place
+        assert await fw.list_table(ns) == first
         await fw.apply(ns, render.render_removal())
         assert await fw.list_table(ns) is None
         await fw.apply(ns, render.render_removal())  # idempotent
@@ -170,10 +175,11 @@ async def test_backends_give_the_same_listing(pair: Pair) -> None:
         POLICY.outbound,
     )
     script = render.render_workload(pol, members, frozenset({"db", "ping"}))
+    in_place = render.render_workload(pol, members, frozenset({"db", "ping"}), was=set())
     a, b = NsRef("a", pair.a.path), NsRef("b", pair.b.path)
     async with Firewall("libnftables") as lib, Firewall("nsenter") as cli:
         await lib.apply(a, script)
-        await cli.apply(b, script)
+        await cli.apply(b, in_place)
         listings = {
             await lib.list_table(a),
             await lib.list_table(b),
@@ -191,11 +197,17 @@ async def test_a_failed_transaction_changes_nothing(pair: Pair) -> None:
     async with Firewall() as fw:
         await fw.apply(ns, render.render_isolation())
         before = await fw.list_table(ns)
+        script = render.workload_script(POLICY, {})
         # Refused by the parser: nothing is sent.
         with pytest.raises(NftError, match="syntax error"):
-            await fw.apply(ns, render.render_workload(POLICY, {}) + "add rule inet segd input ?\n")
+            await fw.apply(ns, Plan("bad", (script + "add rule inet segd input ?\n",)))
         # Refused by the kernel at the end of the batch: the replace before it is undone.
-        late = render.render_workload(POLICY, {}) + "add rule inet segd input jump nowhere\n"
+        late = Plan("late", (script + "add rule inet segd input jump nowhere\n",))
+        with pytest.raises(NftError, match="Could not process rule"):
+            await fw.apply(ns, late)
+        # The same for a rewrite in place.
+        in_place = render.render_workload(POLICY, {}, was=set()).txs[0]
+        late = Plan("late", (in_place + "add rule inet segd input jump nowhere\n",))
         with pytest.raises(NftError, match="Could not process rule"):
             await fw.apply(ns, late)
         assert await fw.list_table(ns) == before
@@ -271,10 +283,9 @@ async def test_a_worker_that_cannot_return_home_is_replaced(pair: Pair) -> None:
             homecomings.append(fd)
             if len(homecomings) == 2:  # 1: the worker's start-up check; 2: after entering `b`
                 raise OSError(1, "Operation not permitted")
-        setns(fd)
 
     host_before = host_tables()
-    async with Firewall("libnftables", setns_fn=flaky_setns) as fw:
+    async with Firewall("libnftables", setns_fault=flaky_setns) as fw:
         ns = NsRef("b", pair.b.path)
         # The first worker is left inside `b` and is replaced; the job is retried
         # on a fresh worker and lands in `b` and nowhere else.
@@ -286,22 +297,33 @@ async def test_a_worker_that_cannot_return_home_is_replaced(pair: Pair) -> None:
     assert "table inet segd" in pair.a.nft("list", "tables")
 
 
-async def test_replacing_the_table_never_lets_a_packet_through(pair: Pair) -> None:
-    """Swap whole rulesets over and over under a flood that neither allows."""
+@pytest.mark.parametrize("known", [False, True], ids=["replaced", "rewritten in place"])
+async def test_replacing_the_table_never_lets_a_packet_through(known: bool, pair: Pair) -> None:
+    """Swap whole rulesets over and over under a flood that none allows: behind a
+    shadow when the table is unknown, in place when the caller says what it holds."""
     a, b = pair.a, pair.b
     ns = NsRef("b", b.path)
     received = b.count_input(9999)
-    rulesets = [
-        render.render_isolation(),
-        render.render_workload(POLICY, {PEERS: [pair.a4]}),
-        render.render_workload(policy([Allow("x", PEERS, [tcp(1)])]), {PEERS: [pair.a4_other]}),
+    other = policy([Allow("x", OTHERS, [tcp(1)])], [Allow("y", PEERS, [tcp(2)])])
+    rulesets: list[tuple[Callable[[set[str] | None], Plan], set[str]]] = [
+        (lambda was: render.render_isolation(was=was), set()),
+        (lambda was: render.render_workload(POLICY, {PEERS: [pair.a4]}, was=was), {PEERS}),
+        (
+            lambda was: render.render_workload(other, {OTHERS: [pair.a4_other]}, was=was),
+            {OTHERS, PEERS},
+        ),
     ]
     async with Firewall() as fw:
-        await fw.apply(ns, rulesets[0])
+        await fw.apply(ns, rulesets[0][0](None))
+        was: set[str] = set()
         sender = a.flood_udp(pair.b4, 9999, 2.0, src=pair.a4_other)
         swaps = 0
         while sender.poll() is None:
-            await fw.apply(ns, rulesets[swaps % 3])
+            make, holds = rulesets[(swaps + 1) % 3]
+            plan = make(was if known else None)
+            assert len(plan.txs) == (1 if known else 3)
+            await fw.apply(ns, plan)
+            was = holds
             swaps += 1
         assert sender.stdout is not None
         sent = int(sender.stdout.read())
@@ -310,9 +332,65 @@ async def test_replacing_the_table_never_lets_a_packet_through(pair: Pair) -> No
         assert b.nft("list", "tables").count("segd") == 1  # the shadow is gone
         # Control: the flood arrives where the ruleset allows it.
         allow = policy([Allow("u", None, [Service("udp", 9999, 9999)])])
-        await fw.apply(ns, render.render_workload(allow, {}))
+        await fw.apply(ns, render.render_workload(allow, {}, was=was if known else None))
         a.flood_udp(pair.b4, 9999, 0.2, src=pair.a4_other).wait(timeout=30)
         assert received() > 0
+
+
+async def test_a_rewrite_in_place_ends_as_a_fresh_table_would(
+    pair: Pair, make_netns: MakeNetns
+) -> None:
+    """From a table holding other sets, with a leftover shadow and changes behind our
+    back (a policy turned to accept, an extra rule, an extra element): in the end the
+    same listing as the table made from scratch in another namespace."""
+    c, b = NsRef("c", make_netns("c").path), NsRef("b", pair.b.path)
+    members = {PEERS: [pair.a4, pair.a6], OTHERS: ["10.213.9.9"]}
+    before = policy([Allow("o", OTHERS, [tcp(7)])], [Allow("p", PEERS, [tcp(8)])])
+    pair.b.serve(tcp=[5432, 6000])
+    async with Firewall() as fw:
+        await fw.apply(c, render.render_workload(POLICY, members))
+        fresh = await fw.list_table(c)
+        await fw.apply(b, render.render_workload(before, members))
+        pair.b.nft("add rule inet segd input tcp dport 6000 accept")
+        pair.b.nft("add chain inet segd input { policy accept; }")
+        pair.b.nft(f"add element inet segd {PEERS}_v4 {{ {pair.a4_other} }}")
+        assert pair.a.probe([Probe(pair.b4, 6000, src=pair.a4)]) == ["ok"]
+        shadow = render.render_isolation().txs[1].split("add table inet segd\n")[0]
+        await fw.apply(b, Plan("leftover shadow", (shadow,)))
+        assert pair.a.probe([Probe(pair.b4, 6000, src=pair.a4)]) == ["timeout"]
+
+        await fw.apply(b, render.render_workload(POLICY, members, was={OTHERS, PEERS}))
+        assert await fw.list_table(b) == fresh
+    assert pair.b.nft("list", "tables").count("segd") == 1  # the shadow is gone
+    probes = {
+        Probe(pair.b4, 5432, src=pair.a4): "ok",
+        Probe(pair.b4, 5432, src=pair.a4_other): "timeout",
+        Probe(pair.b4, 6000, src=pair.a4): "timeout",
+    }
+    assert dict(zip(probes, pair.a.probe(list(probes)), strict=True)) == probes
+
+
+async def test_a_table_not_of_our_shape_is_replaced_instead(pair: Pair) -> None:
+    """A chain of ours on another hook: the rewrite in place is refused, changing
+    nothing, and the plan falls back to the replace behind a shadow."""
+    b = NsRef("b", pair.b.path)
+    pair.b.serve(tcp=[5432])
+    pair.b.nft(
+        "add table inet segd; add chain inet segd input"
+        " { type filter hook prerouting priority 0; policy accept; }"
+    )
+    async with Firewall() as fw:
+        with structlog.testing.capture_logs() as logs:
+            await fw.apply(b, render.render_workload(POLICY, {PEERS: [pair.a4]}, was=set()))
+        listing = await fw.list_table(b)
+    warned = [
+        (e["event"], e.get("plan"), e.get("fallback")) for e in logs if e["log_level"] == "warning"
+    ]
+    assert warned == [("firewall.fallback", "workload", "workload_replace")]
+    assert listing is not None and "hook prerouting" not in listing
+    assert pair.b.nft("list", "tables").count("segd") == 1
+    probes = [Probe(pair.b4, 5432, src=pair.a4), Probe(pair.b4, 5432, src=pair.a4_other)]
+    assert pair.a.probe(probes) == ["ok", "timeout"]
 
 
 async def test_a_large_ruleset_applies_whole(pair: Pair) -> None:

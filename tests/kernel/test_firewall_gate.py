@@ -11,14 +11,15 @@ import asyncio
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path as FilePath
 
 import pytest
 import structlog
 
-from segd.firewall import Firewall, NsRef, gate
+from segd.firewall import gate
+from segd.firewall.kernel import Firewall, NsRef
 from tests.kernel.conftest import BridgeLab, MakeNetns, Netns, Probe, attach
 
 pytestmark = pytest.mark.kernel
@@ -53,6 +54,23 @@ def reach(ps: list[Path]) -> dict[str, bool]:
         return {p[0]: ok for p, ok in zip(ps, results, strict=True)}
 
 
+async def rebuild(fw: Firewall, entries: list[tuple[str, str]], subnets: Sequence[str]) -> None:
+    """What the agent does to make the gate exactly this."""
+    await fw.gate_apply(gate.render_gate(entries, subnets))
+
+
+async def admit(fw: Firewall, entries: list[tuple[str, str]]) -> None:
+    plan = gate.render_gate_add(entries)
+    assert plan is not None
+    await fw.gate_apply(plan)
+
+
+async def revoke(fw: Firewall, entries: list[tuple[str, str]]) -> None:
+    plan = gate.render_gate_remove(entries)
+    assert plan is not None
+    await fw.gate_apply(plan)
+
+
 def host_gate() -> str:
     out = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
     if "table bridge segd_gate" not in out.stdout:
@@ -71,14 +89,14 @@ async def test_gate_drops_unenforced_ips_until_they_are_added(
     assert all(reach(ps).values())  # the lab works without a gate
 
     async with Firewall(backend, gate_ns=lab.gw.path) as fw:  # type: ignore[arg-type]
-        await fw.gate_rebuild([], lab.subnets)
+        await rebuild(fw, [], lab.subnets)
         assert not any(reach(ps).values()), reach(ps)
 
-        await fw.gate_add(lab.entries)
+        await admit(fw, lab.entries)
         lab.forget_neighbours()
         assert all(reach(ps).values()), reach(ps)
 
-        await fw.gate_remove([("veth2", lab.c2_4), ("veth2", lab.c2_6)])
+        await revoke(fw, [("veth2", lab.c2_4), ("veth2", lab.c2_6)])
         got = reach(ps)
         for label, ok in got.items():
             assert ok == ("c2" not in label), (label, got)
@@ -93,9 +111,9 @@ async def test_gate_stops_tcp_too(bridge_lab: BridgeLab) -> None:
     lab.gw.serve(tcp=[81])
     probes = [Probe(lab.c2_4, 80), Probe(lab.c2_6, 80), Probe(lab.gw4, 81), Probe(lab.gw6, 81)]
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([("veth2", lab.c2_4), ("veth2", lab.c2_6)], lab.subnets)
+        await rebuild(fw, [("veth2", lab.c2_4), ("veth2", lab.c2_6)], lab.subnets)
         assert lab.c1.probe(probes) == ["timeout"] * 4
-        await fw.gate_add([("veth1", lab.c1_4), ("veth1", lab.c1_6)])
+        await admit(fw, [("veth1", lab.c1_4), ("veth1", lab.c1_6)])
         assert lab.c1.probe(probes) == ["ok"] * 4
 
 
@@ -103,11 +121,12 @@ def test_gate_survives_the_agent_being_killed(bridge_lab: BridgeLab) -> None:
     lab = bridge_lab
     code = (
         "import asyncio, os, signal, sys\n"
-        "from segd.firewall import Firewall\n"
+        "from segd.firewall.gate import render_gate\n"
+        "from segd.firewall.kernel import Firewall\n"
         "async def main():\n"
         "    fw = Firewall(gate_ns=sys.argv[1])\n"
         "    await fw.start()\n"
-        "    await fw.gate_rebuild([(sys.argv[2], sys.argv[3])], sys.argv[4:])\n"
+        "    await fw.gate_apply(render_gate([(sys.argv[2], sys.argv[3])], sys.argv[4:]))\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
         "asyncio.run(main())\n"
     )
@@ -145,11 +164,11 @@ async def test_gate_rebuild_never_lets_a_packet_through(bridge_lab: BridgeLab) -
     """Rebuild the gate over and over under a flood from an unenforced IP."""
     lab = bridge_lab
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([("veth2", lab.c2_4)], lab.subnets)
-        received = await rebuild_under_flood(lab, lambda a: fw.gate_rebuild(a, lab.subnets))
+        await rebuild(fw, [("veth2", lab.c2_4)], lab.subnets)
+        received = await rebuild_under_flood(lab, lambda a: rebuild(fw, a, lab.subnets))
 
         # Control: the same flood does arrive once c1 is let through.
-        await fw.gate_add([("veth1", lab.c1_4)])
+        await admit(fw, [("veth1", lab.c1_4)])
         lab.c1.flood_udp(lab.c2_4, 9999, 0.2).wait(timeout=30)
         assert received() > 0
 
@@ -158,10 +177,10 @@ async def test_gate_replace_never_lets_a_packet_through(bridge_lab: BridgeLab) -
     """The fallback (delete and re-create the table) under a flood from an unenforced IP."""
     lab = bridge_lab
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([("veth2", lab.c2_4)], lab.subnets)
+        await rebuild(fw, [("veth2", lab.c2_4)], lab.subnets)
         # What gate_rebuild falls back to when the table is not of our shape.
         await rebuild_under_flood(
-            lab, lambda a: fw._gate_apply(gate.render_gate_replace(a, lab.subnets))
+            lab, lambda a: fw.gate_apply(gate.render_gate_replace(a, lab.subnets))
         )
     assert lab.gw.nft("list", "tables").count("segd_gate") == 1  # no shadow left behind
 
@@ -173,7 +192,7 @@ async def test_gate_rebuild_replaces_a_table_that_is_not_ours(bridge_lab: Bridge
         " flags interval; }; add chain bridge segd_gate junk"
     )
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([("veth2", lab.c2_4)], lab.subnets)
+        await rebuild(fw, [("veth2", lab.c2_4)], lab.subnets)
         listing = await fw.gate_list()
     assert listing is not None and "junk" not in listing
     assert lab.gw.nft("list", "tables").count("segd_gate") == 1  # no shadow left behind
@@ -245,9 +264,12 @@ async def test_gate_rebuild_upgrades_an_ip_only_gate(
 
     async with Firewall(gate_ns=lab.gw.path) as fw:
         with structlog.testing.capture_logs() as logs:
-            await fw.gate_rebuild(lab.entries, lab.subnets)
+            await rebuild(fw, lab.entries, lab.subnets)
         listing = await fw.gate_list()
-    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["firewall.gate_replaced"]
+    warned = [
+        (e["event"], e.get("plan"), e.get("fallback")) for e in logs if e["log_level"] == "warning"
+    ]
+    assert warned == [("firewall.fallback", "gate", "gate_replace")]
     assert listing is not None
     assert "type ifname . ipv4_addr" in listing and "type ifname . ipv6_addr" in listing
     assert f'"veth1" . {lab.c1_4}' in listing and f'"veth2" . {lab.c2_6}' in listing
@@ -266,7 +288,7 @@ async def test_an_admitted_address_behind_another_port_is_dropped(
     x = make_netns("x")
     attach(lab, x, "veth3")
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild(lab.entries, lab.subnets)
+        await rebuild(fw, lab.entries, lab.subnets)
         # The right port passes, every way: to c2, the bridge, the outside and back.
         assert all(reach(paths(lab)).values()), reach(paths(lab))
 
@@ -304,7 +326,7 @@ async def test_an_admitted_address_behind_another_port_is_dropped(
         assert got == dict.fromkeys(counters, 0), got
 
         # Control: the same frames arrive once the address is admitted on x's port.
-        await fw.gate_add([("veth3", c1)])
+        await admit(fw, [("veth3", c1)])
         got = flood()
         assert all(n > 0 for n in got.values()), got
 
@@ -315,7 +337,7 @@ async def test_a_reused_address_behind_a_new_port_stays_dark(
     """The agent is down; c1 dies; a newcomer gets c1's addresses on a new port."""
     lab = bridge_lab
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild(lab.entries, lab.subnets)
+        await rebuild(fw, lab.entries, lab.subnets)
     assert lab.c2.ping(lab.c1_4) and lab.c2.ping(lab.c1_6)
 
     lab.c1.delete()  # and with it both ends of veth1
@@ -347,7 +369,7 @@ async def test_a_reused_address_behind_a_new_port_stays_dark(
 
     # Control: the newcomer's own entries let it through.
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_add([("veth4", lab.c1_4), ("veth4", lab.c1_6)])
+        await admit(fw, [("veth4", lab.c1_4), ("veth4", lab.c1_6)])
     lab.forget_neighbours(new)
     got = reach(ps)
     assert all(got.values()), got
@@ -356,14 +378,14 @@ async def test_a_reused_address_behind_a_new_port_stays_dark(
 async def test_entries_from_ports_admit_the_containers(bridge_lab: BridgeLab) -> None:
     lab = bridge_lab
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([], lab.subnets)
+        await rebuild(fw, [], lab.subnets)
         assert not any(reach(paths(lab)).values())
         entries = []
         for c in (lab.c1, lab.c2):
             found = await fw.ports(NsRef(c.name, c.path))
             entries += [(port, ip) for ip, port in found.items()]
         assert sorted(entries) == sorted(lab.entries)
-        await fw.gate_add(entries)
+        await admit(fw, entries)
         lab.forget_neighbours()
         assert all(reach(paths(lab)).values())
 
@@ -371,9 +393,9 @@ async def test_entries_from_ports_admit_the_containers(bridge_lab: BridgeLab) ->
 async def test_gate_subnets_scope_the_gate(bridge_lab: BridgeLab) -> None:
     lab = bridge_lab
     async with Firewall(gate_ns=lab.gw.path) as fw:
-        await fw.gate_rebuild([], ["10.213.200.0/24"])  # not the lab's bridge
+        await rebuild(fw, [], ["10.213.200.0/24"])  # not the lab's bridge
         assert lab.c1.ping(lab.c2_4)
-        await fw.gate_set_subnets([*lab.subnets, "10.213.200.0/24"])
+        await fw.gate_apply(gate.render_gate_subnets([*lab.subnets, "10.213.200.0/24"]))
         assert not lab.c1.ping(lab.c2_4)
         assert not lab.c1.ping(lab.c2_6)
         listing = await fw.gate_list()
@@ -385,14 +407,12 @@ async def test_gate_add_and_remove_are_idempotent(bridge_lab: BridgeLab) -> None
     c1, c2_6 = ("veth1", lab.c1_4), ("veth2", lab.c2_6)
     async with Firewall(gate_ns=lab.gw.path) as fw:
         assert await fw.gate_list() is None
-        await fw.gate_rebuild([c1], lab.subnets)
-        await fw.gate_add([c1, c2_6])
-        await fw.gate_add([c1, c2_6])
-        await fw.gate_remove([("veth2", "10.213.1.77"), c2_6])  # one was never there
-        await fw.gate_remove([c2_6])
-        await fw.gate_remove([("veth2", lab.c1_4)])  # c1's address, but not its port
-        await fw.gate_add([])
-        await fw.gate_remove([])
+        await rebuild(fw, [c1], lab.subnets)
+        await admit(fw, [c1, c2_6])
+        await admit(fw, [c1, c2_6])
+        await revoke(fw, [("veth2", "10.213.1.77"), c2_6])  # one was never there
+        await revoke(fw, [c2_6])
+        await revoke(fw, [("veth2", lab.c1_4)])  # c1's address, but not its port
         listing = await fw.gate_list()
     assert listing is not None
     assert f'elements = {{ "veth1" . {lab.c1_4} }}' in listing
@@ -403,9 +423,30 @@ async def test_backends_list_the_gate_alike(bridge_lab: BridgeLab) -> None:
     lab = bridge_lab
     gw = lab.gw.path
     async with Firewall("libnftables", gate_ns=gw) as lib, Firewall("nsenter", gate_ns=gw) as cli:
-        await cli.gate_rebuild(lab.entries, lab.subnets)
+        await rebuild(cli, lab.entries, lab.subnets)
         first = await lib.gate_list()
         assert first is not None
         assert first == await cli.gate_list()
-        await lib.gate_rebuild(lab.entries, lab.subnets)
+        await rebuild(lib, lab.entries, lab.subnets)
         assert await cli.gate_list() == first
+
+
+async def test_gate_rebuild_drops_a_leftover_shadow(
+    bridge_lab: BridgeLab, tmp_path: FilePath
+) -> None:
+    """A replace cut short after committing its shadow (the agent killed between
+    transactions) leaves `segd_gate_shadow`, a second gate that admits nothing new;
+    the in-place rebuild at the next start must take it away."""
+    lab = bridge_lab
+    shadow = gate.render_gate_replace([], lab.subnets).txs[1]
+    assert shadow.startswith("table bridge segd_gate_shadow {")
+    (tmp_path / "shadow.nft").write_text(shadow)
+    lab.gw.nft("-f", str(tmp_path / "shadow.nft"))
+    assert not any(reach(paths(lab)).values())
+
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        await rebuild(fw, lab.entries, lab.subnets)
+    assert lab.gw.nft("list", "tables").count("segd_gate") == 1
+    lab.forget_neighbours()
+    got = reach(paths(lab))
+    assert all(got.values()), got

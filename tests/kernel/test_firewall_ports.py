@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from segd.firewall import Firewall, NamespaceGone, NsRef
+from segd.firewall.kernel import Firewall, NamespaceGone, NsRef
 from tests.kernel.conftest import BridgeLab, MakeNetns, Netns, _veth
 
 pytestmark = pytest.mark.kernel

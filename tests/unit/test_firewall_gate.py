@@ -1,11 +1,12 @@
-"""Host gate rendering: tables of cases, pure."""
+"""Host gate plans: tables of cases, pure."""
 
 from __future__ import annotations
 
 import pytest
 
-from segd.firewall import gate, render
+from segd.firewall import gate
 from segd.firewall.gate import GateEntry
+from segd.firewall.plan import Plan
 
 
 def _drops(port: str, side: str) -> list[str]:
@@ -39,6 +40,16 @@ def expected_gate(a4: str = "", a6: str = "", s4: str = "", s6: str = "") -> str
 
 
 Entries = list[tuple[str, str]]
+
+DROP_SHADOW = "add table bridge segd_gate_shadow\ndelete table bridge segd_gate_shadow\n"
+
+
+def replace_plan(script: str) -> Plan:
+    """The replace behind a shadow that is committed first: four transactions."""
+    body = script.split("table bridge segd_gate {\n", 1)[1]
+    shadow = "table bridge segd_gate_shadow {\n" + body
+    return Plan("gate_replace", (DROP_SHADOW, shadow, script, DROP_SHADOW))
+
 
 GATES: list[tuple[str, Entries, list[str], str]] = [
     ("empty gate", [], [], expected_gate()),
@@ -86,7 +97,7 @@ GATES: list[tuple[str, Entries, list[str], str]] = [
     ("entries", "subnets", "expected"), [g[1:] for g in GATES], ids=[g[0] for g in GATES]
 )
 def test_render_gate_replace(entries: Entries, subnets: list[str], expected: str) -> None:
-    assert gate.render_gate_replace(entries, subnets) == expected
+    assert gate.render_gate_replace(entries, subnets) == replace_plan(expected)
 
 
 _IN, _OUT = _drops("iifname", "saddr"), _drops("oifname", "daddr")
@@ -97,12 +108,14 @@ RULES = [
 ]
 
 
-def test_render_gate_rewrites_in_place() -> None:
-    text = gate.render_gate([("veth1", "172.17.0.2"), ("veth1", "fd00::2")], ["172.17.0.0/16"])
+def test_render_gate_rewrites_in_place_with_the_replace_as_fallback() -> None:
+    entries, subnets = [("veth1", "172.17.0.2"), ("veth1", "fd00::2")], ["172.17.0.0/16"]
+    plan = gate.render_gate(entries, subnets)
     declared = expected_gate().split("table bridge segd_gate {\n")[1]
     declared = "\n".join(line for line in declared.splitlines() if "drop" not in line)
-    assert text == (
+    in_place = (
         "table bridge segd_gate {\n" + declared + "\nflush table bridge segd_gate\n"
+        "add table bridge segd_gate_shadow\ndelete table bridge segd_gate_shadow\n"
         "flush set bridge segd_gate allowed4\n"
         'add element bridge segd_gate allowed4 { "veth1" . 172.17.0.2 }\n'
         "flush set bridge segd_gate allowed6\n"
@@ -112,55 +125,48 @@ def test_render_gate_rewrites_in_place() -> None:
         "flush set bridge segd_gate subnets6\n"
         + "".join(f"add rule bridge segd_gate {hook} {rule.strip()}\n" for hook, rule in RULES)
     )
-
-
-def test_gate_rewrite_is_one_transaction() -> None:
-    text = gate.render_gate([], [])
-    assert gate.transactions(text) == [text]
-    add = gate.render_gate_add([("veth1", "10.0.0.1")])
-    assert add is not None and gate.transactions(add) == [add]
-
-
-def test_gate_replace_commits_its_shadow_first() -> None:
-    text = gate.render_gate_replace([("veth1", "10.0.0.1")], ["10.0.0.0/8"])
-    body = text.split("table bridge segd_gate {\n", 1)[1]
-    drop = "add table bridge segd_gate_shadow\ndelete table bridge segd_gate_shadow\n"
-    assert gate.transactions(text) == [
-        drop,
-        "table bridge segd_gate_shadow {\n" + body,
-        text,
-        drop,
-    ]
-    # The container tables keep the three-step replace.
-    assert len(render.transactions(text)) == 3
+    assert plan == Plan("gate", (in_place,), gate.render_gate_replace(entries, subnets))
 
 
 def test_gate_add() -> None:
     assert gate.render_gate_add([]) is None
     entries = [("veth2", "fd00::3"), ("veth1", "10.0.0.2"), ("veth1", "10.0.0.1")]
-    assert gate.render_gate_add(entries) == (
-        'add element bridge segd_gate allowed4 { "veth1" . 10.0.0.1, "veth1" . 10.0.0.2 }\n'
-        'add element bridge segd_gate allowed6 { "veth2" . fd00::3 }\n'
+    assert gate.render_gate_add(entries) == Plan(
+        "gate_add",
+        (
+            'add element bridge segd_gate allowed4 { "veth1" . 10.0.0.1, "veth1" . 10.0.0.2 }\n'
+            'add element bridge segd_gate allowed6 { "veth2" . fd00::3 }\n',
+        ),
     )
 
 
 def test_gate_remove_is_idempotent_by_construction() -> None:
     assert gate.render_gate_remove([]) is None
-    assert gate.render_gate_remove([GateEntry("veth1", "10.0.0.1")]) == (
-        'add element bridge segd_gate allowed4 { "veth1" . 10.0.0.1 }\n'
-        'delete element bridge segd_gate allowed4 { "veth1" . 10.0.0.1 }\n'
+    assert gate.render_gate_remove([GateEntry("veth1", "10.0.0.1")]) == Plan(
+        "gate_remove",
+        (
+            'add element bridge segd_gate allowed4 { "veth1" . 10.0.0.1 }\n'
+            'delete element bridge segd_gate allowed4 { "veth1" . 10.0.0.1 }\n',
+        ),
     )
 
 
 def test_gate_subnets_flush_then_add() -> None:
-    assert gate.render_gate_subnets(["172.17.0.0/16", "fd00::/64"]) == (
+    assert gate.render_gate_subnets(["172.17.0.0/16", "fd00::/64"]).txs == (
         "flush set bridge segd_gate subnets4\n"
         "flush set bridge segd_gate subnets6\n"
         "add element bridge segd_gate subnets4 { 172.17.0.0/16 }\n"
-        "add element bridge segd_gate subnets6 { fd00::/64 }\n"
+        "add element bridge segd_gate subnets6 { fd00::/64 }\n",
     )
-    assert gate.render_gate_subnets([]) == (
-        "flush set bridge segd_gate subnets4\nflush set bridge segd_gate subnets6\n"
+    assert gate.render_gate_subnets([]).txs == (
+        "flush set bridge segd_gate subnets4\nflush set bridge segd_gate subnets6\n",
+    )
+
+
+def test_gate_removal_takes_the_shadow_too() -> None:
+    assert gate.render_gate_removal() == Plan(
+        "gate_removal",
+        ("add table bridge segd_gate\ndelete table bridge segd_gate\n" + DROP_SHADOW,),
     )
 
 

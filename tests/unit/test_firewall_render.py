@@ -1,4 +1,4 @@
-"""Instructions -> nftables text for one container namespace: tables of cases."""
+"""Instructions -> kernel plans for one container namespace: tables of cases."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from segd.firewall import render
+from segd.firewall.plan import Plan
 from segd.policy import Service
 from segd.wire import Allow, Rule, WorkloadPolicy
 
@@ -161,16 +162,42 @@ CASES: list[tuple[str, WorkloadPolicy, dict[str, list[str]], frozenset[str], str
     [c[1:] for c in CASES],
     ids=[c[0] for c in CASES],
 )
-def test_render_workload(
+def test_workload_script(
     policy: WorkloadPolicy, sets: dict[str, list[str]], logs: frozenset[str], expected: str
 ) -> None:
-    assert render.render_workload(policy, sets, logs) == expected
+    assert render.workload_script(policy, sets, logs) == expected
+
+
+DROP_SHADOW = "add table inet segd_shadow\ndelete table inet segd_shadow\n"
+
+
+def shadowed(script: str) -> tuple[str, str, str]:
+    """A whole-table replace script behind its shadow: the three transactions."""
+    body = script.split("table inet segd {\n", 1)[1]
+    return (DROP_SHADOW, "table inet segd_shadow {\n" + body + script, DROP_SHADOW)
+
+
+@pytest.mark.parametrize(
+    ("policy", "sets", "logs", "expected"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_an_unknown_table_is_replaced_behind_a_shadow(
+    policy: WorkloadPolicy, sets: dict[str, list[str]], logs: frozenset[str], expected: str
+) -> None:
+    assert render.render_workload(policy, sets, logs) == Plan(
+        "workload_replace", shadowed(expected)
+    )
 
 
 def test_only_referenced_sets_are_rendered() -> None:
-    text = render.render_workload(pol(inbound=[Allow("r1", DB, [TCP5432])]), {WEB: ["1.2.3.4"]})
-    assert WEB not in text
-    assert "1.2.3.4" not in text
+    p = pol(inbound=[Allow("r1", DB, [TCP5432])])
+    for text in (
+        render.render_workload(p, {WEB: ["1.2.3.4"]}).text,
+        render.render_workload(p, {WEB: ["1.2.3.4"]}, was=set()).text,
+    ):
+        assert WEB not in text
+        assert "1.2.3.4" not in text
 
 
 def test_render_is_deterministic_whatever_the_input_order() -> None:
@@ -180,7 +207,9 @@ def test_render_is_deterministic_whatever_the_input_order() -> None:
         Allow("r3", None, [RANGE]),
     ]
     members = [f"10.213.0.{i}" for i in range(1, 60)] + ["fd10:213::5", "fd10:213::1"]
-    expected = render.render_workload(pol(allows, allows), {DB: members, WEB: members[:3]})
+    expected = render.render_workload(
+        pol(allows, allows), {DB: members, WEB: members[:3]}, was=[WEB, DB]
+    )
     rng = random.Random(7)
     for _ in range(20):
         shuffled = [
@@ -189,64 +218,206 @@ def test_render_is_deterministic_whatever_the_input_order() -> None:
         rng.shuffle(shuffled)
         m = members + rng.sample(members, 10)  # duplicates too
         rng.shuffle(m)
-        got = render.render_workload(pol(shuffled, shuffled[::-1]), {WEB: members[:3], DB: m})
+        got = render.render_workload(
+            pol(shuffled, shuffled[::-1]), {WEB: members[:3], DB: m}, was=[DB, WEB, DB]
+        )
         assert got == expected
 
 
 def test_addresses_are_normalised() -> None:
-    text = render.render_workload(
-        pol(inbound=[Allow("r1", DB, [TCP5432])]),
-        {DB: ["FD10:0213:0000::0001", "10.213.0.1"]},
-    )
+    p = pol(inbound=[Allow("r1", DB, [TCP5432])])
+    members = {DB: ["FD10:0213:0000::0001", "10.213.0.1"]}
+    text = render.workload_script(p, members)
     assert "elements = { fd10:213::1 }" in text
     assert "elements = { 10.213.0.1 }" in text
+    in_place = render.render_workload(p, members, was=[]).txs[0]
+    assert f"add element inet segd {DB}_v6 {{ fd10:213::1 }}" in in_place
+    assert f"add element inet segd {DB}_v4 {{ 10.213.0.1 }}" in in_place
 
 
-def test_isolation() -> None:
-    assert render.render_isolation() == _t(
-        """
-        add table inet segd
-        delete table inet segd
-        table inet segd {
-            chain input {
-                type filter hook input priority filter; policy drop;
-                iif "lo" accept
-            }
-            chain output {
-                type filter hook output priority filter; policy drop;
-                oif "lo" accept
-            }
+ISOLATION = _t(
+    """
+    add table inet segd
+    delete table inet segd
+    table inet segd {
+        chain input {
+            type filter hook input priority filter; policy drop;
+            iif "lo" accept
         }
-        """
-    )
+        chain output {
+            type filter hook output priority filter; policy drop;
+            oif "lo" accept
+        }
+    }
+    """
+)
+
+
+def test_isolation_of_an_unknown_table_is_a_shadowed_replace() -> None:
+    assert render.render_isolation() == Plan("isolation_replace", shadowed(ISOLATION))
 
 
 def test_removal_takes_the_shadow_too() -> None:
-    assert render.render_removal() == (
-        "add table inet segd\ndelete table inet segd\n"
-        "add table inet segd_shadow\ndelete table inet segd_shadow\n"
+    assert render.render_removal() == Plan(
+        "removal",
+        (
+            "add table inet segd\ndelete table inet segd\n"
+            "add table inet segd_shadow\ndelete table inet segd_shadow\n",
+        ),
     )
-    assert render.transactions(render.render_removal()) == [render.render_removal()]
 
 
-def test_a_whole_table_replace_runs_behind_a_shadow() -> None:
-    script = render.render_isolation()
-    body = script.split("table inet segd {", 1)[1]
-    drop = "add table inet segd_shadow\ndelete table inet segd_shadow\n"
-    assert render.transactions(script) == [drop, "table inet segd_shadow {" + body + script, drop]
+# ---- rewriting a known table in place ---------------------------------------------------
+
+SKELETON_CHAINS = [
+    "\tchain input {",
+    "\t\ttype filter hook input priority filter; policy drop;",
+    "\t}",
+    "\tchain output {",
+    "\t\ttype filter hook output priority filter; policy drop;",
+    "\t}",
+]
+HEAD = ["flush table inet segd", "add table inet segd_shadow", "delete table inet segd_shadow"]
+BASE_IN = [
+    'add rule inet segd input iif "lo" accept',
+    "add rule inet segd input ct state established,related accept",
+    "add rule inet segd input ct state invalid drop",
+    f"add rule inet segd input {ND_IN}",
+]
+BASE_OUT = [
+    'add rule inet segd output oif "lo" accept',
+    "add rule inet segd output ct state established,related accept",
+    "add rule inet segd output ct state invalid drop",
+    f"add rule inet segd output {ND_OUT}",
+]
+
+
+def declared(*peers: str) -> list[str]:
+    """The skeleton's empty set declarations for these peer sets."""
+    out = []
+    for peer in peers:
+        for fam in ("v4", "v6"):
+            out += [f"\tset {peer}_{fam} {{", f"\t\ttype ip{fam}_addr", "\t}"]
+    return out
+
+
+def in_place(decl: list[str], lines: list[str]) -> str:
+    return "\n".join(["table inet segd {", *decl, *SKELETON_CHAINS, "}", *HEAD, *lines]) + "\n"
+
+
+DB_IN = pol(inbound=[Allow("r1", DB, [TCP5432])])
+WEB_OUT = pol(outbound=[Allow("r2", WEB, [UDP53])])
+BOTH = pol(inbound=DB_IN.inbound, outbound=WEB_OUT.outbound)
+
+IN_PLACE: list[tuple[str, WorkloadPolicy | None, dict[str, list[str]], list[str], str]] = [
+    (
+        "isolation -> workload: sets declared and filled, rules added",
+        DB_IN,
+        {DB: ["10.213.0.9", "fd10:213::9"]},
+        [],
+        in_place(
+            declared(DB),
+            [
+                f"flush set inet segd {DB}_v4",
+                f"add element inet segd {DB}_v4 {{ 10.213.0.9 }}",
+                f"flush set inet segd {DB}_v6",
+                f"add element inet segd {DB}_v6 {{ fd10:213::9 }}",
+                *BASE_IN,
+                f'add rule inet segd input ip saddr @{DB}_v4 tcp dport 5432 accept comment "r1"',
+                f'add rule inet segd input ip6 saddr @{DB}_v6 tcp dport 5432 accept comment "r1"',
+                *BASE_OUT,
+            ],
+        ),
+    ),
+    (
+        "a peer set no longer referenced is dropped, whether or not it is there",
+        WEB_OUT,
+        {WEB: ["10.213.0.3"], DB: ["10.213.0.9"]},
+        [DB],
+        in_place(
+            declared(WEB),
+            [
+                f"add set inet segd {DB}_v4 {{ type ipv4_addr; }}",
+                f"delete set inet segd {DB}_v4",
+                f"add set inet segd {DB}_v6 {{ type ipv6_addr; }}",
+                f"delete set inet segd {DB}_v6",
+                f"flush set inet segd {WEB}_v4",
+                f"add element inet segd {WEB}_v4 {{ 10.213.0.3 }}",
+                f"flush set inet segd {WEB}_v6",
+                *BASE_IN,
+                *BASE_OUT,
+                f'add rule inet segd output ip daddr @{WEB}_v4 udp dport 53 accept comment "r2"',
+                f'add rule inet segd output ip6 daddr @{WEB}_v6 udp dport 53 accept comment "r2"',
+            ],
+        ),
+    ),
+    (
+        "a peer set still referenced is kept and refilled, not dropped",
+        BOTH,
+        {},
+        [WEB],
+        in_place(
+            declared(DB, WEB),
+            [
+                f"flush set inet segd {DB}_v4",
+                f"flush set inet segd {DB}_v6",
+                f"flush set inet segd {WEB}_v4",
+                f"flush set inet segd {WEB}_v6",
+                *BASE_IN,
+                f'add rule inet segd input ip saddr @{DB}_v4 tcp dport 5432 accept comment "r1"',
+                f'add rule inet segd input ip6 saddr @{DB}_v6 tcp dport 5432 accept comment "r1"',
+                *BASE_OUT,
+                f'add rule inet segd output ip daddr @{WEB}_v4 udp dport 53 accept comment "r2"',
+                f'add rule inet segd output ip6 daddr @{WEB}_v6 udp dport 53 accept comment "r2"',
+            ],
+        ),
+    ),
+    (
+        "workload -> isolation: every peer set dropped",
+        None,
+        {},
+        [WEB, DB],
+        in_place(
+            [],
+            [
+                f"add set inet segd {DB}_v4 {{ type ipv4_addr; }}",
+                f"delete set inet segd {DB}_v4",
+                f"add set inet segd {DB}_v6 {{ type ipv6_addr; }}",
+                f"delete set inet segd {DB}_v6",
+                f"add set inet segd {WEB}_v4 {{ type ipv4_addr; }}",
+                f"delete set inet segd {WEB}_v4",
+                f"add set inet segd {WEB}_v6 {{ type ipv6_addr; }}",
+                f"delete set inet segd {WEB}_v6",
+                'add rule inet segd input iif "lo" accept',
+                'add rule inet segd output oif "lo" accept',
+            ],
+        ),
+    ),
+]
 
 
 @pytest.mark.parametrize(
-    "script",
-    [
-        "add element inet segd ls_00000000000000db_v4 { 10.0.0.1 }\n",
-        "add table inet segd\ndelete table inet segd\n",
-        "add table inet segd\ndelete table inet other\ntable inet segd {\n}\n",
-    ],
-    ids=["delta", "removal", "not a replace of one table"],
+    ("policy", "sets", "was", "expected"),
+    [c[1:] for c in IN_PLACE],
+    ids=[c[0] for c in IN_PLACE],
 )
-def test_other_scripts_are_one_transaction(script: str) -> None:
-    assert render.transactions(script) == [script]
+def test_a_known_table_is_rewritten_in_place_with_the_replace_as_fallback(
+    policy: WorkloadPolicy | None, sets: dict[str, list[str]], was: list[str], expected: str
+) -> None:
+    if policy is None:
+        plan = render.render_isolation(was=was)
+        assert plan == Plan("isolation", (expected,), render.render_isolation())
+    else:
+        plan = render.render_workload(policy, sets, was=was)
+        assert plan == Plan("workload", (expected,), render.render_workload(policy, sets))
+
+
+@pytest.mark.parametrize("name", ["ls_00000000000000DB", "x } ; flush ruleset", ""])
+def test_hostile_names_in_was_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid set name"):
+        render.render_workload(DB_IN, {}, was=[name])
+    with pytest.raises(ValueError, match="invalid set name"):
+        render.render_isolation(was=[name])
 
 
 # ---- validation -------------------------------------------------------------------------
@@ -379,7 +550,8 @@ def test_render_set_delta(
     referenced: set[str],
     expected: str | None,
 ) -> None:
-    assert render.render_set_delta(old, new, referenced) == expected
+    want = None if expected is None else Plan("set_delta", (expected,))
+    assert render.render_set_delta(old, new, referenced) == want
 
 
 def test_delta_refuses_hostile_addresses() -> None:

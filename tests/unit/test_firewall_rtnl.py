@@ -1,4 +1,5 @@
-"""rtnetlink parsing on hand-built messages, and one real socket (no root needed)."""
+"""rtnetlink parsing (private to `segd.firewall.kernel`) on hand-built messages, and
+one real socket (no root needed)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import struct
 
 import pytest
 
-from segd.firewall import rtnl
-from segd.firewall.rtnl import Address, Link, RtnlError
+from segd.firewall.kernel import _rtnl as rtnl
+from segd.firewall.kernel._rtnl import Address, Link, RtnlError
 
 
 def attr(typ: int, value: bytes) -> bytes:

@@ -1,4 +1,5 @@
-"""The namespace worker thread, with a recorded `setns` (no root needed)."""
+"""The namespace worker thread (private to `segd.firewall.kernel`), with a recorded
+`setns` (no root needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import threading
 
 import pytest
 
-from segd.firewall.netns import NetnsError, Worker, WorkerBroken
+from segd.firewall.kernel import NetnsError, WorkerBroken
+from segd.firewall.kernel._worker import Worker
 
 HOME = 1000
 
@@ -105,5 +107,48 @@ async def test_failed_return_breaks_the_worker_for_good() -> None:
             await queued
         with pytest.raises(WorkerBroken):
             await w.submit(lambda: "after")
+    finally:
+        w.stop()
+
+
+class Handle:
+    """Something bound to a namespace when made (a context, a socket)."""
+
+    def __init__(self, fake: FakeSetns) -> None:
+        self.made_in = fake.where[threading.get_ident()]
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_made_in_binds_inside_and_returns_home() -> None:
+    fake = FakeSetns()
+    w = Worker(HOME, fake)
+    try:
+
+        def job() -> tuple[int, int]:
+            h = w.made_in(7, lambda: Handle(fake))
+            return h.made_in, fake.where[threading.get_ident()]
+
+        assert await w.submit(job) == (7, HOME)
+    finally:
+        w.stop()
+
+
+async def test_made_in_closes_what_it_made_when_it_cannot_return_home() -> None:
+    fake = FakeSetns()
+    w = Worker(HOME, fake)
+    made: list[Handle] = []
+    try:
+
+        def make() -> Handle:
+            made.append(Handle(fake))
+            fake.refuse.add(HOME)
+            return made[-1]
+
+        with pytest.raises(WorkerBroken):
+            await w.submit(lambda: w.made_in(7, make))
+        assert [h.closed for h in made] == [True]
     finally:
         w.stop()

@@ -1,36 +1,66 @@
-"""The privileged applier: nftables scripts into container namespaces and the host gate.
+"""The root module: the only code in segd that enters namespaces or talks to nftables.
 
-`Firewall` is the async facade the agent uses. All kernel work runs on one
-`netns.Worker` thread. Per namespace it keeps one nftables endpoint, created
-inside that namespace and cached under the caller's key together with the
-namespace's identity (device and inode of its nsfs file): when a container
-restarts with a new namespace, the next call notices and binds a new one.
-`forget` frees it (a libnftables context pins its namespace). `ports` reads a
-namespace's addresses and veth peers over a short-lived rtnetlink socket
-(`rtnl`) and keeps nothing.
+Everything that needs root goes through here, as a few verbs on `Firewall`:
+
+- `apply(ns, plan)` / `gate_apply(plan)`: run a `Plan` (from the pure
+  renderers `render` and `gate`) in a container's namespace / the gate's;
+- `list_table(ns)` / `gate_list()`: a table's listing, None when absent;
+- `ports(ns)`: a namespace's addresses and the bridge ports behind them;
+- `forget(ns)`: free what is kept for a namespace;
+
+and two functions for a process about to do kernel work: `unavailable()`
+says why it cannot (or None), `take_host_lock()` makes it the host's only
+agent.
+
+All kernel work runs on one worker thread (`_worker`). Per namespace it keeps
+one nftables endpoint (`_nft`: a libnftables context from `_ffi`, or the
+`nsenter ... nft -f -` fallback), created inside that namespace and cached
+under the caller's key together with the namespace's identity (device and
+inode of its nsfs file): when a container restarts with a new namespace, the
+next call notices and binds a new one. `forget` frees it (a libnftables
+context pins its namespace). `ports` reads a namespace's addresses and veth
+peers over a short-lived rtnetlink socket (`_rtnl`) and keeps nothing. The
+underscored submodules are private to this package; `_ffi` is the only module
+in segd that imports ctypes.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
-import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, TypeVar
 
 from segd import log as logging
-from segd.firewall import gate, netns, render, rtnl
-from segd.firewall.netns import NsId, Worker, WorkerBroken
-from segd.firewall.nft import LibNft, NftBackend, NftError, NsenterNft, libnftables_available
+from segd.firewall.gate import GATE
+from segd.firewall.kernel import _ffi, _worker
+from segd.firewall.kernel._errors import NamespaceGone, NetnsError, NftError, WorkerBroken
+from segd.firewall.kernel._host import HOST_LOCK, BackendName, take_host_lock, unavailable
+from segd.firewall.kernel._nft import LibNft, NftBackend, NsenterNft
+from segd.firewall.kernel._ports import read_ports
+from segd.firewall.kernel._worker import NsId, Worker
+from segd.firewall.plan import Plan, Table
+from segd.firewall.render import CONTAINER
+
+__all__ = [
+    "HOST_LOCK",
+    "BackendName",
+    "Firewall",
+    "NamespaceGone",
+    "NetnsError",
+    "NftError",
+    "NsRef",
+    "WorkerBroken",
+    "take_host_lock",
+    "unavailable",
+]
 
 log = logging.get(__name__)
 
 T = TypeVar("T")
-BackendName = Literal["libnftables", "nsenter", "auto"]
 
 _ABSENT = "No such file or directory"
 
@@ -41,6 +71,9 @@ class NsRef:
 
     key: str  # container id or name
     path: str  # /proc/PID/ns/net or /run/netns/NAME
+
+
+# ---- the verbs --------------------------------------------------------------------------
 
 
 @dataclass
@@ -54,12 +87,13 @@ def _ms(t0: float) -> float:
 
 
 class Firewall:
-    """Apply and list `inet segd` in container namespaces; keep the host gate.
+    """Run plans in container namespaces and in the gate's; list tables; read ports.
 
     `backend`: "libnftables" (in-process), "nsenter" (`nsenter ... nft -f -`),
     or "auto" (libnftables when it loads). `gate_ns`: path of the namespace
-    that holds the gate; None is this process's own (the host). `setns_fn` is
-    there to inject faults.
+    that holds the gate; None is this process's own (the host).
+    `setns_fault`, for tests, is called before every `setns` and may raise
+    OSError to make it fail.
     """
 
     def __init__(
@@ -67,19 +101,19 @@ class Firewall:
         backend: BackendName = "auto",
         *,
         gate_ns: str | None = None,
-        setns_fn: Callable[[int], None] = netns.setns,
+        setns_fault: Callable[[int], None] | None = None,
         max_open: int = 32,
     ) -> None:
         if backend not in ("libnftables", "nsenter", "auto"):
             raise ValueError(f"unknown nftables backend {backend!r}")
-        have_lib = libnftables_available()
+        have_lib = _ffi.libnftables_available()
         if backend == "libnftables" and not have_lib:
-            raise NftError("libnftables.so.1 cannot be loaded")
+            raise NftError(f"{_ffi.LIBNFTABLES} cannot be loaded")
         self.backend: Literal["libnftables", "nsenter"] = (
             "libnftables" if backend != "nsenter" and have_lib else "nsenter"
         )
         self._gate_path = gate_ns
-        self._setns = setns_fn
+        self._setns = _ffi.setns if setns_fault is None else _faulty(setns_fault)
         self._home_fd: int | None = None
         self._worker: Worker | None = None
         self._sessions: dict[str, _Session] = {}
@@ -92,7 +126,7 @@ class Firewall:
         if self._worker is not None:
             return
         # Opened on the loop thread: the namespace this process (the host) lives in.
-        self._home_fd = os.open(netns.THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
+        self._home_fd = os.open(_worker.THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
         self._worker = Worker(self._home_fd, self._setns)
         log.info("firewall.started", backend=self.backend, gate_ns=self._gate_path or "host")
 
@@ -129,25 +163,18 @@ class Firewall:
 
     # ---- container namespaces -----------------------------------------------------------
 
-    async def apply(self, ns: NsRef, script: str) -> None:
-        """Run `script` in the namespace: all of it or (on NftError) none of it.
+    async def apply(self, ns: NsRef, plan: Plan) -> None:
+        """Run `plan` in the namespace (see `Plan` for what a refusal leaves).
 
-        A whole-table replace runs as `render.transactions` says, so that no
-        packet slips through while the table is swapped.
+        Raises NftError when nft refuses a transaction (after the fallback, if
+        the plan has one), `NamespaceGone` when the namespace no longer exists.
         """
+        await self._run(lambda w: _run_plan(self._session(w, ns), plan, ns.key))
 
-        def job(w: Worker) -> None:
-            t0 = time.perf_counter()
-            nft = self._session(w, ns)
-            for tx in render.transactions(script):
-                nft.run(tx)
-            log.debug("firewall.applied", ns=ns.key, bytes=len(script), ms=_ms(t0))
-
-        await self._run(job)
-
-    async def list_table(self, ns: NsRef) -> str | None:
-        """`list table inet segd` in the namespace; None when the table is absent."""
-        return await self._run(lambda w: _list(self._session(w, ns), render.LIST_TABLE))
+    async def list_table(self, ns: NsRef, table: Table = CONTAINER) -> str | None:
+        """`list table` in the namespace (stateless); None when the table is absent."""
+        command = table.check().list_command
+        return await self._run(lambda w: _list(self._session(w, ns), command))
 
     async def forget(self, ns: NsRef) -> None:
         """Free the namespace's endpoint (the container is gone or restarted)."""
@@ -187,56 +214,16 @@ class Firewall:
 
         return await self._run(job)
 
-    # ---- host gate -----------------------------------------------------------------------
+    # ---- the gate's namespace -----------------------------------------------------------
 
-    async def gate_rebuild(
-        self, entries: Iterable[tuple[str, str]], subnets: Iterable[str]
-    ) -> None:
-        """Make the gate exactly this, in one transaction, without a gap.
+    async def gate_apply(self, plan: Plan) -> None:
+        """Run `plan` in the gate's namespace (the host's, or `gate_ns`)."""
+        await self._run(lambda w: _run_plan(self._gate_session(w), plan, "gate"))
 
-        `entries` are (port, ip) pairs: the host-side veth name and an address
-        of the container behind it (see `ports`). A gate table of another shape
-        (such as the IP-only one of earlier versions) is replaced whole, also
-        without a gap (`gate.transactions`). Bad entries raise ValueError before
-        anything is applied.
-        """
-        admitted, nets = list(entries), list(subnets)
-        in_place = gate.render_gate(admitted, nets)
-        try:
-            await self._gate_apply(in_place)
-        except NftError as e:
-            # The table exists with other set or chain definitions: replace it.
-            log.warning("firewall.gate_replaced", error=str(e))
-            await self._gate_apply(gate.render_gate_replace(admitted, nets))
-
-    async def gate_add(self, entries: Iterable[tuple[str, str]]) -> None:
-        """Admit these (port, ip) pairs (idempotent)."""
-        script = gate.render_gate_add(entries)
-        if script is not None:
-            await self._gate_apply(script)
-
-    async def gate_remove(self, entries: Iterable[tuple[str, str]]) -> None:
-        """Stop admitting these (port, ip) pairs (idempotent)."""
-        script = gate.render_gate_remove(entries)
-        if script is not None:
-            await self._gate_apply(script)
-
-    async def gate_set_subnets(self, subnets: Iterable[str]) -> None:
-        await self._gate_apply(gate.render_gate_subnets(subnets))
-
-    async def gate_list(self) -> str | None:
-        """`list table bridge segd_gate`; None when the gate is absent."""
-        return await self._run(lambda w: _list(self._gate_session(w), gate.LIST_GATE))
-
-    async def _gate_apply(self, script: str) -> None:
-        def job(w: Worker) -> None:
-            t0 = time.perf_counter()
-            nft = self._gate_session(w)
-            for tx in gate.transactions(script):
-                nft.run(tx)
-            log.debug("firewall.gate_applied", bytes=len(script), ms=_ms(t0))
-
-        await self._run(job)
+    async def gate_list(self, table: Table = GATE) -> str | None:
+        """`list table` in the gate's namespace; None when the table is absent."""
+        command = table.check().list_command
+        return await self._run(lambda w: _list(self._gate_session(w), command))
 
     # ---- on the worker -------------------------------------------------------------------
 
@@ -269,17 +256,17 @@ class Firewall:
                 raise
         if fd is None:
             return LibNft()  # the worker is at home between jobs
-        return _made_in(w, fd, LibNft)
+        return w.made_in(fd, LibNft)
 
     def _ensure(self, w: Worker, have: _Session | None, path: str | None) -> _Session:
         """`have` if it still points at `path`'s namespace, else a fresh endpoint."""
         fd: int | None = None
         nsid: NsId | None = None
         try:
-            if have is not None and (path is None or have.ns == netns.stat_ns(path)):
+            if have is not None and (path is None or have.ns == _worker.stat_ns(path)):
                 return have
             if path is not None:
-                fd, nsid = netns.open_ns(path)
+                fd, nsid = _worker.open_ns(path)
         except BaseException:
             if have is not None:
                 have.nft.close()
@@ -318,40 +305,7 @@ class Firewall:
     def _ports(self, w: Worker, path: str) -> dict[str, str]:
         if self._home_fd is None:
             raise RuntimeError("Firewall is not started")
-        home_fd = self._home_fd
-        fd, _ = netns.open_ns(path)
-        try:
-            sock = _made_in(w, fd, rtnl.Rtnl)
-        finally:
-            os.close(fd)
-        gate_fd: int | None = None
-        try:
-            with sock:
-                if self._gate_path is not None:
-                    gate_fd, _ = netns.open_ns(self._gate_path)
-                links = sock.links()
-                addresses = sock.addresses()
-                # Asked after the link dump, which assigns ids to the peers' namespaces.
-                gate_id = sock.nsid(home_fd if gate_fd is None else gate_fd)
-            peers = {
-                link.index: link.peer
-                for link in links
-                if link.kind == "veth" and link.peer is not None and link.peer_netnsid == gate_id
-            }
-            names = _if_names(w, gate_fd, set(peers.values()))
-        finally:
-            if gate_fd is not None:
-                os.close(gate_fd)
-        found: dict[str, str] = {}
-        for a in sorted(addresses, key=lambda a: a.index):
-            peer = peers.get(a.index)
-            name = None if peer is None else names.get(peer)
-            if name is None or not gate.PORT_RE.match(name):
-                continue
-            if a.scope >= rtnl.RT_SCOPE_LINK or a.ip.is_loopback or a.ip.is_link_local:
-                continue
-            found.setdefault(str(a.ip), name)
-        return found
+        return read_ports(w, path, self._home_fd, self._gate_path)
 
     def _close_all(self) -> None:
         sessions = list(self._sessions.values())
@@ -363,71 +317,45 @@ class Firewall:
             s.nft.close()
 
 
-class _Closable(Protocol):
-    def close(self) -> None: ...
+def _faulty(fault: Callable[[int], None]) -> Callable[[int], None]:
+    def setns(fd: int) -> None:
+        fault(fd)
+        _ffi.setns(fd)
+
+    return setns
 
 
-C = TypeVar("C", bound=_Closable)
-
-
-def _made_in(w: Worker, fd: int, make: Callable[[], C]) -> C:
-    """`make()` run inside the namespace `fd`, so that what it opens binds there.
-
-    Does not keep `fd`. Closed again if the worker cannot return home.
-    """
-    made: C | None = None
-    try:
-        with w.entered(fd):
-            made = make()
-    except BaseException:
-        if made is not None:
-            made.close()
-        raise
-    return made
+def _run_plan(nft: NftBackend, plan: Plan, where: str) -> None:
+    """Run the plan's transactions in order; its fallback if the first is refused."""
+    t0 = time.perf_counter()
+    for i, tx in enumerate(plan.txs):
+        try:
+            nft.run(tx)
+        except NftError as e:
+            if i > 0 or plan.fallback is None:
+                raise
+            log.warning(
+                "firewall.fallback",
+                ns=where,
+                plan=plan.what,
+                fallback=plan.fallback.what,
+                error=str(e),
+            )
+            _run_plan(nft, plan.fallback, where)
+            return
+    log.debug("firewall.applied", ns=where, plan=plan.what, txs=len(plan.txs), ms=_ms(t0))
 
 
 _last_trim = 0.0
 
 
 def _malloc_trim() -> None:
-    """Return freed heap to the system (glibc; at most once a second)."""
+    """Return freed heap to the system (at most once a second)."""
     global _last_trim
     now = time.monotonic()
-    libc = _libc()
-    if libc is not None and now - _last_trim >= 1.0:
+    if now - _last_trim >= 1.0:
         _last_trim = now
-        libc.malloc_trim(0)
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-        libc.malloc_trim.restype = ctypes.c_int
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def _if_names(w: Worker, fd: int | None, indexes: set[int]) -> dict[int, str]:
-    """Interface names by index in the namespace `fd` (None: home); gone ones left out."""
-
-    def lookup() -> dict[int, str]:
-        names: dict[int, str] = {}
-        for index in indexes:
-            try:
-                names[index] = socket.if_indextoname(index)
-            except OSError:
-                continue
-        return names
-
-    if not indexes:
-        return {}
-    if fd is None:
-        return lookup()  # the worker is at home between jobs
-    with w.entered(fd):
-        return lookup()
+        _ffi.malloc_trim()
 
 
 def _list(nft: NftBackend, command: str) -> str | None:

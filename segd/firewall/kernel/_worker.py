@@ -1,4 +1,4 @@
-"""Network namespaces: `setns` and the one thread that is allowed to call it.
+"""Network namespaces: opening them, and the one thread that is allowed to enter them.
 
 `setns(2)` moves only the calling thread, so all namespace work runs on one
 dedicated `Worker` thread, never on the event loop. The worker steps into a
@@ -13,48 +13,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from segd import log as logging
+from segd.firewall.kernel._errors import NamespaceGone, NetnsError, WorkerBroken
+from segd.firewall.kernel._ffi import setns
 
-CLONE_NEWNET = 0x40000000
 THREAD_NS = "/proc/thread-self/ns/net"
 
 log = logging.get(__name__)
 
 T = TypeVar("T")
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
 NsId = tuple[int, int]
 """A namespace's identity: (st_dev, st_ino) of its nsfs file."""
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-_libc.setns.restype = ctypes.c_int
-
-
-class NetnsError(Exception):
-    """A namespace could not be entered or left."""
-
-
-class NamespaceGone(NetnsError):
-    """The namespace path does not exist (the container is gone)."""
-
-
-class WorkerBroken(NetnsError):
-    """The worker thread could not return home; it runs nothing more."""
-
-
-def setns(fd: int) -> None:
-    """Move the calling thread into the network namespace open as `fd`."""
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 def ns_id(st: os.stat_result) -> NsId:
@@ -130,6 +114,23 @@ class Worker:
             yield
         finally:
             self._go_home()
+
+    def made_in(self, fd: int, make: Callable[[], C]) -> C:
+        """On the worker: `make()` run inside the namespace `fd`, so that what it
+        opens (a libnftables context, a netlink socket) binds there.
+
+        Does not keep `fd`. What was made is closed again if the worker cannot
+        return home.
+        """
+        made: C | None = None
+        try:
+            with self.entered(fd):
+                made = make()
+        except BaseException:
+            if made is not None:
+                made.close()
+            raise
+        return made
 
     def _go_home(self) -> None:
         try:
