@@ -73,9 +73,6 @@ class NsRef:
     path: str  # /proc/PID/ns/net or /run/netns/NAME
 
 
-# ---- the verbs --------------------------------------------------------------------------
-
-
 @dataclass
 class _Session:
     ns: NsId | None  # None: the worker's home namespace
