@@ -287,7 +287,7 @@ class Agent:
                 "container.namespace_unknown",
                 container=cid,
                 reason="its namespace cannot be read, or another container claims it: "
-                "left as it is until Docker says more",
+                "not enforced until that clears",
             )
         elif not first:
             _log.info("container.owns_namespace", container=cid)

@@ -44,7 +44,8 @@ class Role(msgspec.Struct, frozen=True):
       longer in it): never enforced on its own, never paired.
     * `host`    — it is in the host's namespace: never enforced, never paired.
     * `unknown` — its namespace could not be read, or two containers that each
-      made their own namespace are seen in one: left as it is this round.
+      made their own namespace are seen in one (a stale pid): not enforced
+      until that clears (the gate keeps its addresses out meanwhile).
     """
 
     kind: RoleKind

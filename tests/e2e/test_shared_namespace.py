@@ -109,6 +109,26 @@ def test_keyed_sidecar_does_not_replace_the_policy_of_the_container_it_shares(
     wait_for(lambda: _sidecars_of(stack, db) == [side], 10, "the sidecar in workload list")
 
 
+def test_sidecar_listed_before_its_main_when_the_agent_starts(stack: Stack) -> None:
+    """Both start while the agent is down; Docker lists the newest (the sidecar)
+    first, so the agent's first reconcile meets it before its main."""
+    stack.start_server()
+    stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
+    web = stack.run("web", key=stack.key({"role": "web"}))
+    db = stack.run("db", key=stack.key({"role": "db"}))
+    side = stack.run("db-side", network=f"container:{db}", cmd=IDLE)
+    stack.start_agent(interval=INTERVAL)
+    stack.wait_paired(web, db)
+    _reconciles(stack, 2)
+    table = _ns_table(db)
+    assert "ls_" in table
+    _assert_db_policy(stack, web, db, side)
+    _reconciles(stack, 2)
+    assert _ns_table(db) == table
+    assert _tamper_audits(stack) == []
+    wait_for(lambda: _sidecars_of(stack, db) == [side], 10, "the sidecar in workload list")
+
+
 def test_main_restarted_under_a_living_sidecar_is_enforced_again(stack: Stack) -> None:
     web, db = _db_and_web(stack)
     side = stack.run("db-side", network=f"container:{db}", cmd=IDLE)
