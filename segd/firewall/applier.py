@@ -5,7 +5,10 @@
 inside that namespace and cached under the caller's key together with the
 namespace's identity (device and inode of its nsfs file): when a container
 restarts with a new namespace, the next call notices and binds a new one.
-`forget` frees it (a libnftables context pins its namespace). `ports` reads a
+`forget` frees it (a libnftables context pins its namespace). A container's
+path that leads into the host's own namespace (this process's, or init's) is
+refused with `HostNamespace`, however it got there (a host-networked container,
+one joined to it, a pid reused by a host process). `ports` reads a
 namespace's addresses and veth peers over a short-lived rtnetlink socket
 (`rtnl`) and keeps nothing.
 """
@@ -24,7 +27,7 @@ from typing import Literal, Protocol, TypeVar
 
 from segd import log as logging
 from segd.firewall import gate, netns, render, rtnl
-from segd.firewall.netns import NsId, Worker, WorkerBroken
+from segd.firewall.netns import HostNamespace, NsId, Worker, WorkerBroken
 from segd.firewall.nft import LibNft, NftBackend, NftError, NsenterNft, libnftables_available
 
 log = logging.get(__name__)
@@ -85,6 +88,7 @@ class Firewall:
         self._sessions: dict[str, _Session] = {}
         self.max_open = max_open
         self._gate: _Session | None = None
+        self._host_ns: frozenset[NsId] = frozenset()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -93,6 +97,7 @@ class Firewall:
             return
         # Opened on the loop thread: the namespace this process (the host) lives in.
         self._home_fd = os.open(netns.THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
+        self._host_ns = netns.host_ids(self._home_fd)
         self._worker = Worker(self._home_fd, self._setns)
         log.info("firewall.started", backend=self.backend, gate_ns=self._gate_path or "host")
 
@@ -121,6 +126,11 @@ class Firewall:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @property
+    def host_namespaces(self) -> frozenset[NsId]:
+        """The host's namespace identities; no container table goes into one."""
+        return self._host_ns
 
     @property
     def open_namespaces(self) -> int:
@@ -295,6 +305,10 @@ class Firewall:
 
     def _session(self, w: Worker, ns: NsRef) -> NftBackend:
         s = self._ensure(w, self._sessions.pop(ns.key, None), ns.path)
+        if s.ns is None or s.ns in self._host_ns:
+            s.nft.close()
+            log.error("firewall.host_namespace_refused", ns=ns.key, path=ns.path)
+            raise HostNamespace(f"{ns.path} is the host's network namespace")
         self._sessions[ns.key] = s  # most recently used last
         self._evict()
         return s.nft
