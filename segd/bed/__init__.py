@@ -42,6 +42,7 @@ API (see bed.py):
     h.run("ip", "addr")                  # a command on host 2 (DOCKER_HOST set)
     h.popen([...]); h.argv([...])        # ... as a process; the wrapped argv
     h.ping("10.250.0.11"); h.probe(container, [(ip, port), ...])
+    h.private_dir("/run/wireguard")      # a tmpfs only host 2 sees
     a = h.start_agent(bed.server_url(port), code)   # BedAgent: stop/kill/restart/logs
     bed.down()                           # -> leftovers (empty: clean)
 

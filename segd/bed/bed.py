@@ -115,6 +115,20 @@ class BedHost:
             raise BedError(f"probe from {container}: unexpected output {out!r}")
         return res
 
+    def private_dir(self, path: str | Path, size: str = "16m") -> None:
+        """A tmpfs at `path` that only this host sees, for its life (its mount
+        namespace), e.g. wireguard-go's /run/wireguard."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        self.run(
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            f"mode=0755,size={size}",
+            f"{self.name}-private",
+            str(path),
+        )
+
     # ---- agents ----------------------------------------------------------------------------
 
     def agent(

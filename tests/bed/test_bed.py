@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +16,7 @@ from typing import TypeVar
 import pytest
 
 from segd.bed import IMAGE, Bed, BedAgent, BedHost
+from segd.bed.plan import RUN_DIR
 from tests.e2e.stack import Stack, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.bed]
@@ -47,6 +49,26 @@ def test_hosts_reach_the_root_and_each_other_on_the_underlay(bed: Bed) -> None:
         return [h.ping(a) for a in [bed.root_address, *(o.address for o in bed.hosts)]]
 
     assert _each(bed, reach) == [[True] * 4] * 3
+
+
+def test_each_host_has_its_own_mount_namespace(bed: Bed) -> None:
+    h1, h2 = bed.host(1), bed.host(2)
+    d = RUN_DIR / "private"
+    for h in (h1, h2):
+        h.private_dir(d)
+        h.run("sh", "-c", f"echo {h.name} > {d}/who")
+    assert [h.run("cat", f"{d}/who").stdout for h in (h1, h2)] == ["segd-bed-h1\n", "segd-bed-h2\n"]
+    assert not (d / "who").exists()  # not in the root namespace
+    # What the engine mounts (a container's netns file) is there for the host's agents.
+    cid = h1.docker("run", "-d", IMAGE, "sleep", "1000")
+    try:
+        key = h1.docker("inspect", "-f", "{{.NetworkSettings.SandboxKey}}", cid)
+        addrs = h1.run("nsenter", f"--net={key}", "ip", "-4", "-o", "addr", "show", "eth0").stdout
+        assert " 172.17.0.2/16 " in addrs
+        outside = subprocess.run(["nsenter", f"--net={key}", "true"], capture_output=True)
+        assert outside.returncode != 0  # the root namespace sees no such mount
+    finally:
+        h1.docker("rm", "-f", cid)
 
 
 def test_the_root_namespace_reaches_a_port_published_on_host_2(bed: Bed) -> None:
