@@ -43,6 +43,7 @@ from segd.agent.events import (
     ContainerStarted,
     DockerEvent,
 )
+from segd.agent.hostlock import host_lock_path
 from segd.agent.retry import Backoff
 from segd.agent.sharing import NsId, Role
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
@@ -78,9 +79,6 @@ class Enforced(msgspec.Struct):
     ports: dict[str, str] | None = None  # ip -> host bridge port, once looked up
 
 
-HOST_LOCK = "/run/segd/agent.lock"
-
-
 def take_host_lock(path: str) -> int:
     """One agent per host: the host gate is a single table in the host's
     namespace, and two agents would keep undoing each other's entries."""
@@ -103,7 +101,7 @@ class Agent:
         firewall: Firewall | None = None,
     ) -> None:
         self.cfg = cfg
-        self.host_lock_path = HOST_LOCK
+        self.host_lock_path = host_lock_path()
         self.state = StateDir(cfg.state_dir)
         self.key = self.state.signing_key()
         self.activation_code = activation_code or cfg.activation_code
