@@ -97,6 +97,14 @@ class KeyIssued(msgspec.Struct, frozen=True):
     max_uses: int
 
 
+class Sidecar(msgspec.Struct, frozen=True):
+    """A container in a workload's network namespace (`--network container:X`):
+    the workload's table is its table; it has no addresses of its own."""
+
+    container_id: str
+    name: str
+
+
 class Workload(msgspec.Struct, frozen=True):
     id: str
     host_id: str
@@ -106,6 +114,7 @@ class Workload(msgspec.Struct, frozen=True):
     ips: list[str]
     key_id: str
     paired_at: float
+    sidecars: list[Sidecar] = []  # containers that share its network namespace
 
 
 class Host(msgspec.Struct, frozen=True):
@@ -165,6 +174,21 @@ class PairIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class UnpairIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     container_id: str
+
+
+class SidecarIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A container the agent does not enforce on its own: it is in the network
+    namespace of the container `shares`, whose table applies to it."""
+
+    container_id: str
+    shares: str
+    name: str = ""
+
+
+class SidecarsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Every sidecar on the host now (replaces what the host said before)."""
+
+    sidecars: list[SidecarIn]
 
 
 class AgentReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -46,6 +46,17 @@ def docker_missing() -> str:
     return ""
 
 
+def bed_missing() -> str:
+    """Why the multi-host test bed (segd.bed) cannot run here ("" when it can)."""
+    why = docker_missing()
+    if why:
+        return why
+    for tool in ("dockerd", "unshare", "busybox", "iptables"):
+        if shutil.which(tool) is None:
+            return f"the test bed needs {tool} (make host)"
+    return ""
+
+
 def require(why: str) -> None:
     """Skip (or, under CI, fail) when `why` says something is missing."""
     if not why:

@@ -8,6 +8,10 @@ Per container the desired state is one of:
   `isolate_unkeyed` is on: an isolation table, and never in the gate;
 * `exempt`    — unkeyed with `isolate_unkeyed = false`: no table, admitted by the gate.
 
+That is for a container that owns its network namespace (`sharing`): one that
+joined another's (`--network container:X`) is never enforced or paired on its
+own, and nothing is ever applied in the host's namespace.
+
 Every kernel change goes through one lock, so the gate admits an IP only after
 its container's own table is in place, and removes it before anything else when
 the container dies.
@@ -27,6 +31,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from segd import log, sdnotify
+from segd.agent import sharing
 from segd.agent.client import Denied, ServerClient, ServerUnavailable
 from segd.agent.docker import ContainerInfo, DockerWatcher
 from segd.agent.events import (
@@ -36,13 +41,23 @@ from segd.agent.events import (
     ContainerStarted,
     DockerEvent,
 )
+from segd.agent.hostlock import host_lock_path
 from segd.agent.retry import Backoff
+from segd.agent.sharing import NsId, Role
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
 from segd.config import AgentConfig
 from segd.firewall import render
 from segd.firewall.gate import render_gate, render_gate_add, render_gate_remove, render_gate_subnets
-from segd.firewall.kernel import HOST_LOCK, Firewall, NamespaceGone, NftError, NsRef, take_host_lock
-from segd.wire import Instructions, PairIn, SignedInstructions, WorkloadPolicy
+from segd.firewall.kernel import (
+    Firewall,
+    NamespaceGone,
+    NetnsError,
+    NftError,
+    NsRef,
+    stat_ns,
+    take_host_lock,
+)
+from segd.wire import Instructions, PairIn, SidecarIn, SignedInstructions, WorkloadPolicy
 
 _log = log.get(__name__)
 
@@ -87,7 +102,7 @@ class Agent:
         firewall: Firewall | None = None,
     ) -> None:
         self.cfg = cfg
-        self.host_lock_path = HOST_LOCK
+        self.host_lock_path = host_lock_path()
         self.state = StateDir(cfg.state_dir)
         self.key = self.state.signing_key()
         self.activation_code = activation_code or cfg.activation_code
@@ -97,6 +112,10 @@ class Agent:
         self.ident: Identity | None = None
         self.instr: Instructions | None = None
         self.containers: dict[str, ContainerInfo] = {}
+        self._nsids: dict[str, NsId | None] = {}  # identity of each container's namespace
+        self.roles: dict[str, Role] = {}  # sharing.assign() over what is running
+        self._sidecars_changed = asyncio.Event()
+        self._sidecars_sent: list[SidecarIn] | None = None
         self.enforced: dict[str, Enforced] = {}
         self.denied: dict[str, str] = {}
         self.synced = asyncio.Event()
@@ -135,6 +154,7 @@ class Agent:
                 tg.create_task(self.docker.watch(self._on_event, self._resync))
                 tg.create_task(self._poll_instructions())
                 tg.create_task(self._periodic())
+                tg.create_task(self._push_sidecars())
         finally:
             await self._shutdown()
 
@@ -200,6 +220,7 @@ class Agent:
         if info is None:
             return
         await self._track(info)
+        await self._reassign()
         await self._handle(info)
 
     async def _track(self, info: ContainerInfo) -> None:
@@ -209,15 +230,70 @@ class Agent:
         if old is not None and (old.pid != info.pid or old.ips != info.ips):
             await self._forget(info.id, unpair=False)
         self.containers[info.id] = info
+        self._nsids[info.id] = _ns_identity(info.netns_path)
+
+    async def _reassign(self) -> None:
+        """Decide again which container owns which namespace (`sharing.assign`).
+        Each change is logged once; a container that stops owning its namespace
+        loses what was enforced for it (nothing is written into that namespace)."""
+        seen = [
+            sharing.Seen(
+                id=cid,
+                joins=info.joins,
+                host_mode=info.host_network,
+                ns=self._nsids.get(cid),
+            )
+            for cid, info in self.containers.items()
+        ]
+        roles = sharing.assign(seen, self.firewall.host_namespaces)
+        lost: list[str] = []
+        for cid, role in roles.items():
+            old = self.roles.get(cid)
+            if role == old:
+                continue
+            self._log_role(self.containers[cid], role, first=old is None)
+            if old is not None and old.kind == "owner":
+                lost.append(cid)
+        self.roles = roles
+        self._sidecars_changed.set()
+        for cid in lost:
+            await self._forget(cid, unpair=False)
+
+    @staticmethod
+    def _log_role(info: ContainerInfo, role: Role, *, first: bool) -> None:
+        cid = info.id[:12]
+        if role.kind == "shares":
+            _log.warning(
+                "container.shares_namespace",
+                container=cid,
+                owner=role.owner[:12],
+                keyed=bool(info.pairing_key),
+                reason="in another container's network namespace: that container's "
+                "table applies; not enforced or paired on its own",
+            )
+        elif role.kind == "host":
+            _log.warning(
+                "container.host_namespace",
+                container=cid,
+                keyed=bool(info.pairing_key),
+                reason="in the host's network namespace: never enforced or paired",
+            )
+        elif role.kind == "unknown":
+            _log.warning(
+                "container.namespace_unknown",
+                container=cid,
+                reason="its namespace cannot be read, or another container claims it: "
+                "not enforced until that clears",
+            )
+        elif not first:
+            _log.info("container.owns_namespace", container=cid)
 
     async def _handle(self, info: ContainerInfo) -> None:
         """Bring one container to its desired state, pairing it when needed."""
-        if info.host_network:
-            _log.warning(
-                "container.host_network",
-                container=info.id[:12],
-                reason="shares the host namespace; cannot be enforced per container",
-            )
+        role = self.roles.get(info.id)
+        if role is None or role.kind != "owner":
+            if role is not None and role.kind in ("shares", "host") and info.id in self._workloads:
+                self._start_unpair(info.id)  # paired before it was known to share
             return
         pol = self._workloads.get(info.id)
         # A restarted container with new addresses pairs again: the server
@@ -242,10 +318,13 @@ class Agent:
 
     async def _on_gone(self, cid: str) -> None:
         info = self.containers.pop(cid, None)
+        self._nsids.pop(cid, None)
         task = self._pairing.pop(cid, None)
         if task is not None:
             task.cancel()
         self.denied.pop(cid, None)
+        if info is not None:
+            await self._reassign()
         if info is None and cid not in self._workloads:
             return
         await self._forget(cid, unpair=True)
@@ -286,11 +365,11 @@ class Agent:
                 await self._on_gone(cid)
         for info in running.values():
             await self._track(info)
+        await self._reassign()
         if first:
             # Tables first, then the gate from scratch in one transaction.
             for info in running.values():
-                if not info.host_network:
-                    await self._converge(info.id, gate=False)
+                await self._converge(info.id, gate=False)
             await self._rebuild_gate()
             self._first_sync = False
         # Stale workloads first: a newcomer may have been given a dead one's IP.
@@ -346,6 +425,8 @@ class Agent:
         for cid in list(self._workloads):
             if cid not in self.containers and cid not in self._pairing:
                 self._start_unpair(cid)
+            elif self.roles.get(cid, sharing.UNKNOWN).kind in ("shares", "host"):
+                self._start_unpair(cid)  # never a workload of its own
         if wait and self._unpairing:
             await asyncio.wait(list(self._unpairing.values()), timeout=5.0)
 
@@ -500,7 +581,7 @@ class Agent:
 
     async def _converge(self, cid: str, *, gate: bool = True) -> None:
         info = self.containers.get(cid)
-        if info is None or info.host_network:
+        if info is None or self.roles.get(cid, sharing.UNKNOWN).kind != "owner":
             return
         kind, pol = self._desired(info)
         ns = NsRef(key=cid, path=info.netns_path)
@@ -657,3 +738,46 @@ class Agent:
     async def _report(self, event: str, cid: str, detail: str) -> None:
         with contextlib.suppress(ServerUnavailable, Denied):
             await self.client.report(event, cid, detail)
+
+    # ---- sidecars ----------------------------------------------------------------------
+
+    def sidecars(self) -> list[SidecarIn]:
+        """Every running container in another's namespace, with that container."""
+        return [
+            SidecarIn(container_id=cid, shares=role.owner, name=self.containers[cid].name)
+            for cid, role in sorted(self.roles.items())
+            if role.kind == "shares" and role.owner and cid in self.containers
+        ]
+
+    async def _push_sidecars(self) -> None:
+        """Keep the server's list of this host's sidecars (`workload list`) current:
+        the whole list, whenever it changed, once the server takes it."""
+        backoff = Backoff(self.cfg.backoff_max_s)
+        while True:
+            await self._sidecars_changed.wait()
+            self._sidecars_changed.clear()
+            items = self.sidecars()
+            if items == self._sidecars_sent:
+                continue
+            try:
+                await self.client.sidecars(items)
+            except ServerUnavailable as e:
+                _log.warning("server.unavailable", op="sidecars", error=str(e))
+                self._sidecars_changed.set()
+                await backoff.wait(self._server_back)
+                continue
+            except Denied as e:  # told once; tried again when the list changes
+                _log.warning("sidecars.refused", code=e.code, error=e.message)
+            else:
+                _log.info("sidecars.reported", sidecars=len(items))
+            self._sidecars_sent = items
+            backoff.reset()
+
+
+def _ns_identity(path: str) -> NsId | None:
+    """The identity of a namespace file; None when it cannot be read (gone, or
+    not permitted)."""
+    try:
+        return stat_ns(path)
+    except (NetnsError, OSError):
+        return None

@@ -22,6 +22,8 @@ from segd.wire import (
     PairResult,
     Registered,
     RegisterIn,
+    SidecarIn,
+    SidecarsIn,
     SignedInstructions,
     UnpairIn,
 )
@@ -132,6 +134,11 @@ class ServerClient:
         await self._request(
             "POST", "/v1/agent/unpair", msgspec.json.encode(UnpairIn(container_id=container_id))
         )
+
+    async def sidecars(self, items: list[SidecarIn]) -> None:
+        """Replace the host's list of sidecars on the server."""
+        body = msgspec.json.encode(SidecarsIn(sidecars=items))
+        await self._request("PUT", "/v1/agent/sidecars", body)
 
     async def report(self, event: str, container_id: str = "", detail: str = "") -> None:
         body = msgspec.json.encode(

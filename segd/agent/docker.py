@@ -22,6 +22,7 @@ from aiodocker.events import DockerEvents
 from segd import log
 from segd.agent.events import DockerEvent, from_docker
 from segd.agent.retry import Backoff
+from segd.agent.sharing import joined
 
 KEY_LABEL = "segd.pairing-key"
 LABEL_PREFIX = "segd.label."
@@ -40,10 +41,16 @@ class ContainerInfo(msgspec.Struct, frozen=True):
     pairing_key: str  # "" when the container carries none
     requested_labels: dict[str, str]
     host_network: bool  # shares the host namespace: cannot be enforced per container
+    network_mode: str = ""  # HostConfig.NetworkMode: "bridge", "host", "container:ID", ...
 
     @property
     def netns_path(self) -> str:
         return f"/proc/{self.pid}/ns/net"
+
+    @property
+    def joins(self) -> str:
+        """The container whose namespace it joined (`container:ID`); "" if none."""
+        return joined(self.network_mode)
 
 
 def _ips(networks: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
@@ -88,6 +95,7 @@ def parse_container(data: Mapping[str, Any]) -> ContainerInfo | None:
         pairing_key=str(labels.get(KEY_LABEL) or "").strip(),
         requested_labels=dict(sorted(requested.items())),
         host_network=net_mode == "host",
+        network_mode=net_mode,
     )
 
 

@@ -219,19 +219,28 @@ def key_revoke(api: ApiClient, a: argparse.Namespace) -> None:
 
 
 def _workloads_table(raw: bytes) -> str:
-    rows = [
-        (
-            w.id,
-            w.host_id,
-            w.container_id[:12],
-            w.name,
-            render.labels_text(w.labels),
-            ",".join(w.ips),
-            render.when(w.paired_at),
+    """One row per workload, followed by one per container sharing its namespace
+    (no labels or addresses of its own; SHARES names the workload)."""
+    rows: list[tuple[str, ...]] = []
+    for w in _decode(raw, list[wire.Workload]):
+        rows.append(
+            (
+                w.id,
+                w.host_id,
+                w.container_id[:12],
+                w.name,
+                render.labels_text(w.labels),
+                ",".join(w.ips),
+                render.when(w.paired_at),
+                "-",
+            )
         )
-        for w in _decode(raw, list[wire.Workload])
-    ]
-    return render.table(("ID", "HOST", "CONTAINER", "NAME", "LABELS", "IPS", "PAIRED"), rows)
+        rows.extend(
+            ("-", w.host_id, s.container_id[:12], s.name, "-", "-", "-", w.id) for s in w.sidecars
+        )
+    return render.table(
+        ("ID", "HOST", "CONTAINER", "NAME", "LABELS", "IPS", "PAIRED", "SHARES"), rows
+    )
 
 
 def workload_list(api: ApiClient, a: argparse.Namespace) -> None:

@@ -208,6 +208,16 @@ async def instructions(svc: Service, host_id: str, since: int, wait_s: float) ->
     return svc.pub.signed(host_id)
 
 
+async def sidecars(svc: Service, host_id: str, sin: wire.SidecarsIn) -> None:
+    """Record the host's sidecars as its agent sees them now (for `workload list`).
+    They are not workloads and change no instructions: the table of the namespace
+    they are in is its owner's."""
+    items = validate.sidecars(sin)
+    async with svc.store.write() as tx:
+        tx.set_sidecars(host_id, items)
+    _log.info("host.sidecars", host=host_id, sidecars=len(items))
+
+
 async def report(svc: Service, host_id: str, rep: wire.AgentReport) -> None:
     rep = validate.report(rep)
     async with svc.store.write() as tx:

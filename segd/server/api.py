@@ -177,6 +177,10 @@ async def report(c: Call) -> None:
     await agents.report(c.svc, c.host_id, c.body_as(wire.AgentReport))
 
 
+async def sidecars(c: Call) -> None:
+    await agents.sidecars(c.svc, c.host_id, c.body_as(wire.SidecarsIn))
+
+
 _LIMIT = Param("limit", "integer", f"how many entries (1-{MAX_AUDIT}, default 100)")
 _AFTER = Param("after", "integer", "only entries with a larger id, oldest first")
 
@@ -203,7 +207,8 @@ ROUTES: tuple[Route, ...] = (
           query=(Param("profile", "string", "only the keys of this profile"),)),
     Route("POST", "/v1/keys/{key_id}/revoke", revoke_key, "Revoke a pairing key",
           response=wire.PairingKey),
-    Route("GET", "/v1/workloads", list_workloads, "List paired workloads",
+    Route("GET", "/v1/workloads", list_workloads,
+          "List paired workloads, each with the containers sharing its network namespace",
           response=list[wire.Workload],
           query=(Param("host", "string", "only the workloads of this host"),)),
     Route("GET", "/v1/hosts", list_hosts, "List agent hosts", response=list[wire.Host]),
@@ -227,6 +232,9 @@ ROUTES: tuple[Route, ...] = (
                  Param("wait", "number", "seconds to wait for a newer version (capped)"))),
     Route("POST", "/v1/agent/report", report, "Report an event to audit (e.g. tampering)",
           "agent", body=wire.AgentReport),
+    Route("PUT", "/v1/agent/sidecars", sidecars,
+          "Replace the host's list of containers in another container's network namespace",
+          "agent", body=wire.SidecarsIn),
 )
 # fmt: on
 

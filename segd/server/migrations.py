@@ -106,4 +106,15 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'audit is append-only'); END;
     """,
+    # 2: containers in another container's network namespace, as each host reports them.
+    """
+    CREATE TABLE sidecars (
+        host_id      TEXT NOT NULL REFERENCES hosts(id),
+        container_id TEXT NOT NULL,
+        name         TEXT NOT NULL,
+        shares       TEXT NOT NULL,
+        PRIMARY KEY (host_id, container_id)
+    );
+    CREATE INDEX sidecars_shares ON sidecars(host_id, shares);
+    """,
 ]

@@ -306,6 +306,14 @@ class Tx:
     def delete_workload(self, workload_id: str) -> bool:
         return self._exec("DELETE FROM workloads WHERE id = ?", (workload_id,)) > 0
 
+    def set_sidecars(self, host_id: str, sidecars: Iterable[wire.SidecarIn]) -> None:
+        """Replace the host's sidecars (containers sharing another's namespace)."""
+        self._exec("DELETE FROM sidecars WHERE host_id = ?", (host_id,))
+        self._c.executemany(
+            "INSERT INTO sidecars (host_id, container_id, name, shares) VALUES (?, ?, ?, ?)",
+            [(host_id, c.container_id, c.name, c.shares) for c in sidecars],
+        )
+
     # ---- hosts and activation codes -----------------------------------------------
 
     def insert_activation_code(self, code_hash: str, now: float, expires_at: float) -> None:
@@ -492,13 +500,27 @@ class Store:
         return _key(rows[0]) if rows else None
 
     async def workloads(self, host_id: str | None = None) -> list[wire.Workload]:
-        if host_id is None:
-            rows = await self._all("SELECT * FROM workloads ORDER BY paired_at, id")
-        else:
-            rows = await self._all(
-                "SELECT * FROM workloads WHERE host_id = ? ORDER BY paired_at, id", (host_id,)
+        """Workloads, each with the sidecars its host reports in its namespace."""
+        where, params = ("", ()) if host_id is None else (" WHERE w.host_id = ?", (host_id,))
+        rows = await self._all(f"SELECT * FROM workloads w{where} ORDER BY paired_at, id", params)
+        side_rows = await self._all(
+            "SELECT s.host_id, s.shares, s.container_id, s.name FROM sidecars s JOIN workloads w"
+            f" ON w.host_id = s.host_id AND w.container_id = s.shares{where}"
+            " ORDER BY s.container_id",
+            params,
+        )
+        sidecars: dict[tuple[str, str], list[wire.Sidecar]] = {}
+        for r in side_rows:
+            sidecars.setdefault((r["host_id"], r["shares"]), []).append(
+                wire.Sidecar(container_id=r["container_id"], name=r["name"])
             )
-        return [_workload(r) for r in rows]
+        out = [_workload(r) for r in rows]
+        return [
+            msgspec.structs.replace(w, sidecars=sidecars[(w.host_id, w.container_id)])
+            if (w.host_id, w.container_id) in sidecars
+            else w
+            for w in out
+        ]
 
     async def hosts(self) -> list[wire.Host]:
         return [_host(r) for r in await self._all(_HOST_SELECT + " ORDER BY registered_at, id")]

@@ -29,6 +29,7 @@ MAX_SERVICES = 64
 MAX_IPS = 16
 MAX_WORKLOAD_NAME = 255
 MAX_PAIRING_KEY = 4096
+MAX_SIDECARS = 1024
 
 
 def text(field: str, value: str, limit: int) -> str:
@@ -160,10 +161,27 @@ def pair_in(p: wire.PairIn) -> wire.PairIn:
     )
 
 
-def container_id(value: str) -> str:
+def container_id(value: str, field: str = "container_id") -> str:
     if not CONTAINER_ID_RE.match(value):
-        raise InvalidInput(f"container_id: invalid container id {value!r}")
+        raise InvalidInput(f"{field}: invalid container id {value!r}")
     return value
+
+
+def sidecars(s: wire.SidecarsIn) -> list[wire.SidecarIn]:
+    """A host's sidecars: each once, none sharing its own namespace; sorted."""
+    if len(s.sidecars) > MAX_SIDECARS:
+        raise InvalidInput(f"sidecars: at most {MAX_SIDECARS}")
+    seen: dict[str, wire.SidecarIn] = {}
+    for i, c in enumerate(s.sidecars):
+        container_id(c.container_id, f"sidecars[{i}].container_id")
+        container_id(c.shares, f"sidecars[{i}].shares")
+        text(f"sidecars[{i}].name", c.name, MAX_WORKLOAD_NAME)
+        if c.shares == c.container_id:
+            raise InvalidInput(f"sidecars[{i}]: a container cannot share its own namespace")
+        if c.container_id in seen:
+            raise InvalidInput(f"sidecars[{i}]: container {c.container_id!r} listed twice")
+        seen[c.container_id] = c
+    return [seen[k] for k in sorted(seen)]
 
 
 def hostname(value: str) -> str:

@@ -389,3 +389,83 @@ async def test_report_is_audited(api: Admin, make_agent: MakeAgent) -> None:
         "c1",
         "table flushed",
     )
+
+
+# ---- sidecars -----------------------------------------------------------------------
+
+
+async def _sidecars(a: Agent, *items: tuple[str, str, str]) -> tuple[int, Any]:
+    body = {"sidecars": [{"container_id": c, "shares": s, "name": n} for c, s, n in items]}
+    return await a.request("PUT", "/v1/agent/sidecars", body)
+
+
+async def test_sidecars_are_listed_with_the_workload_they_share(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    token = await api.setup_policy()
+    a, b = await make_agent("a"), await make_agent("b")
+    await a.pair("main", token, ["10.0.0.1"], name="web")
+    await b.pair("main", token, ["10.0.0.2"], name="web")  # same id on another host
+    before = await api.ok("GET", "/v1/hosts")
+    # Two sidecars of a workload, and one of a container that is not paired.
+    assert (await _sidecars(a, ("s2", "main", "proxy"), ("s1", "main", ""), ("s3", "x", "")))[
+        0
+    ] == 204
+    listed = {(w["host_id"], w["container_id"]): w for w in await api.ok("GET", "/v1/workloads")}
+    assert listed[(a.host_id, "main")]["sidecars"] == [
+        {"container_id": "s1", "name": ""},
+        {"container_id": "s2", "name": "proxy"},
+    ]
+    assert listed[(b.host_id, "main")]["sidecars"] == []
+    assert "s3" not in str(listed)
+    [only_a] = await api.ok("GET", f"/v1/workloads?host={a.host_id}")
+    assert len(only_a["sidecars"]) == 2
+    # Sidecars are not workloads: no instructions change, no host counts them.
+    assert await api.ok("GET", "/v1/hosts") == before
+    # The list is replaced whole; an empty one clears it.
+    assert (await _sidecars(a, ("s1", "main", "")))[0] == 204
+    [w] = await api.ok("GET", f"/v1/workloads?host={a.host_id}")
+    assert [s["container_id"] for s in w["sidecars"]] == ["s1"]
+    assert (await _sidecars(a))[0] == 204
+    [w] = await api.ok("GET", f"/v1/workloads?host={a.host_id}")
+    assert w["sidecars"] == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"sidecars": [{"container_id": "s", "shares": "s"}]}, "its own namespace"),
+        (
+            {
+                "sidecars": [
+                    {"container_id": "s", "shares": "m"},
+                    {"container_id": "s", "shares": "m"},
+                ]
+            },
+            "listed twice",
+        ),
+        ({"sidecars": [{"container_id": "-bad", "shares": "m"}]}, "sidecars[0].container_id"),
+        ({"sidecars": [{"container_id": "s", "shares": "m m"}]}, "sidecars[0].shares"),
+        ({"sidecars": [{"container_id": "s", "shares": "m", "name": "a\x07"}]}, "control"),
+        ({"sidecars": [{"container_id": "s", "shares": "m", "extra": 1}]}, "extra"),
+        ({"sidecars": [{"container_id": f"s{i}", "shares": "m"} for i in range(1025)]}, "at most"),
+    ],
+)
+async def test_bad_sidecar_lists_are_refused_and_change_nothing(
+    api: Admin, make_agent: MakeAgent, body: dict[str, Any], message: str
+) -> None:
+    token = await api.setup_policy()
+    a = await make_agent()
+    await a.pair("m", token, ["10.0.0.1"])
+    assert (await _sidecars(a, ("kept", "m", "")))[0] == 204
+    status, err = await a.request("PUT", "/v1/agent/sidecars", body)
+    assert status == 400 and set(err) == {"error", "message"}, err
+    assert message in err["message"], err
+    [w] = await api.ok("GET", "/v1/workloads")
+    assert [s["container_id"] for s in w["sidecars"]] == ["kept"]
+
+
+async def test_sidecars_need_a_signed_request(api: Admin, make_agent: MakeAgent) -> None:
+    a = await make_agent()
+    status, err = await a.request("PUT", "/v1/agent/sidecars", {"sidecars": []}, headers={})
+    assert (status, err["error"]) == (401, "unsigned_request")

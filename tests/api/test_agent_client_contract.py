@@ -49,3 +49,20 @@ async def test_agent_client_decodes_pairing_and_instructions(live_server: LiveSe
         assert await client.instructions(since=instr.version, wait=0) is None
     finally:
         await client.close()
+
+
+async def test_agent_client_reports_sidecars(live_server: LiveServer) -> None:
+    async with aiohttp.ClientSession() as session:
+        admin = AdminClient(live_server.url, live_server.token, session)
+        await admin.call("POST", "/v1/profiles", {"name": "web", "labels": {"role": "web"}})
+        token = (await admin.call("POST", "/v1/keys", {"profile": "web"}))["token"]
+        code = (await admin.call("POST", "/v1/activation-codes", {}))["code"]
+        client = ServerClient(live_server.url, nacl.signing.SigningKey.generate())
+        try:
+            client.host_id = (await client.register(code, "node-1")).host_id
+            await client.pair(wire.PairIn(container_id="c1", pairing_key=token, ips=["10.9.0.1"]))
+            await client.sidecars([wire.SidecarIn(container_id="c2", shares="c1", name="side")])
+        finally:
+            await client.close()
+        [w] = await admin.call("GET", "/v1/workloads")
+        assert w["sidecars"] == [{"container_id": "c2", "name": "side"}]

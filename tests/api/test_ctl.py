@@ -55,15 +55,19 @@ def ctl(live_server: LiveServer, capsys: pytest.CaptureFixture[str]) -> Ctl:
     return Ctl(live_server, capsys)
 
 
-def _post(url: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+def _post(url: str, body: Any, headers: dict[str, str] | None = None, method: str = "POST") -> Any:
     data = json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+        raw = r.read()
+    return json.loads(raw) if raw else None
 
 
-def _agent_pairs(server: LiveServer, code: str, token: str, cid: str, ip: str) -> str:
-    """Register an agent with `code` and pair one container; return the host id."""
+def _agent_pairs(
+    server: LiveServer, code: str, token: str, cid: str, ip: str, sidecar: str = ""
+) -> str:
+    """Register an agent with `code`, pair one container and report a sidecar of
+    it; return the host id."""
     key = nacl.signing.SigningKey.generate()
     reg = _post(
         server.url + "/v1/agent/register",
@@ -77,6 +81,12 @@ def _agent_pairs(server: LiveServer, code: str, token: str, cid: str, ip: str) -
     data = json.dumps(body).encode()
     headers = crypto.sign_request(key, reg["host_id"], "POST", "/v1/agent/pair", data, time.time())
     _post(server.url + "/v1/agent/pair", body, headers)
+    if sidecar:
+        path = "/v1/agent/sidecars"
+        body = {"sidecars": [{"container_id": sidecar, "shares": cid, "name": "proxy"}]}
+        data = json.dumps(body).encode()
+        headers = crypto.sign_request(key, reg["host_id"], "PUT", path, data, time.time())
+        _post(server.url + path, body, headers, method="PUT")
     return str(reg["host_id"])
 
 
@@ -159,10 +169,16 @@ def test_every_verb(ctl: Ctl, live_server: LiveServer) -> None:
     assert "revoked" in ctl.ok("key", "list", "db")
     # agents, workloads, hosts
     code = ctl.ok("agent", "activation-code", "--lifespan", "10m").strip()
-    host_id = _agent_pairs(live_server, code, token, "c0ffee", "10.0.0.5")
+    host_id = _agent_pairs(live_server, code, token, "c0ffee", "10.0.0.5", sidecar="5eaf00d")
     [w] = ctl.json("workload", "list")
     assert (w["host_id"], w["labels"]) == (host_id, {"app": "shop", "role": "db"})
-    assert "10.0.0.5" in ctl.ok("workload", "list")
+    assert w["sidecars"] == [{"container_id": "5eaf00d", "name": "proxy"}]
+    header, main, side = ctl.ok("workload", "list").splitlines()
+    assert header.split() == [
+        *("ID", "HOST", "CONTAINER", "NAME", "LABELS", "IPS", "PAIRED", "SHARES")
+    ]
+    assert "10.0.0.5" in main and main.split()[-1] == "-"
+    assert side.split() == ["-", host_id, "5eaf00d", "proxy", "-", "-", "-", w["id"]]
     assert host_id in ctl.ok("host", "list")
     assert [h["workloads"] for h in ctl.json("host", "list")] == [1]
     assert "revoked" in ctl.ok("host", "revoke", host_id)

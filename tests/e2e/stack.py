@@ -103,6 +103,7 @@ class Stack:
     server: Proc | None = None
     agent: Proc | None = None
     port: int = 0
+    listen_host: str = "127.0.0.1"  # the test bed's server listens on the underlay
     token: str = ""
     containers: list[str] = field(default_factory=list)
     networks: list[str] = field(default_factory=list)
@@ -111,7 +112,7 @@ class Stack:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.listen_host}:{self.port}"
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -131,7 +132,7 @@ class Stack:
                 "--data-dir",
                 str(data),
                 "--listen",
-                f"127.0.0.1:{self.port}",
+                f"{self.listen_host}:{self.port}",
             ],
             self.root / "server.log",
             self._env(),

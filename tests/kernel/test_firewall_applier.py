@@ -10,12 +10,13 @@ import os
 import re
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import structlog
 
 from segd.firewall import render
-from segd.firewall.kernel import Firewall, NamespaceGone, NftError, NsRef
+from segd.firewall.kernel import Firewall, HostNamespace, NamespaceGone, NftError, NsRef
 from segd.firewall.plan import Plan
 from segd.policy import Service
 from segd.wire import Allow, WorkloadPolicy
@@ -271,6 +272,44 @@ async def test_a_vanished_namespace_raises_and_frees_its_context(make_netns: Mak
             await fw.apply(ns, render.render_isolation())
         assert fw.open_namespaces == 0
         assert open_fds() == baseline
+
+
+PROBE_TABLE = "segd_hostns_probe"
+
+
+def drop_probe_table() -> None:
+    subprocess.run(["nft", "delete", "table", "inet", PROBE_TABLE], capture_output=True)
+
+
+async def test_a_container_path_into_the_host_namespace_is_refused(
+    make_netns: MakeNetns, tmp_path: Path
+) -> None:
+    """However a container's path comes to lead into the host's namespace (here:
+    it is re-pointed, as when the container's pid is reused by a host process),
+    nothing is written there. The script is a harmless empty table."""
+    c = make_netns("c")
+    link = tmp_path / "ns"
+    link.symlink_to(c.path)
+    ns = NsRef("c", str(link))
+    script = Plan("probe", (f"add table inet {PROBE_TABLE}\n",))
+    before = host_tables()
+    try:
+        async with Firewall() as fw:
+            await fw.apply(ns, script)
+            assert PROBE_TABLE in c.nft("list", "tables")
+            link.unlink()
+            link.symlink_to("/proc/self/ns/net")
+            with pytest.raises(HostNamespace):
+                await fw.apply(ns, script)
+            with pytest.raises(HostNamespace):
+                await fw.apply(NsRef("h", "/proc/self/ns/net"), script)
+            with pytest.raises(HostNamespace):
+                await fw.list_table(NsRef("h", "/proc/self/ns/net"))
+            assert fw.open_namespaces == 0
+            assert os.stat("/proc/self/ns/net").st_ino in {i for _, i in fw.host_namespaces}
+        assert host_tables() == before
+    finally:
+        drop_probe_table()
 
 
 async def test_a_worker_that_cannot_return_home_is_replaced(pair: Pair) -> None:

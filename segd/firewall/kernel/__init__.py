@@ -18,7 +18,10 @@ one nftables endpoint (`_nft`: a libnftables context from `_ffi`, or the
 under the caller's key together with the namespace's identity (device and
 inode of its nsfs file): when a container restarts with a new namespace, the
 next call notices and binds a new one. `forget` frees it (a libnftables
-context pins its namespace). `ports` reads a namespace's addresses and veth
+context pins its namespace). A container's path that leads into the host's
+own namespace (this process's, or init's) is refused with `HostNamespace`,
+however it got there (a host-networked container, one joined to it, a pid
+reused by a host process). `ports` reads a namespace's addresses and veth
 peers over a short-lived rtnetlink socket (`_rtnl`) and keeps nothing. The
 underscored submodules are private to this package; `_ffi` is the only module
 in segd that imports ctypes.
@@ -37,23 +40,31 @@ from typing import Literal, TypeVar
 from segd import log as logging
 from segd.firewall.gate import GATE
 from segd.firewall.kernel import _ffi, _worker
-from segd.firewall.kernel._errors import NamespaceGone, NetnsError, NftError, WorkerBroken
-from segd.firewall.kernel._host import HOST_LOCK, BackendName, take_host_lock, unavailable
+from segd.firewall.kernel._errors import (
+    HostNamespace,
+    NamespaceGone,
+    NetnsError,
+    NftError,
+    WorkerBroken,
+)
+from segd.firewall.kernel._host import BackendName, take_host_lock, unavailable
 from segd.firewall.kernel._nft import LibNft, NftBackend, NsenterNft
 from segd.firewall.kernel._ports import read_ports
-from segd.firewall.kernel._worker import NsId, Worker
+from segd.firewall.kernel._worker import NsId, Worker, stat_ns
 from segd.firewall.plan import Plan, Table
 from segd.firewall.render import CONTAINER
 
 __all__ = [
-    "HOST_LOCK",
     "BackendName",
     "Firewall",
+    "HostNamespace",
     "NamespaceGone",
     "NetnsError",
     "NftError",
+    "NsId",
     "NsRef",
     "WorkerBroken",
+    "stat_ns",
     "take_host_lock",
     "unavailable",
 ]
@@ -116,6 +127,7 @@ class Firewall:
         self._sessions: dict[str, _Session] = {}
         self.max_open = max_open
         self._gate: _Session | None = None
+        self._host_ns: frozenset[NsId] = frozenset()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -124,6 +136,7 @@ class Firewall:
             return
         # Opened on the loop thread: the namespace this process (the host) lives in.
         self._home_fd = os.open(_worker.THREAD_NS, os.O_RDONLY | os.O_CLOEXEC)
+        self._host_ns = _worker.host_ids(self._home_fd)
         self._worker = Worker(self._home_fd, self._setns)
         log.info("firewall.started", backend=self.backend, gate_ns=self._gate_path or "host")
 
@@ -152,6 +165,11 @@ class Firewall:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @property
+    def host_namespaces(self) -> frozenset[NsId]:
+        """The host's namespace identities; no container table goes into one."""
+        return self._host_ns
 
     @property
     def open_namespaces(self) -> int:
@@ -279,6 +297,10 @@ class Firewall:
 
     def _session(self, w: Worker, ns: NsRef) -> NftBackend:
         s = self._ensure(w, self._sessions.pop(ns.key, None), ns.path)
+        if s.ns is None or s.ns in self._host_ns:
+            s.nft.close()
+            log.error("firewall.host_namespace_refused", ns=ns.key, path=ns.path)
+            raise HostNamespace(f"{ns.path} is the host's network namespace")
         self._sessions[ns.key] = s  # most recently used last
         self._evict()
         return s.nft

@@ -15,5 +15,9 @@ class NamespaceGone(NetnsError):
     """The namespace path does not exist (the container is gone)."""
 
 
+class HostNamespace(NetnsError):
+    """A container's namespace path leads into the host's own namespace."""
+
+
 class WorkerBroken(NetnsError):
     """The worker thread could not return home; it runs nothing more."""

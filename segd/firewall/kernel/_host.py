@@ -12,8 +12,6 @@ from segd.firewall.kernel._nft import binary
 
 BackendName = Literal["libnftables", "nsenter", "auto"]
 
-HOST_LOCK = "/run/segd/agent.lock"
-
 _CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21}
 
 
@@ -45,12 +43,13 @@ def unavailable(backend: BackendName = "auto") -> str | None:
     return None
 
 
-def take_host_lock(path: str = HOST_LOCK) -> int:
+def take_host_lock(path: str) -> int:
     """Become the host's only agent, or exit with one line saying why not.
 
     The host gate is a single table in the host's namespace, and two agents
-    would keep undoing each other's entries. Returns the lock's file
-    descriptor: the lock holds until it is closed or the process ends.
+    would keep undoing each other's entries (`segd.agent.hostlock` names the
+    lock of a namespace). Returns the lock's file descriptor: the lock holds
+    until it is closed or the process ends.
     """
     problem = unavailable()
     if problem is not None:

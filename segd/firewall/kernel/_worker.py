@@ -26,6 +26,7 @@ from segd.firewall.kernel._errors import NamespaceGone, NetnsError, WorkerBroken
 from segd.firewall.kernel._ffi import setns
 
 THREAD_NS = "/proc/thread-self/ns/net"
+INIT_NS = "/proc/1/ns/net"
 
 log = logging.get(__name__)
 
@@ -61,6 +62,15 @@ def stat_ns(path: str) -> NsId:
         return ns_id(os.stat(path))
     except FileNotFoundError:
         raise NamespaceGone(f"network namespace {path} does not exist") from None
+
+
+def host_ids(home_fd: int, init_path: str = INIT_NS) -> frozenset[NsId]:
+    """The host's namespace identities: `home_fd`'s (where this process lives)
+    and init's, when it can be read (it cannot in every sandbox)."""
+    ids = {ns_id(os.fstat(home_fd))}
+    with contextlib.suppress(OSError):
+        ids.add(ns_id(os.stat(init_path)))
+    return frozenset(ids)
 
 
 @dataclass
