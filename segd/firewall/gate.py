@@ -195,7 +195,7 @@ def render_gate(entries: Iterable[tuple[str, str]], subnets: Iterable[str]) -> P
     """
     a4, a6 = split_entries(entries)
     s4, s6 = split_subnets(subnets)
-    lines = [f"flush table {GATE}", _DROP_SHADOW[:-1]]
+    lines = [f"flush table {GATE}", *nftext.drop_table_lines(nftext.shadow_of(GATE))]
     for name, elements in (("allowed4", a4), ("allowed6", a6), ("subnets4", s4), ("subnets6", s6)):
         lines += nftext.refill(GATE, name, elements)
     in_place = _SKELETON + "\n".join([*lines, *_ADD_RULES]) + "\n"

@@ -92,9 +92,14 @@ def table_text(table: Table, body: Sequence[str]) -> str:
 # ---- commands ------------------------------------------------------------------------
 
 
-def drop_table(table: Table) -> str:
+def drop_table_lines(table: Table) -> list[str]:
     """Remove `table` whether or not it exists (nftables 1.0.6 has no `destroy`)."""
-    return f"add table {table}\ndelete table {table}\n"
+    return [f"add table {table}", f"delete table {table}"]
+
+
+def drop_table(table: Table) -> str:
+    """`drop_table_lines` as a script."""
+    return "\n".join(drop_table_lines(table)) + "\n"
 
 
 def drop_set(table: Table, name: str, typ: str) -> list[str]:

@@ -187,7 +187,7 @@ def _in_place(shape: _Shape, was: Iterable[str]) -> str:
     """One transaction that makes an `inet segd` table holding the peer sets `was`
     (or absent, or holding fewer) exactly `shape`."""
     kept = {name for name, _, _ in shape.sets}
-    lines = [f"flush table {CONTAINER}", nftext.drop_table(nftext.shadow_of(CONTAINER))[:-1]]
+    lines = [f"flush table {CONTAINER}", *nftext.drop_table_lines(nftext.shadow_of(CONTAINER))]
     for peer in sorted({check_set_name(n) for n in was}):
         for fam, typ in _FAMILIES:
             if f"{peer}_{fam}" not in kept:
