@@ -16,11 +16,14 @@ import msgspec
 from aiohttp import web
 
 import segd
-from segd import wire
-from segd.errors import InvalidInput, Unavailable
+from segd import crypto, wire
+from segd.errors import Forbidden, InvalidInput, RateLimited, Unauthorized, Unavailable
+from segd.ratelimit import source_of
 from segd.server import agents
 from segd.server.auth import NonceCache, require_admin, verify_agent
+from segd.server.guard import too_many
 from segd.server.http import expect_handler, float_param, int_param, json_response, read_body
+from segd.server.refusals import clip
 from segd.server.service import Service
 
 T = TypeVar("T")
@@ -48,6 +51,7 @@ class Call:
     svc: Service
     body: object
     host_id: str  # the calling agent's host id ("" when not an agent route)
+    source: str = ""  # the rate-limited source of the request (`ratelimit.source_of`)
 
     def body_as(self, t: type[T]) -> T:
         assert isinstance(self.body, t)
@@ -153,8 +157,12 @@ async def new_activation_code(c: Call) -> wire.ActivationCode:
     return await c.svc.new_activation_code(c.body_as(wire.ActivationCodeIn))
 
 
+async def rotate_admin_token(c: Call) -> wire.AdminToken:
+    return await c.svc.rotate_admin_token()
+
+
 async def register(c: Call) -> wire.Registered:
-    return await c.svc.register(c.body_as(wire.RegisterIn))
+    return await c.svc.register(c.body_as(wire.RegisterIn), c.source)
 
 
 async def pair(c: Call) -> web.Response:
@@ -214,6 +222,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/activation-codes", new_activation_code,
           "Issue a single-use agent activation code", body=wire.ActivationCodeIn,
           response=wire.ActivationCode, status=201),
+    Route("POST", "/v1/admin-token/rotate", rotate_admin_token,
+          "Replace the admin token: the answer and the server's admin.token hold the new one, "
+          "every other token is refused from now on", response=wire.AdminToken),
     Route("POST", "/v1/agent/register", register, "Register an agent with an activation code",
           "none", body=wire.RegisterIn, response=wire.Registered, status=201),
     Route("POST", "/v1/agent/pair", pair, "Pair a container (idempotent per container)",
@@ -241,22 +252,38 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
     allowed = frozenset(p.name for p in route.query)
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await authenticated(request)
+        except RateLimited as e:
+            return too_many(e)
+
+    async def authenticated(request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME]
         if rt.svc is None or rt.nonces is None:
             raise Unavailable("server is starting or stopping")
+        svc = rt.svc
+        source = source_of(request.remote)
+        if route.auth == "none":
+            svc.guard.admit(source, svc.clock())
         unknown = sorted(set(request.query) - allowed)
         if unknown:  # a typo must not silently mean the default
             raise InvalidInput(f"unknown query parameter {unknown[0]!r}")
-        svc = rt.svc
         host_id = ""
         if route.auth == "admin":
-            require_admin(svc, request)
+            try:
+                require_admin(svc, request)
+            except Unauthorized as e:
+                raise svc.guard.refused(source, e, "admin token", svc.clock()) from None
         raw = await read_body(request)
         if route.auth == "agent":
-            host_id = verify_agent(svc, rt.nonces, request, raw)
+            try:
+                host_id = await verify_agent(svc, rt.nonces, request, raw)
+            except (Unauthorized, Forbidden) as e:
+                sample = f"host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
+                raise svc.guard.refused(source, e, sample, svc.clock()) from None
             await agents.touch(svc, host_id)
         body = decoder.decode(raw.strip() or b"{}") if decoder is not None else None
-        result = await route.handler(Call(request, svc, body, host_id))
+        result = await route.handler(Call(request, svc, body, host_id, source))
         if isinstance(result, web.StreamResponse):
             return result
         if result is None:

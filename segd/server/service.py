@@ -30,8 +30,11 @@ from segd.errors import Forbidden, InvalidInput, NotFound, SegdError, Unauthoriz
 from segd.server import tokens, validate
 from segd.server.commit import Work
 from segd.server.compiler import Compiler
+from segd.server.guard import Guard
 from segd.server.notify import Hub
 from segd.server.publish import Plan, Publisher, Signing
+from segd.server.refusals import clip
+from segd.server.replay import ReplayMarks
 from segd.server.store import Store, Tx
 
 _log = log.get("segd.server")
@@ -59,6 +62,10 @@ def _prepare_data_dir(data: Path) -> nacl.signing.SigningKey:
     """Create the data dir (0700) and load or create the signing key (0600)."""
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     return crypto.load_or_create_signing_key(data / SIGNING_KEY_FILE)
+
+
+def _new_admin_token() -> str:
+    return "segd_" + secrets.token_urlsafe(32)
 
 
 def _read_secret(path: Path) -> str:
@@ -125,6 +132,8 @@ class Service:
         self.store = store
         self.clock = clock
         self.started_at = clock()
+        self.marks = ReplayMarks(self.started_at, {})
+        self.guard = Guard(cfg)
         self.signing_key = key
         self.hub = Hub()
         self.compiler = Compiler()
@@ -163,6 +172,7 @@ class Service:
             h.id: HostAuth(crypto.verify_key_from_b64(h.public_key), h.revoked)
             for h in await self.store.hosts()
         }
+        self.marks = ReplayMarks(self.started_at, await self.store.replay_marks())
         states = {
             h: s for h, s in (await self.store.host_digests()).items() if not self.hosts[h].revoked
         }
@@ -181,19 +191,65 @@ class Service:
         )
 
     async def _ensure_admin_token(self) -> None:
-        """Make sure `<data_dir>/admin.token` holds a valid token (hash kept in the store)."""
+        """Make `<data_dir>/admin.token` hold the one valid admin token.
+
+        The token in the file stays valid and any other is dropped. When the file
+        is missing or holds no valid token, a new one is written there and every
+        other token is invalidated (logged and audited): deleting the file and
+        restarting rotates the token, it never leaves a second one valid.
+        """
         path = self.data_dir / ADMIN_TOKEN_FILE
         hashes = await self.store.admin_token_hashes()
         current = _read_secret(path)
-        if not current or sha256_hex(current) not in hashes:
-            token = "segd_" + secrets.token_urlsafe(32)
-            crypto.write_secret(path, token + "\n")
-            h = sha256_hex(token)
-            async with self.store.write() as tx:
-                tx.insert_admin_token(h, self.clock())
-            hashes.add(h)
+        now = self.clock()
+        if current and sha256_hex(current) in hashes:
+            h = sha256_hex(current)
+            if len(hashes) > 1:
+                async with self.store.write() as tx:
+                    dropped = tx.keep_only_admin_token(h, now)
+                    tx.audit(now, "admin.tokens_invalidated", "ok", detail=f"{dropped} tokens")
+                _log.warning("admin.tokens_invalidated", count=dropped, kept=str(path))
+            self.admin_hashes = {h}
+            return
+        token = _new_admin_token()
+        h = sha256_hex(token)
+        reason = "file_mismatch" if current else "file_missing"
+        crypto.write_secret(path, token + "\n")
+        async with self.store.write() as tx:
+            dropped = tx.keep_only_admin_token(h, now)
+            if hashes:
+                tx.audit(now, "admin.token_replaced", "ok", reason, detail=f"{dropped} invalidated")
+        self.admin_hashes = {h}
+        if hashes:
+            _log.warning("admin.token_replaced", path=str(path), invalidated=dropped, why=reason)
+        else:
             _log.info("admin.token_created", path=str(path))
-        self.admin_hashes = hashes
+
+    async def rotate_admin_token(self) -> wire.AdminToken:
+        """A new admin token, written 0600 to `<data_dir>/admin.token`; every other
+        token is invalid from the moment the change commits."""
+        token = _new_admin_token()
+        h = sha256_hex(token)
+        path = self.data_dir / ADMIN_TOKEN_FILE
+        now = self.clock()
+        async with self.store.write() as tx:
+            dropped = tx.keep_only_admin_token(h, now)
+            tx.audit(now, "admin.token_rotated", "ok", detail=f"{dropped} invalidated")
+        self.admin_hashes = {h}
+        try:
+            crypto.write_secret(path, token + "\n")
+        except OSError as e:
+            # The answer still carries the token (a start that finds the file stale
+            # would replace it again).
+            _log.error("admin.token_file_failed", path=str(path), error=str(e))
+        _log.warning("admin.token_rotated", path=str(path), invalidated=dropped)
+        return wire.AdminToken(token=token, token_file=str(path))
+
+    async def persist_mark(self, host_id: str, ts: float) -> None:
+        """Raise the host's replay mark to `ts`, durably."""
+        async with self.store.write() as tx:
+            tx.set_replay_mark(host_id, ts)
+        self.marks.persisted(host_id, ts)
 
     async def close(self) -> None:
         self.hub.close()
@@ -403,7 +459,9 @@ class Service:
 
     # ---- agents (registration; pairing is in agents.py) ----------------------------
 
-    async def register(self, rin: wire.RegisterIn) -> wire.Registered:
+    async def register(self, rin: wire.RegisterIn, source: str) -> wire.Registered:
+        """Register an agent. A refusal is audited in full when it is the first from
+        its source in a while; the others are summed up (`guard`)."""
         hostname = validate.hostname(rin.hostname)
         try:
             vk = crypto.verify_key_from_b64(rin.public_key)
@@ -412,6 +470,7 @@ class Service:
         host_id = new_id("h", 8)
         now = self.clock()
         failure: SegdError | None = None
+        audited = False
         async with self.change() as (tx, ch):
             if tx.host_with_key(rin.public_key) is not None:
                 failure = SegdError(
@@ -424,16 +483,20 @@ class Service:
             else:
                 tx.insert_host(host_id, hostname, rin.public_key, now)
                 ch.add_host(host_id)
-            tx.audit(
-                now,
-                "host.registered",
-                "denied" if failure else "ok",
-                failure.code if failure else "",
-                host_id="" if failure else host_id,
-                detail=hostname,
-            )
+            if failure is None:
+                tx.audit(now, "host.registered", "ok", host_id=host_id, detail=hostname)
+            elif audited := self.guard.refusals.note(
+                source, failure.code, f"hostname {hostname}", now, audit=True
+            ):
+                tx.audit(now, "host.registered", "denied", failure.code, detail=clip(hostname))
         if failure is not None:
-            _log.warning("host.register_refused", hostname=hostname, reason=failure.code)
+            if audited:
+                _log.warning(
+                    "host.register_refused",
+                    hostname=clip(hostname),
+                    source=source,
+                    reason=failure.code,
+                )
             raise failure
         self.hosts[host_id] = HostAuth(vk, False)
         _log.info("host.registered", host=host_id, hostname=hostname)
