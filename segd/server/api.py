@@ -263,8 +263,9 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
             raise Unavailable("server is starting or stopping")
         svc = rt.svc
         source = source_of(request.remote)
+        what = f"{route.method} {route.path}"
         if route.auth == "none":
-            svc.guard.admit(source, svc.clock())
+            svc.guard.admit(source, what, svc.clock())
         unknown = sorted(set(request.query) - allowed)
         if unknown:  # a typo must not silently mean the default
             raise InvalidInput(f"unknown query parameter {unknown[0]!r}")
@@ -273,13 +274,13 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
             try:
                 require_admin(svc, request)
             except Unauthorized as e:
-                raise svc.guard.refused(source, e, "admin token", svc.clock()) from None
+                raise svc.guard.refused(source, e, f"{what} (admin token)", svc.clock()) from None
         raw = await read_body(request)
         if route.auth == "agent":
             try:
                 host_id = await verify_agent(svc, rt.nonces, request, raw)
             except (Unauthorized, Forbidden) as e:
-                sample = f"host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
+                sample = f"{what} as host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
                 raise svc.guard.refused(source, e, sample, svc.clock()) from None
             await agents.touch(svc, host_id)
         body = decoder.decode(raw.strip() or b"{}") if decoder is not None else None

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from segd import crypto
 from segd.errors import InvalidInput, Unauthorized
+from segd.server.replay import RESOLUTION
 from segd.server.service import Service
 
 _NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}\Z")
@@ -84,7 +85,7 @@ async def verify_agent(svc: Service, nonces: NonceCache, request: web.Request, b
             f"request timestamp is more than {cfg.request_skew_s:g}s behind server time",
             code="stale_request",
         )
-    if ts > now + cfg.request_future_skew_s:
+    if ts > now + cfg.request_future_skew_s + RESOLUTION:
         raise Unauthorized(
             f"request timestamp is more than {cfg.request_future_skew_s:g}s ahead of server time",
             code="stale_request",

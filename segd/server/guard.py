@@ -37,11 +37,11 @@ class Guard:
         self.buckets = TokenBuckets(cfg.rate_limit_per_s, cfg.rate_limit_burst, MAX_SOURCES)
         self.refusals = Refusals(SUMMARY_WINDOW_S, SUMMARY_SOURCES, AUDITED_PER_WINDOW)
 
-    def admit(self, source: str, now: float) -> None:
+    def admit(self, source: str, sample: str, now: float) -> None:
         """Charge a request that needs no credentials; RateLimited beyond the limit."""
         wait = self.buckets.take(source, now)
         if wait > 0:
-            self.refusals.note(source, RateLimited.code, "", now, audit=False)
+            self.refusals.note(source, RateLimited.code, sample, now, audit=False)
             raise RateLimited(wait)
 
     def refused(self, source: str, err: SegdError, sample: str, now: float) -> SegdError:
