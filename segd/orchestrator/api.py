@@ -83,7 +83,9 @@ class OrchestratorAPI:
         self._orch = orch
         self._max_body = max_body_bytes
         self._accept_token = accept_token
-        self._limiter = limiter or TokenBuckets(DEFAULT_RATE_LIMIT_PER_S, DEFAULT_RATE_LIMIT_BURST)
+        if limiter is None:
+            limiter = TokenBuckets(DEFAULT_RATE_LIMIT_PER_S, DEFAULT_RATE_LIMIT_BURST)
+        self._limiter = limiter
 
     def bind(self, orch: Orchestrator | None) -> None:
         self._orch = orch
