@@ -9,6 +9,11 @@ line. A bucket that has filled up again is the same as none and is dropped to
 make room; when every tracked source is still draining, new sources share one
 overflow bucket, so addresses beyond the table are limited together rather
 than not at all. Pure: no I/O, the caller passes the time.
+
+Whoever answers a refusal holds it back for `HOLD_S` first: answering a
+refused request costs a server almost as much as answering a good one, so a
+source must not get refusals as fast as it can ask for them. Held, a flood
+over a few connections becomes a trickle.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import dataclasses
 import ipaddress
 
 UNKNOWN = "unknown"
+HOLD_S = 1.0  # how long a rate-limited answer is held back
 
 
 @dataclasses.dataclass

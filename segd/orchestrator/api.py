@@ -10,6 +10,7 @@ that application's middlewares are.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import time
@@ -26,7 +27,7 @@ from segd.errors import InvalidInput, RateLimited, SegdError, Unauthorized, Unav
 from segd.orchestrator import validate
 from segd.orchestrator import wire as owire
 from segd.orchestrator.service import Orchestrator
-from segd.ratelimit import TokenBuckets, source_of
+from segd.ratelimit import HOLD_S, TokenBuckets, source_of
 from segd.server import openapi
 
 PREFIX = "/v1/orch"
@@ -69,7 +70,8 @@ class OrchestratorAPI:
     context; `accept_token` lets a host application admit its own admin token
     as well as the orchestrator's. Requests on routes that need no token, and
     requests with a refused token, are charged to their source's bucket of
-    `limiter`: beyond it they are answered 429 (a good token is never limited).
+    `limiter`: beyond it they are answered 429, held back for `HOLD_S` (a good
+    token is never limited).
     """
 
     def __init__(
@@ -122,6 +124,8 @@ class OrchestratorAPI:
                     self._authorize(request)
                 return await fn(request)
             except SegdError as err:
+                if isinstance(err, RateLimited):
+                    await asyncio.sleep(HOLD_S)
                 if err.status >= 500:
                     _log.warning(
                         "request.failed",

@@ -255,7 +255,7 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
         try:
             return await authenticated(request)
         except RateLimited as e:
-            return too_many(e)
+            return await too_many(e)
 
     async def authenticated(request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME]
