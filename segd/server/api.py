@@ -3,7 +3,9 @@
 Each route names who may call it (`none`, `admin` by bearer token, `agent` by
 signed request), the msgspec type of its body and of its answer. A single
 adapter reads the body (size-limited), authenticates, decodes strictly and
-encodes the answer; handlers are one-liners into `Service` and `agents`.
+encodes the answer; handlers are one-liners into `Service` and `agents`. A
+request on a `none` route, or with refused credentials, is charged to its
+source's rate limit first (`guard`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ committed store, in the store's order.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,9 +24,9 @@ import msgspec
 import nacl.signing
 
 from segd import crypto, log, wire
-from segd.config import ADMIN_TOKEN_FILE, ServerConfig
+from segd.config import ServerConfig
 from segd.errors import Forbidden, InvalidInput, NotFound, SegdError, Unauthorized
-from segd.server import tokens, validate
+from segd.server import admintoken, tokens, validate
 from segd.server.commit import Work
 from segd.server.compiler import Compiler
 from segd.server.guard import Guard
@@ -54,25 +53,13 @@ def new_id(prefix: str, nbytes: int = 6) -> str:
     return f"{prefix}_{secrets.token_hex(nbytes)}"
 
 
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+sha256_hex = admintoken.sha256_hex
 
 
 def _prepare_data_dir(data: Path) -> nacl.signing.SigningKey:
     """Create the data dir (0700) and load or create the signing key (0600)."""
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     return crypto.load_or_create_signing_key(data / SIGNING_KEY_FILE)
-
-
-def _new_admin_token() -> str:
-    return "segd_" + secrets.token_urlsafe(32)
-
-
-def _read_secret(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return ""
 
 
 class Change:
@@ -181,7 +168,7 @@ class Service:
             async with self.store.write() as tx:
                 tx.set_versions(self.pub.versions(stale))
             self.pub.commit(stale)
-        await self._ensure_admin_token()
+        self.admin_hashes = {await admintoken.ensure(self.store, self.data_dir, self.clock())}
         _log.info(
             "server.loaded",
             hosts=len(self.hosts),
@@ -190,60 +177,11 @@ class Service:
             key_id=self.pub.key_id,
         )
 
-    async def _ensure_admin_token(self) -> None:
-        """Make `<data_dir>/admin.token` hold the one valid admin token.
-
-        The token in the file stays valid and any other is dropped. When the file
-        is missing or holds no valid token, a new one is written there and every
-        other token is invalidated (logged and audited): deleting the file and
-        restarting rotates the token, it never leaves a second one valid.
-        """
-        path = self.data_dir / ADMIN_TOKEN_FILE
-        hashes = await self.store.admin_token_hashes()
-        current = _read_secret(path)
-        now = self.clock()
-        if current and sha256_hex(current) in hashes:
-            h = sha256_hex(current)
-            if len(hashes) > 1:
-                async with self.store.write() as tx:
-                    dropped = tx.keep_only_admin_token(h, now)
-                    tx.audit(now, "admin.tokens_invalidated", "ok", detail=f"{dropped} tokens")
-                _log.warning("admin.tokens_invalidated", count=dropped, kept=str(path))
-            self.admin_hashes = {h}
-            return
-        token = _new_admin_token()
-        h = sha256_hex(token)
-        reason = "file_mismatch" if current else "file_missing"
-        crypto.write_secret(path, token + "\n")
-        async with self.store.write() as tx:
-            dropped = tx.keep_only_admin_token(h, now)
-            if hashes:
-                tx.audit(now, "admin.token_replaced", "ok", reason, detail=f"{dropped} invalidated")
-        self.admin_hashes = {h}
-        if hashes:
-            _log.warning("admin.token_replaced", path=str(path), invalidated=dropped, why=reason)
-        else:
-            _log.info("admin.token_created", path=str(path))
-
     async def rotate_admin_token(self) -> wire.AdminToken:
-        """A new admin token, written 0600 to `<data_dir>/admin.token`; every other
-        token is invalid from the moment the change commits."""
-        token = _new_admin_token()
-        h = sha256_hex(token)
-        path = self.data_dir / ADMIN_TOKEN_FILE
-        now = self.clock()
-        async with self.store.write() as tx:
-            dropped = tx.keep_only_admin_token(h, now)
-            tx.audit(now, "admin.token_rotated", "ok", detail=f"{dropped} invalidated")
+        """A new admin token; every other one is refused from now on."""
+        h, answer = await admintoken.rotate(self.store, self.data_dir, self.clock())
         self.admin_hashes = {h}
-        try:
-            crypto.write_secret(path, token + "\n")
-        except OSError as e:
-            # The answer still carries the token (a start that finds the file stale
-            # would replace it again).
-            _log.error("admin.token_file_failed", path=str(path), error=str(e))
-        _log.warning("admin.token_rotated", path=str(path), invalidated=dropped)
-        return wire.AdminToken(token=token, token_file=str(path))
+        return answer
 
     async def persist_mark(self, host_id: str, ts: float) -> None:
         """Raise the host's replay mark to `ts`, durably."""
