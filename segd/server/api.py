@@ -252,6 +252,7 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
         msgspec.json.Decoder(route.body) if route.body is not None else None
     )
     allowed = frozenset(p.name for p in route.query)
+    what = f"{route.method} {route.path}"  # a refusal's sample
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
@@ -264,9 +265,9 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
         if rt.svc is None or rt.nonces is None:
             raise Unavailable("server is starting or stopping")
         svc = rt.svc
-        source = source_of(request.remote)
-        what = f"{route.method} {route.path}"
+        source = ""  # worked out only where charged: most requests never are
         if route.auth == "none":
+            source = source_of(request.remote)
             svc.guard.admit(source, what, svc.clock())
         unknown = sorted(set(request.query) - allowed)
         if unknown:  # a typo must not silently mean the default
@@ -276,14 +277,15 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
             try:
                 require_admin(svc, request)
             except Unauthorized as e:
-                raise svc.guard.refused(source, e, f"{what} (admin token)", svc.clock()) from None
+                sample = f"{what} (admin token)"
+                raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
         raw = await read_body(request)
         if route.auth == "agent":
             try:
                 host_id = await verify_agent(svc, rt.nonces, request, raw)
             except (Unauthorized, Forbidden) as e:
                 sample = f"{what} as host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
-                raise svc.guard.refused(source, e, sample, svc.clock()) from None
+                raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
             await agents.touch(svc, host_id)
         body = decoder.decode(raw.strip() or b"{}") if decoder is not None else None
         result = await route.handler(Call(request, svc, body, host_id, source))
