@@ -3,12 +3,14 @@ flood leaves in the audit and the store.
 
 A fresh `segd server` process gets one pairing key and one registered agent.
 One client pairs containers one after another (signed, each a real pairing)
-for `seconds` with nothing else going on (the baseline), then for `seconds`
-again while a flooder process, from another loopback address (127.0.0.2),
-sends registrations with unknown activation codes over `flooders` keep-alive
-connections as fast as the server answers; then the flooder goes on alone for
-`seconds` more. The server is stopped (which writes any pending refusal
-summaries) and its store read directly.
+for `seconds` while a flooder process, from another loopback address
+(127.0.0.2), sends registrations with unknown activation codes over `flooders`
+keep-alive connections as fast as the server answers; then the flooder goes on
+alone for `seconds` more. The baseline is the same client with nothing else
+going on, for half of `seconds` just before the flood and half just after it
+(pooled), so that a passing disturbance of the machine weighs on both alike.
+The server is stopped (which writes any pending refusal summaries) and its
+store read directly.
 
 Figures: median and p99 pairing latency during the flood against the quiet
 run; the audit rows the whole flood added (pairings' own rows left out); how
@@ -166,26 +168,35 @@ def _measure(p: Params, root: Path) -> dict[str, Any]:
     try:
         token = server.key("flood", {"role": "web", "app": "bench"}, max_uses=1_000_000)
         [agent] = register_agents(server, 1)
-        quiet = asyncio.run(pair_for(server.url, agent, token, p.seconds, 0, "quiet"))
+        half = p.seconds / 2
+        before = asyncio.run(pair_for(server.url, agent, token, half, 0, "quiet"))
         first_id = _last_audit_id(db)
         flooder = _flooder(server.url, 2 * p.seconds, p.flooders)
         loud = asyncio.run(pair_for(server.url, agent, token, p.seconds, 1_000_000, "flood"))
         bytes0 = _store_bytes(db)  # the flooder now runs alone
         attempts = _flood_result(flooder, 2 * p.seconds)
         bytes1 = _store_bytes(db)
+        flood_rows = _last_audit_id(db) - first_id
+        after = asyncio.run(pair_for(server.url, agent, token, half, 2_000_000, "quiet2"))
         server.proc.check_alive("segd server")
     finally:
         server.stop()
-    # With the summaries written at shutdown; each pairing wrote one row of its own.
+    # Each pairing wrote one row of its own; the summaries pending at the end are
+    # written at shutdown (after the quiet pairings that followed).
     events = _query(
         db, "SELECT event || ' ' || result, count(*) FROM audit WHERE id > ? GROUP BY 1", first_id
     )
     by_event = {str(k): int(v) for k, v in events}
+    pairing_rows = sum(loud.statuses.values()) + sum(after.statuses.values())
+    quiet = Pairings(
+        before.latencies + after.latencies, dict(Counter(before.statuses) + Counter(after.statuses))
+    )
     return {
         "quiet": quiet,
         "loud": loud,
         "attempts": attempts,
-        "audit_rows": sum(by_event.values()) - sum(loud.statuses.values()),
+        "audit_rows_by_the_end": flood_rows - sum(loud.statuses.values()),
+        "audit_rows": sum(by_event.values()) - pairing_rows,
         "audit_events": by_event,
         "store_bytes_before": bytes0,
         "store_growth_bytes": bytes1 - bytes0,
@@ -245,6 +256,7 @@ def run(size: Size) -> Section:
     ]
     details: dict[str, Any] = {
         "params": p.__dict__,
+        "audit_rows_when_the_flood_ended": m["audit_rows_by_the_end"],
         "flood_attempts": m["attempts"],
         "flood_attempts_per_s": round(attempts / flood_s),
         "audit_events_since_flood": m["audit_events"],
