@@ -36,6 +36,8 @@ async def run(svc: Service) -> None:
                 await prune_audit(svc)
         except SegdError as e:
             _log.warning("housekeeping.failed", error=e.message)
+        except Exception:  # a bug in one round must not end the chores for good
+            _log.exception("housekeeping.crashed")
         await asyncio.sleep(TICK_S)
 
 
