@@ -10,7 +10,9 @@ machine. One module per benchmark:
 - `pairing`: pairings per second over HTTP against a fixed-response handler;
 - `compile`: the policy compiler on 10,000 workloads, full and incremental;
 - `apply`: a ruleset and one set element through `Firewall`, against `nft -f`;
-- `footprint`: the agent's memory and CPU with 100 enforced containers.
+- `footprint`: the agent's memory and CPU with 100 enforced containers;
+- `flood`: pairing latency while another address floods registrations, and
+  the audit rows and store growth the flood leaves.
 """
 
-NAMES = ("enforce", "pairing", "compile", "apply", "footprint")
+NAMES = ("enforce", "pairing", "compile", "apply", "footprint", "flood")

@@ -24,6 +24,7 @@ MODULES = {
     "compile": "bench.compile_scale",
     "apply": "bench.apply_cost",
     "footprint": "bench.footprint",
+    "flood": "bench.flood",
 }
 DOCKER = {"enforce", "footprint"}
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"

@@ -143,7 +143,7 @@ async def drive(
     )
 
 
-def _register(server: Server, n: int) -> list[LoadAgent]:
+def register_agents(server: Server, n: int) -> list[LoadAgent]:
     out = []
     for i in range(n):
         code = server.api("POST", "/v1/activation-codes", {})["code"]
@@ -171,7 +171,7 @@ def _segd(root: Path, p: Params) -> tuple[Server, list[LoadAgent], list[str]]:
         tokens = [
             server.key(f"bench-{r}", {"role": r, "app": "bench"}, max_uses=1_000_000) for r in ROLES
         ]
-        return server, _register(server, p.agents), tokens
+        return server, register_agents(server, p.agents), tokens
     except BaseException:
         server.stop()
         raise

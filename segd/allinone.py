@@ -22,7 +22,7 @@ import msgspec
 from segd import log, sdnotify
 from segd.agent.agent import Agent
 from segd.config import DEFAULT_ALLINONE_DIR, Config
-from segd.orchestrator.app import add_routes
+from segd.orchestrator.app import add_routes, limiter_of
 from segd.orchestrator.service import Orchestrator
 from segd.server.app import ServerRunner
 from segd.wire import ActivationCodeIn
@@ -61,7 +61,13 @@ async def run_allinone(
     def admin_ok(token: str) -> bool:
         return runner.service.is_admin(token)
 
-    add_routes(runner.app, orch, max_body_bytes=orch_cfg.max_body_bytes, accept_token=admin_ok)
+    add_routes(
+        runner.app,
+        orch,
+        max_body_bytes=orch_cfg.max_body_bytes,
+        accept_token=admin_ok,
+        limiter=limiter_of(orch_cfg),
+    )
     agent_task: asyncio.Task[None] | None = None
     try:
         await runner.start()

@@ -24,6 +24,10 @@ DEFAULT_ALLINONE_DIR = "/var/lib/segd/allinone"
 DATA_DIR_ENV = "SEGD_DATA_DIR"  # overrides DEFAULT_ALLINONE_DIR for allinone and `segd ctl`
 ALLINONE_SERVER_SUBDIR = "server"  # the server's data dir inside the allinone data dir
 ADMIN_TOKEN_FILE = "admin.token"  # in the server's data dir, 0600
+MAX_FUTURE_SKEW_S = 30.0
+# Requests without credentials (and failed credentials) per source address.
+DEFAULT_RATE_LIMIT_PER_S = 10.0
+DEFAULT_RATE_LIMIT_BURST = 100
 
 # What the server takes as an agent's hostname (segd.server.validate.HOSTNAME_RE).
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
@@ -70,6 +74,13 @@ def _check_path(key: str, value: str, *, required: bool = False) -> None:
         raise ValueError(f"{key}: a path cannot contain a NUL character")
 
 
+def _check_rate_limit(per_s: float, burst: int) -> None:
+    if not 0.01 <= per_s <= 1_000_000:
+        raise ValueError("rate_limit_per_s: must be between 0.01 and 1000000")
+    if not 1 <= burst <= 1_000_000:
+        raise ValueError("rate_limit_burst: must be between 1 and 1000000")
+
+
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     pass
 
@@ -96,8 +107,12 @@ class ServerConfig(_Strict):
     data_dir: str = "/var/lib/segd/server"
     dimensions: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_DIMENSIONS))
     max_body_bytes: int = 65536
-    request_skew_s: float = 60.0
+    request_skew_s: float = 60.0  # how old an agent's request may be
+    request_future_skew_s: float = 5.0  # how far ahead of the server clock
     longpoll_timeout_s: float = 30.0
+    rate_limit_per_s: float = DEFAULT_RATE_LIMIT_PER_S
+    rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
+    audit_retention_days: int = 90  # 0: keep every entry
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
 
     def __post_init__(self) -> None:
@@ -107,8 +122,13 @@ class ServerConfig(_Strict):
             raise ValueError("max_body_bytes: must be between 1024 and 16777216")
         if not 1 <= self.request_skew_s <= 3600:
             raise ValueError("request_skew_s: must be between 1 and 3600")
+        if not 0 <= self.request_future_skew_s <= MAX_FUTURE_SKEW_S:
+            raise ValueError(f"request_future_skew_s: must be between 0 and {MAX_FUTURE_SKEW_S:g}")
         if not 1 <= self.longpoll_timeout_s <= 300:
             raise ValueError("longpoll_timeout_s: must be between 1 and 300")
+        _check_rate_limit(self.rate_limit_per_s, self.rate_limit_burst)
+        if not 0 <= self.audit_retention_days <= 36500:
+            raise ValueError("audit_retention_days: must be between 0 (keep all) and 36500")
         try:
             validate_dimensions(self.dimensions)
         except InvalidInput as e:
@@ -146,6 +166,8 @@ class OrchestratorConfig(_Strict):
     listen: str = DEFAULT_ORCH_LISTEN
     data_dir: str = "/var/lib/segd/orchestrator"
     max_body_bytes: int = 65536
+    rate_limit_per_s: float = DEFAULT_RATE_LIMIT_PER_S
+    rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
     dimensions: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_DIMENSIONS))
     register_local_node: bool = True  # add node `local` (the Docker socket) on first start
@@ -156,6 +178,7 @@ class OrchestratorConfig(_Strict):
         _check_path("data_dir", self.data_dir, required=True)
         if not 1024 <= self.max_body_bytes <= 16 * 1024 * 1024:
             raise ValueError("max_body_bytes: must be between 1024 and 16777216")
+        _check_rate_limit(self.rate_limit_per_s, self.rate_limit_burst)
         try:
             validate_dimensions(self.dimensions)
         except InvalidInput as e:

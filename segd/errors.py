@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 class SegdError(Exception):
     """An error with a machine code (snake_case) and a one-line message."""
@@ -46,3 +48,14 @@ class Forbidden(SegdError):
 class Unavailable(SegdError):
     code = "unavailable"
     status = 503
+
+
+class RateLimited(SegdError):
+    """Too many requests from one source: answered 429 with `Retry-After`."""
+
+    code = "rate_limited"
+    status = 429
+
+    def __init__(self, retry_after: float) -> None:
+        self.retry_after = max(1, math.ceil(retry_after))
+        super().__init__(f"too many requests from this address; retry in {self.retry_after} s")

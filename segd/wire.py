@@ -150,6 +150,11 @@ class ActivationCodeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     lifespan_s: int = 3600
 
 
+class AdminToken(msgspec.Struct, frozen=True):
+    token: str  # the new admin token; every other one is invalid
+    token_file: str  # where the server wrote it (0600, in its data dir)
+
+
 # ---- agent API ----------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """The agent's client for the segmentation server: every request signed.
 
 Errors are sorted in two: `Denied` (the server said no: a 4xx with a reason, which
-retrying will not change) and `ServerUnavailable` (unreachable, 5xx, timeouts:
-retry with jittered backoff).
+retrying will not change) and `ServerUnavailable` (unreachable, 5xx, 429 rate
+limited, timeouts: retry with jittered backoff).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class ServerClient:
                 status = resp.status
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise ServerUnavailable(str(e) or type(e).__name__) from None
-        if status >= 500:
+        if status >= 500 or status == 429:
             raise ServerUnavailable(f"server answered {status}: {_error_of(status, data).message}")
         if status >= 400:
             raise _error_of(status, data)

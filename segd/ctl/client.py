@@ -57,12 +57,18 @@ def read_token_file(path: str) -> str:
 
 
 def resolve_token(flag: str | None) -> str:
+    return resolve_token_source(flag)[0]
+
+
+def resolve_token_source(flag: str | None) -> tuple[str, Path | None]:
+    """The admin token and the file it was read from (None: from the environment)."""
     if flag:
-        return read_token_file(flag)
+        return read_token_file(flag), Path(flag)
     env = os.environ.get(ENV_TOKEN, "").strip()
     if env:
-        return env
-    return _read_token(local_token_file(), f"no --token-file or {ENV_TOKEN}; tried")
+        return env, None
+    path = local_token_file()
+    return _read_token(path, f"no --token-file or {ENV_TOKEN}; tried"), path
 
 
 def _read_token(path: Path, what: str) -> str:
@@ -83,8 +89,10 @@ class ApiClient:
         *,
         ca_file: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
+        token_file: Path | None = None,
     ) -> None:
         self.server = server
+        self.token_file = token_file  # where the token came from (None: the environment)
         self._token = token
         self._timeout = timeout
         self._ssl: ssl.SSLContext | None = None

@@ -4,6 +4,7 @@
     segd ctl profile add web --labels role=web,app=shop --lock role,app --max-uses 5
     segd ctl key issue web --lifespan 30m          # prints the token alone
     segd ctl workload list --json
+    segd ctl admin rotate-token                    # a new admin token, every other refused
 
 Listings print aligned tables, or the server's JSON with `--json`. A failure is
 one line on stderr and exit status 1 (2 for usage errors); never a traceback.
@@ -17,11 +18,12 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import msgspec
 
-from segd import wire
+from segd import crypto, wire
 from segd.ctl import render
 from segd.ctl.client import (
     ENV_CA,
@@ -29,7 +31,7 @@ from segd.ctl.client import (
     CtlError,
     read_token_file,
     resolve_server,
-    resolve_token,
+    resolve_token_source,
 )
 
 T = TypeVar("T")
@@ -301,6 +303,35 @@ def activation_code(api: ApiClient, a: argparse.Namespace) -> None:
     _show(raw, a, lambda r: _decode(r, wire.ActivationCode).code)
 
 
+def admin_rotate_token(api: ApiClient, a: argparse.Namespace) -> None:
+    """Rotate the admin token. The server writes the new one to its admin.token;
+    the token file this command read (if another) gets it too. Taken from the
+    environment, the new token is printed alone."""
+    raw = api.call("POST", "/v1/admin-token/rotate")
+    new = _decode(raw, wire.AdminToken)
+    kept = _keep_token(api.token_file, new)
+    if a.json:
+        _print_json(raw)
+    elif kept is None:
+        _out(new.token)
+    else:
+        _out(f"admin token rotated: the new one is in {kept}; every other token is refused")
+
+
+def _keep_token(path: Path | None, new: wire.AdminToken) -> Path | None:
+    if path is None:
+        return None
+    try:
+        if path.read_text().strip() != new.token:  # unless it is the server's own file
+            crypto.write_secret(path, new.token + "\n")
+    except OSError as e:
+        raise CtlError(
+            f"the admin token was rotated, but {path} cannot be written ({e.strerror or e}); "
+            f"the server wrote the new one to {new.token_file}; new token: {new.token}"
+        ) from None
+    return path
+
+
 def _seg(text: str) -> str:
     """One URL path segment (ids and names never contain '/')."""
     return urllib.parse.quote(text, safe="")
@@ -402,6 +433,13 @@ def _parser() -> argparse.ArgumentParser:
         json=True,
     )
     v.add_argument("--lifespan", default="1h", metavar="DURATION")
+    verb(
+        group("admin", "the admin token"),
+        "rotate-token",
+        admin_rotate_token,
+        "replace the admin token (written where this command read it)",
+        json=True,
+    )
 
     # Only listed here for --help: `orch ...` is handed to segd.ctl.orch before parsing.
     groups.add_parser("orch", help="the orchestrator (see `segd ctl orch --help`)")
@@ -449,10 +487,12 @@ def ctl_main(argv: list[str]) -> int:
             args = _parser().parse_args(argv)
         except SystemExit as e:  # --help
             return e.code if isinstance(e.code, int) else 0
+        token, token_file = resolve_token_source(getattr(args, "token_file", None))
         api = ApiClient(
             resolve_server(getattr(args, "server", None)),
-            resolve_token(getattr(args, "token_file", None)),
+            token,
             ca_file=getattr(args, "ca_file", None) or _env_ca(),
+            token_file=token_file,
         )
         args.fn(api, args)
     except CtlError as e:

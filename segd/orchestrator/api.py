@@ -10,8 +10,10 @@ that application's middlewares are.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -20,10 +22,12 @@ from aiohttp import hdrs, web
 from aiohttp.http import HttpVersion11
 
 from segd import log, wire
-from segd.errors import InvalidInput, SegdError, Unauthorized, Unavailable
+from segd.config import DEFAULT_RATE_LIMIT_BURST, DEFAULT_RATE_LIMIT_PER_S
+from segd.errors import InvalidInput, RateLimited, SegdError, Unauthorized, Unavailable
 from segd.orchestrator import validate
 from segd.orchestrator import wire as owire
 from segd.orchestrator.service import Orchestrator
+from segd.ratelimit import HOLD_S, TokenBuckets, source_of
 from segd.server import openapi
 
 PREFIX = "/v1/orch"
@@ -54,6 +58,8 @@ def error_response(e: SegdError) -> web.Response:
     resp = json_response(wire.Error(error=e.code, message=_one_line(e.message) or e.code), e.status)
     if e.status == 401:
         resp.headers["WWW-Authenticate"] = 'Bearer realm="segd-orchestrator"'
+    if isinstance(e, RateLimited):
+        resp.headers["Retry-After"] = str(e.retry_after)
     return resp
 
 
@@ -62,7 +68,10 @@ class OrchestratorAPI:
 
     `orch` may be bound later (`bind`), e.g. by an application's cleanup
     context; `accept_token` lets a host application admit its own admin token
-    as well as the orchestrator's.
+    as well as the orchestrator's. Requests on routes that need no token, and
+    requests with a refused token, are charged to their source's bucket of
+    `limiter`: beyond it they are answered 429, held back for `HOLD_S` (a good
+    token is never limited).
     """
 
     def __init__(
@@ -71,10 +80,14 @@ class OrchestratorAPI:
         *,
         max_body_bytes: int = 65536,
         accept_token: TokenCheck | None = None,
+        limiter: TokenBuckets | None = None,
     ) -> None:
         self._orch = orch
         self._max_body = max_body_bytes
         self._accept_token = accept_token
+        if limiter is None:
+            limiter = TokenBuckets(DEFAULT_RATE_LIMIT_PER_S, DEFAULT_RATE_LIMIT_BURST)
+        self._limiter = limiter
 
     def bind(self, orch: Orchestrator | None) -> None:
         self._orch = orch
@@ -96,15 +109,23 @@ class OrchestratorAPI:
             for r in ROUTES
         ]
 
+    def public(self, fn: Handler) -> Handler:
+        """`fn` as a route that needs no token (rate-limited per source)."""
+        return self._endpoint(fn, "none")
+
     # ---- plumbing -----------------------------------------------------------------
 
     def _endpoint(self, fn: Handler, auth: str = "admin") -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
-                if auth != "none":
+                if auth == "none":
+                    self._charge(request)
+                else:
                     self._authorize(request)
                 return await fn(request)
             except SegdError as err:
+                if isinstance(err, RateLimited):
+                    await asyncio.sleep(HOLD_S)
                 if err.status >= 500:
                     _log.warning(
                         "request.failed",
@@ -130,7 +151,14 @@ class OrchestratorAPI:
                 return
             if self._accept_token is not None and self._accept_token(token):
                 return
+        self._charge(request)
         raise Unauthorized("missing or invalid admin token")
+
+    def _charge(self, request: web.Request) -> None:
+        """One request of its source's bucket; RateLimited when it is empty."""
+        wait = self._limiter.take(source_of(request.remote), time.monotonic())
+        if wait > 0:
+            raise RateLimited(wait)
 
     async def _body(self, request: web.Request, typ: type[T]) -> T:
         if request.content_length is not None and request.content_length > self._max_body:
@@ -331,7 +359,11 @@ CONSTRAINTS: openapi.Constraints = {
     "ChangeIn": {"profile": _NAME},
 }
 ERRORS = {
-    "4XX": "Bad input, unauthorised, not found, in use, or refused by the node",
+    "4XX": (
+        "Bad input, unauthorised, not found, in use, or refused by the node; 429 (with "
+        "Retry-After) when one address sends too many requests without a token or with a "
+        "refused one"
+    ),
     "502": "The node failed",
     "503": "The store or the node is unavailable",
 }

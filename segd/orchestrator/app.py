@@ -22,6 +22,7 @@ from segd.errors import SegdError
 from segd.orchestrator import wire
 from segd.orchestrator.api import OrchestratorAPI, TokenCheck, error_response, json_response
 from segd.orchestrator.service import Orchestrator
+from segd.ratelimit import TokenBuckets
 from segd.tls import listener_context
 
 SHUTDOWN_TIMEOUT_S = 10.0  # how long in-flight requests may finish on stop
@@ -46,6 +47,10 @@ async def _json_errors(
         return error_response(SegdError(e.reason, code=code, status=e.status))
 
 
+def limiter_of(cfg: OrchestratorConfig) -> TokenBuckets:
+    return TokenBuckets(cfg.rate_limit_per_s, cfg.rate_limit_burst)
+
+
 async def _health(request: web.Request) -> web.Response:
     return json_response(wire.Health(status="ok", version=__version__))
 
@@ -56,9 +61,12 @@ def add_routes(
     *,
     max_body_bytes: int = 65536,
     accept_token: TokenCheck | None = None,
+    limiter: TokenBuckets | None = None,
 ) -> OrchestratorAPI:
     """Add the `/v1/orch/` routes to `app` (before it starts); `bind` later if None."""
-    api = OrchestratorAPI(orch, max_body_bytes=max_body_bytes, accept_token=accept_token)
+    api = OrchestratorAPI(
+        orch, max_body_bytes=max_body_bytes, accept_token=accept_token, limiter=limiter
+    )
     app.router.add_routes(api.routes())
     return api
 
@@ -75,9 +83,15 @@ def build_app(
     it on cleanup (after in-flight requests are drained).
     """
     app = web.Application(middlewares=[_json_errors], client_max_size=cfg.max_body_bytes)
-    api = add_routes(app, orch, max_body_bytes=cfg.max_body_bytes, accept_token=accept_token)
+    api = add_routes(
+        app,
+        orch,
+        max_body_bytes=cfg.max_body_bytes,
+        accept_token=accept_token,
+        limiter=limiter_of(cfg),
+    )
     app[API_KEY] = api
-    app.router.add_get("/v1/health", _health)
+    app.router.add_get("/v1/health", api.public(_health))
     if orch is None:
 
         async def owned(app: web.Application) -> AsyncIterator[None]:

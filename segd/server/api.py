@@ -3,7 +3,9 @@
 Each route names who may call it (`none`, `admin` by bearer token, `agent` by
 signed request), the msgspec type of its body and of its answer. A single
 adapter reads the body (size-limited), authenticates, decodes strictly and
-encodes the answer; handlers are one-liners into `Service` and `agents`.
+encodes the answer; handlers are one-liners into `Service` and `agents`. A
+request on a `none` route, or with refused credentials, is charged to its
+source's rate limit first (`guard`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import msgspec
 from aiohttp import web
 
 import segd
-from segd import wire
-from segd.errors import InvalidInput, Unavailable
+from segd import crypto, wire
+from segd.errors import Forbidden, InvalidInput, RateLimited, Unauthorized, Unavailable
+from segd.ratelimit import source_of
 from segd.server import agents
 from segd.server.auth import NonceCache, require_admin, verify_agent
+from segd.server.guard import too_many
 from segd.server.http import expect_handler, float_param, int_param, json_response, read_body
+from segd.server.refusals import clip
 from segd.server.service import Service
 
 T = TypeVar("T")
@@ -48,6 +53,7 @@ class Call:
     svc: Service
     body: object
     host_id: str  # the calling agent's host id ("" when not an agent route)
+    source: str = ""  # the rate-limited source of the request (`ratelimit.source_of`)
 
     def body_as(self, t: type[T]) -> T:
         assert isinstance(self.body, t)
@@ -153,8 +159,12 @@ async def new_activation_code(c: Call) -> wire.ActivationCode:
     return await c.svc.new_activation_code(c.body_as(wire.ActivationCodeIn))
 
 
+async def rotate_admin_token(c: Call) -> wire.AdminToken:
+    return await c.svc.rotate_admin_token()
+
+
 async def register(c: Call) -> wire.Registered:
-    return await c.svc.register(c.body_as(wire.RegisterIn))
+    return await c.svc.register(c.body_as(wire.RegisterIn), c.source)
 
 
 async def pair(c: Call) -> web.Response:
@@ -219,6 +229,9 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/activation-codes", new_activation_code,
           "Issue a single-use agent activation code", body=wire.ActivationCodeIn,
           response=wire.ActivationCode, status=201),
+    Route("POST", "/v1/admin-token/rotate", rotate_admin_token,
+          "Replace the admin token: the answer and the server's admin.token hold the new one, "
+          "every other token is refused from now on", response=wire.AdminToken),
     Route("POST", "/v1/agent/register", register, "Register an agent with an activation code",
           "none", body=wire.RegisterIn, response=wire.Registered, status=201),
     Route("POST", "/v1/agent/pair", pair, "Pair a container (idempotent per container)",
@@ -247,24 +260,43 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
         msgspec.json.Decoder(route.body) if route.body is not None else None
     )
     allowed = frozenset(p.name for p in route.query)
+    what = f"{route.method} {route.path}"  # a refusal's sample
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await authenticated(request)
+        except RateLimited as e:
+            return await too_many(e)
+
+    async def authenticated(request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME]
         if rt.svc is None or rt.nonces is None:
             raise Unavailable("server is starting or stopping")
+        svc = rt.svc
+        source = ""  # worked out only where charged: most requests never are
+        if route.auth == "none":
+            source = source_of(request.remote)
+            svc.guard.admit(source, what, svc.clock())
         unknown = sorted(set(request.query) - allowed)
         if unknown:  # a typo must not silently mean the default
             raise InvalidInput(f"unknown query parameter {unknown[0]!r}")
-        svc = rt.svc
         host_id = ""
         if route.auth == "admin":
-            require_admin(svc, request)
+            try:
+                require_admin(svc, request)
+            except Unauthorized as e:
+                sample = f"{what} (admin token)"
+                raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
         raw = await read_body(request)
         if route.auth == "agent":
-            host_id = verify_agent(svc, rt.nonces, request, raw)
+            try:
+                host_id = await verify_agent(svc, rt.nonces, request, raw)
+            except (Unauthorized, Forbidden) as e:
+                sample = f"{what} as host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
+                raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
             await agents.touch(svc, host_id)
         body = decoder.decode(raw.strip() or b"{}") if decoder is not None else None
-        result = await route.handler(Call(request, svc, body, host_id))
+        result = await route.handler(Call(request, svc, body, host_id, source))
         if isinstance(result, web.StreamResponse):
             return result
         if result is None:

@@ -11,6 +11,7 @@ in-flight requests for up to `shutdown_timeout` seconds and closes the store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import time
@@ -20,7 +21,8 @@ from aiohttp import web
 
 from segd import log, sdnotify
 from segd.config import ServerConfig, parse_listen
-from segd.server import openapi
+from segd.errors import SegdError
+from segd.server import housekeeping, openapi
 from segd.server.api import OPENAPI, ROUTES, RUNTIME, Runtime, add_routes
 from segd.server.auth import NonceCache
 from segd.server.http import error_middleware
@@ -50,11 +52,17 @@ def build_app(cfg: ServerConfig, *, clock: Clock = time.time) -> web.Application
     async def service_ctx(app: web.Application) -> AsyncIterator[None]:
         svc = await Service.open(cfg, clock)
         holder.svc = svc
-        holder.nonces = NonceCache(2 * cfg.request_skew_s)
+        holder.nonces = NonceCache(cfg.request_skew_s + cfg.request_future_skew_s)
+        chores = asyncio.create_task(housekeeping.run(svc), name="segd-housekeeping")
         try:
             yield
         finally:
             holder.svc = holder.nonces = None
+            chores.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await chores
+            with contextlib.suppress(SegdError):  # the summaries are logged all the same
+                await svc.guard.flush(svc.store, svc.clock(), everything=True)
             await svc.close()
             _log.info("server.closed")
 

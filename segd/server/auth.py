@@ -2,9 +2,11 @@
 
 An agent signs method, path with query, timestamp, nonce and the body's
 SHA-256 (`crypto.request_string`). The server refuses a timestamp more than
-`request_skew_s` away from its clock, or older than the process itself (so a
-request captured before a restart cannot be replayed after it, when the nonce
-cache is empty), and a nonce it has already accepted within the window.
+`request_skew_s` behind its clock or `request_future_skew_s` ahead of it, a
+nonce it has already accepted within that window, and a timestamp at or before
+the host's replay floor (`replay.ReplayMarks`: the process start, or the latest
+request stamped ahead that an earlier process took), so a request taken before
+a restart cannot be taken again after it, when the nonce cache is empty.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from aiohttp import web
 
 from segd import crypto
 from segd.errors import InvalidInput, Unauthorized
+from segd.server.replay import RESOLUTION
 from segd.server.service import Service
 
 _NONCE_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}\Z")
@@ -57,8 +60,10 @@ def require_admin(svc: Service, request: web.Request) -> None:
         raise Unauthorized("invalid admin token")
 
 
-def verify_agent(svc: Service, nonces: NonceCache, request: web.Request, body: bytes) -> str:
-    """Check a signed agent request; return the calling host's id."""
+async def verify_agent(svc: Service, nonces: NonceCache, request: web.Request, body: bytes) -> str:
+    """Check a signed agent request; return the calling host's id. A request
+    stamped ahead of the server clock raises the host's replay mark durably
+    before it is taken."""
     h = request.headers
     host_id = h.get(crypto.HDR_AGENT, "")
     ts_text = h.get(crypto.HDR_TS, "")
@@ -74,13 +79,22 @@ def verify_agent(svc: Service, nonces: NonceCache, request: web.Request, body: b
     if not math.isfinite(ts):
         raise Unauthorized("invalid request timestamp", code="bad_timestamp")
     now = svc.clock()
-    if abs(now - ts) > svc.cfg.request_skew_s:
+    cfg = svc.cfg
+    if ts < now - cfg.request_skew_s:
         raise Unauthorized(
-            f"request timestamp is more than {svc.cfg.request_skew_s:g}s from server time",
+            f"request timestamp is more than {cfg.request_skew_s:g}s behind server time",
             code="stale_request",
         )
-    if ts < svc.started_at:
-        raise Unauthorized("request timestamp predates the server start", code="stale_request")
+    if ts > now + cfg.request_future_skew_s + RESOLUTION:
+        raise Unauthorized(
+            f"request timestamp is more than {cfg.request_future_skew_s:g}s ahead of server time",
+            code="stale_request",
+        )
+    if ts <= svc.marks.floor(host_id):
+        raise Unauthorized(
+            "request timestamp is not after the server start or the last request taken before it",
+            code="stale_request",
+        )
     if not _NONCE_RE.match(nonce):
         raise Unauthorized("invalid request nonce", code="bad_nonce")
     try:
@@ -92,4 +106,6 @@ def verify_agent(svc: Service, nonces: NonceCache, request: web.Request, body: b
         raise Unauthorized("request signature does not verify", code="bad_request_signature")
     if not nonces.add(host_id, nonce, now):
         raise Unauthorized("request nonce was already used", code="replayed_request")
+    if svc.marks.must_persist(host_id, ts, now):
+        await svc.persist_mark(host_id, ts)
     return host_id

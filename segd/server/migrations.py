@@ -117,4 +117,18 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX sidecars_shares ON sidecars(host_id, shares);
     """,
+    # 3: replay marks (the latest agent request stamped ahead of the server clock,
+    # per host) and audit retention: entries are deleted only once they are older
+    # than the cutoff the pruner has set, and only by it.
+    """
+    ALTER TABLE hosts ADD COLUMN replay_mark REAL NOT NULL DEFAULT 0;
+
+    CREATE INDEX audit_at ON audit(at);
+    CREATE TABLE audit_retention (cutoff REAL NOT NULL);
+    INSERT INTO audit_retention (cutoff) VALUES (0);
+    DROP TRIGGER audit_no_delete;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
+    WHEN old.at >= (SELECT cutoff FROM audit_retention)
+    BEGIN SELECT RAISE(ABORT, 'audit is append-only: only entries past retention are pruned'); END;
+    """,
 ]

@@ -185,7 +185,10 @@ QUERY: Mapping[str, dict[str, Any]] = {
 
 # responses every operation may give besides its own
 ERRORS: Mapping[str, str] = {
-    "4XX": "Bad input, unauthorised or not found",
+    "4XX": (
+        "Bad input, unauthorised or not found; 429 (with Retry-After, in seconds) when "
+        "one address sends too many requests without credentials or with refused ones"
+    ),
     "503": "Store unavailable",
 }
 

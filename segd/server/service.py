@@ -15,7 +15,6 @@ committed store, in the store's order.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,13 +24,16 @@ import msgspec
 import nacl.signing
 
 from segd import crypto, log, wire
-from segd.config import ADMIN_TOKEN_FILE, ServerConfig
+from segd.config import ServerConfig
 from segd.errors import Forbidden, InvalidInput, NotFound, SegdError, Unauthorized
-from segd.server import tokens, validate
+from segd.server import admintoken, tokens, validate
 from segd.server.commit import Work
 from segd.server.compiler import Compiler
+from segd.server.guard import Guard
 from segd.server.notify import Hub
 from segd.server.publish import Plan, Publisher, Signing
+from segd.server.refusals import clip
+from segd.server.replay import ReplayMarks
 from segd.server.store import Store, Tx
 
 _log = log.get("segd.server")
@@ -51,21 +53,13 @@ def new_id(prefix: str, nbytes: int = 6) -> str:
     return f"{prefix}_{secrets.token_hex(nbytes)}"
 
 
-def sha256_hex(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+sha256_hex = admintoken.sha256_hex
 
 
 def _prepare_data_dir(data: Path) -> nacl.signing.SigningKey:
     """Create the data dir (0700) and load or create the signing key (0600)."""
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     return crypto.load_or_create_signing_key(data / SIGNING_KEY_FILE)
-
-
-def _read_secret(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        return ""
 
 
 class Change:
@@ -125,6 +119,8 @@ class Service:
         self.store = store
         self.clock = clock
         self.started_at = clock()
+        self.marks = ReplayMarks(self.started_at, {})
+        self.guard = Guard(cfg)
         self.signing_key = key
         self.hub = Hub()
         self.compiler = Compiler()
@@ -163,6 +159,7 @@ class Service:
             h.id: HostAuth(crypto.verify_key_from_b64(h.public_key), h.revoked)
             for h in await self.store.hosts()
         }
+        self.marks = ReplayMarks(self.started_at, await self.store.replay_marks())
         states = {
             h: s for h, s in (await self.store.host_digests()).items() if not self.hosts[h].revoked
         }
@@ -171,7 +168,7 @@ class Service:
             async with self.store.write() as tx:
                 tx.set_versions(self.pub.versions(stale))
             self.pub.commit(stale)
-        await self._ensure_admin_token()
+        self.admin_hashes = {await admintoken.ensure(self.store, self.data_dir, self.clock())}
         _log.info(
             "server.loaded",
             hosts=len(self.hosts),
@@ -180,20 +177,17 @@ class Service:
             key_id=self.pub.key_id,
         )
 
-    async def _ensure_admin_token(self) -> None:
-        """Make sure `<data_dir>/admin.token` holds a valid token (hash kept in the store)."""
-        path = self.data_dir / ADMIN_TOKEN_FILE
-        hashes = await self.store.admin_token_hashes()
-        current = _read_secret(path)
-        if not current or sha256_hex(current) not in hashes:
-            token = "segd_" + secrets.token_urlsafe(32)
-            crypto.write_secret(path, token + "\n")
-            h = sha256_hex(token)
-            async with self.store.write() as tx:
-                tx.insert_admin_token(h, self.clock())
-            hashes.add(h)
-            _log.info("admin.token_created", path=str(path))
-        self.admin_hashes = hashes
+    async def rotate_admin_token(self) -> wire.AdminToken:
+        """A new admin token; every other one is refused from now on."""
+        h, answer = await admintoken.rotate(self.store, self.data_dir, self.clock())
+        self.admin_hashes = {h}
+        return answer
+
+    async def persist_mark(self, host_id: str, ts: float) -> None:
+        """Raise the host's replay mark to `ts`, durably."""
+        async with self.store.write() as tx:
+            tx.set_replay_mark(host_id, ts)
+        self.marks.persisted(host_id, ts)
 
     async def close(self) -> None:
         self.hub.close()
@@ -403,7 +397,9 @@ class Service:
 
     # ---- agents (registration; pairing is in agents.py) ----------------------------
 
-    async def register(self, rin: wire.RegisterIn) -> wire.Registered:
+    async def register(self, rin: wire.RegisterIn, source: str) -> wire.Registered:
+        """Register an agent. A refusal is audited in full when it is the first from
+        its source in a while; the others are summed up (`guard`)."""
         hostname = validate.hostname(rin.hostname)
         try:
             vk = crypto.verify_key_from_b64(rin.public_key)
@@ -412,6 +408,7 @@ class Service:
         host_id = new_id("h", 8)
         now = self.clock()
         failure: SegdError | None = None
+        audited = False
         async with self.change() as (tx, ch):
             if tx.host_with_key(rin.public_key) is not None:
                 failure = SegdError(
@@ -424,16 +421,20 @@ class Service:
             else:
                 tx.insert_host(host_id, hostname, rin.public_key, now)
                 ch.add_host(host_id)
-            tx.audit(
-                now,
-                "host.registered",
-                "denied" if failure else "ok",
-                failure.code if failure else "",
-                host_id="" if failure else host_id,
-                detail=hostname,
-            )
+            if failure is None:
+                tx.audit(now, "host.registered", "ok", host_id=host_id, detail=hostname)
+            elif audited := self.guard.refusals.note(
+                source, failure.code, f"hostname {hostname}", now, audit=True
+            ):
+                tx.audit(now, "host.registered", "denied", failure.code, detail=clip(hostname))
         if failure is not None:
-            _log.warning("host.register_refused", hostname=hostname, reason=failure.code)
+            if audited:
+                _log.warning(
+                    "host.register_refused",
+                    hostname=clip(hostname),
+                    source=source,
+                    reason=failure.code,
+                )
             raise failure
         self.hosts[host_id] = HostAuth(vk, False)
         _log.info("host.registered", host=host_id, hostname=hostname)

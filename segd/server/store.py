@@ -354,12 +354,31 @@ class Tx:
             [(v, d, h) for h, (v, d) in versions.items()],
         )
 
+    def set_replay_mark(self, host_id: str, ts: float) -> None:
+        """Raise the host's replay mark to `ts` (it never goes down)."""
+        self._exec("UPDATE hosts SET replay_mark = max(replay_mark, ?) WHERE id = ?", (ts, host_id))
+
     # ---- admin tokens and audit ---------------------------------------------------
 
     def insert_admin_token(self, token_hash: str, now: float) -> None:
         self._exec(
             "INSERT OR IGNORE INTO admin_tokens (token_hash, created_at) VALUES (?, ?)",
             (token_hash, now),
+        )
+
+    def keep_only_admin_token(self, token_hash: str, now: float) -> int:
+        """Make `token_hash` the one admin token; return how many others were dropped."""
+        dropped = self._exec("DELETE FROM admin_tokens WHERE token_hash != ?", (token_hash,))
+        self.insert_admin_token(token_hash, now)
+        return dropped
+
+    def prune_audit(self, cutoff: float, limit: int) -> int:
+        """Delete up to `limit` of the oldest entries from before `cutoff`."""
+        self._exec("UPDATE audit_retention SET cutoff = ?", (cutoff,))
+        return self._exec(
+            "DELETE FROM audit WHERE id IN"
+            " (SELECT id FROM audit WHERE at < ? ORDER BY at, id LIMIT ?)",
+            (cutoff, limit),
         )
 
     def audit(
@@ -543,6 +562,14 @@ class Store:
                 "SELECT * FROM audit WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             )
         return [_audit(r) for r in rows]
+
+    async def replay_marks(self) -> dict[str, float]:
+        rows = await self._all("SELECT id, replay_mark FROM hosts WHERE replay_mark > 0")
+        return {r["id"]: r["replay_mark"] for r in rows}
+
+    async def audit_count(self) -> int:
+        rows = await self._all("SELECT count(*) AS n FROM audit")
+        return int(rows[0]["n"])
 
     async def admin_token_hashes(self) -> set[str]:
         return {r["token_hash"] for r in await self._all("SELECT token_hash FROM admin_tokens")}

@@ -277,3 +277,38 @@ def test_orch_is_handed_to_the_orchestrator_client(ctl: Ctl, tmp_path: Path) -> 
 def test_help_exits_zero(ctl: Ctl) -> None:
     code, out, _ = ctl.run("--help", conn=False)
     assert code == 0 and "rule" in out and "activation" not in out.splitlines()[0]
+
+
+def test_admin_rotate_token_writes_the_file_it_read(
+    ctl: Ctl, live_server: LiveServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server's own admin.token (the allinone data dir): the server rewrites it.
+    monkeypatch.setenv("SEGD_SERVER", live_server.url)
+    monkeypatch.delenv("SEGD_TOKEN", raising=False)
+    monkeypatch.setenv("SEGD_DATA_DIR", str(Path(live_server.cfg.data_dir).parent))
+    first = live_server.token
+    code, out, err = ctl.run("admin", "rotate-token", conn=False)
+    assert (code, err) == (0, "")
+    assert out == (
+        f"admin token rotated: the new one is in {live_server.token_file}; "
+        "every other token is refused\n"
+    )
+    second = live_server.token
+    assert second != first
+    assert ctl.run("rule", "list", conn=False)[0] == 0
+    # A copy elsewhere (a remote admin's --token-file): written there too, 0600.
+    copy = tmp_path / "my.token"
+    copy.write_text(second + "\n")
+    code, out, err = ctl.run("--token-file", str(copy), "admin", "rotate-token", conn=False)
+    assert (code, err) == (0, "") and str(copy) in out
+    third = copy.read_text().strip()
+    assert third == live_server.token and third not in (first, second)
+    assert copy.stat().st_mode & 0o777 == 0o600
+    # From the environment: the new token is printed alone.
+    monkeypatch.setenv("SEGD_TOKEN", third)
+    code, out, err = ctl.run("admin", "rotate-token", conn=False)
+    assert (code, err) == (0, "") and out.strip() == live_server.token
+    for old in (first, second, third):
+        monkeypatch.setenv("SEGD_TOKEN", old)
+        code, _, err = ctl.run("rule", "list", conn=False)
+        assert (code, err) == (1, "segd ctl: invalid admin token\n")

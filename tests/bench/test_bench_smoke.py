@@ -52,6 +52,12 @@ FIGURES: dict[str, dict[str, bool]] = {
         for k in ("full", "replace", "element", "big")
         for q in ("p50", "p99")
     },
+    "flood": {
+        "flood.pairing.p50": True,
+        "flood.pairing.p99": True,
+        "flood.audit_rows": True,
+        "flood.store_growth": True,
+    },
     "footprint": {
         "footprint.idle.rss": True,
         "footprint.churn.rss_peak": True,
@@ -108,6 +114,14 @@ def test_pairing(tmp_path: Path) -> None:
         assert level["recorded_workloads"] == level["pairings"]  # real pairings, committed
         assert figs[f"pairing.c{c}.rate"]["value"] > 0
         assert figs[f"pairing.c{c}.p99"]["baseline"] > 0
+
+
+def test_flood(tmp_path: Path) -> None:
+    details, figs = run_bench("flood", tmp_path)
+    assert sum(details["flood_attempts"].values()) > 0
+    assert details["pairings"]["flood"]["statuses"].get("200", 0) > 0
+    assert figs["flood.audit_rows"]["baseline"] > 0  # the refused attempts
+    assert figs["flood.pairing.p50"]["value"] > 0 and figs["flood.pairing.p50"]["baseline"] > 0
 
 
 @pytest.mark.kernel

@@ -9,13 +9,16 @@ import pytest
 
 from segd.config import ServerConfig
 from tests.api.conftest import Admin, Clock, api, clock, make_agent  # noqa: F401 (fixtures)
-from tests.fuzz.harness import LONGPOLL_S, Env, populate
+from tests.fuzz.harness import FUZZ_BURST, LONGPOLL_S, Env, populate
 
 
 @pytest.fixture
 def server_cfg(tmp_path: Path) -> ServerConfig:
     return ServerConfig(
-        data_dir=str(tmp_path / "server"), longpoll_timeout_s=LONGPOLL_S, request_skew_s=60.0
+        data_dir=str(tmp_path / "server"),
+        longpoll_timeout_s=LONGPOLL_S,
+        request_skew_s=60.0,
+        rate_limit_burst=FUZZ_BURST,
     )
 
 

@@ -34,7 +34,13 @@ from schemathesis.checks import positive_data_acceptance
 from segd import crypto
 from segd.server.api import ROUTES, Route
 from tests.api.conftest import LiveServer, start_live_server
-from tests.fuzz.harness import can_be_invalid, check_error, run_examples
+from tests.fuzz.harness import (
+    FUZZ_BURST,
+    ROTATE_TOKEN,
+    can_be_invalid,
+    check_error,
+    run_examples,
+)
 
 TIMEOUT_S = 15.0
 
@@ -107,7 +113,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data = Path(tmp_path_factory.mktemp("schemathesis")) / "server"
-    server = start_live_server(data, longpoll_timeout_s=1.0)
+    server = start_live_server(data, longpoll_timeout_s=1.0, rate_limit_burst=FUZZ_BURST)
     try:
         yield Stack(server)
     finally:
@@ -131,6 +137,8 @@ def _check(stack: Stack, route: Route, case: Any, signed: bool) -> None:
         timeout=TIMEOUT_S,
     )
     assert response.status_code < 500, (response.status_code, response.text[:500])
+    if route.path == ROTATE_TOKEN and response.status_code == 200:
+        stack.token = response.json()["token"]
     code = ""
     if response.status_code >= 400 and case.method.upper() != "HEAD":
         code = check_error(response.status_code, response.content)["error"]

@@ -38,6 +38,7 @@ from segd.orchestrator.api import ROUTES, Route
 from segd.orchestrator.app import OrchestratorServer, build_app
 from tests.fuzz import strategies as fz
 from tests.fuzz.harness import (
+    FUZZ_BURST,
     LABEL_VALUE,
     NAME,
     can_be_invalid,
@@ -95,7 +96,9 @@ async def orch(aiohttp_client: Any, tmp_path: Path) -> AsyncIterator[Orch]:
     await engine.start(str(sock_dir / "docker.sock"))
     try:
         data = tmp_path / "orch"
-        cfg = OrchestratorConfig(data_dir=str(data), register_local_node=False)
+        cfg = OrchestratorConfig(
+            data_dir=str(data), register_local_node=False, rate_limit_burst=FUZZ_BURST
+        )
         client = await aiohttp_client(build_app(cfg))
         o = Orch(client, (data / "admin.token").read_text().strip(), engine)
         await o.ok(
@@ -361,7 +364,10 @@ class LiveOrch:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.cfg = OrchestratorConfig(
-            data_dir=str(data_dir), listen=f"127.0.0.1:{self.port}", register_local_node=False
+            data_dir=str(data_dir),
+            listen=f"127.0.0.1:{self.port}",
+            register_local_node=False,
+            rate_limit_burst=FUZZ_BURST,
         )
         self.socket = str(sock_dir / "docker.sock")
         self.url = f"http://127.0.0.1:{self.port}"

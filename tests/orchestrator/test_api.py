@@ -60,6 +60,32 @@ async def test_every_route_needs_the_admin_token(
     assert resp.headers["WWW-Authenticate"].startswith("Bearer")
 
 
+async def test_requests_without_a_good_token_are_rate_limited_per_source(
+    make_api: ApiFactory,
+) -> None:
+    api = await make_api(register_local_node=False, rate_limit_per_s=0.5, rate_limit_burst=3)
+    answers = []
+    for path, headers in [
+        ("/v1/health", {}),
+        ("/v1/orch/openapi.json", {}),
+        ("/v1/orch/profiles", {"Authorization": "Bearer wrong"}),
+        ("/v1/orch/profiles", {}),
+        ("/v1/health", {}),
+    ]:
+        resp = await api.client.get(path, headers=headers)
+        answers.append((resp.status, resp.headers.get("Retry-After"), await resp.json()))
+    assert [(s, r) for s, r, _ in answers] == [
+        (200, None),
+        (200, None),
+        (401, None),
+        (429, "2"),
+        (429, "1"),  # the first refusal was held back for a second
+    ]
+    assert _is_error(answers[3][2]) and answers[3][2]["error"] == "rate_limited"
+    for _ in range(10):  # the admin token is never limited, from the same address
+        assert (await api.call("GET", "/v1/orch/profiles"))[0] == 200
+
+
 def _files(data_dir: Path) -> tuple[int, int, bytes]:
     token_mode = stat.S_IMODE((data_dir / "admin.token").stat().st_mode)
     dir_mode = stat.S_IMODE(data_dir.stat().st_mode)
