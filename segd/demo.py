@@ -44,7 +44,6 @@ RULES = [  # consumer, provider, service
     ("web", "api", "tcp/8080"),
     ("api", "db", "tcp/5432"),
 ]
-INTRUDERS = ("intruder", "forged")
 PORT_OF = {**{n: p for n, (_, p) in TIERS.items()}, "intruder": 80, "forged": 80}
 
 
@@ -182,7 +181,7 @@ class Demo:
                 },
             )
             started = self.call("POST", "/v1/orch/run", {"profile": f"shop-{name}"})
-            cid = started[0]["id"] if isinstance(started, list) else started["containers"][0]["id"]
+            cid = started[0]["id"]
             self.orch_ids.append(cid)
             self.containers[name] = cid
 

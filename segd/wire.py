@@ -249,5 +249,3 @@ class PairResult(msgspec.Struct, frozen=True):
     labels: Labels
     instructions: SignedInstructions
 
-
-EventKind = Literal["paired", "denied", "unpaired"]

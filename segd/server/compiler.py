@@ -370,9 +370,6 @@ class Compiler:
     def hosts(self) -> set[str]:
         return set(self._by_host)
 
-    def workloads_on(self, host_id: str) -> list[Workload]:
-        return [self._workloads[w] for w in sorted(self._by_host.get(host_id, ()))]
-
     def compile_host(self, host_id: str, version: int) -> Instructions:
         """The management instructions of one host: its workloads' allows, the
         membership of the sets they reference, and the rules that are relevant."""

@@ -574,6 +574,3 @@ class Store:
     async def admin_token_hashes(self) -> set[str]:
         return {r["token_hash"] for r in await self._all("SELECT token_hash FROM admin_tokens")}
 
-    async def schema_version(self) -> int:
-        rows = await self._all("SELECT version FROM schema_version")
-        return int(rows[0]["version"])

@@ -17,7 +17,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
 CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
 EVENT_RE = re.compile(r"^[a-z][a-z0-9_.]{0,63}\Z")
-ID_RE = re.compile(r"^[a-z]_[0-9a-f]{8,32}\Z")
 
 MAX_DESCRIPTION = 500
 MAX_DETAIL = 2000
@@ -45,12 +44,6 @@ def name(field: str, value: str) -> str:
         raise InvalidInput(
             f"{field}: invalid name {value!r}: use letters, digits, '_', '.', '-', max 63"
         )
-    return value
-
-
-def object_id(field: str, value: str) -> str:
-    if not ID_RE.match(value):
-        raise InvalidInput(f"{field}: invalid id {value!r}")
     return value
 
 
