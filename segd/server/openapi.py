@@ -144,13 +144,19 @@ def server_constraints(dimensions: Sequence[str] | None = None) -> Constraints:
             "name": named(validate.NAME_RE),
             "labels": dims,
             "locked": {"type": "array", "items": {"type": "string", **dims["propertyNames"]}},
-            "max_uses": bounded(1, validate.MAX_USES, nullable=True),
+            "max_uses": {
+                **bounded(1, validate.MAX_USES, nullable=True),
+                "description": "new containers each key admits; null: unlimited",
+            },
             "lifespan_s": bounded(1, validate.MAX_LIFESPAN_S),
             "description": text(validate.MAX_DESCRIPTION),
         },
         "KeyIssueIn": {
             "profile": named(validate.NAME_RE),
-            "max_uses": bounded(1, validate.MAX_USES, nullable=True),
+            "max_uses": {
+                **bounded(1, validate.MAX_USES, nullable=True),
+                "description": "absent: the profile's; null: unlimited",
+            },
             "lifespan_s": bounded(1, validate.MAX_LIFESPAN_S, nullable=True),
             "description": text(validate.MAX_DESCRIPTION),
         },
