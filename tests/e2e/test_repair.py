@@ -23,7 +23,8 @@ class Shop:
         self.stack = stack
         stack.start_server()
         stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
-        stack.start_agent(interval=1.0)
+        # The shipped reconcile interval: a restart must not wait for a reconcile.
+        stack.start_agent(interval=30.0)
         net = stack.network(f"{subnet}.0/24")
         self.db_ip = f"{subnet}.20"
         self.web_key = stack.key({"role": "web"}, max_uses=1)
@@ -40,7 +41,8 @@ class Shop:
         return got == {(self.db_ip, 5432): True, (self.db_ip, 80): False}
 
     def wait_enforced_again(self, what: str) -> None:
-        wait_for(self.enforced, 30, f"web -> db:5432 after {what}", interval=0.5)
+        # Well within the reconcile interval: the restart alone pairs it again.
+        wait_for(self.enforced, 15, f"web -> db:5432 after {what}", interval=0.5)
         assert self.stack.probe_many(self.intruder, [(self.db_ip, 5432)]) == {
             (self.db_ip, 5432): False
         }
@@ -69,6 +71,23 @@ def test_docker_restart_lost_the_pairing_to_key_exhausted(stack: Stack) -> None:
     assert shop.uses() == (1, 1)
     assert shop.readmitted() >= 1
     assert sorted(w["container_id"] for w in stack.workloads()) == sorted([shop.web, shop.db])
+
+
+def test_restart_while_its_unpairing_was_on_its_way_waited_for_a_reconcile(stack: Stack) -> None:
+    """The server answers nothing while db restarts: the unpairing of its death
+    and its pairing on start wait together; they must land in that order."""
+    shop = Shop(stack, subnet="10.231.26")
+    assert stack.server is not None and stack.server.popen is not None
+    pid = stack.server.popen.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        docker("restart", "-t", "1", shop.db)
+        time.sleep(1.0)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    shop.wait_enforced_again("a restart with the server frozen")
+    assert shop.uses() == (1, 1)
+    assert shop.readmitted() >= 1
 
 
 def test_restart_policy_after_the_process_exited_lost_the_pairing(stack: Stack) -> None:
