@@ -52,7 +52,7 @@ class ProfileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     labels: Labels
     locked: list[str] = []
-    max_uses: int = 1
+    max_uses: int | None = None  # new containers a key admits; None: unlimited
     lifespan_s: int = 3600
     on_mismatch: OnMismatch = "deny"
     enabled: bool = True
@@ -64,7 +64,7 @@ class Profile(msgspec.Struct, frozen=True):
     name: str
     labels: Labels
     locked: list[str]
-    max_uses: int
+    max_uses: int | None  # None: unlimited
     lifespan_s: int
     on_mismatch: OnMismatch
     enabled: bool
@@ -74,7 +74,8 @@ class Profile(msgspec.Struct, frozen=True):
 
 class KeyIssueIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     profile: str
-    max_uses: int | None = None
+    # absent: the profile's; null: unlimited
+    max_uses: int | msgspec.UnsetType | None = msgspec.UNSET
     lifespan_s: int | None = None
     description: str = ""
 
@@ -82,7 +83,7 @@ class KeyIssueIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class PairingKey(msgspec.Struct, frozen=True):
     key_id: str
     profile: str
-    max_uses: int
+    max_uses: int | None  # None: unlimited
     uses: int
     issued_at: float
     expires_at: float
@@ -94,7 +95,13 @@ class KeyIssued(msgspec.Struct, frozen=True):
     key_id: str
     token: str
     expires_at: float
-    max_uses: int
+    max_uses: int | None
+
+
+class RevokeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Revoking a key or a profile; `unpair` also unpairs what it paired."""
+
+    unpair: bool = False
 
 
 class Sidecar(msgspec.Struct, frozen=True):
@@ -248,4 +255,3 @@ class PairResult(msgspec.Struct, frozen=True):
     workload_id: str
     labels: Labels
     instructions: SignedInstructions
-

@@ -297,8 +297,10 @@ class Agent:
             return
         pol = self._workloads.get(info.id)
         # A restarted container with new addresses pairs again: the server
-        # re-addresses its workload without using the key again.
-        current = pol is not None and pol.ips == info.ips
+        # re-addresses its workload without using the key again. One restarted
+        # while the unpairing of its death is on its way pairs again after it
+        # (the server re-admits it, also without a use).
+        current = pol is not None and pol.ips == info.ips and info.id not in self._unpairing
         if (
             info.pairing_key
             and not current
@@ -464,6 +466,9 @@ class Agent:
     # ---- pairing and instructions ---------------------------------------------------
 
     async def _pair(self, info: ContainerInfo) -> None:
+        unpairing = self._unpairing.get(info.id)
+        if unpairing is not None:  # it died and started again: unpaired first, then paired
+            await asyncio.wait([unpairing])
         req = PairIn(
             container_id=info.id,
             pairing_key=info.pairing_key,

@@ -5,6 +5,7 @@
     segd ctl key issue web --lifespan 30m          # prints the token alone
     segd ctl workload list --json
     segd ctl admin rotate-token                    # a new admin token, every other refused
+    segd ctl key revoke k_0123456789abcdef --unpair
 
 Listings print aligned tables, or the server's JSON with `--json`. A failure is
 one line on stderr and exit status 1 (2 for usage errors); never a traceback.
@@ -118,7 +119,7 @@ def profile_add(api: ApiClient, a: argparse.Namespace) -> None:
         "description": a.description,
     }
     if a.max_uses is not None:
-        body["max_uses"] = a.max_uses
+        body["max_uses"] = render.parse_max_uses(a.max_uses)
     if a.lifespan is not None:
         body["lifespan_s"] = render.parse_lifespan(a.lifespan)
     raw = api.call("POST", "/v1/profiles", body)
@@ -131,7 +132,7 @@ def _profiles_table(raw: bytes) -> str:
             p.name,
             render.labels_text(p.labels),
             ",".join(p.locked) or "-",
-            p.max_uses,
+            render.max_uses_text(p.max_uses),
             render.format_lifespan(p.lifespan_s),
             p.on_mismatch,
             "yes" if p.enabled else "no",
@@ -163,9 +164,15 @@ def profile_rm(api: ApiClient, a: argparse.Namespace) -> None:
     _out(f"profile {a.name} removed (its keys no longer pair)")
 
 
+def _revoke_body(a: argparse.Namespace) -> dict[str, bool] | None:
+    return {"unpair": True} if a.unpair else None
+
+
 def profile_revoke(api: ApiClient, a: argparse.Namespace) -> None:
-    keys = _decode(api.call("POST", f"/v1/profiles/{_seg(a.name)}/revoke"), list[wire.PairingKey])
-    _out(f"profile {a.name}: all {len(keys)} keys are revoked")
+    raw = api.call("POST", f"/v1/profiles/{_seg(a.name)}/revoke", _revoke_body(a))
+    keys = _decode(raw, list[wire.PairingKey])
+    unpaired = "; the workloads they paired are unpaired" if a.unpair else ""
+    _out(f"profile {a.name}: all {len(keys)} keys are revoked{unpaired}")
 
 
 # ---- keys ---------------------------------------------------------------------------
@@ -174,7 +181,7 @@ def profile_revoke(api: ApiClient, a: argparse.Namespace) -> None:
 def key_issue(api: ApiClient, a: argparse.Namespace) -> None:
     body: dict[str, Any] = {"profile": a.profile, "description": a.description}
     if a.max_uses is not None:
-        body["max_uses"] = a.max_uses
+        body["max_uses"] = render.parse_max_uses(a.max_uses)
     if a.lifespan is not None:
         body["lifespan_s"] = render.parse_lifespan(a.lifespan)
     raw = api.call("POST", "/v1/keys", body)
@@ -186,7 +193,7 @@ def _key_state(k: wire.PairingKey, now: float) -> str:
         return "revoked"
     if now >= k.expires_at:
         return "expired"
-    if k.uses >= k.max_uses:
+    if k.max_uses is not None and k.uses >= k.max_uses:
         return "used"
     return "active"
 
@@ -197,7 +204,7 @@ def _keys_table(raw: bytes) -> str:
         (
             k.key_id,
             k.profile,
-            f"{k.uses}/{k.max_uses}",
+            f"{k.uses}/{render.max_uses_text(k.max_uses)}",
             render.when(k.expires_at),
             _key_state(k, now),
             k.description,
@@ -213,8 +220,9 @@ def key_list(api: ApiClient, a: argparse.Namespace) -> None:
 
 
 def key_revoke(api: ApiClient, a: argparse.Namespace) -> None:
-    api.call("POST", f"/v1/keys/{_seg(a.key_id)}/revoke")
-    _out(f"key {a.key_id} revoked")
+    api.call("POST", f"/v1/keys/{_seg(a.key_id)}/revoke", _revoke_body(a))
+    unpaired = "; the workloads it paired are unpaired" if a.unpair else ""
+    _out(f"key {a.key_id} revoked{unpaired}")
 
 
 # ---- workloads, hosts, audit, agents ------------------------------------------------
@@ -247,6 +255,11 @@ def _workloads_table(raw: bytes) -> str:
 
 def workload_list(api: ApiClient, a: argparse.Namespace) -> None:
     _show(api.call("GET", "/v1/workloads"), a, _workloads_table)
+
+
+def workload_unpair(api: ApiClient, a: argparse.Namespace) -> None:
+    api.call("DELETE", f"/v1/workloads/{_seg(a.id)}")
+    _out(f"workload {a.id} unpaired (its container stays isolated until it is recreated)")
 
 
 def _hosts_table(raw: bytes) -> str:
@@ -401,25 +414,39 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("name")
     v.add_argument("--labels", required=True, metavar="dim=value,...")
     v.add_argument("--lock", metavar="dim,...", help="dimensions a request cannot change")
-    v.add_argument("--max-uses", type=int, metavar="N", help="uses per key (default 1)")
+    v.add_argument(
+        "--max-uses",
+        metavar="N|unlimited",
+        help="new containers each key admits (default unlimited); restarts use none",
+    )
     v.add_argument("--lifespan", metavar="DURATION", help="key lifespan, e.g. 30m, 1h")
     v.add_argument("--on-mismatch", choices=("deny", "default"), default="deny")
     v.add_argument("--description", default="")
     v.add_argument("--disabled", action="store_true", help="create it disabled")
     verb(prof, "list", profile_list, "list pairing profiles", json=True)
     verb(prof, "rm", profile_rm, "remove a profile and its keys").add_argument("name")
-    verb(prof, "revoke", profile_revoke, "revoke every key of a profile").add_argument("name")
+    v = verb(prof, "revoke", profile_revoke, "revoke every key of a profile")
+    v.add_argument("name")
+    v.add_argument("--unpair", action="store_true", help="also unpair what its keys paired")
 
     key = group("key", "pairing keys")
     v = verb(key, "issue", key_issue, "issue a pairing key (prints the token)", json=True)
     v.add_argument("profile")
-    v.add_argument("--max-uses", type=int, metavar="N")
+    v.add_argument(
+        "--max-uses", metavar="N|unlimited", help="new containers it admits (default: profile's)"
+    )
     v.add_argument("--lifespan", metavar="DURATION", help="e.g. 30m, 1h, 2d")
     v.add_argument("--description", default="")
     verb(key, "list", key_list, "list pairing keys", json=True).add_argument("profile", nargs="?")
-    verb(key, "revoke", key_revoke, "revoke a pairing key").add_argument("key_id")
+    v = verb(key, "revoke", key_revoke, "revoke a pairing key")
+    v.add_argument("key_id")
+    v.add_argument("--unpair", action="store_true", help="also unpair what it paired")
 
-    verb(group("workload", "paired workloads"), "list", workload_list, "list workloads", json=True)
+    wl = group("workload", "paired workloads")
+    verb(wl, "list", workload_list, "list workloads", json=True)
+    verb(
+        wl, "unpair", workload_unpair, "unpair a workload; its container stays isolated"
+    ).add_argument("id")
     host = group("host", "agent hosts")
     verb(host, "list", host_list, "list hosts", json=True)
     verb(host, "revoke", host_revoke, "revoke a host's agent").add_argument("id")

@@ -5,6 +5,7 @@
     segd ctl orch node add edge1 --endpoint tcp://10.0.0.5:2376 \\
         --tls-cert c.pem --tls-key k.pem --tls-ca ca.pem
     segd ctl orch run web --count 2
+    segd ctl key issue web | segd ctl orch profile set-key web --key -
     segd ctl orch ps --json
     segd ctl orch change web-1a2b3c4d api
     segd ctl orch rm web-1a2b3c4d
@@ -213,6 +214,12 @@ def profile_add(api: Client, a: argparse.Namespace) -> None:
     print(f"added container profile {p['name']} (key {p['pairing_key']})")
 
 
+def profile_set_key(api: Client, a: argparse.Namespace) -> None:
+    ref = urllib.parse.quote(a.name, safe="")
+    p = api.call("PUT", f"/v1/orch/profiles/{ref}/key", {"pairing_key": _key(a.key)})
+    print(f"container profile {p['name']} now starts containers with key {p['pairing_key']}")
+
+
 def profile_list(api: Client, a: argparse.Namespace) -> None:
     items = api.call("GET", "/v1/orch/profiles")
     if a.json:
@@ -339,6 +346,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--labels", default="", metavar="DIM=VALUE,...")
     v.add_argument("--key", required=True, metavar="TOKEN", help="pairing key ('-': stdin)")
     v.add_argument("--description", default="")
+    v = verb(prof, "set-key", profile_set_key, "give a profile a new pairing key")
+    v.add_argument("name")
+    v.add_argument("--key", required=True, metavar="TOKEN", help="pairing key ('-': stdin)")
     verb(prof, "list", profile_list, "list container profiles", json_flag=True)
     verb(prof, "rm", profile_rm, "remove a container profile").add_argument("name")
 

@@ -24,6 +24,20 @@ def parse_lifespan(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
+def parse_max_uses(text: str) -> int | None:
+    """`5` -> 5, `unlimited` -> None (the API's null)."""
+    t = text.strip().lower()
+    if t == "unlimited":
+        return None
+    if not (t.isascii() and t.isdigit()) or int(t) <= 0:
+        raise CtlError(f"invalid --max-uses {text!r}: use a positive number or 'unlimited'", 2)
+    return int(t)
+
+
+def max_uses_text(max_uses: int | None) -> str:
+    return "∞" if max_uses is None else str(max_uses)
+
+
 def format_lifespan(seconds: float) -> str:
     s = int(seconds)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

@@ -39,7 +39,8 @@ T = TypeVar("T")
 _log = log.get(__name__)
 _enc = msgspec.json.Encoder()
 _decoders: dict[type[Any], msgspec.json.Decoder[Any]] = {
-    t: msgspec.json.Decoder(t) for t in (owire.ProfileIn, owire.NodeIn, owire.RunIn, owire.ChangeIn)
+    t: msgspec.json.Decoder(t)
+    for t in (owire.ProfileIn, owire.KeyIn, owire.NodeIn, owire.RunIn, owire.ChangeIn)
 }
 
 
@@ -199,6 +200,10 @@ class OrchestratorAPI:
         self._no_query(request)
         return json_response(await self.orch.profiles())
 
+    async def set_profile_key(self, request: web.Request) -> web.Response:
+        k = await self._body(request, owire.KeyIn)
+        return json_response(await self.orch.set_profile_key(request.match_info["name"], k))
+
     async def remove_profile(self, request: web.Request) -> web.Response:
         await self.orch.remove_profile(request.match_info["name"])
         return web.Response(status=204)
@@ -281,6 +286,9 @@ ROUTES: tuple[Route, ...] = (
           response=list[owire.Profile]),
     Route("DELETE", PREFIX + "/profiles/{name}", A.remove_profile,
           "Remove a container profile no container uses"),
+    Route("PUT", PREFIX + "/profiles/{name}/key", A.set_profile_key,
+          "Set a container profile's pairing key (for the containers started next)",
+          owire.KeyIn, owire.Profile),
     Route("POST", PREFIX + "/nodes", A.add_node, "Add a node (a Docker engine)", owire.NodeIn,
           owire.Node, 201),
     Route("GET", PREFIX + "/nodes", A.list_nodes, "List nodes", response=list[owire.Node]),
@@ -357,6 +365,7 @@ CONSTRAINTS: openapi.Constraints = {
         "count": openapi.bounded(1, validate.MAX_RUN),
     },
     "ChangeIn": {"profile": _NAME},
+    "KeyIn": {"pairing_key": openapi.named(validate.KEY_RE)},
 }
 ERRORS = {
     "4XX": (

@@ -5,6 +5,10 @@ segmentation server; `run` instantiates it on a node through the Docker API, the
 key and requested labels riding along as container labels (patent ¶0023-0026).
 This module holds the rules (lookups, defaults, all-or-nothing runs, what to
 record when); the store keeps state and `DockerNodes` talks to the engines.
+
+A key admits new containers only until it expires (the containers it admitted
+keep restarting): a profile whose key has expired starts nothing, and says so;
+the admin issues a new key and sets it on the profile.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import msgspec
 
 from segd import log
 from segd.agent.docker import KEY_LABEL
@@ -122,6 +128,7 @@ class Orchestrator:
 
     async def add_profile(self, p: wire.ProfileIn) -> wire.Profile:
         p = validate.profile(p, self._dims)
+        self._check_key_live(p.name, p.pairing_key)
         if await self.store.profile(p.name) is not None:
             raise Conflict(f"container profile {p.name!r} already exists")
         rec = ProfileRecord(
@@ -148,6 +155,30 @@ class Orchestrator:
         if p is None:
             raise NotFound(f"no container profile {name!r}")
         return p
+
+    async def set_profile_key(self, name: str, k: wire.KeyIn) -> wire.Profile:
+        """Give the profile a new pairing key, for the containers started from now on."""
+        validate.pairing_key(k.pairing_key)
+        profile = await self._profile(name)
+        self._check_key_live(name, k.pairing_key)
+        if not await self.store.set_profile_key(name, k.pairing_key):
+            raise NotFound(f"no container profile {name!r}")
+        _log.info("profile.key_set", profile=name)
+        return msgspec.structs.replace(profile, pairing_key=k.pairing_key).view()
+
+    def _check_key_live(self, profile: str, token: str) -> None:
+        """Refuse a key whose claims say it has expired: the server would pair no
+        new container with it, and they would stay isolated."""
+        exp = validate.key_expiry(token)
+        if exp is not None and self._clock() >= exp:
+            at = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(exp))
+            raise SegdError(
+                f"container profile {profile!r}: its pairing key expired at {at} and pairs no"
+                " new container; issue a new key (segd ctl key issue) and set it"
+                f" (segd ctl orch profile set-key {profile} --key -)",
+                code="key_expired",
+                status=409,
+            )
 
     async def remove_profile(self, name: str) -> None:
         await self._profile(name)
@@ -212,6 +243,7 @@ class Orchestrator:
         """Start `count` containers of a profile; all or nothing."""
         validate.run(r)
         profile = await self._profile(r.profile)
+        self._check_key_live(profile.name, profile.pairing_key)
         node = await self._node(r.node) if r.node is not None else await self._default_node()
         started: list[wire.Container] = []
         try:
@@ -307,6 +339,7 @@ class Orchestrator:
         """Replace a container by one of another profile: new first, then old goes."""
         old = await self._find(ref)
         profile = await self._profile(c.profile)
+        self._check_key_live(profile.name, profile.pairing_key)
         node = await self._node(old.node)
         name = self._new_name(profile.name)
         try:

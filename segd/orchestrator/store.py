@@ -200,6 +200,12 @@ class Store:
         rows = await self._all("SELECT * FROM profiles WHERE name = ?", (name,))
         return _profile(rows[0]) if rows else None
 
+    async def set_profile_key(self, name: str, pairing_key: str) -> bool:
+        n = await self._exec(
+            "UPDATE profiles SET pairing_key = ? WHERE name = ?", (pairing_key, name)
+        )
+        return n > 0
+
     async def delete_profile(self, name: str) -> bool:
         return await self._exec("DELETE FROM profiles WHERE name = ?", (name,)) > 0
 

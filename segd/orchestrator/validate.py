@@ -14,6 +14,7 @@ import msgspec
 from segd import policy
 from segd.errors import InvalidInput
 from segd.orchestrator import wire
+from segd.server import tokens
 from segd.server.validate import NAME_RE as NAME_RE
 from segd.server.validate import name as name
 
@@ -61,9 +62,7 @@ def profile(p: wire.ProfileIn, dimensions: Iterable[str]) -> wire.ProfileIn:
     name("name", p.name)
     if not IMAGE_RE.match(p.image):
         raise InvalidInput(f"image: invalid image reference {p.image!r}")
-    if not KEY_RE.match(p.pairing_key):
-        # Never echo the value: it is a secret.
-        raise InvalidInput("pairing_key: must be 1-4096 printable ASCII characters without spaces")
+    pairing_key(p.pairing_key)
     if len(p.command) > MAX_ARGS:
         raise InvalidInput(f"command: at most {MAX_ARGS} arguments")
     for i, arg in enumerate(p.command):
@@ -83,6 +82,22 @@ def profile(p: wire.ProfileIn, dimensions: Iterable[str]) -> wire.ProfileIn:
         raise InvalidInput(f"labels: {e.message}") from None
     _plain("description", p.description, MAX_DESCRIPTION)
     return msgspec.structs.replace(p, labels=labels)
+
+
+def pairing_key(value: str) -> str:
+    if not KEY_RE.match(value):
+        # Never echo the value: it is a secret.
+        raise InvalidInput("pairing_key: must be 1-4096 printable ASCII characters without spaces")
+    return value
+
+
+def key_expiry(token: str) -> int | None:
+    """When a pairing key expires, read from its claims; None when it has none to
+    read. Not a verification: the server checks the signature when it pairs."""
+    try:
+        return tokens.parse(token)[0].exp
+    except tokens.TokenError:
+        return None
 
 
 def networks(nets: list[str]) -> None:

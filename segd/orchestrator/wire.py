@@ -49,6 +49,12 @@ class Profile(msgspec.Struct, frozen=True):
     created_at: float
 
 
+class KeyIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A new pairing key for a container profile (for the containers started next)."""
+
+    pairing_key: str
+
+
 class NodeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     endpoint: str

@@ -1,13 +1,22 @@
 """Agent operations: pair and unpair workloads, hand out instructions, take reports.
 
-Pairing is idempotent per (host, container): asking again returns the workload
-already recorded, without checking the key again or consuming a use (a key may
-have expired since, the container has not changed). The token's signature is
-checked before the write (it needs no store); a new pairing is then decided by
-the pure `pairing` module on rows read inside the write; the use is counted,
-the workload and its addresses recorded and the attempt audited in that one
-write. A refusal commits only its audit row. The answer goes out once the
-write's transaction is durable.
+A pairing names a container and presents its pairing key. The token's signature
+is checked before the write (it needs no store); the key is then judged by the
+pure `pairing` module on rows read inside the write:
+
+* a container with no workload pairs as new: the key must be live (known, not
+  revoked, not expired, uses left, profile enabled); the use is counted and the
+  container recorded as admitted by that key, with the workload, in that one
+  write. A container the same key admitted before (it restarted: the agent
+  unpairs on `die` and pairs on `start`) pairs again without a use, even once
+  the key has expired or run out of uses; a revoked key or a deleted profile
+  still refuses it, and a container an admin unpaired never pairs again.
+* a container that still has its workload pairs again idempotently (with new
+  addresses when they changed) only with the same key id, still known and not
+  revoked; nothing is consumed.
+
+A refusal commits only its audit row. The answer goes out once the write's
+transaction is durable.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ import re
 import msgspec
 
 from segd import log, wire
-from segd.errors import SegdError
+from segd.errors import SegdError, Unavailable
 from segd.server import pairing, tokens, validate
 from segd.server.service import Service, new_id
 from segd.server.store import Tx
@@ -38,21 +47,19 @@ def _claimed_key_id(token: str) -> str:
     return kid if _KEY_ID_RE.match(kid) else ""
 
 
-def _verify_token(svc: Service, token: str, now: float) -> tokens.Claims | tokens.TokenError:
-    """The token's claims, or why it is refused. A token whose signature verified
-    is remembered by its exact text (one key pairs many containers); its expiry
-    is checked every time."""
+def _verify_token(svc: Service, token: str) -> tokens.Claims | tokens.TokenError:
+    """The token's claims once its signature verified, or why it is refused (its
+    expiry is judged with the pairing). A verified token is remembered by its
+    exact text (one key pairs many containers)."""
     claims = svc.verified_tokens.get(token)
     if claims is None:
         try:
-            claims = tokens.verify(token, svc.server_keys, now)
+            claims = tokens.verify_signature(token, svc.server_keys)
         except tokens.TokenError as e:
             return e
         if len(svc.verified_tokens) >= VERIFIED_TOKENS_MAX:
             del svc.verified_tokens[next(iter(svc.verified_tokens))]
         svc.verified_tokens[token] = claims
-    elif now >= claims.exp:
-        return tokens.TokenError(tokens.EXPIRED, "pairing key has expired")
     return claims
 
 
@@ -70,21 +77,19 @@ async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> bytes:
     """Pair a container; the answer is the JSON of a `wire.PairResult`."""
     pin = validate.pair_in(pin)
     now = svc.clock()
-    verified = _verify_token(svc, pin.pairing_key, now)
+    verified = _verify_token(svc, pin.pairing_key)
     failure: SegdError | None = None
     async with svc.change() as (tx, ch):
         svc.check_host(host_id)
         old = tx.workload_by_container(host_id, pin.container_id)
         w: wire.Workload | None = old
         if old is not None:
-            w, failure = _repair(tx, old, pin, now)
+            w, failure = _repair(tx, old, pin, verified, now)
             if w is not old:
                 ch.add_workload(w, previous=old)
                 ch.will_read(host_id)
         else:
             try:
-                if isinstance(verified, tokens.TokenError):
-                    raise verified
                 w = _new(svc, tx, host_id, pin, verified, now)
                 ch.add_workload(w)
                 ch.will_read(host_id)
@@ -105,24 +110,54 @@ async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> bytes:
         _log.info("workload.denied", host=host_id, container=pin.container_id, reason=reason)
         raise failure or SegdError("pairing failed")
     signed = svc.pub.signed(host_id)
-    assert signed is not None
+    if signed is None:  # not published to: revoked since (`Service.revoke_host` waits
+        svc.check_host(host_id)  # for the answers of its own transaction's pairings)
+        raise Unavailable(f"no instructions for host {host_id}")
     return pair_result_json(w, signed)
 
 
+def _check_workload_key(
+    tx: Tx, w: wire.Workload, verified: tokens.Claims | tokens.TokenError, now: float
+) -> None:
+    """Refuse the key presented for an already paired container unless it is the
+    workload's own key, verified, known and not revoked (expiry and uses aside)."""
+    if isinstance(verified, tokens.TokenError):
+        raise verified
+    if verified.kid != w.key_id:
+        raise pairing.Denied(
+            pairing.KEY_MISMATCH,
+            f"container {w.container_id} is paired with key {w.key_id}, not {verified.kid}",
+        )
+    found = tx.key_with_profile(verified.kid)
+    key, prof = found if found else (None, None)
+    pairing.check_key(verified, key, prof, now, readmit=True)
+
+
 def _repair(
-    tx: Tx, w: wire.Workload, pin: wire.PairIn, now: float
+    tx: Tx,
+    w: wire.Workload,
+    pin: wire.PairIn,
+    verified: tokens.Claims | tokens.TokenError,
+    now: float,
 ) -> tuple[wire.Workload, SegdError | None]:
     """Pairing an already paired container: the same workload (a new object only
-    when its addresses changed), or the reason new addresses were refused."""
+    when its addresses changed), or why its key or new addresses were refused
+    (the workload is left as it was)."""
     audit = {"host_id": w.host_id, "container_id": w.container_id, "workload_id": w.id}
+    try:
+        _check_workload_key(tx, w, verified, now)
+    except (pairing.Denied, tokens.TokenError) as e:
+        key_id = _claimed_key_id(pin.pairing_key)
+        tx.audit(now, "workload.paired", "denied", e.code, key_id=key_id, detail=e.message, **audit)
+        return w, e
     if w.ips == pin.ips:
         tx.audit(now, "workload.paired", "ok", "already_paired", key_id=w.key_id, **audit)
         return w, None
     held = {ip: o for ip, o in (tx.ip_holders(pin.ips)).items() if o != w.id}
     if held:
-        e = pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
-        tx.audit(now, "workload.readdressed", "denied", e.code, detail=e.message, **audit)
-        return w, e
+        err = pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
+        tx.audit(now, "workload.readdressed", "denied", err.code, detail=err.message, **audit)
+        return w, err
     tx.set_workload_ips(w.id, pin.ips)
     tx.audit(now, "workload.readdressed", "ok", detail=",".join(pin.ips), **audit)
     _log.info("workload.readdressed", workload=w.id, ips=pin.ips)
@@ -130,17 +165,38 @@ def _repair(
 
 
 def _new(
-    svc: Service, tx: Tx, host_id: str, pin: wire.PairIn, claims: tokens.Claims, now: float
+    svc: Service,
+    tx: Tx,
+    host_id: str,
+    pin: wire.PairIn,
+    verified: tokens.Claims | tokens.TokenError,
+    now: float,
 ) -> wire.Workload:
-    """Decide and record a new pairing; raises `Denied` having written nothing."""
+    """Decide and record a new pairing (or the re-admission of a container the key
+    admitted before); raises `Denied` or `TokenError` having written nothing."""
+    if isinstance(verified, tokens.TokenError):
+        raise verified
+    claims = verified
+    if tx.held(host_id, pin.container_id):
+        raise pairing.Denied(
+            pairing.HELD,
+            f"container {pin.container_id} was unpaired by an admin; only a new container pairs",
+        )
+    readmit = tx.admitted(host_id, pin.container_id, claims.kid)
+    if not readmit:
+        tokens.check_expiry(claims, now)
     found = tx.key_with_profile(claims.kid)
     key, prof = found if found else (None, None)
-    decision = pairing.decide(claims, key, prof, pin.requested_labels, svc.dims, now)
+    decision = pairing.decide(
+        claims, key, prof, pin.requested_labels, svc.dims, now, readmit=readmit
+    )
     held = tx.ip_holders(pin.ips)
     if held:
         raise pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
-    if not tx.consume_use(claims.kid, now):
-        raise pairing.Denied(pairing.EXHAUSTED, f"pairing key {claims.kid} has no uses left")
+    if not readmit:
+        if not tx.consume_use(claims.kid, now):
+            raise pairing.Denied(pairing.EXHAUSTED, f"pairing key {claims.kid} has no uses left")
+        tx.admit(host_id, pin.container_id, claims.kid, now)
     w = wire.Workload(
         id=new_id("w", 8),
         host_id=host_id,
@@ -153,6 +209,7 @@ def _new(
     )
     tx.insert_workload(w)
     reason = "profile_labels_applied" if decision.defaulted else ""
+    reason = "readmitted" if readmit else reason
     tx.audit(
         now,
         "workload.paired",
@@ -171,6 +228,7 @@ def _new(
         labels=w.labels,
         key_id=w.key_id,
         defaulted=decision.defaulted,
+        readmitted=readmit,
     )
     return w
 

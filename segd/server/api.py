@@ -122,7 +122,7 @@ async def delete_profile(c: Call) -> None:
 
 
 async def revoke_profile(c: Call) -> list[wire.PairingKey]:
-    return await c.svc.revoke_profile(c.arg("name"))
+    return await c.svc.revoke_profile(c.arg("name"), unpair=c.body_as(wire.RevokeIn).unpair)
 
 
 async def issue_key(c: Call) -> wire.KeyIssued:
@@ -134,11 +134,15 @@ async def list_keys(c: Call) -> list[wire.PairingKey]:
 
 
 async def revoke_key(c: Call) -> wire.PairingKey:
-    return await c.svc.revoke_key(c.arg("key_id"))
+    return await c.svc.revoke_key(c.arg("key_id"), unpair=c.body_as(wire.RevokeIn).unpair)
 
 
 async def list_workloads(c: Call) -> list[wire.Workload]:
     return await c.svc.store.workloads(c.request.query.get("host"))
+
+
+async def unpair_workload(c: Call) -> None:
+    await c.svc.unpair_workload(c.arg("id"))
 
 
 async def list_hosts(c: Call) -> list[wire.Host]:
@@ -210,17 +214,21 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", "/v1/profiles/{name}", delete_profile,
           "Remove a pairing profile and its keys (they stop working)"),
     Route("POST", "/v1/profiles/{name}/revoke", revoke_profile,
-          "Revoke every key of a profile", response=list[wire.PairingKey]),
+          "Revoke every key of a profile (with unpair, also unpair what they paired)",
+          body=wire.RevokeIn, response=list[wire.PairingKey]),
     Route("POST", "/v1/keys", issue_key, "Issue a pairing key", body=wire.KeyIssueIn,
           response=wire.KeyIssued, status=201),
     Route("GET", "/v1/keys", list_keys, "List pairing keys", response=list[wire.PairingKey],
           query=(Param("profile", "string", "only the keys of this profile"),)),
-    Route("POST", "/v1/keys/{key_id}/revoke", revoke_key, "Revoke a pairing key",
-          response=wire.PairingKey),
+    Route("POST", "/v1/keys/{key_id}/revoke", revoke_key,
+          "Revoke a pairing key (with unpair, also unpair what it paired)",
+          body=wire.RevokeIn, response=wire.PairingKey),
     Route("GET", "/v1/workloads", list_workloads,
           "List paired workloads, each with the containers sharing its network namespace",
           response=list[wire.Workload],
           query=(Param("host", "string", "only the workloads of this host"),)),
+    Route("DELETE", "/v1/workloads/{id}", unpair_workload,
+          "Unpair a workload on every host; its container does not pair again"),
     Route("GET", "/v1/hosts", list_hosts, "List agent hosts", response=list[wire.Host]),
     Route("POST", "/v1/hosts/{id}/revoke", revoke_host,
           "Revoke a host: refuse its agent and drop its workloads", response=wire.Host),

@@ -2,7 +2,9 @@
 
 `MIGRATIONS[i]` brings the schema from version `i` to `i + 1`. Scripts are only
 ever appended: a released script is never edited. Each one runs in its own
-transaction together with the `schema_version` bump.
+transaction together with the `schema_version` bump, with foreign keys on: a
+table is rebuilt by copying it into a new table, dropping the old one once no
+other table references it, and renaming the copy.
 """
 
 from __future__ import annotations
@@ -130,5 +132,67 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
     WHEN old.at >= (SELECT cutoff FROM audit_retention)
     BEGIN SELECT RAISE(ABORT, 'audit is append-only: only entries past retention are pruned'); END;
+    """,
+    # 4: unlimited key uses (max_uses NULL), the containers each key admitted (their
+    # restarts pair again without a use), and containers an admin unpaired.
+    """
+    CREATE TABLE profiles_new (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        labels      TEXT NOT NULL,
+        locked      TEXT NOT NULL,
+        max_uses    INTEGER CHECK (max_uses IS NULL OR max_uses >= 1),
+        lifespan_s  INTEGER NOT NULL CHECK (lifespan_s >= 1),
+        on_mismatch TEXT NOT NULL CHECK (on_mismatch IN ('deny', 'default')),
+        enabled     INTEGER NOT NULL,
+        description TEXT NOT NULL,
+        created_at  REAL NOT NULL
+    );
+    INSERT INTO profiles_new SELECT id, name, labels, locked, max_uses, lifespan_s, on_mismatch,
+        enabled, description, created_at FROM profiles;
+
+    CREATE TABLE keys_new (
+        key_id      TEXT PRIMARY KEY,
+        profile_id  TEXT NOT NULL REFERENCES profiles_new(id) ON DELETE CASCADE,
+        max_uses    INTEGER CHECK (max_uses IS NULL OR max_uses >= 1),
+        uses        INTEGER NOT NULL DEFAULT 0
+                    CHECK (uses >= 0 AND (max_uses IS NULL OR uses <= max_uses)),
+        issued_at   REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        revoked     INTEGER NOT NULL DEFAULT 0,
+        description TEXT NOT NULL
+    );
+    INSERT INTO keys_new SELECT key_id, profile_id, max_uses, uses, issued_at, expires_at,
+        revoked, description FROM keys;
+
+    DROP TABLE keys;
+    DROP TABLE profiles;
+    -- Renaming rewrites keys_new's reference to the new name.
+    ALTER TABLE profiles_new RENAME TO profiles;
+    ALTER TABLE keys_new RENAME TO keys;
+    CREATE INDEX keys_profile ON keys(profile_id);
+
+    -- A container a key admitted: pairing it again with that key (after a
+    -- restart, once the key expired or ran out of uses) uses nothing.
+    CREATE TABLE admissions (
+        host_id      TEXT NOT NULL REFERENCES hosts(id),
+        container_id TEXT NOT NULL,
+        key_id       TEXT NOT NULL REFERENCES keys(key_id) ON DELETE CASCADE,
+        admitted_at  REAL NOT NULL,
+        PRIMARY KEY (host_id, container_id, key_id)
+    );
+    CREATE INDEX admissions_key ON admissions(key_id);
+    INSERT INTO admissions (host_id, container_id, key_id, admitted_at)
+        SELECT w.host_id, w.container_id, w.key_id, w.paired_at FROM workloads w
+        WHERE w.key_id IN (SELECT key_id FROM keys);
+
+    -- A container an admin unpaired: it does not pair again (a new container does).
+    CREATE TABLE held_containers (
+        host_id      TEXT NOT NULL REFERENCES hosts(id),
+        container_id TEXT NOT NULL,
+        workload_id  TEXT NOT NULL,
+        held_at      REAL NOT NULL,
+        PRIMARY KEY (host_id, container_id)
+    );
     """,
 ]

@@ -144,13 +144,19 @@ def server_constraints(dimensions: Sequence[str] | None = None) -> Constraints:
             "name": named(validate.NAME_RE),
             "labels": dims,
             "locked": {"type": "array", "items": {"type": "string", **dims["propertyNames"]}},
-            "max_uses": bounded(1, validate.MAX_USES),
+            "max_uses": {
+                **bounded(1, validate.MAX_USES, nullable=True),
+                "description": "new containers each key admits; null: unlimited",
+            },
             "lifespan_s": bounded(1, validate.MAX_LIFESPAN_S),
             "description": text(validate.MAX_DESCRIPTION),
         },
         "KeyIssueIn": {
             "profile": named(validate.NAME_RE),
-            "max_uses": bounded(1, validate.MAX_USES, nullable=True),
+            "max_uses": {
+                **bounded(1, validate.MAX_USES, nullable=True),
+                "description": "absent: the profile's; null: unlimited",
+            },
             "lifespan_s": bounded(1, validate.MAX_LIFESPAN_S, nullable=True),
             "description": text(validate.MAX_DESCRIPTION),
         },
@@ -203,6 +209,14 @@ def _constrain(components: dict[str, Any], constraints: Constraints) -> None:
                 properties[prop]["default"] = default
 
 
+def _has_required_fields(body: type) -> bool:
+    """An empty body stands for `{}`: one is needed only when a field has no default."""
+    try:
+        return any(f.required for f in msgspec.structs.fields(body))
+    except TypeError:  # not a Struct
+        return True
+
+
 def build(
     routes: Iterable[Operation],
     *,
@@ -244,7 +258,7 @@ def build(
             op["parameters"] = params
         if r.body is not None:
             op["requestBody"] = {
-                "required": True,
+                "required": _has_required_fields(r.body),
                 "content": {"application/json": {"schema": ref[id(r.body)]}},
             }
         responses: dict[str, Any] = {}

@@ -7,6 +7,11 @@ taken for the others. A request that contradicts a locked dimension is refused
 (`on_mismatch="deny"`) or given exactly the profile's label set
 (`on_mismatch="default"`).
 
+A container the key already admitted (`readmit`: paired with this key id
+before, on this host) pairs again whatever the key's expiry and use count: they
+limit how many new containers a key admits, not the restarts of those it did.
+Its key is checked otherwise exactly as for a new container.
+
 Pure: no I/O. The store repeats the use-count guard atomically when it records
 the workload, so a decision made on a stale row cannot over-use a key.
 """
@@ -30,6 +35,8 @@ PROFILE_DISABLED = "profile_disabled"
 INVALID_LABELS = "invalid_labels"
 LABEL_MISMATCH = "label_mismatch"
 IP_IN_USE = "ip_in_use"
+KEY_MISMATCH = "key_mismatch"  # not the key the container's workload was paired with
+HELD = "unpaired_by_admin"  # an admin unpaired this container: it stays unpaired
 
 
 class Denied(Forbidden):
@@ -46,18 +53,24 @@ class Decision(msgspec.Struct, frozen=True):
 
 
 def check_key(
-    claims: Claims, key: wire.PairingKey | None, profile: wire.Profile | None, now: float
+    claims: Claims,
+    key: wire.PairingKey | None,
+    profile: wire.Profile | None,
+    now: float,
+    *,
+    readmit: bool = False,
 ) -> None:
-    """Refuse a key that is unknown, revoked, expired, used up, or whose profile is off."""
+    """Refuse a key that is unknown, revoked, expired, used up, or whose profile is
+    off; expiry and uses are not held against a container the key `readmit`s."""
     if key is None or profile is None or key.key_id != claims.kid:
         raise Denied(UNKNOWN_KEY, f"pairing key {claims.kid} is not known (revoked or deleted)")
     if profile.id != claims.pid:
         raise Denied(KEY_PROFILE_MISMATCH, f"pairing key {claims.kid} names another profile")
     if key.revoked:
         raise Denied(REVOKED, f"pairing key {key.key_id} has been revoked")
-    if now >= key.expires_at:
+    if not readmit and now >= key.expires_at:
         raise Denied(EXPIRED, f"pairing key {key.key_id} has expired")
-    if key.uses >= key.max_uses:
+    if not readmit and key.max_uses is not None and key.uses >= key.max_uses:
         raise Denied(EXHAUSTED, f"pairing key {key.key_id} has no uses left ({key.max_uses})")
     if not profile.enabled:
         raise Denied(PROFILE_DISABLED, f"pairing profile {profile.name!r} is disabled")
@@ -96,8 +109,10 @@ def decide(
     requested: Mapping[str, str],
     dimensions: Iterable[str],
     now: float,
+    *,
+    readmit: bool = False,
 ) -> Decision:
     """Check the key against its row and profile, then decide the labels."""
-    check_key(claims, key, profile, now)
+    check_key(claims, key, profile, now, readmit=readmit)
     assert profile is not None
     return decide_labels(profile, requested, dimensions)

@@ -288,14 +288,20 @@ class Service:
         _log.info("profile.removed", profile=name, keys=n)
         return n
 
-    async def revoke_profile(self, name: str) -> list[wire.PairingKey]:
-        async with self.store.write() as tx:
+    async def revoke_profile(self, name: str, *, unpair: bool = False) -> list[wire.PairingKey]:
+        """Revoke every key of the profile; with `unpair`, also unpair every
+        workload they paired, on every host, in the same transaction."""
+        now = self.clock()
+        async with self.change() as (tx, ch):
             prof = tx.profile_by_name(name)
             if prof is None:
                 raise NotFound(f"no profile {name!r}")
             n = tx.revoke_profile_keys(prof.id)
-            tx.audit(self.clock(), "profile.revoked", "ok", detail=f"{name}: {n} keys")
-        _log.info("profile.revoked", profile=name, keys=n)
+            gone = tx.workloads_of_profile(prof.id) if unpair else []
+            self._unpair(tx, ch, gone, "profile_revoked", now)
+            detail = f"{name}: {n} keys" + (f", {len(gone)} workloads unpaired" if unpair else "")
+            tx.audit(now, "profile.revoked", "ok", detail=detail)
+        _log.info("profile.revoked", profile=name, keys=n, unpaired=len(gone))
         return await self.store.keys(name)
 
     async def issue_key(self, kin: wire.KeyIssueIn) -> wire.KeyIssued:
@@ -304,9 +310,12 @@ class Service:
             prof = tx.profile_by_name(kin.profile)
             if prof is None:
                 raise NotFound(f"no profile {kin.profile!r}")
-            max_uses = prof.max_uses if kin.max_uses is None else kin.max_uses
+            max_uses = (
+                prof.max_uses
+                if isinstance(kin.max_uses, msgspec.UnsetType)
+                else validate.max_uses(kin.max_uses)
+            )
             lifespan = prof.lifespan_s if kin.lifespan_s is None else kin.lifespan_s
-            validate.bounded("max_uses", max_uses, 1, validate.MAX_USES)
             validate.bounded("lifespan_s", lifespan, 1, validate.MAX_LIFESPAN_S)
             validate.text("description", kin.description, validate.MAX_DESCRIPTION)
             iat = int(now)
@@ -343,47 +352,86 @@ class Service:
             raise NotFound(f"no profile {profile!r}")
         return await self.store.keys(profile)
 
-    async def revoke_key(self, key_id: str) -> wire.PairingKey:
-        async with self.store.write() as tx:
+    async def revoke_key(self, key_id: str, *, unpair: bool = False) -> wire.PairingKey:
+        """Revoke a key; with `unpair`, also unpair every workload it paired, on
+        every host, in the same transaction."""
+        now = self.clock()
+        async with self.change() as (tx, ch):
             if not tx.revoke_key(key_id):
                 raise NotFound(f"no pairing key {key_id!r}")
-            tx.audit(self.clock(), "key.revoked", "ok", key_id=key_id)
-        _log.info("key.revoked", key_id=key_id)
+            gone = tx.workloads_of_key(key_id) if unpair else []
+            self._unpair(tx, ch, gone, "key_revoked", now)
+            detail = f"{len(gone)} workloads unpaired" if unpair else ""
+            tx.audit(now, "key.revoked", "ok", key_id=key_id, detail=detail)
+        _log.info("key.revoked", key_id=key_id, unpaired=len(gone))
         key = await self.store.key(key_id)
         assert key is not None
         return key
 
+    # ---- workloads ----------------------------------------------------------------
+
+    async def unpair_workload(self, workload_id: str) -> None:
+        """Unpair one workload, wherever it is; its container is held: pairing it
+        again is refused (`unpaired_by_admin`) until it is recreated."""
+        now = self.clock()
+        async with self.change() as (tx, ch):
+            w = tx.workload(workload_id)
+            if w is None:
+                raise NotFound(f"no workload {workload_id!r}")
+            tx.hold(w, now)
+            self._unpair(tx, ch, [w], "unpaired_by_admin", now)
+        _log.info("workload.unpaired_by_admin", workload=w.id, host=w.host_id)
+
+    @staticmethod
+    def _unpair(tx: Tx, ch: Change, gone: list[wire.Workload], reason: str, now: float) -> None:
+        """Remove workloads, each audited, from the store and every host's instructions."""
+        for w in gone:
+            tx.delete_workload(w.id)
+            tx.audit(
+                now,
+                "workload.unpaired",
+                "ok",
+                reason,
+                host_id=w.host_id,
+                container_id=w.container_id,
+                key_id=w.key_id,
+                workload_id=w.id,
+            )
+            ch.remove_workload(w)
+
     # ---- hosts and activation codes -----------------------------------------------
 
     async def revoke_host(self, host_id: str) -> wire.Host:
-        """Refuse the host's agent from now on and drop its workloads."""
+        """Refuse the host's agent from now on and drop its workloads.
+
+        A pairing of the host earlier in the open transaction is answered with the
+        host's instructions once that commits: the revocation waits for it and
+        comes in the next transaction. A pairing after it is refused unwritten."""
         now = self.clock()
-        async with self.change() as (tx, ch):
-            if not tx.revoke_host(host_id):
-                raise NotFound(f"no host {host_id!r}")
-            gone = tx.workloads_of_host(host_id)
-            for w in gone:
-                tx.delete_workload(w.id)
-                tx.audit(
-                    now,
-                    "workload.unpaired",
-                    "ok",
-                    "host_revoked",
-                    host_id=host_id,
-                    container_id=w.container_id,
-                    workload_id=w.id,
-                )
-                ch.remove_workload(w)
-            tx.audit(now, "host.revoked", "ok", host_id=host_id)
-            auth = self.hosts.get(host_id)
-            if auth is not None:
-                self.hosts[host_id] = HostAuth(auth.verify_key, True)
-                ch.on_undo(lambda: self.hosts.__setitem__(host_id, auth))
-            ch.drop_host(host_id)
+        while True:
+            async with self.change() as (tx, ch):
+                deferred = host_id in self.awaited
+                if not deferred:
+                    gone = self._revoke_host(tx, ch, host_id, now)
+            if not deferred:
+                break
         _log.info("host.revoked", host=host_id, workloads=len(gone))
         host = await self.store.host(host_id)
         assert host is not None
         return host
+
+    def _revoke_host(self, tx: Tx, ch: Change, host_id: str, now: float) -> list[wire.Workload]:
+        if not tx.revoke_host(host_id):
+            raise NotFound(f"no host {host_id!r}")
+        gone = tx.workloads_of_host(host_id)
+        self._unpair(tx, ch, gone, "host_revoked", now)
+        tx.audit(now, "host.revoked", "ok", host_id=host_id)
+        auth = self.hosts.get(host_id)
+        if auth is not None:
+            self.hosts[host_id] = HostAuth(auth.verify_key, True)
+            ch.on_undo(lambda: self.hosts.__setitem__(host_id, auth))
+        ch.drop_host(host_id)
+        return gone
 
     async def new_activation_code(self, ain: wire.ActivationCodeIn) -> wire.ActivationCode:
         lifespan = validate.bounded("lifespan_s", ain.lifespan_s, 1, validate.MAX_CODE_LIFESPAN_S)

@@ -247,11 +247,46 @@ class Tx:
     def consume_use(self, key_id: str, now: float) -> bool:
         """Count one use, only while the key is live: the guard against over-use."""
         n = self._exec(
-            "UPDATE keys SET uses = uses + 1 WHERE key_id = ? AND uses < max_uses"
-            " AND revoked = 0 AND expires_at > ?",
+            "UPDATE keys SET uses = uses + 1 WHERE key_id = ?"
+            " AND (max_uses IS NULL OR uses < max_uses) AND revoked = 0 AND expires_at > ?",
             (key_id, now),
         )
         return n == 1
+
+    def admitted(self, host_id: str, container_id: str, key_id: str) -> bool:
+        """Whether the key has admitted this container before (its restarts are free)."""
+        row = self._one(
+            "SELECT 1 FROM admissions WHERE host_id = ? AND container_id = ? AND key_id = ?",
+            (host_id, container_id, key_id),
+        )
+        return row is not None
+
+    def admit(self, host_id: str, container_id: str, key_id: str, now: float) -> None:
+        self._exec(
+            "INSERT OR IGNORE INTO admissions (host_id, container_id, key_id, admitted_at)"
+            " VALUES (?, ?, ?, ?)",
+            (host_id, container_id, key_id, now),
+        )
+
+    def held(self, host_id: str, container_id: str) -> bool:
+        """Whether an admin unpaired this container (it does not pair again)."""
+        row = self._one(
+            "SELECT 1 FROM held_containers WHERE host_id = ? AND container_id = ?",
+            (host_id, container_id),
+        )
+        return row is not None
+
+    def hold(self, w: wire.Workload, now: float) -> None:
+        """Keep an admin-unpaired workload's container from pairing again."""
+        self._exec(
+            "INSERT OR REPLACE INTO held_containers (host_id, container_id, workload_id,"
+            " held_at) VALUES (?, ?, ?, ?)",
+            (w.host_id, w.container_id, w.id, now),
+        )
+        self._exec(
+            "DELETE FROM admissions WHERE host_id = ? AND container_id = ?",
+            (w.host_id, w.container_id),
+        )
 
     # ---- workloads ----------------------------------------------------------------
 
@@ -261,6 +296,22 @@ class Tx:
             (host_id, container_id),
         )
         return _workload(row) if row else None
+
+    def workload(self, workload_id: str) -> wire.Workload | None:
+        row = self._one("SELECT * FROM workloads WHERE id = ?", (workload_id,))
+        return _workload(row) if row else None
+
+    def workloads_of_key(self, key_id: str) -> list[wire.Workload]:
+        rows = self._all("SELECT * FROM workloads WHERE key_id = ? ORDER BY id", (key_id,))
+        return [_workload(r) for r in rows]
+
+    def workloads_of_profile(self, profile_id: str) -> list[wire.Workload]:
+        rows = self._all(
+            "SELECT * FROM workloads WHERE key_id IN"
+            " (SELECT key_id FROM keys WHERE profile_id = ?) ORDER BY id",
+            (profile_id,),
+        )
+        return [_workload(r) for r in rows]
 
     def workloads_of_host(self, host_id: str) -> list[wire.Workload]:
         rows = self._all("SELECT * FROM workloads WHERE host_id = ? ORDER BY id", (host_id,))
@@ -342,7 +393,12 @@ class Tx:
         return str(row["id"]) if row else None
 
     def revoke_host(self, host_id: str) -> bool:
-        return self._exec("UPDATE hosts SET revoked = 1 WHERE id = ?", (host_id,)) > 0
+        """Mark the host revoked and forget what its containers were admitted or held for."""
+        if self._exec("UPDATE hosts SET revoked = 1 WHERE id = ?", (host_id,)) == 0:
+            return False
+        self._exec("DELETE FROM admissions WHERE host_id = ?", (host_id,))
+        self._exec("DELETE FROM held_containers WHERE host_id = ?", (host_id,))
+        return True
 
     def touch_host(self, host_id: str, now: float) -> None:
         self._exec("UPDATE hosts SET last_seen = ? WHERE id = ?", (now, host_id))
@@ -571,6 +627,9 @@ class Store:
         rows = await self._all("SELECT count(*) AS n FROM audit")
         return int(rows[0]["n"])
 
+    async def schema_version(self) -> int:
+        rows = await self._all("SELECT version FROM schema_version")
+        return int(rows[0]["version"])
+
     async def admin_token_hashes(self) -> set[str]:
         return {r["token_hash"] for r in await self._all("SELECT token_hash FROM admin_tokens")}
-

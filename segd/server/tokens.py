@@ -101,14 +101,24 @@ def _printable(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def verify(token: str, server_keys: Mapping[str, nacl.signing.VerifyKey], now: float) -> Claims:
-    """Parse, check the signature under the named server key, and the expiry."""
+def verify_signature(token: str, server_keys: Mapping[str, nacl.signing.VerifyKey]) -> Claims:
+    """Parse and check the signature under the named server key (not the expiry:
+    an expired key still proves which key a container was given)."""
     claims, data, sig = parse(token)
     vk = server_keys.get(claims.sk)
     if vk is None:
         raise TokenError(UNKNOWN_SIGNER, "pairing key was signed by an unknown server key")
     if not crypto.verify(vk, data, sig):
         raise TokenError(BAD_SIGNATURE, "pairing key signature does not verify")
+    return claims
+
+
+def check_expiry(claims: Claims, now: float) -> Claims:
     if now >= claims.exp:
         raise TokenError(EXPIRED, "pairing key has expired")
     return claims
+
+
+def verify(token: str, server_keys: Mapping[str, nacl.signing.VerifyKey], now: float) -> Claims:
+    """Parse, check the signature under the named server key, and the expiry."""
+    return check_expiry(verify_signature(token, server_keys), now)

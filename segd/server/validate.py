@@ -53,6 +53,11 @@ def bounded(field: str, value: int, low: int, high: int) -> int:
     return value
 
 
+def max_uses(value: int | None) -> int | None:
+    """How many new containers a key admits; None is unlimited."""
+    return None if value is None else bounded("max_uses", value, 1, MAX_USES)
+
+
 def selectors(field: str, value: policy.Selectors, dims: Iterable[str]) -> policy.Selectors:
     if value == "any":
         return "any"
@@ -111,7 +116,7 @@ def profile(pin: wire.ProfileIn, dims: Iterable[str], profile_id: str, now: floa
         name=name("name", pin.name),
         labels=labels,
         locked=locked,
-        max_uses=bounded("max_uses", pin.max_uses, 1, MAX_USES),
+        max_uses=max_uses(pin.max_uses),
         lifespan_s=bounded("lifespan_s", pin.lifespan_s, 1, MAX_LIFESPAN_S),
         on_mismatch=pin.on_mismatch,
         enabled=pin.enabled,

@@ -61,7 +61,7 @@ async def test_profile_add_list_rm(api: Admin) -> None:
         {"name": "web", "labels": {"role": "web", "app": "shop"}, "locked": ["role", "role"]},
         status=201,
     )
-    assert prof["locked"] == ["role"] and prof["max_uses"] == 1 and prof["on_mismatch"] == "deny"
+    assert prof["locked"] == ["role"] and prof["max_uses"] is None and prof["on_mismatch"] == "deny"
     assert [p["name"] for p in await api.ok("GET", "/v1/profiles")] == ["web"]
     status, body = await api.call("POST", "/v1/profiles", {"name": "web", "labels": {}})
     assert (status, body["error"]) == (409, "exists")

@@ -195,6 +195,43 @@ def test_every_verb(ctl: Ctl, live_server: LiveServer) -> None:
     assert "workload.paired" in ctl.ok("audit", "list")
 
 
+def test_unlimited_keys_unpair_and_revoke_with_unpair(ctl: Ctl, live_server: LiveServer) -> None:
+    ctl.ok("profile", "add", "web", "--labels", "role=web")  # unlimited by default
+    ctl.ok("profile", "add", "db", "--labels", "role=db", "--max-uses", "unlimited")
+    ctl.ok("profile", "add", "api", "--labels", "role=api", "--max-uses", "2")
+    assert [p["max_uses"] for p in ctl.json("profile", "list")] == [2, None, None]
+    assert "∞" in ctl.ok("profile", "list")
+    web = ctl.ok("key", "issue", "web").strip()
+    db = ctl.ok("key", "issue", "db").strip()
+    api = ctl.json("key", "issue", "api", "--max-uses", "unlimited")
+    assert api["max_uses"] is None
+    code = ctl.ok("agent", "activation-code").strip()
+    _agent_pairs(live_server, code, web, "c-web", "10.0.0.5")
+    listed = {row.split()[1]: row.split()[2] for row in ctl.ok("key", "list").splitlines()[1:]}
+    assert listed == {"web": "1/∞", "db": "0/∞", "api": "0/∞"}
+    # workload unpair
+    [w] = ctl.json("workload", "list")
+    assert "unpaired" in ctl.ok("workload", "unpair", w["id"])
+    assert ctl.json("workload", "list") == []
+    code, out, err = ctl.run("workload", "unpair", w["id"])
+    assert (code, out) == (1, "") and "no workload" in err and err.count("\n") == 1
+    # key revoke --unpair, profile revoke --unpair
+    for token, cid, ip in ((db, "c-db", "10.0.0.6"), (db, "c-db2", "10.0.0.7")):
+        _agent_pairs(live_server, ctl.ok("agent", "activation-code").strip(), token, cid, ip)
+    db_key = next(k["key_id"] for k in ctl.json("key", "list", "db"))
+    assert "unpaired" in ctl.ok("key", "revoke", db_key, "--unpair")
+    assert ctl.json("workload", "list") == []
+    _agent_pairs(live_server, ctl.ok("agent", "activation-code").strip(), web, "c-w2", "10.0.0.8")
+    assert "unpaired" in ctl.ok("profile", "revoke", "web", "--unpair")
+    assert ctl.json("workload", "list") == []
+    events = [(e["event"], e["reason"]) for e in ctl.json("audit", "list", "--limit", "200")]
+    assert {
+        ("workload.unpaired", "unpaired_by_admin"),
+        ("workload.unpaired", "key_revoked"),
+        ("workload.unpaired", "profile_revoked"),
+    } <= set(events)
+
+
 def test_server_and_token_from_env_and_the_local_data_dir(
     ctl: Ctl, live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -237,6 +274,10 @@ def test_options_work_after_the_verb_too(ctl: Ctl, live_server: LiveServer) -> N
         ),
         (["key", "issue", "nope"], 1, "no profile"),
         (["key", "issue", "db", "--lifespan", "soon"], 2, "invalid lifespan"),
+        (["key", "issue", "db", "--max-uses", "lots"], 2, "invalid --max-uses"),
+        (["key", "issue", "db", "--max-uses", "0"], 2, "invalid --max-uses"),
+        (["profile", "add", "x", "--labels", "role=x", "--max-uses", "-1"], 2, "--max-uses"),
+        (["workload", "unpair"], 2, "required"),
         (["profile", "add", "x", "--labels", "role"], 2, "expected dimension=value"),
         (["rule", "add", "--provider", "any"], 2, "required"),
         (["rule"], 2, "required"),

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segd.server import tokens
+
 IMAGE = "segd-busybox:latest"
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
 TEST_LABEL = "segd.test"
@@ -37,6 +39,18 @@ def docker(*args: str, check: bool = True, timeout: float = 60) -> str:
     if check and p.returncode != 0:
         raise RuntimeError(f"docker {' '.join(args)}: {p.stderr.strip()}")
     return p.stdout.strip()
+
+
+def restart_dockerd() -> None:
+    """Stop dockerd and start it again (containers with a restart policy come back)."""
+    subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=False)
+    wait_for(
+        lambda: subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True).returncode != 0,
+        60,
+        "dockerd to exit",
+        interval=0.2,
+    )
+    subprocess.run(["bash", "scripts/host-setup.sh"], check=True, capture_output=True)
 
 
 def wait_for(pred: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -208,7 +222,14 @@ class Stack:
         )
         return str(r["id"])
 
-    def key(self, labels: dict[str, str], *, max_uses: int = 10, lock: Iterable[str] = ()) -> str:
+    def key(
+        self,
+        labels: dict[str, str],
+        *,
+        max_uses: int = 10,
+        lock: Iterable[str] = (),
+        lifespan_s: int = 3600,
+    ) -> str:
         name = "p-" + uuid.uuid4().hex[:8]
         self.api(
             "POST",
@@ -218,10 +239,16 @@ class Stack:
                 "labels": labels,
                 "locked": list(lock),
                 "max_uses": max_uses,
-                "lifespan_s": 3600,
+                "lifespan_s": lifespan_s,
             },
         )
         return str(self.api("POST", "/v1/keys", {"profile": name})["token"])
+
+    def key_row(self, token: str) -> dict[str, Any]:
+        """The server's record of a key (uses, expiry, revoked) by its token."""
+        kid = tokens.parse(token)[0].kid
+        [row] = [k for k in self.api("GET", "/v1/keys") if k["key_id"] == kid]
+        return dict(row)
 
     def workloads(self) -> list[dict[str, Any]]:
         return list(self.api("GET", "/v1/workloads"))

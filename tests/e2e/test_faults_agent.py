@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.e2e.stack import Stack, docker, wait_for
+from tests.e2e.stack import Stack, docker, restart_dockerd, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -101,16 +101,6 @@ def test_agent_killed_while_containers_come_and_go(stack: Stack) -> None:
     assert _hits(intruder) == 0
 
 
-def _stop_dockerd() -> None:
-    subprocess.run(["pkill", "-TERM", "-x", "dockerd"], check=False)
-    wait_for(
-        lambda: subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True).returncode != 0,
-        60,
-        "dockerd to exit",
-        interval=0.2,
-    )
-
-
 def test_docker_restarted_stream_reconnects_and_nothing_is_left_open(stack: Stack) -> None:
     stack.start_server()
     stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
@@ -133,8 +123,7 @@ def test_docker_restarted_stream_reconnects_and_nothing_is_left_open(stack: Stac
     stack.wait_paired(web, db)
     assert stack.agent is not None
     ups = stack.agent.count("docker.stream.up")
-    _stop_dockerd()
-    subprocess.run(["bash", "scripts/host-setup.sh"], check=True, capture_output=True)
+    restart_dockerd()
     wait_for(lambda: stack.agent.count("docker.stream.up") > ups, 30, "event stream back")  # type: ignore[union-attr]
     wait_for(
         lambda: stack.probe_many(web, [("10.231.11.20", 5432)])[("10.231.11.20", 5432)],

@@ -61,6 +61,8 @@ PAIR_CODES = frozenset(
         pairing.INVALID_LABELS,
         pairing.LABEL_MISMATCH,
         pairing.IP_IN_USE,
+        pairing.KEY_MISMATCH,
+        pairing.HELD,
     }
 )
 AUDITED_REFUSALS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -186,7 +188,8 @@ async def refresh_ids(env: Env) -> None:
     api = env.api
     env.ids = {
         "id": [r["id"] for r in await api.ok("GET", "/v1/rules")]
-        + [h["id"] for h in await api.ok("GET", "/v1/hosts")],
+        + [h["id"] for h in await api.ok("GET", "/v1/hosts")]
+        + [w["id"] for w in await api.ok("GET", "/v1/workloads")],
         "name": [p["name"] for p in await api.ok("GET", "/v1/profiles")],
         "key_id": [k["key_id"] for k in await api.ok("GET", "/v1/keys")],
     }
@@ -233,7 +236,7 @@ def hints(env: Env) -> tuple[fz.Hints, fz.Hints]:
         "description": st.one_of(
             st.just(""), st.text(st.characters(min_codepoint=32), max_size=50)
         ),
-        "max_uses": st.integers(1, 20),
+        "max_uses": st.one_of(st.none(), st.integers(1, 20)),
         "lifespan_s": st.integers(1, 7200),
         "enabled": st.booleans(),
         "container_id": st.one_of(
@@ -663,7 +666,7 @@ def check_stored(env: Env, snap: dict[str, Any]) -> None:
     for h in snap["hosts"]:
         assert HOSTNAME.fullmatch(h["hostname"]), h
     for k in snap["keys"]:
-        assert 0 <= k["uses"] <= k["max_uses"], k
+        assert k["uses"] >= 0 and (k["max_uses"] is None or k["uses"] <= k["max_uses"]), k
 
 
 async def check_renders(env: Env) -> None:

@@ -294,8 +294,9 @@ async def test_pairing_again_with_a_stronger_key_keeps_the_labels(
     status, first = await a.pair("c1", web, ["10.0.0.1"])
     assert status == 200 and first["labels"] == {"role": "web"}
     status, again = await a.pair("c1", db, ["10.0.0.1"], {"role": "db"})
-    assert status == 200 and again["labels"] == {"role": "web"}
-    assert again["workload_id"] == first["workload_id"]
+    assert (status, again["error"]) == (403, "key_mismatch")
+    [w] = await api.ok("GET", "/v1/workloads")
+    assert (w["id"], w["labels"]) == (first["workload_id"], {"role": "web"})
     uses = {k["profile"]: k["uses"] for k in await api.ok("GET", "/v1/keys")}
     assert uses == {"web": 1, "db": 0}
 

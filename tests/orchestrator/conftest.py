@@ -8,17 +8,20 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
 import pytest
 from aiohttp.test_utils import TestClient
 
 from segd.config import OrchestratorConfig
 from segd.orchestrator.app import build_app
+from segd.server import tokens
 from tests.hostreq import docker_missing, require
 from tests.orchestrator.fake_engine import FakeEngine
 
@@ -28,6 +31,22 @@ TEST_LABEL = "segd.test"
 RUN_LABEL = "segd.test.run"
 KEY = "segd1.eyJ2IjoxLCJraWQiOiJrXzAxMjM0NTY3ODkifQ.c2VjcmV0LXNpZ25hdHVyZS1vZi10aGUta2V5"
 KEY2 = "segd1.eyJ2IjoxLCJraWQiOiJrX2ZlZWRmYWNlMDAwMCJ9.YW5vdGhlci1zZWNyZXQtc2lnbmF0dXJl"
+
+
+def pairing_key(exp: float) -> str:
+    """A token in the server's format expiring at `exp` (signed by a throwaway key:
+    the orchestrator reads the claims, the server checks the signature)."""
+    claims = tokens.Claims(
+        v=tokens.VERSION, kid="k_0123456789abcdef", pid="p_0123456789ab", sk="0" * 16,
+        iat=int(exp) - 3600, exp=int(exp),
+    )  # fmt: skip
+    return tokens.issue(nacl.signing.SigningKey.generate(), claims)
+
+
+def wait_past(exp: float) -> None:
+    """Until the clock has passed `exp` (a key made to expire a moment from now)."""
+    while time.time() < exp:
+        time.sleep(0.05)
 
 
 def free_port() -> int:

@@ -3,8 +3,10 @@ unix socket (spoken to by the real aiodocker client) for run/ps/rm/change."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,22 @@ from segd.config import OrchestratorConfig
 from segd.orchestrator import wire
 from segd.orchestrator.app import add_routes
 from segd.orchestrator.service import Orchestrator
-from tests.orchestrator.conftest import KEY, KEY2, Api, ApiFactory, profile_body
+from tests.orchestrator.conftest import (
+    KEY,
+    KEY2,
+    Api,
+    ApiFactory,
+    pairing_key,
+    profile_body,
+    wait_past,
+)
 from tests.orchestrator.fake_engine import FakeEngine
 
 ROUTES = [
     ("POST", "/v1/orch/profiles"),
     ("GET", "/v1/orch/profiles"),
     ("DELETE", "/v1/orch/profiles/web"),
+    ("PUT", "/v1/orch/profiles/web/key"),
     ("POST", "/v1/orch/nodes"),
     ("GET", "/v1/orch/nodes"),
     ("DELETE", "/v1/orch/nodes/local"),
@@ -600,6 +611,55 @@ async def test_routes_mount_on_another_app(aiohttp_client: Any, data_dir: Path) 
         assert (await client.get("/v1/other")).status == 200
     finally:
         await orch.close()
+
+
+# ---- a profile whose key expired ------------------------------------------------------
+
+
+async def test_run_with_an_expired_key_started_containers_that_stayed_isolated(
+    fake_api: Api, engine: FakeEngine
+) -> None:
+    """The key's claims say when it expires: a run (or a change to the profile)
+    after that starts nothing and says what to do."""
+    exp = time.time() + 1
+    body = profile_body("soon", pairing_key=pairing_key(exp))
+    assert (await fake_api.call("POST", "/v1/orch/profiles", body))[0] == 201
+    status, [c] = await fake_api.call("POST", "/v1/orch/run", {"profile": "web"})
+    assert status == 201
+    await asyncio.to_thread(wait_past, exp)
+    for method, path, req in (
+        ("POST", "/v1/orch/run", {"profile": "soon", "count": 3}),
+        ("POST", f"/v1/orch/containers/{c['id']}/change", {"profile": "soon"}),
+    ):
+        status, answer = await fake_api.call(method, path, req)
+        assert (status, answer["error"]) == (409, "key_expired"), answer
+        assert "set-key soon" in answer["message"] and "\n" not in answer["message"]
+    assert [x.id for x in engine.running()] == [c["id"]]
+
+
+async def test_profile_key_can_be_replaced(fake_api: Api, engine: FakeEngine) -> None:
+    expired = pairing_key(time.time() - 1)
+    status, answer = await fake_api.call(
+        "POST", "/v1/orch/profiles", profile_body("x", pairing_key=expired)
+    )
+    assert (status, answer["error"]) == (409, "key_expired")
+    status, answer = await fake_api.call(
+        "PUT", "/v1/orch/profiles/web/key", {"pairing_key": expired}
+    )
+    assert (status, answer["error"]) == (409, "key_expired")
+    fresh = pairing_key(time.time() + 3600)
+    status, p = await fake_api.call("PUT", "/v1/orch/profiles/web/key", {"pairing_key": fresh})
+    assert status == 200 and p["pairing_key"] == fresh[:10] + "…(masked)"
+    status, [c] = await fake_api.call("POST", "/v1/orch/run", {"profile": "web"})
+    assert engine.containers[c["id"]].labels["segd.pairing-key"] == fresh
+    for path, req, code in (
+        ("/v1/orch/profiles/nope/key", {"pairing_key": fresh}, 404),
+        ("/v1/orch/profiles/web/key", {"pairing_key": "two words"}, 400),
+        ("/v1/orch/profiles/web/key", {"pairing_key": fresh, "x": 1}, 400),
+        ("/v1/orch/profiles/web/key", {}, 400),
+    ):
+        status, answer = await fake_api.call("PUT", path, req)
+        assert status == code and _is_error(answer), answer
 
 
 # ---- helpers ------------------------------------------------------------------------

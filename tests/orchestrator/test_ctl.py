@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,16 @@ import structlog
 from segd.config import OrchestratorConfig
 from segd.ctl.orch import orch_main
 from tests.orchestrator.background import Background
-from tests.orchestrator.conftest import KEY, KEY2, containers_of, docker, free_port, labels_for
+from tests.orchestrator.conftest import (
+    KEY,
+    KEY2,
+    containers_of,
+    docker,
+    free_port,
+    labels_for,
+    pairing_key,
+    wait_past,
+)
 from tests.orchestrator.fake_engine import FakeEngine
 
 MASKED = KEY[:10] + "…(masked)"
@@ -168,6 +178,29 @@ def test_run_ps_change_rm(ctl: Ctl, engine: FakeEngine) -> None:
     assert _rows(ctl.ok("ps")) == [
         ["ID", "NAME", "NODE", "PROFILE", "STATE", "LABELS", "KEY", "CREATED"]
     ]
+
+
+def test_run_with_an_expired_key_left_containers_isolated(
+    ctl: Ctl, engine: FakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`orch run PROFILE --count K` with a key that expired: one line, exit 1,
+    nothing started; a new key set on the profile runs again."""
+    exp = time.time() + 1
+    ctl.ok("profile", "add", "web", "--image", "segd-busybox:latest", "--key", pairing_key(exp))
+    wait_past(exp)
+    err = ctl.fails("run", "web", "--count", "3")
+    assert err.startswith("segd ctl orch: container profile 'web': its pairing key expired at ")
+    assert "segd ctl orch profile set-key web --key -" in err
+    assert engine.containers == {}
+    fresh = pairing_key(time.time() + 3600)
+    monkeypatch.setattr("sys.stdin", io.StringIO(fresh + "\n"))
+    out = ctl.ok("profile", "set-key", "web", "--key", "-")
+    assert out == f"container profile web now starts containers with key {fresh[:10]}…(masked)\n"
+    assert len(_rows(ctl.ok("run", "web", "--count", "3"))) == 4
+    assert {c.labels["segd.pairing-key"] for c in engine.containers.values()} == {fresh}
+    assert ctl.fails("profile", "set-key", "nope", "--key", fresh) == (
+        "segd ctl orch: no container profile 'nope'"
+    )
 
 
 def test_api_errors_are_one_line(ctl: Ctl, engine: FakeEngine) -> None:

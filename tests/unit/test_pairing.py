@@ -86,6 +86,39 @@ def test_key_checks(
     assert e.value.reason == reason and e.value.status == 403 and e.value.message
 
 
+# A container the key admitted before: expiry and uses are not held against it.
+# (name, key row, profile row, reason or None)
+# fmt: off
+READMIT_CASES: list[tuple[str, wire.PairingKey | None, wire.Profile | None, str | None]] = [
+    ("live", KEY, PROFILE, None),
+    ("expired", key(expires_at=NOW - 1), PROFILE, None),
+    ("exhausted", key(uses=3), PROFILE, None),
+    ("expired and exhausted", key(uses=3, expires_at=NOW - 1), PROFILE, None),
+    ("unlimited", key(max_uses=None, uses=10**6), PROFILE, None),
+    ("revoked", key(revoked=True, expires_at=NOW - 1), PROFILE, pairing.REVOKED),
+    ("key deleted", None, None, pairing.UNKNOWN_KEY),
+    ("profile disabled", key(uses=3), profile(enabled=False), pairing.PROFILE_DISABLED),
+]
+# fmt: on
+
+
+@pytest.mark.parametrize(("name", "k", "p", "reason"), READMIT_CASES,
+                         ids=[c[0] for c in READMIT_CASES])  # fmt: skip
+def test_readmission_checks(
+    name: str, k: wire.PairingKey | None, p: wire.Profile | None, reason: str | None
+) -> None:
+    if reason is None:
+        pairing.check_key(CLAIMS, k, p, NOW, readmit=True)
+        return
+    with pytest.raises(Denied) as e:
+        pairing.check_key(CLAIMS, k, p, NOW, readmit=True)
+    assert e.value.reason == reason
+
+
+def test_unlimited_key_is_never_exhausted() -> None:
+    pairing.check_key(CLAIMS, key(max_uses=None, uses=10**9), PROFILE, NOW)
+
+
 # (name, on_mismatch, requested, expected labels | denial reason)
 # fmt: off
 LABEL_CASES: list[tuple[str, str, dict[str, str], dict[str, str] | str]] = [

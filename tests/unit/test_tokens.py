@@ -109,3 +109,15 @@ def test_non_canonical_base64_is_refused() -> None:
     with pytest.raises(TokenError) as e:
         tokens.parse(f"{prefix}.{claims}.{alt}")
     assert e.value.reason == tokens.MALFORMED
+
+
+def test_expired_token_still_proves_its_key() -> None:
+    """The signature check alone takes an expired token (a restart of a container
+    its key admitted); the full check refuses it."""
+    assert tokens.verify_signature(GOOD, KEYS) == CLAIMS
+    with pytest.raises(tokens.TokenError) as e:
+        tokens.verify(GOOD, KEYS, NOW + 600)
+    assert e.value.reason == tokens.EXPIRED
+    with pytest.raises(tokens.TokenError) as e:
+        tokens.verify_signature(_swap_sig(GOOD, b"\x00" * 64), KEYS)
+    assert e.value.reason == tokens.BAD_SIGNATURE
