@@ -25,6 +25,7 @@ from segd.orchestrator import validate
 from segd.orchestrator import wire as owire
 from segd.orchestrator.service import Orchestrator
 from segd.server import openapi
+from segd.server.http import BODY_ERRORS, bad_body
 
 PREFIX = "/v1/orch"
 
@@ -139,13 +140,18 @@ class OrchestratorAPI:
             )
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > self._max_body:
-                raise SegdError(
-                    f"request body larger than {self._max_body} bytes", code="too_large", status=413
-                )
-            chunks.append(chunk)
+        try:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > self._max_body:
+                    raise SegdError(
+                        f"request body larger than {self._max_body} bytes",
+                        code="too_large",
+                        status=413,
+                    )
+                chunks.append(chunk)
+        except BODY_ERRORS:
+            raise bad_body(request) from None
         try:
             value: T = _decoders[typ].decode(b"".join(chunks))
         except msgspec.ValidationError as e:

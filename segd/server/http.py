@@ -111,11 +111,19 @@ async def read_body(request: web.Request) -> bytes:
         )
     try:
         return await request.read()
-    except (web.RequestPayloadError, HttpProcessingError, zlib.error):
-        # A body cut short, badly chunked, or not what its Content-Encoding says.
-        encoding = request.headers.get("Content-Encoding", "")
-        what = f"valid {encoding} data" if encoding else "a complete body"
-        raise SegdError(f"request body is not {what}", code="bad_body", status=400) from None
+    except BODY_ERRORS:
+        raise bad_body(request) from None
+
+
+# A body cut short (or its connection closed by the listener's body timeout),
+# badly chunked, or not what its Content-Encoding says.
+BODY_ERRORS = (web.RequestPayloadError, HttpProcessingError, zlib.error, ConnectionError)
+
+
+def bad_body(request: web.BaseRequest) -> SegdError:
+    encoding = request.headers.get("Content-Encoding", "")
+    what = f"valid {encoding} data" if encoding else "a complete body"
+    return SegdError(f"request body is not {what}", code="bad_body", status=400)
 
 
 def int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int:

@@ -1,0 +1,500 @@
+"""segd's HTTP listeners: how many connections, for how long, and JSON for what
+aiohttp refuses.
+
+Left to itself aiohttp keeps a connection that never sends a byte for an hour
+and one whose headers trickle in for as long as they trickle; one client
+holding a thousand of them uses up the process's open files and nobody else is
+accepted. Every segd listener (server, orchestrator, all-in-one) runs through
+`ListenerRunner` and `ListenerSite` instead, with a `[*.connections]` section:
+
+- A new connection must send its first request's headers within
+  `header_timeout_s`; a later request, within `header_timeout_s` of its first
+  byte. A body must arrive within `body_timeout_s` of its headers, and a
+  connection with no request in progress is closed after `idle_timeout_s`. A
+  request being handled (an agent's long-poll among them) is never cut here.
+- At most `max_open` connections are held, counted from the accept (a TLS
+  handshake included, which must end within `header_timeout_s`) to the close,
+  and never more than the open-files limit leaves after `FD_RESERVE` for the
+  store and the rest of the process. One more closes the connection that has
+  waited longest without a request in progress (after those, one still sending
+  its body); when every connection is serving a request the newcomer gets a
+  503 `busy` and is closed.
+- What aiohttp refuses before segd sees it (a malformed request line, headers
+  too long, conflicting framing, an encoding it cannot decode) is answered as
+  `{"error", "message"}` too, and a body in an encoding other than gzip,
+  deflate or identity is refused with 415.
+
+`ConnectionTable` is the bookkeeping, pure; the sockets and aiohttp classes
+around it are thin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import resource
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.streams import StreamReader
+
+from segd import log, wire
+from segd.config import ConnectionLimits, parse_listen
+from segd.server.http import error_response
+
+_log = log.get("segd.listener")
+
+FD_RESERVE = 256  # open files kept for the store, logs, subprocesses and accept bursts
+BACKLOG = 128
+REFUSALS_PER_WAKEUP = 64  # refused in one go before the event loop runs again
+LOG_EVERY_S = 10.0  # at most one line about evictions and refusals this often
+ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
+
+_BUSY_BODY = msgspec.json.encode(
+    wire.Error(error="busy", message="the server holds too many connections; try again shortly")
+)
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(_BUSY_BODY)
+) + _BUSY_BODY
+
+
+class ConnectionTable:
+    """Open connections by file descriptor, and which one to close to admit another.
+
+    A connection is *quiet* from its accept until a request starts and again
+    after each answer, *reading* while a request's body arrives, and *busy*
+    while a request is handled. A victim is the connection quiet the longest,
+    else the one reading the longest; never a busy one.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._quiet: dict[int, None] = {}  # in the order they became quiet
+        self._reading: dict[int, None] = {}
+        self._busy: set[int] = set()
+        self._closing: set[int] = set()  # victims not closed yet
+
+    def __len__(self) -> int:
+        return len(self._quiet) + len(self._reading) + len(self._busy) + len(self._closing)
+
+    @property
+    def full(self) -> bool:
+        return len(self) - len(self._closing) >= self.limit
+
+    def opened(self, fd: int) -> None:
+        self._quiet[fd] = None
+
+    def quiet(self, fd: int) -> None:
+        if self._forget(fd):
+            self._quiet[fd] = None
+
+    def reading(self, fd: int) -> None:
+        if self._forget(fd):
+            self._reading[fd] = None
+
+    def busy(self, fd: int) -> None:
+        if self._forget(fd):
+            self._busy.add(fd)
+
+    def closed(self, fd: int) -> None:
+        self._forget(fd)
+        self._closing.discard(fd)
+
+    def victim(self) -> int | None:
+        """Take the connection to close (it is counted until `closed`), or None."""
+        for pool in (self._quiet, self._reading):
+            if pool:
+                fd = next(iter(pool))
+                del pool[fd]
+                self._closing.add(fd)
+                return fd
+        return None
+
+    def _forget(self, fd: int) -> bool:
+        """Drop `fd` from its state; False when it is unknown or being closed."""
+        if fd in self._quiet:
+            del self._quiet[fd]
+        elif fd in self._reading:
+            del self._reading[fd]
+        elif fd in self._busy:
+            self._busy.remove(fd)
+        else:
+            return False
+        return True
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard one when allowed; (soft, hard) in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft, hard
+
+
+def effective_max_open(wanted: int) -> int:
+    """`wanted`, or less when the open-files limit leaves less after the reserve."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(16, min(wanted, soft - FD_RESERVE))
+
+
+class Guard:
+    """The connections of one listener: admission at accept, states from the handlers."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.table = ConnectionTable(effective_max_open(limits.max_open))
+        self._socks: dict[int, socket.socket] = {}
+        self._evicted = self._refused = 0
+        self._logged_at = 0.0
+        if self.table.limit < limits.max_open:
+            _log.warning(
+                "listener.max_open_lowered",
+                max_open=limits.max_open,
+                allowed=self.table.limit,
+                reason="open-files limit (raise LimitNOFILE)",
+            )
+
+    def admit(self, sock: socket.socket) -> bool:
+        """Make room for `sock` if needed; False when it must be refused."""
+        if self.table.full:
+            fd = self.table.victim()
+            if fd is None:
+                self._refused += 1
+                self._note()
+                return False
+            victim = self._socks.get(fd)
+            if victim is not None:
+                # Both directions: the transport sees the end, closes, and the fd is freed.
+                with contextlib.suppress(OSError):
+                    victim.shutdown(socket.SHUT_RDWR)
+            self._evicted += 1
+            self._note()
+        self.table.opened(sock.fileno())
+        self._socks[sock.fileno()] = sock
+        return True
+
+    def closed(self, fd: int) -> None:
+        self.table.closed(fd)
+        self._socks.pop(fd, None)
+
+    def _note(self) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_S:
+            _log.warning(
+                "listener.at_limit",
+                open=len(self.table),
+                max_open=self.table.limit,
+                evicted=self._evicted,
+                refused=self._refused,
+            )
+            self._logged_at = now
+            self._evicted = self._refused = 0
+
+
+class _Accepted(socket.socket):
+    """An accepted connection that leaves its guard's table when closed."""
+
+    guard: Guard | None = None
+
+    def close(self) -> None:
+        guard, self.guard = self.guard, None
+        if guard is not None and self.fileno() >= 0:
+            guard.closed(self.fileno())
+        super().close()
+
+
+class _GateSocket(socket.socket):
+    """A listening socket whose accept admits, makes room, or refuses."""
+
+    guard: Guard | None = None
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        assert self.guard is not None
+        for _ in range(REFUSALS_PER_WAKEUP):
+            conn, addr = super().accept()  # BlockingIOError when nobody is waiting
+            accepted = _Accepted(conn.family, conn.type, conn.proto, fileno=conn.detach())
+            if self.guard.admit(accepted):
+                accepted.guard = self.guard
+                return accepted, addr
+            _refuse(accepted)
+        raise BlockingIOError
+
+
+def _refuse(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(BUSY_RESPONSE)
+        conn.shutdown(socket.SHUT_WR)
+    conn.close()
+
+
+def gate(sock: socket.socket, guard: Guard) -> socket.socket:
+    """`sock` (bound, not yet listening) as a listening socket of `guard`."""
+    g = _GateSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
+    g.guard = guard
+    return g
+
+
+# ---- aiohttp: a handler per connection, the server that makes them, runner and site ------
+
+
+class _Handler(web.RequestHandler):
+    """aiohttp's connection handler with segd's deadlines, states and JSON errors."""
+
+    def __init__(self, manager: _Server, loop: asyncio.AbstractEventLoop) -> None:
+        limits = manager.guard.limits
+        super().__init__(manager, loop=loop, keepalive_timeout=limits.idle_timeout_s)
+        self._guard = manager.guard
+        self._fd = -1
+        self._deadline: asyncio.TimerHandle | None = None
+        self._payload: StreamReader | None = None  # of the request in progress
+        self._body_due = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        self._fd = sock.fileno() if sock is not None else -1
+        self._arm(self._guard.limits.header_timeout_s, self._headers_late)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._payload is None and self._deadline is None and data:
+            self._arm(self._guard.limits.header_timeout_s, self._headers_late)
+        super().data_received(data)
+        if self._body_due and self._payload is not None and self._payload.is_eof():
+            self._body_due = False
+            self._disarm()
+            self._guard.table.busy(self._fd)
+
+    def request_started(self, payload: StreamReader) -> None:
+        self._disarm()
+        self._payload = payload
+        if payload.is_eof():
+            self._guard.table.busy(self._fd)
+        else:
+            self._body_due = True
+            self._guard.table.reading(self._fd)
+            self._arm(self._guard.limits.body_timeout_s, self._body_late)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._disarm()
+            self._payload = None
+            self._body_due = False
+            self._guard.table.quiet(self._fd)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse (or a handler crash) as `{error, message}`."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer has begun; cannot send an error instead")
+        if isinstance(exc, ContentEncodingError):
+            status, code = 415, "unsupported_media_type"
+        elif status < 500:
+            code = "bad_request"
+        else:
+            code = "internal_error"
+            _log.error("http.internal_error", exc_info=exc)
+        text = exc.message if isinstance(exc, HttpProcessingError) else message or code
+        _log.debug("http.bad_request", status=status, peer=str(request.remote), message=text)
+        resp = error_response(status, code, text or code)
+        resp.force_close()
+        return resp
+
+    def _arm(self, seconds: float, fn: Callable[[], None]) -> None:
+        self._disarm()
+        self._deadline = asyncio.get_running_loop().call_later(seconds, fn)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        if self._payload is None:
+            _log.debug("http.header_timeout", fd=self._fd)
+            self.force_close()
+
+    def _body_late(self) -> None:
+        self._deadline = None
+        if self._body_due:
+            _log.debug("http.body_timeout", fd=self._fd)
+            self.force_close()
+
+
+RequestFactory = Callable[
+    [
+        RawRequestMessage,
+        StreamReader,
+        web.RequestHandler,
+        AbstractStreamWriter,
+        "asyncio.Task[None]",
+    ],
+    web.BaseRequest,
+]
+
+
+class _Server(web.Server):
+    """The application's request handler and factory, served by `_Handler`s."""
+
+    def __init__(self, base: web.Server, guard: Guard) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(
+            _refuse_unknown_encodings(base.request_handler),
+            request_factory=_noting_start(base.request_factory),
+            handler_cancellation=base.handler_cancellation,
+            loop=loop,
+        )
+        self.guard = guard
+        self._handler_loop = loop
+
+    def __call__(self) -> web.RequestHandler:
+        return _Handler(self, self._handler_loop)
+
+
+def _noting_start(inner: RequestFactory) -> RequestFactory:
+    def factory(
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: web.RequestHandler,
+        writer: AbstractStreamWriter,
+        task: Any,
+    ) -> web.BaseRequest:
+        if isinstance(protocol, _Handler):
+            protocol.request_started(payload)
+        return inner(message, payload, protocol, writer, task)
+
+    return factory
+
+
+def _refuse_unknown_encodings(
+    inner: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        for enc in request.headers.getall(hdrs.CONTENT_ENCODING, ()):
+            if enc.strip().lower() not in ENCODINGS:
+                return error_response(
+                    415,
+                    "unsupported_media_type",
+                    f"Content-Encoding {enc!r} is not supported: use gzip, deflate or none",
+                )
+        return await inner(request)
+
+    return handle
+
+
+class ListenerRunner(web.AppRunner):
+    """An `AppRunner` whose connections are guarded by `limits` (whatever the site)."""
+
+    def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(app, access_log=None, **kwargs)
+        self.guard = Guard(limits)
+
+    async def _make_server(self) -> web.Server:
+        return _Server(await super()._make_server(), self.guard)
+
+
+class ListenerSite(web.BaseSite):
+    """TCP listening sockets (one per address of `listen`, or `sock`) of a `ListenerRunner`."""
+
+    def __init__(
+        self,
+        runner: ListenerRunner,
+        listen: str = "",
+        *,
+        sock: socket.socket | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=BACKLOG)
+        self._guard = runner.guard
+        self._listen = listen
+        self._sock = sock
+        self._servers: list[asyncio.Server] = []
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._listen or 'socket'}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        socks = [self._sock] if self._sock is not None else await _bind(self._listen)
+        server = self._runner.server
+        assert server is not None
+        try:
+            for s in socks:
+                self._servers.append(
+                    await loop.create_server(
+                        server,
+                        sock=gate(s, self._guard),
+                        ssl=self._ssl_context,
+                        backlog=self._backlog,
+                        ssl_handshake_timeout=(
+                            self._guard.limits.header_timeout_s if self._ssl_context else None
+                        ),
+                    )
+                )
+        except BaseException:
+            for srv in self._servers:
+                srv.close()
+            for s in socks:
+                s.close()
+            raise
+        self._server = self._servers[0]
+
+    async def stop(self) -> None:
+        for srv in self._servers[1:]:
+            srv.close()
+        await super().stop()
+
+
+async def _bind(listen: str) -> list[socket.socket]:
+    host, port = parse_listen(listen)
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    out: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, type_, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, type_, proto)
+            out.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind(addr)
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
