@@ -43,12 +43,12 @@ import msgspec
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import RawRequestMessage
-from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
 from aiohttp.streams import StreamReader
 
 from segd import log, wire
 from segd.config import ConnectionLimits, parse_listen
-from segd.server.http import error_response
+from segd.server.http import ENCODED_BODY, error_response
 
 _log = log.get("segd.listener")
 
@@ -256,7 +256,13 @@ class _Handler(web.RequestHandler):
 
     def __init__(self, manager: _Server, loop: asyncio.AbstractEventLoop) -> None:
         limits = manager.guard.limits
-        super().__init__(manager, loop=loop, keepalive_timeout=limits.idle_timeout_s)
+        super().__init__(
+            manager,
+            loop=loop,
+            keepalive_timeout=limits.idle_timeout_s,
+            access_log=None,  # type: ignore[arg-type]  # aiohttp takes None: no access log
+            auto_decompress=False,  # segd decodes (segd.server.http.decoded), within its limits
+        )
         self._guard = manager.guard
         self._fd = -1
         self._deadline: asyncio.TimerHandle | None = None
@@ -313,8 +319,8 @@ class _Handler(web.RequestHandler):
         """A request aiohttp could not parse (or a handler crash) as `{error, message}`."""
         if request.writer.output_size > 0:
             raise ConnectionError("the answer has begun; cannot send an error instead")
-        if isinstance(exc, ContentEncodingError):
-            status, code = 415, "unsupported_media_type"
+        if isinstance(exc, PayloadEncodingError):
+            code = "bad_body"  # framing of the body: chunks, Content-Length
         elif status < 500:
             code = "bad_request"
         else:
@@ -388,7 +394,9 @@ def _noting_start(inner: RequestFactory) -> RequestFactory:
     ) -> web.BaseRequest:
         if isinstance(protocol, _Handler):
             protocol.request_started(payload)
-        return inner(message, payload, protocol, writer, task)
+        request = inner(message, payload, protocol, writer, task)
+        request[ENCODED_BODY] = True
+        return request
 
     return factory
 

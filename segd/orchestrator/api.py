@@ -25,7 +25,7 @@ from segd.orchestrator import validate
 from segd.orchestrator import wire as owire
 from segd.orchestrator.service import Orchestrator
 from segd.server import openapi
-from segd.server.http import BODY_ERRORS, bad_body
+from segd.server.http import BODY_ERRORS, bad_body, decoded
 
 PREFIX = "/v1/orch"
 
@@ -133,27 +133,29 @@ class OrchestratorAPI:
                 return
         raise Unauthorized("missing or invalid admin token")
 
+    def _too_large(self) -> SegdError:
+        return SegdError(
+            f"request body larger than {self._max_body} bytes", code="too_large", status=413
+        )
+
     async def _body(self, request: web.Request, typ: type[T]) -> T:
         if request.content_length is not None and request.content_length > self._max_body:
-            raise SegdError(
-                f"request body larger than {self._max_body} bytes", code="too_large", status=413
-            )
+            raise self._too_large()
         chunks: list[bytes] = []
         size = 0
         try:
             async for chunk in request.content.iter_any():
                 size += len(chunk)
                 if size > self._max_body:
-                    raise SegdError(
-                        f"request body larger than {self._max_body} bytes",
-                        code="too_large",
-                        status=413,
-                    )
+                    raise self._too_large()
                 chunks.append(chunk)
+            body = decoded(request, b"".join(chunks), self._max_body)
         except BODY_ERRORS:
             raise bad_body(request) from None
+        except SegdError as e:
+            raise (self._too_large() if e.status == 413 else e) from None
         try:
-            value: T = _decoders[typ].decode(b"".join(chunks))
+            value: T = _decoders[typ].decode(body)
         except msgspec.ValidationError as e:
             raise InvalidInput(f"invalid request: {e}") from None
         except (msgspec.DecodeError, UnicodeDecodeError) as e:

@@ -15,9 +15,7 @@ import pytest
 from segd.config import ConnectionLimits, ServerConfig
 from tests.api.conftest import Admin, MakeAgent
 
-LIMITS = ConnectionLimits(
-    max_open=16, idle_timeout_s=1.5, header_timeout_s=0.5, body_timeout_s=1.0
-)
+LIMITS = ConnectionLimits(max_open=16, idle_timeout_s=1.5, header_timeout_s=0.5, body_timeout_s=1.0)
 ENOUGH_S = 10.0  # far beyond every limit above: not closed by then means never
 
 
