@@ -184,7 +184,7 @@ async def busy_requests(
         own = AdminClient(admin.url, admin.headers["Authorization"][7:], s)
         _, admin_s = await timed(own.call("GET", "/v1/rules"), within)
         now, _ = await timed(agent_get(s, url, agent, "/v1/agent/instructions?since=0"), within)
-        since = json.loads(now[1])["version"] if now is not None and now[0] == 200 else 0
+        since = _version(now[1]) if now is not None and now[0] == 200 else 0
         poll = asyncio.create_task(
             timed(agent_get(s, url, agent, f"/v1/agent/instructions?since={since}&wait=30"), 60)
         )
@@ -203,6 +203,13 @@ async def busy_requests(
         None if paired is None else paired[0],
         None if polled is None else polled[0],
     )
+
+
+def _version(signed: bytes) -> int:
+    """The version of signed instructions as the server sent them."""
+    from segd import crypto
+
+    return int(json.loads(crypto.b64d(json.loads(signed)["payload"]))["version"])
 
 
 async def _pair(

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(args: argparse.Namespace, cfg: config.Config) -> int:
+    from segd.listener import raise_open_files_limit
+
+    soft, hard = raise_open_files_limit()
+    log.get("segd").info("process.open_files", soft=soft, hard=hard)
     if args.mode == "server":
         from segd.server.app import run_server
 

@@ -40,11 +40,13 @@ class ServerProcess:
         port: int = 0,
         config: Path | None = None,
         nofile: int = 0,
+        nofile_hard: int = 0,
     ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.config = config
-        self.nofile = nofile  # soft and hard RLIMIT_NOFILE of the process (0: inherited)
+        self.nofile = nofile  # soft RLIMIT_NOFILE of the process (0: inherited) ...
+        self.nofile_hard = nofile_hard or nofile  # ... and hard (default: the same)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.popen: subprocess.Popen[bytes] | None = None
@@ -93,7 +95,7 @@ class ServerProcess:
                 time.sleep(0.05)
 
     def _limit(self) -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile_hard))
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to flush, drain or close anything."""
