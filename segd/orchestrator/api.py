@@ -341,7 +341,7 @@ CONSTRAINTS: openapi.Constraints = {
 ERRORS = {
     "4XX": "Bad input, unauthorised, not found, in use, or refused by the node",
     "502": "The node failed",
-    "503": "The store or the node is unavailable",
+    "503": "The store or the node is unavailable, or too many connections (busy)",
 }
 
 

@@ -186,7 +186,7 @@ QUERY: Mapping[str, dict[str, Any]] = {
 # responses every operation may give besides its own
 ERRORS: Mapping[str, str] = {
     "4XX": "Bad input, unauthorised or not found",
-    "503": "Store unavailable",
+    "503": "Store unavailable, or the listener holds too many connections (busy)",
 }
 
 
