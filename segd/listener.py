@@ -55,6 +55,7 @@ _log = log.get("segd.listener")
 FD_RESERVE = 256  # open files kept for the store, logs, subprocesses and accept bursts
 BACKLOG = 128
 REFUSALS_PER_WAKEUP = 64  # refused in one go before the event loop runs again
+MAX_CLOSING = 64  # evicted connections not closed yet, at most (well within FD_RESERVE)
 LOG_EVERY_S = 10.0  # at most one line about evictions and refusals this often
 ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
 
@@ -89,6 +90,11 @@ class ConnectionTable:
     @property
     def full(self) -> bool:
         return len(self) - len(self._closing) >= self.limit
+
+    @property
+    def closing(self) -> int:
+        """Victims whose file descriptors are not released yet."""
+        return len(self._closing)
 
     def opened(self, fd: int) -> None:
         self._quiet[fd] = None
@@ -170,7 +176,9 @@ class Guard:
     def admit(self, sock: socket.socket) -> bool:
         """Make room for `sock` if needed; False when it must be refused."""
         if self.table.full:
-            fd = self.table.victim()
+            # A victim's descriptor is released a loop iteration or two later:
+            # while many are, refuse rather than run past the open-files limit.
+            fd = self.table.victim() if self.table.closing < MAX_CLOSING else None
             if fd is None:
                 self._refused += 1
                 self._note()
