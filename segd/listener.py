@@ -13,250 +13,45 @@ accepted. Every segd listener (server, orchestrator, all-in-one) runs through
   connection with no request in progress is closed after `idle_timeout_s`. A
   request being handled (an agent's long-poll among them) is never cut here.
 - At most `max_open` connections are held, counted from the accept (a TLS
-  handshake included, which must end within `header_timeout_s`) to the close,
-  and never more than the open-files limit leaves after `FD_RESERVE` for the
+  handshake included: it must end within `header_timeout_s`) to the close,
+  and never more than the open-files limit leaves after a reserve for the
   store and the rest of the process. One more closes the connection that has
   waited longest without a request in progress (after those, one still sending
   its body); when every connection is serving a request the newcomer gets a
   503 `busy` and is closed.
-- What aiohttp refuses before segd sees it (a malformed request line, headers
-  too long, conflicting framing, an encoding it cannot decode) is answered as
-  `{"error", "message"}` too, and a body in an encoding other than gzip,
-  deflate or identity is refused with 415.
+- What aiohttp's parser refuses before segd sees it (a malformed request
+  line, headers too long, conflicting framing) is answered as `{"error",
+  "message"}` too. aiohttp leaves bodies encoded and segd decodes them
+  (`segd.server.http.decoded`); an encoding other than gzip, deflate or
+  identity is refused with 415, whatever decoders are installed.
 
-`ConnectionTable` is the bookkeeping, pure; the sockets and aiohttp classes
-around it are thin.
+Which connections are kept, and which one makes room, is `segd.connections`;
+this module tells it what each connection is doing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import resource
 import socket
 import ssl
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import msgspec
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import RawRequestMessage
 from aiohttp.http_exceptions import HttpProcessingError, PayloadEncodingError
 from aiohttp.streams import StreamReader
 
-from segd import log, wire
+from segd import log
 from segd.config import ConnectionLimits, parse_listen
+from segd.connections import Guard, gate
 from segd.server.http import ENCODED_BODY, error_response
 
 _log = log.get("segd.listener")
 
-FD_RESERVE = 256  # open files kept for the store, logs, subprocesses and accept bursts
 BACKLOG = 128
-REFUSALS_PER_WAKEUP = 64  # refused in one go before the event loop runs again
-MAX_CLOSING = 64  # evicted connections not closed yet, at most (well within FD_RESERVE)
-LOG_EVERY_S = 10.0  # at most one line about evictions and refusals this often
 ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
-
-_BUSY_BODY = msgspec.json.encode(
-    wire.Error(error="busy", message="the server holds too many connections; try again shortly")
-)
-BUSY_RESPONSE = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(_BUSY_BODY)
-) + _BUSY_BODY
-
-
-class ConnectionTable:
-    """Open connections by file descriptor, and which one to close to admit another.
-
-    A connection is *quiet* from its accept until a request starts and again
-    after each answer, *reading* while a request's body arrives, and *busy*
-    while a request is handled. A victim is the connection quiet the longest,
-    else the one reading the longest; never a busy one.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._quiet: dict[int, None] = {}  # in the order they became quiet
-        self._reading: dict[int, None] = {}
-        self._busy: set[int] = set()
-        self._closing: set[int] = set()  # victims not closed yet
-
-    def __len__(self) -> int:
-        return len(self._quiet) + len(self._reading) + len(self._busy) + len(self._closing)
-
-    @property
-    def full(self) -> bool:
-        return len(self) - len(self._closing) >= self.limit
-
-    @property
-    def closing(self) -> int:
-        """Victims whose file descriptors are not released yet."""
-        return len(self._closing)
-
-    def opened(self, fd: int) -> None:
-        self._quiet[fd] = None
-
-    def quiet(self, fd: int) -> None:
-        if self._forget(fd):
-            self._quiet[fd] = None
-
-    def reading(self, fd: int) -> None:
-        if self._forget(fd):
-            self._reading[fd] = None
-
-    def busy(self, fd: int) -> None:
-        if self._forget(fd):
-            self._busy.add(fd)
-
-    def closed(self, fd: int) -> None:
-        self._forget(fd)
-        self._closing.discard(fd)
-
-    def victim(self) -> int | None:
-        """Take the connection to close (it is counted until `closed`), or None."""
-        for pool in (self._quiet, self._reading):
-            if pool:
-                fd = next(iter(pool))
-                del pool[fd]
-                self._closing.add(fd)
-                return fd
-        return None
-
-    def _forget(self, fd: int) -> bool:
-        """Drop `fd` from its state; False when it is unknown or being closed."""
-        if fd in self._quiet:
-            del self._quiet[fd]
-        elif fd in self._reading:
-            del self._reading[fd]
-        elif fd in self._busy:
-            self._busy.remove(fd)
-        else:
-            return False
-        return True
-
-
-def raise_open_files_limit() -> tuple[int, int]:
-    """Raise the soft RLIMIT_NOFILE to the hard one when allowed; (soft, hard) in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft < hard):
-        with contextlib.suppress(OSError, ValueError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    return soft, hard
-
-
-def effective_max_open(wanted: int) -> int:
-    """`wanted`, or less when the open-files limit leaves less after the reserve."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    return max(16, min(wanted, soft - FD_RESERVE))
-
-
-class Guard:
-    """The connections of one listener: admission at accept, states from the handlers."""
-
-    def __init__(self, limits: ConnectionLimits) -> None:
-        self.limits = limits
-        self.table = ConnectionTable(effective_max_open(limits.max_open))
-        self._socks: dict[int, socket.socket] = {}
-        self._evicted = self._refused = 0
-        self._logged_at = 0.0
-        if self.table.limit < limits.max_open:
-            _log.warning(
-                "listener.max_open_lowered",
-                max_open=limits.max_open,
-                allowed=self.table.limit,
-                reason="open-files limit (raise LimitNOFILE)",
-            )
-
-    def admit(self, sock: socket.socket) -> bool:
-        """Make room for `sock` if needed; False when it must be refused."""
-        if self.table.full:
-            # A victim's descriptor is released a loop iteration or two later:
-            # while many are, refuse rather than run past the open-files limit.
-            fd = self.table.victim() if self.table.closing < MAX_CLOSING else None
-            if fd is None:
-                self._refused += 1
-                self._note()
-                return False
-            victim = self._socks.get(fd)
-            if victim is not None:
-                # Both directions: the transport sees the end, closes, and the fd is freed.
-                with contextlib.suppress(OSError):
-                    victim.shutdown(socket.SHUT_RDWR)
-            self._evicted += 1
-            self._note()
-        self.table.opened(sock.fileno())
-        self._socks[sock.fileno()] = sock
-        return True
-
-    def closed(self, fd: int) -> None:
-        self.table.closed(fd)
-        self._socks.pop(fd, None)
-
-    def _note(self) -> None:
-        now = time.monotonic()
-        if now - self._logged_at >= LOG_EVERY_S:
-            _log.warning(
-                "listener.at_limit",
-                open=len(self.table),
-                max_open=self.table.limit,
-                evicted=self._evicted,
-                refused=self._refused,
-            )
-            self._logged_at = now
-            self._evicted = self._refused = 0
-
-
-class _Accepted(socket.socket):
-    """An accepted connection that leaves its guard's table when closed."""
-
-    guard: Guard | None = None
-
-    def close(self) -> None:
-        guard, self.guard = self.guard, None
-        if guard is not None and self.fileno() >= 0:
-            guard.closed(self.fileno())
-        super().close()
-
-
-class _GateSocket(socket.socket):
-    """A listening socket whose accept admits, makes room, or refuses."""
-
-    guard: Guard | None = None
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        assert self.guard is not None
-        for _ in range(REFUSALS_PER_WAKEUP):
-            conn, addr = super().accept()  # BlockingIOError when nobody is waiting
-            accepted = _Accepted(conn.family, conn.type, conn.proto, fileno=conn.detach())
-            if self.guard.admit(accepted):
-                accepted.guard = self.guard
-                return accepted, addr
-            _refuse(accepted)
-        raise BlockingIOError
-
-
-def _refuse(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        conn.setblocking(False)
-        conn.send(BUSY_RESPONSE)
-        conn.shutdown(socket.SHUT_WR)
-    conn.close()
-
-
-def gate(sock: socket.socket, guard: Guard) -> socket.socket:
-    """`sock` (bound, not yet listening) as a listening socket of `guard`."""
-    g = _GateSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-    g.guard = guard
-    return g
-
-
-# ---- aiohttp: a handler per connection, the server that makes them, runner and site ------
 
 
 class _Handler(web.RequestHandler):

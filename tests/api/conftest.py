@@ -26,7 +26,8 @@ from aiohttp.test_utils import TestClient, TestServer, get_port_socket
 
 from segd import crypto, wire
 from segd.config import ADMIN_TOKEN_FILE, ConnectionLimits, ServerConfig
-from segd.listener import ListenerRunner, gate
+from segd.connections import gate
+from segd.listener import ListenerRunner
 from segd.server.app import ServerRunner, build_app, service_of
 from segd.server.service import Service
 

@@ -1,8 +1,8 @@
-"""The listener's connection table: who is counted, and who is closed to admit another."""
+"""The connection table: who is counted, and who is closed to admit another."""
 
 from __future__ import annotations
 
-from segd.listener import ConnectionTable
+from segd.connections import ConnectionTable
 
 
 def test_below_the_limit_nothing_is_closed() -> None:
