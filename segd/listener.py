@@ -32,6 +32,7 @@ this module tells it what each connection is doing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -257,26 +258,26 @@ class ListenerSite(web.BaseSite):
         await super().start()
         loop = asyncio.get_running_loop()
         socks = [self._sock] if self._sock is not None else await _bind(self._listen)
+        gates = [gate(s, self._guard) for s in socks]
         server = self._runner.server
         assert server is not None
+        handshake_s = self._guard.limits.header_timeout_s if self._ssl_context else None
         try:
-            for s in socks:
+            for g in gates:
                 self._servers.append(
                     await loop.create_server(
                         server,
-                        sock=gate(s, self._guard),
+                        sock=g,
                         ssl=self._ssl_context,
                         backlog=self._backlog,
-                        ssl_handshake_timeout=(
-                            self._guard.limits.header_timeout_s if self._ssl_context else None
-                        ),
+                        ssl_handshake_timeout=handshake_s,
                     )
                 )
         except BaseException:
             for srv in self._servers:
                 srv.close()
-            for s in socks:
-                s.close()
+            for g in gates:
+                g.close()
             raise
         self._server = self._servers[0]
 
@@ -287,6 +288,7 @@ class ListenerSite(web.BaseSite):
 
 
 async def _bind(listen: str) -> list[socket.socket]:
+    """A bound socket per address of `listen` (as `loop.create_server` would bind)."""
     host, port = parse_listen(listen)
     infos = await asyncio.get_running_loop().getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -303,7 +305,14 @@ async def _bind(listen: str) -> list[socket.socket]:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            s.bind(addr)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno != errno.EADDRNOTAVAIL:
+                    raise
+                out.pop().close()  # that address family is not configured here
+        if not out:
+            raise OSError(errno.EADDRNOTAVAIL, f"no address of {host} can be bound")
     except BaseException:
         for s in out:
             s.close()
