@@ -1,6 +1,7 @@
 """The `segd` command: the daemon modes, the admin client, and `version`.
 
     segd server|orchestrator|agent|allinone [--config FILE] [--data-dir DIR] [--listen HOST:PORT]
+    segd agent [--activation-code CODE | --activation-code-file FILE]   (or $SEGD_ACTIVATION_CODE)
     segd ctl ...
     segd version
 
@@ -12,9 +13,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -23,6 +26,7 @@ from segd import __version__, config, log, preflight
 from segd.errors import SegdError
 
 MODES = ("server", "orchestrator", "agent", "allinone")
+ACTIVATION_CODE_ENV = "SEGD_ACTIVATION_CODE"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,11 +38,19 @@ def _parser() -> argparse.ArgumentParser:
         m.add_argument("--data-dir", metavar="DIR", help="state directory")
         m.add_argument("--listen", metavar="HOST:PORT", help="API listen address")
         if mode == "agent":
-            m.add_argument(
+            code = m.add_mutually_exclusive_group()
+            code.add_argument(
                 "--activation-code",
                 metavar="CODE",
                 default="",
-                help="register with the server using this code",
+                help="register with the server using this code (other users of the host "
+                f"can read it in the process list: prefer the file or {ACTIVATION_CODE_ENV})",
+            )
+            code.add_argument(
+                "--activation-code-file",
+                metavar="FILE",
+                default="",
+                help="register with the server using the code in FILE",
             )
             m.add_argument("--server", metavar="URL", help="segmentation server URL")
     sub.add_parser("ctl", help="admin client (see `segd ctl --help`)", add_help=False)
@@ -79,6 +91,25 @@ def _override(cfg: config.Config, args: argparse.Namespace, path: str) -> config
     return config.decode(data, path or "command line")
 
 
+def activation_code(flag: str, file: str, env: Mapping[str, str]) -> str:
+    """The agent's activation code: `--activation-code`, else the content of
+    `--activation-code-file`, else $SEGD_ACTIVATION_CODE ("" when none: the
+    `[agent] activation_code` of the config file applies)."""
+    if flag:
+        return flag.strip()
+    if file:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            reason = f"cannot read {file}: {why}"
+            raise config.ConfigError("", "--activation-code-file", reason) from None
+        if not text.strip():
+            raise config.ConfigError("", "--activation-code-file", f"{file} is empty")
+        return text.strip()
+    return env.get(ACTIVATION_CODE_ENV, "").strip()
+
+
 def _run(coro: Coroutine[Any, Any, None]) -> int:
     """Run a daemon coroutine; SIGTERM/SIGINT cancel it so it can drain and stop."""
 
@@ -116,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.load(args.config) if args.config else config.Config()
         if args.mode != "allinone":
             cfg = _override(cfg, args, args.config or "")
+        if args.mode == "agent":
+            code = activation_code(args.activation_code, args.activation_code_file, os.environ)
+            args.activation_code = code
         preflight.check(cfg, args.mode, args.config or "", listen=args.listen or "")
     except config.ConfigError as e:
         return _fail(str(e), 2)
@@ -132,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(args: argparse.Namespace, cfg: config.Config) -> int:
+    from segd.connections import raise_open_files_limit
+
+    soft, hard = raise_open_files_limit()
+    log.get("segd").info("process.open_files", soft=soft, hard=hard)
     if args.mode == "server":
         from segd.server.app import run_server
 

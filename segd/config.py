@@ -102,6 +102,25 @@ class TLSConfig(_Strict):
             _check_path(key, getattr(self, key))
 
 
+class ConnectionLimits(_Strict):
+    """How long and how many connections a listener keeps (segd.listener)."""
+
+    max_open: int = 4096
+    idle_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not 16 <= self.max_open <= 1_000_000:
+            raise ValueError("max_open: must be between 16 and 1000000")
+        if not 1 <= self.idle_timeout_s <= 3600:
+            raise ValueError("idle_timeout_s: must be between 1 and 3600")
+        if not 0.5 <= self.header_timeout_s <= 300:
+            raise ValueError("header_timeout_s: must be between 0.5 and 300")
+        if not 0.5 <= self.body_timeout_s <= 3600:
+            raise ValueError("body_timeout_s: must be between 0.5 and 3600")
+
+
 class ServerConfig(_Strict):
     listen: str = DEFAULT_SERVER_LISTEN
     data_dir: str = "/var/lib/segd/server"
@@ -114,6 +133,7 @@ class ServerConfig(_Strict):
     rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
     audit_retention_days: int = 90  # 0: keep every entry
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
+    connections: ConnectionLimits = msgspec.field(default_factory=ConnectionLimits)
 
     def __post_init__(self) -> None:
         _check("listen", parse_listen, self.listen)
@@ -169,6 +189,7 @@ class OrchestratorConfig(_Strict):
     rate_limit_per_s: float = DEFAULT_RATE_LIMIT_PER_S
     rate_limit_burst: int = DEFAULT_RATE_LIMIT_BURST
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
+    connections: ConnectionLimits = msgspec.field(default_factory=ConnectionLimits)
     dimensions: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_DIMENSIONS))
     register_local_node: bool = True  # add node `local` (the Docker socket) on first start
     container_labels: dict[str, str] = {}  # extra Docker labels on every container it starts

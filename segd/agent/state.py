@@ -57,17 +57,6 @@ def verify_instructions(
     return instr
 
 
-def _write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 class StateDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -87,7 +76,7 @@ class StateDir:
             raise InvalidInput(f"{p}: corrupt agent identity: {e}") from None
 
     def save_identity(self, ident: Identity) -> None:
-        _write_atomic(self.path / "identity.json", msgspec.json.encode(ident))
+        crypto.write_atomic(self.path / "identity.json", msgspec.json.encode(ident))
 
     def load_instructions(self, ident: Identity) -> tuple[SignedInstructions, Instructions] | None:
         """The last verified instructions, or None (absent or failing verification)."""
@@ -104,4 +93,4 @@ class StateDir:
             return None
 
     def save_instructions(self, signed: SignedInstructions) -> None:
-        _write_atomic(self.path / "instructions.json", msgspec.json.encode(signed))
+        crypto.write_atomic(self.path / "instructions.json", msgspec.json.encode(signed))

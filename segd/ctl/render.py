@@ -86,9 +86,18 @@ def when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
 
 
+def printable(text: str) -> str:
+    """`text` safe for a terminal: anything not printable (control characters,
+    escape sequences, bidirectional overrides) is shown escaped, e.g. `\\u202e`."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """An aligned plain-text table; the last column is not padded."""
-    cells = [[str(c) if str(c) != "" else "-" for c in row] for row in rows]
+    """An aligned plain-text table; the last column is not padded. Cells hold what
+    the server sent (written by agents too): they are escaped, never printed raw."""
+    cells = [[printable(str(c)) if str(c) != "" else "-" for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         for i, c in enumerate(row):

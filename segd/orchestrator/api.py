@@ -29,6 +29,7 @@ from segd.orchestrator import wire as owire
 from segd.orchestrator.service import Orchestrator
 from segd.ratelimit import HOLD_S, TokenBuckets, source_of
 from segd.server import openapi
+from segd.server.http import BODY_ERRORS, bad_body, decoded
 
 PREFIX = "/v1/orch"
 
@@ -161,22 +162,29 @@ class OrchestratorAPI:
         if wait > 0:
             raise RateLimited(wait)
 
+    def _too_large(self) -> SegdError:
+        return SegdError(
+            f"request body larger than {self._max_body} bytes", code="too_large", status=413
+        )
+
     async def _body(self, request: web.Request, typ: type[T]) -> T:
         if request.content_length is not None and request.content_length > self._max_body:
-            raise SegdError(
-                f"request body larger than {self._max_body} bytes", code="too_large", status=413
-            )
+            raise self._too_large()
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > self._max_body:
-                raise SegdError(
-                    f"request body larger than {self._max_body} bytes", code="too_large", status=413
-                )
-            chunks.append(chunk)
         try:
-            value: T = _decoders[typ].decode(b"".join(chunks))
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > self._max_body:
+                    raise self._too_large()
+                chunks.append(chunk)
+            body = decoded(request, b"".join(chunks), self._max_body)
+        except BODY_ERRORS:
+            raise bad_body(request) from None
+        except SegdError as e:
+            raise (self._too_large() if e.status == 413 else e) from None
+        try:
+            value: T = _decoders[typ].decode(body)
         except msgspec.ValidationError as e:
             raise InvalidInput(f"invalid request: {e}") from None
         except (msgspec.DecodeError, UnicodeDecodeError) as e:
@@ -374,7 +382,7 @@ ERRORS = {
         "refused one"
     ),
     "502": "The node failed",
-    "503": "The store or the node is unavailable",
+    "503": "The store or the node is unavailable, or too many connections (busy)",
 }
 
 

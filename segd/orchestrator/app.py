@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from segd import __version__, log, sdnotify
-from segd.config import OrchestratorConfig, parse_listen
+from segd.config import OrchestratorConfig
 from segd.errors import SegdError
+from segd.listener import ListenerRunner, ListenerSite
 from segd.orchestrator import wire
 from segd.orchestrator.api import OrchestratorAPI, TokenCheck, error_response, json_response
 from segd.orchestrator.service import Orchestrator
@@ -121,7 +122,7 @@ class OrchestratorServer:
         self._shutdown_timeout = shutdown_timeout
         self.orch = orch
         self._owns_orch = orch is None
-        self._runner: web.AppRunner | None = None
+        self._runner: ListenerRunner | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -131,7 +132,6 @@ class OrchestratorServer:
         return [(str(a[0]), int(a[1])) for a in self._runner.addresses]
 
     async def start(self) -> None:
-        host, port = parse_listen(self.cfg.listen)
         try:
             ctx = listener_context(self.cfg.tls)
         except (OSError, ssl.SSLError) as e:
@@ -139,11 +139,11 @@ class OrchestratorServer:
         if self.orch is None:
             self.orch = await Orchestrator.open(self.cfg)
         app = build_app(self.cfg, self.orch)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self._shutdown_timeout)
+        runner = ListenerRunner(app, self.cfg.connections, shutdown_timeout=self._shutdown_timeout)
         try:
             await runner.setup()
             self._runner = runner
-            await web.TCPSite(runner, host, port, ssl_context=ctx).start()
+            await ListenerSite(runner, self.cfg.listen, ssl_context=ctx).start()
         except OSError as e:
             await self.stop()
             raise SegdError(f"cannot listen on {self.cfg.listen}: {e.strerror or e}") from None

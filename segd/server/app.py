@@ -3,7 +3,8 @@
 `build_app(cfg)` gives an application whose `cleanup_ctx` opens the service
 (store, keys, compiler) on start and closes it on cleanup; tests and the
 all-in-one mode run it in-process. `ServerRunner` listens on the configured
-address (TLS when configured); `run_server` runs until SIGTERM/SIGINT, a stop
+address (TLS when configured) with the `[server.connections]` limits
+(segd.listener); `run_server` runs until SIGTERM/SIGINT, a stop
 event or cancellation, then stops accepting, releases long-polls, drains
 in-flight requests for up to `shutdown_timeout` seconds and closes the store.
 """
@@ -20,8 +21,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from segd import log, sdnotify
-from segd.config import ServerConfig, parse_listen
+from segd.config import ServerConfig
 from segd.errors import SegdError
+from segd.listener import ListenerRunner, ListenerSite
 from segd.server import housekeeping, openapi
 from segd.server.api import OPENAPI, ROUTES, RUNTIME, Runtime, add_routes
 from segd.server.auth import NonceCache
@@ -89,7 +91,7 @@ class ServerRunner:
         self.cfg = cfg
         self.app = build_app(cfg, clock=clock)
         self._sock = sock
-        self._runner = web.AppRunner(self.app, shutdown_timeout=shutdown_timeout, access_log=None)
+        self._runner = ListenerRunner(self.app, cfg.connections, shutdown_timeout=shutdown_timeout)
         self.url = ""
 
     @property
@@ -99,12 +101,7 @@ class ServerRunner:
     async def start(self) -> None:
         await self._runner.setup()
         ctx = listener_context(self.cfg.tls)
-        site: web.BaseSite
-        if self._sock is not None:
-            site = web.SockSite(self._runner, self._sock, ssl_context=ctx)
-        else:
-            host, port = parse_listen(self.cfg.listen)
-            site = web.TCPSite(self._runner, host, port, ssl_context=ctx)
+        site = ListenerSite(self._runner, self.cfg.listen, sock=self._sock, ssl_context=ctx)
         try:
             await site.start()
         except BaseException:
@@ -120,7 +117,7 @@ class ServerRunner:
         await self._runner.cleanup()
 
 
-def _bound(runner: web.AppRunner) -> tuple[str, int]:
+def _bound(runner: ListenerRunner) -> tuple[str, int]:
     for addr in runner.addresses:
         if isinstance(addr, tuple) and len(addr) >= 2:
             host = str(addr[0])

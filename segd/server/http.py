@@ -103,19 +103,55 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The raw body, refused (413) beyond the app's size limit (after decompression)."""
+    """The body, decoded, refused (413) beyond the app's size limit (after decoding)."""
     limit = request.client_max_size
     if request.content_length is not None and request.content_length > limit:
-        raise SegdError(
-            f"request body is larger than {limit} bytes", code="body_too_large", status=413
-        )
+        raise too_large(limit)
     try:
-        return await request.read()
-    except (web.RequestPayloadError, HttpProcessingError, zlib.error):
-        # A body cut short, badly chunked, or not what its Content-Encoding says.
-        encoding = request.headers.get("Content-Encoding", "")
-        what = f"valid {encoding} data" if encoding else "a complete body"
-        raise SegdError(f"request body is not {what}", code="bad_body", status=400) from None
+        data = await request.read()
+    except BODY_ERRORS:
+        raise bad_body(request) from None
+    return decoded(request, data, limit)
+
+
+# A body cut short (or its connection closed by the listener's body timeout),
+# badly chunked, or not what its Content-Encoding says.
+BODY_ERRORS = (web.RequestPayloadError, HttpProcessingError, zlib.error, ConnectionError)
+
+# Set by segd's listener on every request: aiohttp leaves its body encoded, segd decodes it.
+ENCODED_BODY = web.RequestKey("segd_encoded_body", bool)
+
+
+def decoded(request: web.BaseRequest, data: bytes, limit: int) -> bytes:
+    """`data` as its Content-Encoding (gzip, deflate or none; the listener refused
+    others) says, at most `limit` bytes of it, and all of it valid."""
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip().lower()
+    if not request.get(ENCODED_BODY) or encoding in ("", "identity"):
+        return data
+    # gzip; deflate as RFC 1950 says (zlib), or the raw deflate some clients send.
+    for wbits in (16 + zlib.MAX_WBITS,) if encoding == "gzip" else (zlib.MAX_WBITS, -15):
+        d = zlib.decompressobj(wbits)
+        try:
+            out = d.decompress(data, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit:
+            raise too_large(limit)
+        if d.eof and not d.unused_data:
+            return out
+        break
+    raise bad_body(request)
+
+
+def too_large(limit: int) -> SegdError:
+    message = f"request body is larger than {limit} bytes"
+    return SegdError(message, code="body_too_large", status=413)
+
+
+def bad_body(request: web.BaseRequest) -> SegdError:
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "")
+    what = f"valid {encoding} data" if encoding else "a complete body"
+    return SegdError(f"request body is not {what}", code="bad_body", status=400)
 
 
 def int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int:

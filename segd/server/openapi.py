@@ -195,7 +195,7 @@ ERRORS: Mapping[str, str] = {
         "Bad input, unauthorised or not found; 429 (with Retry-After, in seconds) when "
         "one address sends too many requests without credentials or with refused ones"
     ),
-    "503": "Store unavailable",
+    "503": "Store unavailable, or the listener holds too many connections (busy)",
 }
 
 

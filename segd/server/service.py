@@ -56,10 +56,10 @@ def new_id(prefix: str, nbytes: int = 6) -> str:
 sha256_hex = admintoken.sha256_hex
 
 
-def _prepare_data_dir(data: Path) -> nacl.signing.SigningKey:
-    """Create the data dir (0700) and load or create the signing key (0600)."""
+def _make_data_dir(data: Path) -> None:
+    """The data dir, 0700. The signing key is made only once the store holds the
+    dir's lock: never by a second server that is about to be refused."""
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return crypto.load_or_create_signing_key(data / SIGNING_KEY_FILE)
 
 
 class Change:
@@ -141,9 +141,10 @@ class Service:
     @classmethod
     async def open(cls, cfg: ServerConfig, clock: Clock = time.time) -> Service:
         data = Path(cfg.data_dir)
-        key = _prepare_data_dir(data)
-        store = await Store.open(data / DB_FILE)
+        _make_data_dir(data)
+        store = await Store.open(data / DB_FILE)  # takes the data dir's lock
         try:
+            key = crypto.load_or_create_signing_key(data / SIGNING_KEY_FILE)
             svc = cls(cfg, store, key, clock)
             await svc._load()
         except BaseException:

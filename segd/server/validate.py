@@ -32,10 +32,17 @@ MAX_SIDECARS = 1024
 
 
 def text(field: str, value: str, limit: int) -> str:
+    """Free text an admin's terminal will show: printable characters only, so no
+    control characters (C0, DEL, C1), bidirectional overrides or other format
+    characters that could make one thing look like another."""
     if len(value) > limit:
         raise InvalidInput(f"{field}: longer than {limit} characters")
-    if any(ord(c) < 32 for c in value):
-        raise InvalidInput(f"{field}: control characters are not allowed")
+    if not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        raise InvalidInput(
+            f"{field}: control, bidirectional and other non-printable characters "
+            f"(here U+{ord(bad):04X}) are not allowed"
+        )
     return value
 
 

@@ -22,14 +22,16 @@ import msgspec
 import nacl.signing
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer, get_port_socket
 
 from segd import crypto, wire
-from segd.config import ADMIN_TOKEN_FILE, ServerConfig
+from segd.config import ADMIN_TOKEN_FILE, ConnectionLimits, ServerConfig
+from segd.connections import gate
+from segd.listener import ListenerRunner
 from segd.server.app import ServerRunner, build_app, service_of
 from segd.server.service import Service
 
-AiohttpClient = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
+AiohttpClient = Callable[[web.Application | TestServer], Awaitable[TestClient[Any, Any]]]
 
 
 class Clock:
@@ -210,9 +212,24 @@ def server_cfg(tmp_path: Path) -> ServerConfig:
     )
 
 
+class ListenerTestServer(TestServer):
+    """An app behind segd's own listener (segd.listener), as in production."""
+
+    def __init__(self, app: web.Application, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        super().__init__(app, socket_factory=self._gate_socket)
+
+    async def _make_runner(self, **kwargs: Any) -> ListenerRunner:
+        return ListenerRunner(self.app, self.limits, **kwargs)
+
+    def _gate_socket(self, host: str, port: int, family: socket.AddressFamily) -> socket.socket:
+        assert isinstance(self.runner, ListenerRunner)
+        return gate(get_port_socket(host, port, family), self.runner.guard)
+
+
 async def start_admin(aiohttp_client: AiohttpClient, cfg: ServerConfig, clock: Clock) -> Admin:
     """Start an app on `cfg` and return its admin client (used again after a restart)."""
-    client = await aiohttp_client(build_app(cfg, clock=clock))
+    client = await aiohttp_client(ListenerTestServer(build_app(cfg, clock=clock), cfg.connections))
     token = (Path(cfg.data_dir) / ADMIN_TOKEN_FILE).read_text().strip()
     return Admin(client, token)
 

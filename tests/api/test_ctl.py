@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -353,3 +355,72 @@ def test_admin_rotate_token_writes_the_file_it_read(
         monkeypatch.setenv("SEGD_TOKEN", old)
         code, _, err = ctl.run("rule", "list", conn=False)
         assert (code, err) == (1, "segd ctl: invalid admin token\n")
+
+
+# What one host may have written before the API refused it, as `segd ctl` receives it.
+HOSTILE = "web\u202egnp.exe \x1b]0;owned\x07 \x9b2J \x7f \u2066x\u2069 line\nbreak"
+HOSTILE_ANSWERS: dict[str, Any] = {
+    "/v1/audit": [
+        {
+            "id": 1,
+            "at": 0,
+            "event": "tamper",
+            "result": "ok",
+            "reason": "",
+            "host_id": "h_0123456789ab",
+            "detail": HOSTILE,
+        }
+    ],
+    "/v1/workloads": [
+        {
+            "id": "w_0123456789ab",
+            "host_id": "h_0123456789ab",
+            "container_id": "c1",
+            "name": HOSTILE,
+            "labels": {"role": "web"},
+            "ips": ["10.0.0.1"],
+            "key_id": "k_0123456789ab",
+            "paired_at": 0,
+        }
+    ],
+}
+
+
+@pytest.fixture
+def hostile_server() -> Iterator[str]:
+    """A stand-in server whose listings hold control and bidi characters."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps(HOSTILE_ANSWERS[self.path.split("?")[0]]).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize("listing", ["audit", "workload"])
+def test_agent_text_with_control_and_bidi_characters_is_escaped_in_ctl_tables(
+    hostile_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], listing: str
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    code = ctl_main(["--server", hostile_server, "--token-file", str(token), listing, "list"])
+    out, err = capsys.readouterr()
+    assert (code, err) == (0, "")
+    assert all(line.isprintable() for line in out.splitlines()), out
+    assert out.count("\n") == 2  # header and one row: the newline in the text is escaped
+    assert "\\u202e" in out and "\\x1b" in out and "\\x9b" in out and "\\x7f" in out

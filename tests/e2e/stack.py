@@ -176,10 +176,11 @@ class Stack:
             "backoff_max_s = 2.0\n"
         )
         argv = [sys.executable, "-m", "segd", "agent", "--config", str(cfg)]
+        env = self._env()
         if not (state / "identity.json").exists():
-            code = self.api("POST", "/v1/activation-codes", {})["code"]
-            argv += [f"--activation-code={code}"]
-        self.agent = Proc("agent", argv, self.root / "agent.log", self._env())
+            # The code from the environment, out of the process list.
+            env["SEGD_ACTIVATION_CODE"] = self.api("POST", "/v1/activation-codes", {})["code"]
+        self.agent = Proc("agent", argv, self.root / "agent.log", env)
         before = self.agent.count("agent.synced") if self.agent.log_path.exists() else 0
         self.agent.start()
         wait_for(lambda: self._agent_synced(before), 30, "agent first sync")

@@ -2,6 +2,7 @@
 
 server = ServerProcess(tmp_path / "data", tmp_path / "server.log")
 server.start()
+ServerProcess(..., config=PATH, nofile=1024)   # a config file; an open-files limit
 ... server.url, server.token ...
 server.kill()          # SIGKILL: no chance to flush or drain
 server.start()         # the same data dir and port
@@ -11,6 +12,7 @@ assert server.terminate() == 0
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -30,9 +32,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, data_dir: Path, log_path: Path, *, port: int = 0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        log_path: Path,
+        *,
+        port: int = 0,
+        config: Path | None = None,
+        nofile: int = 0,
+        nofile_hard: int = 0,
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
+        self.config = config
+        self.nofile = nofile  # soft RLIMIT_NOFILE of the process (0: inherited) ...
+        self.nofile_hard = nofile_hard or nofile  # ... and hard (default: the same)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.popen: subprocess.Popen[bytes] | None = None
@@ -56,6 +70,7 @@ class ServerProcess:
                     "-m",
                     "segd",
                     "server",
+                    *(["--config", str(self.config)] if self.config else []),
                     "--data-dir",
                     str(self.data_dir),
                     "--listen",
@@ -65,6 +80,7 @@ class ServerProcess:
                 stderr=log,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,
+                preexec_fn=self._limit if self.nofile else None,
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -77,6 +93,9 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"server did not come up: {self.log_tail()}") from None
                 time.sleep(0.05)
+
+    def _limit(self) -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile_hard))
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to flush, drain or close anything."""

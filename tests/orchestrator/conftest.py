@@ -1,5 +1,6 @@
-"""Fixtures for the orchestrator: a temp data dir, the API in process, a fake
-Docker engine on a unix socket, and the real engine (root only)."""
+"""Fixtures for the orchestrator: a temp data dir, the API in process (behind
+segd's listener), a fake Docker engine on a unix socket, and the real engine
+(root only)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestClient
 from segd.config import OrchestratorConfig
 from segd.orchestrator.app import build_app
 from segd.server import tokens
+from tests.api.conftest import ListenerTestServer
 from tests.hostreq import docker_missing, require
 from tests.orchestrator.fake_engine import FakeEngine
 
@@ -101,7 +103,7 @@ def data_dir(tmp_path: Path) -> Path:
 def make_api(aiohttp_client: Any, data_dir: Path) -> ApiFactory:
     async def make(**cfg_over: Any) -> Api:
         cfg = OrchestratorConfig(data_dir=str(data_dir), **cfg_over)
-        client = await aiohttp_client(build_app(cfg))
+        client = await aiohttp_client(ListenerTestServer(build_app(cfg), cfg.connections))
         token = (data_dir / "admin.token").read_text().strip()
         return Api(client, token, cfg)
 

@@ -4,9 +4,12 @@ unix socket (spoken to by the real aiodocker client) for run/ps/rm/change."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
+import json
 import stat
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +141,79 @@ async def test_unknown_route_and_wrong_method_answer_json(api: Api) -> None:
     assert status == 404 and _is_error(body)
     status, body = await api.call("PUT", "/v1/orch/profiles")
     assert status == 405 and _is_error(body)
+
+
+async def _raw(api: Api, data: bytes) -> tuple[int, Any, bytes]:
+    """Send bytes on a new connection; (status, JSON body, raw answer)."""
+    srv = api.client.server
+    reader, writer = await asyncio.open_connection(srv.host, srv.port)
+    try:
+        writer.write(data)
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), json.loads(body), raw
+
+
+def _post_profiles(api: Api, headers: bytes, body: bytes) -> bytes:
+    return (
+        b"POST /v1/orch/profiles HTTP/1.1\r\nHost: o\r\nConnection: close\r\n"
+        + f"Authorization: Bearer {api.token}\r\n".encode()
+        + headers
+        + b"\r\n"
+        + body
+    )
+
+
+_PROFILE = json.dumps(profile_body()).encode()
+_GZ, _DEFLATE = gzip.compress(_PROFILE), zlib.compress(_PROFILE)
+BROKEN_BODIES = [
+    ("gzip", _GZ[:10] + b"\xff" * 10 + _GZ[20:]),  # corrupt
+    ("gzip", _GZ[:-8]),  # cut short
+    ("deflate", _DEFLATE[:2] + b"\xff" * 8),
+    ("deflate", _DEFLATE[:-4]),
+]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body"),
+    BROKEN_BODIES,
+    ids=["corrupt gzip", "truncated gzip", "corrupt deflate", "truncated deflate"],
+)
+async def test_a_malformed_gzip_or_truncated_body_is_a_400_not_a_500(
+    api: Api, encoding: str, body: bytes
+) -> None:
+    headers = f"Content-Encoding: {encoding}\r\nContent-Length: {len(body)}\r\n".encode()
+    status, answer, raw = await _raw(api, _post_profiles(api, headers, body))
+    assert (status, answer["error"]) == (400, "bad_body"), raw
+    assert _is_error(answer)
+    assert (await api.call("GET", "/v1/orch/profiles"))[1] == []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /v1/orch/profiles HTTP/1.1\r\nHost: o\r\nX-A: " + b"a" * 20_000 + b"\r\n\r\n",
+        b"POST /v1/orch/profiles HTTP/1.1\r\nHost: o\r\nContent-Length: 2\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+        b"GET /v1/\xc3\xa9 HTTP/1.1\r\nHost: o\r\n\r\n",
+        b"POST /v1/orch/profiles HTTP/1.1\r\nHost: o\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}x\r\n0\r\n\r\n",
+    ],
+    ids=["header too long", "chunked and content-length", "non-ASCII request line", "bad chunk"],
+)
+async def test_what_the_parser_refuses_is_answered_as_json(api: Api, data: bytes) -> None:
+    status, answer, raw = await _raw(api, data)
+    assert status == 400 and _is_error(answer), raw
+    assert b"content-type: application/json" in raw.lower()
+
+
+@pytest.mark.parametrize("encoding", [b"br", b"zstd", b"x-nonsense"])
+async def test_an_unsupported_content_encoding_is_a_json_415(api: Api, encoding: bytes) -> None:
+    headers = b"Content-Encoding: " + encoding + b"\r\nContent-Length: 2\r\n"
+    status, answer, raw = await _raw(api, _post_profiles(api, headers, b"{}"))
+    assert (status, answer["error"]) == (415, "unsupported_media_type"), raw
 
 
 # ---- nodes --------------------------------------------------------------------------

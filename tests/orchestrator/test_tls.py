@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from segd.config import OrchestratorConfig, TLSConfig
+from segd.config import ConnectionLimits, OrchestratorConfig, TLSConfig
 from segd.orchestrator.app import OrchestratorServer
 from tests.orchestrator.conftest import Api, free_port, profile_body
 from tests.orchestrator.fake_engine import FakeEngine
@@ -118,5 +118,37 @@ async def test_listener_with_tls(pki: Path, tmp_path: Path) -> None:
                 return dict(json.loads(resp.read()))
 
         assert (await asyncio.to_thread(health))["status"] == "ok"
+    finally:
+        await server.stop()
+
+
+async def test_a_tls_handshake_that_never_starts_is_counted_and_cut(
+    pki: Path, tmp_path: Path
+) -> None:
+    """A connection that never sends its ClientHello holds a slot (aiohttp alone
+    would keep it a minute): it is counted, the first to go when the listener
+    is full, and cut at the header timeout otherwise."""
+    port = free_port()
+    cfg = OrchestratorConfig(
+        listen=f"127.0.0.1:{port}",
+        data_dir=str(tmp_path / "orch"),
+        register_local_node=False,
+        tls=TLSConfig(cert=str(pki / "server.pem"), key=str(pki / "server-key.pem")),
+        connections=ConnectionLimits(max_open=16, header_timeout_s=2.0),
+    )
+    server = OrchestratorServer(cfg)
+    await server.start()
+    try:
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(16)]
+        await asyncio.sleep(0.2)
+        silent.append(await asyncio.open_connection("127.0.0.1", port))  # the 17th
+        first = silent[0][0]
+        assert await asyncio.wait_for(first.read(), 1.0) == b""  # made room at once
+        t0 = asyncio.get_running_loop().time()
+        for r, _ in silent[1:-1]:
+            assert await asyncio.wait_for(r.read(), 10) == b""
+        assert asyncio.get_running_loop().time() - t0 < 5
+        for _, w in silent:
+            w.close()
     finally:
         await server.stop()

@@ -56,6 +56,17 @@ def test_example_documents_every_key() -> None:
         ("[server]\ndimensions = []", "server.dimensions", "at least one"),
         ('[server]\ndimensions = ["Role"]', "server.dimensions", "invalid label dimension"),
         ('[server.tls]\ncert = "/c.pem"', "server.tls.cert", "both cert and key"),
+        ("[server.connections]\nmax_open = 1", "server.connections.max_open", "between"),
+        (
+            "[server.connections]\nheader_timeout_s = 0",
+            "server.connections.header_timeout_s",
+            "between",
+        ),
+        (
+            "[orchestrator.connections]\nidle_timeout_s = -1",
+            "orchestrator.connections.idle_timeout_s",
+            "between",
+        ),
         ('[agent]\nserver = "ftp://x"', "agent.server", "http:// or https://"),
         ("[agent]\nreconcile_interval_s = 0", "agent.reconcile_interval_s", "between"),
         ('[agent]\nisolate_unkeyed = "yes"', "agent.isolate_unkeyed", "Expected `bool`"),

@@ -54,3 +54,21 @@ def test_unit_hardening(unit: Path) -> None:
     if unit.name in ("segd-server.service", "segd-orchestrator.service"):
         assert "CapabilityBoundingSet=\n" in text, "control-plane units keep no capabilities"
         assert "User=segd" in text
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_every_unit_sets_its_open_files_limit(unit: Path) -> None:
+    """Soft and hard alike (one value), far above the 1,024 a unit gets by default,
+    so a client's idle connections cannot use up the listener's and the store's."""
+    settings = [ln.split("=", 1)[1] for ln in unit.read_text().splitlines() if "LimitNOFILE=" in ln]
+    assert len(settings) == 1, f"{unit.name}: one LimitNOFILE"
+    assert ":" not in settings[0] and int(settings[0]) >= 16384, settings
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_a_filtered_system_call_fails_instead_of_killing(unit: Path) -> None:
+    """segd raises its soft open-files limit when it can; under a filter that
+    denies setrlimit that must be an error it handles, not SIGSYS."""
+    text = unit.read_text()
+    if "SystemCallFilter=" in text:
+        assert "SystemCallErrorNumber=EPERM" in text
