@@ -8,7 +8,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bench.listener import Drip, busy_requests, hold_idle, raise_own_nofile, setup, wait_closed
+from tests.faults.listener import (
+    Drip,
+    busy_requests,
+    hold_idle,
+    raise_own_nofile,
+    setup,
+    wait_closed,
+)
 from tests.faults.proc import ServerProcess
 
 IDLE, DRIP = 2000, 200

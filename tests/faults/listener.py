@@ -1,4 +1,4 @@
-"""What one client can do to the server's listener: `python -m bench.listener`.
+"""What one client can do to the server's listener: `python -m tests.faults.listener`.
 
 A real `segd server` process runs with the open-files limit of a small unit
 (`--nofile`, 1,024 by default; soft and hard, so it cannot raise it) and its
@@ -296,7 +296,7 @@ def _count(path: Path, needle: bytes) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.listener", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m tests.faults.listener", description=__doc__)
     ap.add_argument("--nofile", type=int, default=1024, help="the server's open-files limit")
     ap.add_argument("--config", type=Path, default=None, help="a segd config file")
     ap.add_argument("--cap", type=float, default=200.0, help="longest lifetime measured (s)")
