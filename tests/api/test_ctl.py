@@ -85,8 +85,8 @@ def _agent_pairs(
     _post(server.url + "/v1/agent/pair", body, headers)
     if sidecar:
         path = "/v1/agent/sidecars"
-        body = {"sidecars": [{"container_id": sidecar, "shares": cid, "name": "proxy"}]}
-        data = json.dumps(body).encode()
+        sidecars = {"sidecars": [{"container_id": sidecar, "shares": cid, "name": "proxy"}]}
+        data = json.dumps(sidecars).encode()
         headers = crypto.sign_request(key, reg["host_id"], "PUT", path, data, time.time())
         _post(server.url + path, body, headers, method="PUT")
     return str(reg["host_id"])
@@ -207,8 +207,8 @@ def test_unlimited_keys_unpair_and_revoke_with_unpair(ctl: Ctl, live_server: Liv
     db = ctl.ok("key", "issue", "db").strip()
     api = ctl.json("key", "issue", "api", "--max-uses", "unlimited")
     assert api["max_uses"] is None
-    code = ctl.ok("agent", "activation-code").strip()
-    _agent_pairs(live_server, code, web, "c-web", "10.0.0.5")
+    activation = ctl.ok("agent", "activation-code").strip()
+    _agent_pairs(live_server, activation, web, "c-web", "10.0.0.5")
     listed = {row.split()[1]: row.split()[2] for row in ctl.ok("key", "list").splitlines()[1:]}
     assert listed == {"web": "1/∞", "db": "0/∞", "api": "0/∞"}
     # workload unpair

@@ -141,11 +141,11 @@ async def test_unlimited_keys_are_the_default_and_null_in_the_api(
     assert prof["max_uses"] is None
     default = await api.ok("POST", "/v1/keys", {"profile": "web"}, status=201)
     assert default["max_uses"] is None
-    body = {"name": "db", "labels": {"role": "db"}, "max_uses": 2}
-    await api.ok("POST", "/v1/profiles", body, status=201)
+    limited: dict[str, Any] = {"name": "db", "labels": {"role": "db"}, "max_uses": 2}
+    await api.ok("POST", "/v1/profiles", limited, status=201)
     inherited = await api.ok("POST", "/v1/keys", {"profile": "db"}, status=201)
-    body = {"profile": "db", "max_uses": None}
-    unlimited = await api.ok("POST", "/v1/keys", body, status=201)
+    unlimited_in: dict[str, Any] = {"profile": "db", "max_uses": None}
+    unlimited = await api.ok("POST", "/v1/keys", unlimited_in, status=201)
     assert (inherited["max_uses"], unlimited["max_uses"]) == (2, None)
     a = await make_agent()
     results = await asyncio.gather(

@@ -37,7 +37,7 @@ def _shop(stack: Stack) -> dict[str, str]:
     names["revoked"] = stack.run("revoked", key=revoked)
     names["exhausted"] = stack.run("exhausted", key=exhausted)
     assert stack.agent is not None
-    wait_for(lambda: stack.agent.count("pairing.denied") >= 3, 15, "three denials")  # type: ignore[union-attr]
+    wait_for(lambda: stack.agent.count("pairing.denied") >= 3, 15, "three denials")
     return names
 
 

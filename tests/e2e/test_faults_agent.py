@@ -124,7 +124,7 @@ def test_docker_restarted_stream_reconnects_and_nothing_is_left_open(stack: Stac
     assert stack.agent is not None
     ups = stack.agent.count("docker.stream.up")
     restart_dockerd()
-    wait_for(lambda: stack.agent.count("docker.stream.up") > ups, 30, "event stream back")  # type: ignore[union-attr]
+    wait_for(lambda: stack.agent.count("docker.stream.up") > ups, 30, "event stream back")
     wait_for(
         lambda: stack.probe_many(web, [("10.231.11.20", 5432)])[("10.231.11.20", 5432)],
         20,

@@ -136,7 +136,7 @@ def test_restart_after_the_key_expired_was_refused_key_expired(stack: Stack) -> 
     wait_for(
         lambda: any(
             e.get("event") == "pairing.denied" and e.get("code") == "key_expired"
-            for e in stack.agent.logs()  # type: ignore[union-attr]
+            for e in stack.agent.logs()
         ),
         15,
         "the late container refused",

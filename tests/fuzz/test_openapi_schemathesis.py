@@ -103,8 +103,9 @@ class Stack:
             data=kwargs.get("data"),
             cookies=kwargs.get("cookies"),
         ).prepare()
-        body = prepared.body or b""
-        body = body.encode() if isinstance(body, str) else body
+        raw = prepared.body or b""
+        body = raw.encode() if isinstance(raw, str) else raw
+        assert isinstance(body, bytes)
         now = time.time()
         method, path = prepared.method or "", prepared.path_url
         return crypto.sign_request(self.agent_key, self.host_id, method, path, body, now)

@@ -9,6 +9,8 @@ route's type; never a 5xx, never a hang.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -43,7 +45,7 @@ async def _pairing(env: Env, data: st.DataObject) -> None:
     """A validly signed pairing with a good key and any addresses, labels and name:
     refused, or stored in a shape every peer's ruleset can take."""
     agent = data.draw(st.sampled_from(env.agents), label="agent")
-    body = {
+    body: dict[str, Any] = {
         "container_id": f"c-fuzz{len(env.captured)}-{data.draw(st.integers(0, 10**9))}",
         "pairing_key": env.tokens[data.draw(st.sampled_from(["db", "web"]), label="key")],
         "ips": data.draw(st.one_of(fz.odd_ips, fz.good_ips, fz.bad_ips), label="ips"),
