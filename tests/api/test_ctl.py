@@ -88,7 +88,7 @@ def _agent_pairs(
         sidecars = {"sidecars": [{"container_id": sidecar, "shares": cid, "name": "proxy"}]}
         data = json.dumps(sidecars).encode()
         headers = crypto.sign_request(key, reg["host_id"], "PUT", path, data, time.time())
-        _post(server.url + path, body, headers, method="PUT")
+        _post(server.url + path, sidecars, headers, method="PUT")
     return str(reg["host_id"])
 
 
