@@ -169,7 +169,8 @@ def _start(args: argparse.Namespace, cfg: config.Config) -> int:
     from segd.connections import raise_open_files_limit
 
     soft, hard = raise_open_files_limit()
-    log.get("segd").info("process.open_files", soft=soft, hard=hard)
+    # Debug: a daemon that cannot start says so in one line, nothing before it.
+    log.get("segd").debug("process.open_files", soft=soft, hard=hard)
     if args.mode == "server":
         from segd.server.app import run_server
 
