@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(args: argparse.Namespace, cfg: config.Config) -> int:
-    from segd.connections import raise_open_files_limit
+    from segd.http.connections import raise_open_files_limit
 
     soft, hard = raise_open_files_limit()
     log.get("segd").info("process.open_files", soft=soft, hard=hard)
