@@ -117,7 +117,7 @@ class Client:
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise ClientError(
                 f"{self.peer.name} at {self.server} sent a malformed answer"
-            ) from None  # noqa: E501
+            ) from None
 
     def json(self, method: str, path: str, body: object = None) -> Any:
         """Send one request; its answer as plain JSON values (None for 204)."""
@@ -129,7 +129,7 @@ class Client:
         except ValueError:
             raise ClientError(
                 f"{self.peer.name} at {self.server} sent a malformed answer"
-            ) from None  # noqa: E501
+            ) from None
 
 
 def _answered(e: urllib.error.HTTPError, peer: Peer) -> ClientError:
