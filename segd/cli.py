@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(args: argparse.Namespace, cfg: config.Config) -> int:
-    from segd.connections import raise_open_files_limit
+    from segd.http.connections import raise_open_files_limit
 
     soft, hard = raise_open_files_limit()
     # Debug: a daemon that cannot start says so in one line, nothing before it.

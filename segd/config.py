@@ -103,7 +103,7 @@ class TLSConfig(_Strict):
 
 
 class ConnectionLimits(_Strict):
-    """How long and how many connections a listener keeps (segd.listener)."""
+    """How long and how many connections a listener keeps (segd.http.listener)."""
 
     max_open: int = 4096
     idle_timeout_s: float = 60.0

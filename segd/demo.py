@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -24,12 +23,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from segd.ctl.client import ApiClient, CtlError
+from segd import wire
 from segd.firewall.gate import render_gate_removal
 from segd.firewall.kernel import Firewall, NetnsError, NftError, unavailable
+from segd.http.client import Client, ClientError
+from segd.orchestrator import wire as owire
 
+T = TypeVar("T")
 IMAGE = "segd-busybox:latest"
 DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
 SERVE = (
@@ -69,7 +71,7 @@ def _wait(pred: Callable[[], Any], timeout: float, what: str) -> Any:
     while True:
         try:
             v = pred()
-        except CtlError:
+        except ClientError:
             v = None
         if v:
             return v
@@ -97,14 +99,18 @@ class Demo:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.api: ApiClient | None = None
+        self.api: Client | None = None
         self.containers: dict[str, str] = {}
         self.orch_ids: list[str] = []
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
+    def call(self, t: type[T], method: str, path: str, body: object = None) -> T:
+        """One request to the all-in-one listener (both APIs), its answer as `t`."""
         assert self.api is not None
-        raw = self.api.call(method, path, body)
-        return json.loads(raw) if raw else None
+        return self.api.get(t, method, path, body)
+
+    def post(self, method: str, path: str, body: object = None) -> None:
+        assert self.api is not None
+        self.api.call(method, path, body)
 
     # ---- steps -----------------------------------------------------------------------
 
@@ -128,8 +134,8 @@ class Demo:
         log.close()
         token_file = self.dir / "server" / "admin.token"
         _wait(lambda: token_file.exists() and self._alive(), 30, "segd allinone to start")
-        self.api = ApiClient(self.url, token_file.read_text().strip(), timeout=10)
-        _wait(lambda: self.call("GET", "/v1/hosts"), 30, "the agent to register")
+        self.api = Client(self.url, token_file.read_text().strip(), timeout=10)
+        _wait(lambda: self.call(list[wire.Host], "GET", "/v1/hosts"), 30, "the agent to register")
 
     def _alive(self) -> bool:
         assert self.proc is not None
@@ -140,48 +146,40 @@ class Demo:
 
     def policy(self) -> dict[str, str]:
         for consumer, provider, service in RULES:
-            self.call(
-                "POST",
-                "/v1/rules",
-                {
-                    "providers": [{"role": provider, "app": "shop"}],
-                    "consumers": [{"role": consumer, "app": "shop"}],
-                    "services": [service],
-                    "description": f"{consumer} uses {provider}",
-                },
+            rule = wire.RuleIn(
+                providers=[{"role": provider, "app": "shop"}],
+                consumers=[{"role": consumer, "app": "shop"}],
+                services=[service],
+                description=f"{consumer} uses {provider}",
             )
+            self.post("POST", "/v1/rules", rule)
         keys = {}
         for name, (labels, _) in TIERS.items():
-            self.call(
-                "POST",
-                "/v1/profiles",
-                {
-                    "name": f"shop-{name}",
-                    "labels": labels,
-                    "locked": ["role", "app"],
-                    "max_uses": 3,
-                    "lifespan_s": 3600,
-                    "description": f"demo {name} tier",
-                },
+            profile = wire.ProfileIn(
+                name=f"shop-{name}",
+                labels=labels,
+                locked=["role", "app"],
+                max_uses=3,
+                lifespan_s=3600,
+                description=f"demo {name} tier",
             )
-            keys[name] = self.call("POST", "/v1/keys", {"profile": f"shop-{name}"})["token"]
+            self.post("POST", "/v1/profiles", profile)
+            key = wire.KeyIssueIn(profile=f"shop-{name}")
+            keys[name] = self.call(wire.KeyIssued, "POST", "/v1/keys", key).token
         return keys
 
     def run_tiers(self, keys: dict[str, str]) -> None:
         for name, (labels, _) in TIERS.items():
-            self.call(
-                "POST",
-                "/v1/orch/profiles",
-                {
-                    "name": f"shop-{name}",
-                    "image": IMAGE,
-                    "command": ["sh", "-c", SERVE],
-                    "labels": labels,
-                    "pairing_key": keys[name],
-                },
+            profile = owire.ProfileIn(
+                name=f"shop-{name}",
+                image=IMAGE,
+                command=["sh", "-c", SERVE],
+                labels=labels,
+                pairing_key=keys[name],
             )
-            started = self.call("POST", "/v1/orch/run", {"profile": f"shop-{name}"})
-            cid = started[0]["id"]
+            self.post("POST", "/v1/orch/profiles", profile)
+            run = owire.RunIn(profile=f"shop-{name}")
+            cid = self.call(list[owire.Container], "POST", "/v1/orch/run", run)[0].id
             self.orch_ids.append(cid)
             self.containers[name] = cid
 
@@ -211,20 +209,27 @@ class Demo:
         want = {self.containers[n] for n in TIERS}
 
         def paired() -> bool:
-            got = {w["container_id"] for w in self.call("GET", "/v1/workloads")}
+            got = {w.container_id for w in self.call(list[wire.Workload], "GET", "/v1/workloads")}
             return want <= got
 
         _wait(paired, 30, "the three tiers to pair")
 
         def denied() -> bool:
-            rows = self.call("GET", "/v1/audit?limit=500")
+            rows = self.call(list[wire.AuditEntry], "GET", "/v1/audit?limit=500")
             return any(
-                r.get("container_id") == self.containers["forged"] and r.get("result") != "ok"
-                for r in rows
+                r.container_id == self.containers["forged"] and r.result != "ok" for r in rows
             )
 
         _wait(denied, 30, "the forged key to be refused")
-        time.sleep(0.5)  # instructions reach every peer's namespace
+        ips = self.ips()
+
+        def allowed_connect() -> bool:
+            # The instructions have reached every peer's namespace once each
+            # allowed pair connects (the denied ones are denied from the start).
+            got = self.measure(ips, [(c, p) for c, p, _ in RULES])
+            return all(got.values())
+
+        _wait(allowed_connect, 30, "the instructions to reach every peer")
 
     def ips(self) -> dict[str, str]:
         return {
@@ -232,9 +237,15 @@ class Demo:
             for n, c in self.containers.items()
         }
 
-    def measure(self, ips: dict[str, str]) -> dict[tuple[str, str], bool]:
+    def measure(
+        self, ips: dict[str, str], pairs: list[tuple[str, str]] | None = None
+    ) -> dict[tuple[str, str], bool]:
+        """Whether each (source, destination) connects: `pairs`, or every pair."""
+
         def probe(src: str) -> dict[tuple[str, str], bool]:
-            dsts = [d for d in self.containers if d != src]
+            dsts = [d for d in self.containers if d != src and (pairs is None or (src, d) in pairs)]
+            if not dsts:
+                return {}
             script = (
                 " ".join(
                     f"(nc -w 1 {ips[d]} {PORT_OF[d]} </dev/null >/dev/null 2>&1 && echo 'ok {d}' "
@@ -328,17 +339,19 @@ def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
         _say("  started 'intruder' (no key) and 'forged' (a db key with a forged signature)")
         demo.wait_enforced()
         ips = demo.ips()
-        workloads = {w["container_id"]: w for w in demo.call("GET", "/v1/workloads")}
+        workloads = {
+            w.container_id: w for w in demo.call(list[wire.Workload], "GET", "/v1/workloads")
+        }
         denials = {
-            e["container_id"]: e["reason"]
-            for e in demo.call("GET", "/v1/audit?limit=500")
-            if e["result"] == "denied" and e["container_id"]
+            e.container_id: e.reason
+            for e in demo.call(list[wire.AuditEntry], "GET", "/v1/audit?limit=500")
+            if e.result == "denied" and e.container_id
         }
         _say("\n  containers:")
         for name, cid in demo.containers.items():
             w = workloads.get(cid)
             if w is not None:
-                state = "paired  " + ",".join(f"{k}={v}" for k, v in w["labels"].items())
+                state = "paired  " + ",".join(f"{k}={v}" for k, v in w.labels.items())
             elif cid in denials:
                 state = f"isolated: pairing refused ({denials[cid]})"
             else:
@@ -371,7 +384,7 @@ def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
             with contextlib.suppress(KeyboardInterrupt):
                 signal.pause()
         return 1 if wrong else 0
-    except (RuntimeError, CtlError) as e:
+    except (RuntimeError, ClientError) as e:
         print(f"segd demo: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -18,10 +18,12 @@ class Error(msgspec.Struct, frozen=True):
     message: str
 
 
-class Health(msgspec.Struct, frozen=True):
+class Health(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`GET /v1/health` of the server and of the orchestrator (which has no key)."""
+
     status: str
     version: str
-    key_id: str  # the id of the server key that signs keys and instructions
+    key_id: str = ""  # the id of the server key that signs keys and instructions
 
 
 # ---- policy (admin API) -------------------------------------------------------------

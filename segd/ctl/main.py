@@ -69,13 +69,13 @@ def _show(raw: bytes, args: argparse.Namespace, render_text: Callable[[bytes], s
 
 
 def rule_add(api: ApiClient, a: argparse.Namespace) -> None:
-    body = {
-        "providers": render.parse_selectors(a.provider),
-        "consumers": render.parse_selectors(a.consumer),
-        "services": a.service,
-        "options": a.option or [],
-        "description": a.description,
-    }
+    body = wire.RuleIn(
+        providers=render.parse_selectors(a.provider),
+        consumers=render.parse_selectors(a.consumer),
+        services=a.service,
+        options=a.option or [],
+        description=a.description,
+    )
     raw = api.call("POST", "/v1/rules", body)
     _show(raw, a, lambda r: _decode(r, wire.Rule).id)
 
@@ -110,18 +110,17 @@ def rule_rm(api: ApiClient, a: argparse.Namespace) -> None:
 
 
 def profile_add(api: ApiClient, a: argparse.Namespace) -> None:
-    body: dict[str, Any] = {
-        "name": a.name,
-        "labels": render.parse_labels(a.labels),
-        "locked": [d.strip() for d in (a.lock or "").split(",") if d.strip()],
-        "on_mismatch": a.on_mismatch,
-        "enabled": not a.disabled,
-        "description": a.description,
-    }
-    if a.max_uses is not None:
-        body["max_uses"] = render.parse_max_uses(a.max_uses)
-    if a.lifespan is not None:
-        body["lifespan_s"] = render.parse_lifespan(a.lifespan)
+    defaults = wire.ProfileIn(name="", labels={})
+    body = wire.ProfileIn(
+        name=a.name,
+        labels=render.parse_labels(a.labels),
+        locked=[d.strip() for d in (a.lock or "").split(",") if d.strip()],
+        max_uses=defaults.max_uses if a.max_uses is None else render.parse_max_uses(a.max_uses),
+        lifespan_s=defaults.lifespan_s if a.lifespan is None else render.parse_lifespan(a.lifespan),
+        on_mismatch=a.on_mismatch,
+        enabled=not a.disabled,
+        description=a.description,
+    )
     raw = api.call("POST", "/v1/profiles", body)
     _show(raw, a, lambda r: _decode(r, wire.Profile).name)
 
@@ -164,8 +163,8 @@ def profile_rm(api: ApiClient, a: argparse.Namespace) -> None:
     _out(f"profile {a.name} removed (its keys no longer pair)")
 
 
-def _revoke_body(a: argparse.Namespace) -> dict[str, bool] | None:
-    return {"unpair": True} if a.unpair else None
+def _revoke_body(a: argparse.Namespace) -> wire.RevokeIn | None:
+    return wire.RevokeIn(unpair=True) if a.unpair else None
 
 
 def profile_revoke(api: ApiClient, a: argparse.Namespace) -> None:
@@ -179,11 +178,12 @@ def profile_revoke(api: ApiClient, a: argparse.Namespace) -> None:
 
 
 def key_issue(api: ApiClient, a: argparse.Namespace) -> None:
-    body: dict[str, Any] = {"profile": a.profile, "description": a.description}
-    if a.max_uses is not None:
-        body["max_uses"] = render.parse_max_uses(a.max_uses)
-    if a.lifespan is not None:
-        body["lifespan_s"] = render.parse_lifespan(a.lifespan)
+    body = wire.KeyIssueIn(
+        profile=a.profile,
+        max_uses=msgspec.UNSET if a.max_uses is None else render.parse_max_uses(a.max_uses),
+        lifespan_s=None if a.lifespan is None else render.parse_lifespan(a.lifespan),
+        description=a.description,
+    )
     raw = api.call("POST", "/v1/keys", body)
     _show(raw, a, lambda r: _decode(r, wire.KeyIssued).token)
 
@@ -311,7 +311,7 @@ def audit_list(api: ApiClient, a: argparse.Namespace) -> None:
 
 
 def activation_code(api: ApiClient, a: argparse.Namespace) -> None:
-    body = {"lifespan_s": render.parse_lifespan(a.lifespan)}
+    body = wire.ActivationCodeIn(lifespan_s=render.parse_lifespan(a.lifespan))
     raw = api.call("POST", "/v1/activation-codes", body)
     _show(raw, a, lambda r: _decode(r, wire.ActivationCode).code)
 

@@ -33,15 +33,15 @@ import json
 import os
 import shlex
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from segd.ctl.client import CtlError
 from segd.ctl.render import labels_text, parse_labels, table, when
+from segd.http import client as http
+from segd.orchestrator import wire as owire
 
 ENV_SERVER = "SEGD_ORCH_SERVER"
 ENV_TOKEN = "SEGD_ORCH_TOKEN"
@@ -106,45 +106,11 @@ def _read_token(path: Path, hint: str = "") -> str:
     return token
 
 
-class Client:
-    """One JSON request at a time over urllib; errors become `CtlError`."""
+class Client(http.Client):
+    """The orchestrator's admin API (`segd.http.client.Client`)."""
 
     def __init__(self, server: str, token: str, timeout: float = TIMEOUT_S) -> None:
-        self.server = server
-        self._token = token
-        self._timeout = timeout
-
-    def call(self, method: str, path: str, body: object = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.server + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self._token}")
-        req.add_header("Accept", "application/json")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
-                raw: bytes = resp.read()
-        except urllib.error.HTTPError as e:
-            raise CtlError(_http_error(e)) from None
-        except urllib.error.URLError as e:
-            reason = getattr(e.reason, "strerror", None) or str(e.reason)
-            raise CtlError(f"cannot reach the orchestrator at {self.server}: {reason}") from None
-        except (TimeoutError, OSError) as e:
-            raise CtlError(f"orchestrator at {self.server}: {e}") from None
-        if not raw:
-            return None
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise CtlError(f"orchestrator at {self.server} sent a malformed answer") from None
-
-
-def _http_error(e: urllib.error.HTTPError) -> str:
-    try:
-        doc = json.loads(e.read())
-        return str(doc["message"]).replace("\n", " ")
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"orchestrator answered HTTP {e.code} {e.reason}"
+        super().__init__(server, token, peer=http.ORCHESTRATOR, timeout=timeout)
 
 
 # ---- text ---------------------------------------------------------------------------
@@ -200,28 +166,28 @@ def profile_add(api: Client, a: argparse.Namespace) -> None:
         command = shlex.split(a.cmd) if a.cmd else []
     except ValueError as e:
         raise CtlError(f"--cmd: {e}", 2) from None
-    body = {
-        "name": a.name,
-        "image": a.image,
-        "pairing_key": _key(a.key),
-        "command": command,
-        "env": parse_env(a.env),
-        "networks": a.network,
-        "labels": parse_labels(a.labels),
-        "description": a.description,
-    }
-    p = api.call("POST", "/v1/orch/profiles", body)
+    body = owire.ProfileIn(
+        name=a.name,
+        image=a.image,
+        pairing_key=_key(a.key),
+        command=command,
+        env=parse_env(a.env),
+        networks=a.network,
+        labels=parse_labels(a.labels),
+        description=a.description,
+    )
+    p = api.json("POST", "/v1/orch/profiles", body)
     print(f"added container profile {p['name']} (key {p['pairing_key']})")
 
 
 def profile_set_key(api: Client, a: argparse.Namespace) -> None:
     ref = urllib.parse.quote(a.name, safe="")
-    p = api.call("PUT", f"/v1/orch/profiles/{ref}/key", {"pairing_key": _key(a.key)})
+    p = api.json("PUT", f"/v1/orch/profiles/{ref}/key", owire.KeyIn(pairing_key=_key(a.key)))
     print(f"container profile {p['name']} now starts containers with key {p['pairing_key']}")
 
 
 def profile_list(api: Client, a: argparse.Namespace) -> None:
-    items = api.call("GET", "/v1/orch/profiles")
+    items = api.json("GET", "/v1/orch/profiles")
     if a.json:
         return _print_json(items)
     rows = [
@@ -240,7 +206,7 @@ def profile_list(api: Client, a: argparse.Namespace) -> None:
 
 
 def profile_rm(api: Client, a: argparse.Namespace) -> None:
-    api.call("DELETE", "/v1/orch/profiles/" + urllib.parse.quote(a.name, safe=""))
+    api.json("DELETE", "/v1/orch/profiles/" + urllib.parse.quote(a.name, safe=""))
     print(f"removed container profile {a.name}")
 
 
@@ -248,19 +214,19 @@ def node_add(api: Client, a: argparse.Namespace) -> None:
     def path(p: str) -> str:
         return str(Path(p).resolve()) if p else ""
 
-    body = {
-        "name": a.name,
-        "endpoint": a.endpoint,
-        "tls_cert": path(a.tls_cert),
-        "tls_key": path(a.tls_key),
-        "tls_ca": path(a.tls_ca),
-    }
-    n = api.call("POST", "/v1/orch/nodes", body)
+    body = owire.NodeIn(
+        name=a.name,
+        endpoint=a.endpoint,
+        tls_cert=path(a.tls_cert),
+        tls_key=path(a.tls_key),
+        tls_ca=path(a.tls_ca),
+    )
+    n = api.json("POST", "/v1/orch/nodes", body)
     print(f"added node {n['name']} ({n['endpoint']})")
 
 
 def node_list(api: Client, a: argparse.Namespace) -> None:
-    items = api.call("GET", "/v1/orch/nodes")
+    items = api.json("GET", "/v1/orch/nodes")
     if a.json:
         return _print_json(items)
     rows = [
@@ -270,15 +236,13 @@ def node_list(api: Client, a: argparse.Namespace) -> None:
 
 
 def node_rm(api: Client, a: argparse.Namespace) -> None:
-    api.call("DELETE", "/v1/orch/nodes/" + urllib.parse.quote(a.name, safe=""))
+    api.json("DELETE", "/v1/orch/nodes/" + urllib.parse.quote(a.name, safe=""))
     print(f"removed node {a.name}")
 
 
 def run(api: Client, a: argparse.Namespace) -> None:
-    body: dict[str, object] = {"profile": a.profile, "count": a.count}
-    if a.node:
-        body["node"] = a.node
-    items = api.call("POST", "/v1/orch/run", body)
+    body = owire.RunIn(profile=a.profile, node=a.node or None, count=a.count)
+    items = api.json("POST", "/v1/orch/run", body)
     if a.json:
         return _print_json(items)
     print(_containers(items))
@@ -288,21 +252,21 @@ def ps(api: Client, a: argparse.Namespace) -> None:
     path = "/v1/orch/containers"
     if a.node:
         path += "?" + urllib.parse.urlencode({"node": a.node})
-    items = api.call("GET", path)
+    items = api.json("GET", path)
     if a.json:
         return _print_json(items)
     print(_containers(items))
 
 
 def rm(api: Client, a: argparse.Namespace) -> None:
-    r = api.call("DELETE", "/v1/orch/containers/" + urllib.parse.quote(a.container, safe=""))
+    r = api.json("DELETE", "/v1/orch/containers/" + urllib.parse.quote(a.container, safe=""))
     note = " (it was already gone from the node)" if r["was_gone"] else ""
     print(f"removed {r['id'][:12]} ({r['name']}) on {r['node']}{note}")
 
 
 def change(api: Client, a: argparse.Namespace) -> None:
     ref = urllib.parse.quote(a.container, safe="")
-    r = api.call("POST", f"/v1/orch/containers/{ref}/change", {"profile": a.profile})
+    r = api.json("POST", f"/v1/orch/containers/{ref}/change", owire.ChangeIn(profile=a.profile))
     if a.json:
         return _print_json(r)
     print(f"replaced {r['old'][:12]} with:")

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from segd.ctl.client import CtlError
+from segd.policy import Selectors
 
 _LIFESPAN_RE = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -60,7 +61,7 @@ def parse_labels(text: str) -> dict[str, str]:
     return out
 
 
-def parse_selectors(texts: Sequence[str]) -> list[dict[str, str]] | str:
+def parse_selectors(texts: Sequence[str]) -> Selectors:
     """Repeated `--provider`/`--consumer` values: label sets, or `any` alone."""
     items = [t.strip() for t in texts]
     if "any" in items:

@@ -11,49 +11,34 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from segd import __version__, log, sdnotify
 from segd.config import OrchestratorConfig
-from segd.errors import SegdError
-from segd.listener import ListenerRunner, ListenerSite
-from segd.orchestrator import wire
-from segd.orchestrator.api import OrchestratorAPI, TokenCheck, error_response, json_response
+from segd.http.routes import Call, Route, application
+from segd.http.runner import Runner
+from segd.orchestrator.api import OrchestratorAPI, TokenCheck
 from segd.orchestrator.service import Orchestrator
 from segd.ratelimit import TokenBuckets
-from segd.tls import listener_context
+from segd.wire import Health
 
 SHUTDOWN_TIMEOUT_S = 10.0  # how long in-flight requests may finish on stop
 API_KEY = web.AppKey("orchestrator_api", OrchestratorAPI)
 
 _log = log.get(__name__)
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
-
-
-@web.middleware
-async def _json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp's own errors (unknown route, wrong method) as `{error, message}`."""
-    try:
-        return await handler(request)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        code = _HTTP_CODES.get(e.status, "http_error")
-        return error_response(SegdError(e.reason, code=code, status=e.status))
-
 
 def limiter_of(cfg: OrchestratorConfig) -> TokenBuckets:
     return TokenBuckets(cfg.rate_limit_per_s, cfg.rate_limit_burst)
 
 
-async def _health(request: web.Request) -> web.Response:
-    return json_response(wire.Health(status="ok", version=__version__))
+async def _health(c: Call[Orchestrator]) -> Health:
+    return Health(status="ok", version=__version__)
+
+
+HEALTH = Route("GET", "/v1/health", _health, "Liveness", auth="none", response=Health)
 
 
 def add_routes(
@@ -83,7 +68,7 @@ def build_app(
     Without `orch`, the application opens one from `cfg` on startup and closes
     it on cleanup (after in-flight requests are drained).
     """
-    app = web.Application(middlewares=[_json_errors], client_max_size=cfg.max_body_bytes)
+    app = application(cfg.max_body_bytes)
     api = add_routes(
         app,
         orch,
@@ -92,7 +77,7 @@ def build_app(
         limiter=limiter_of(cfg),
     )
     app[API_KEY] = api
-    app.router.add_get("/v1/health", api.public(_health))
+    app.router.add_get("/v1/health", api.public(HEALTH))
     if orch is None:
 
         async def owned(app: web.Application) -> AsyncIterator[None]:
@@ -122,38 +107,33 @@ class OrchestratorServer:
         self._shutdown_timeout = shutdown_timeout
         self.orch = orch
         self._owns_orch = orch is None
-        self._runner: ListenerRunner | None = None
+        self._runner: Runner | None = None
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
         """Bound (host, port) pairs; useful with port 0."""
-        if self._runner is None:
-            return []
-        return [(str(a[0]), int(a[1])) for a in self._runner.addresses]
+        return [] if self._runner is None else self._runner.addresses
 
     async def start(self) -> None:
-        try:
-            ctx = listener_context(self.cfg.tls)
-        except (OSError, ssl.SSLError) as e:
-            raise SegdError(f"cannot load the listener's TLS files: {e}") from None
         if self.orch is None:
             self.orch = await Orchestrator.open(self.cfg)
-        app = build_app(self.cfg, self.orch)
-        runner = ListenerRunner(app, self.cfg.connections, shutdown_timeout=self._shutdown_timeout)
+        runner = Runner(
+            build_app(self.cfg, self.orch),
+            listen=self.cfg.listen,
+            limits=self.cfg.connections,
+            tls=self.cfg.tls,
+            shutdown_timeout=self._shutdown_timeout,
+        )
+        self._runner = runner
         try:
-            await runner.setup()
-            self._runner = runner
-            await ListenerSite(runner, self.cfg.listen, ssl_context=ctx).start()
-        except OSError as e:
-            await self.stop()
-            raise SegdError(f"cannot listen on {self.cfg.listen}: {e.strerror or e}") from None
+            await runner.start()
         except BaseException:
             await self.stop()
             raise
         _log.info(
             "orchestrator.listening",
             listen=self.cfg.listen,
-            tls=ctx is not None,
+            tls=runner.tls,
             data_dir=self.cfg.data_dir,
         )
 
@@ -162,7 +142,7 @@ class OrchestratorServer:
         try:
             if self._runner is not None:
                 runner, self._runner = self._runner, None
-                await runner.cleanup()
+                await runner.stop()
         finally:
             if self._owns_orch and self.orch is not None:
                 orch, self.orch = self.orch, None

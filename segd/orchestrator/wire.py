@@ -116,8 +116,3 @@ class Removed(msgspec.Struct, frozen=True):
 class Changed(msgspec.Struct, frozen=True):
     old: str  # the removed container's id
     new: Container
-
-
-class Health(msgspec.Struct, frozen=True):
-    status: str
-    version: str

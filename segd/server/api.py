@@ -1,35 +1,31 @@
 """The REST API: one route table drives the handlers, the auth and the OpenAPI doc.
 
 Each route names who may call it (`none`, `admin` by bearer token, `agent` by
-signed request), the msgspec type of its body and of its answer. A single
-adapter reads the body (size-limited), authenticates, decodes strictly and
-encodes the answer; handlers are one-liners into `Service` and `agents`. A
-request on a `none` route, or with refused credentials, is charged to its
-source's rate limit first (`guard`).
+signed request), the msgspec type of its body and of its answer. The HTTP
+kit's adapter (`segd.http.routes`) runs `authenticate`, reads the body
+(size-limited), decodes strictly and encodes the answer; handlers are
+one-liners into `Service` and `agents`. A request on a `none` route, or with
+refused credentials, is charged to its source's rate limit first (`guard`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any
 
-import msgspec
 from aiohttp import web
 
 import segd
 from segd import crypto, wire
-from segd.errors import Forbidden, InvalidInput, RateLimited, Unauthorized, Unavailable
+from segd.errors import Forbidden, Unauthorized, Unavailable
+from segd.http import routes
+from segd.http.params import float_param, int_param
+from segd.http.routes import Body, Param
 from segd.ratelimit import source_of
 from segd.server import agents
 from segd.server.auth import NonceCache, require_admin, verify_agent
-from segd.server.guard import too_many
-from segd.server.http import expect_handler, float_param, int_param, json_response, read_body
 from segd.server.refusals import clip
 from segd.server.service import Service
-
-T = TypeVar("T")
-Auth = Literal["none", "admin", "agent"]
 
 
 class Runtime:
@@ -46,51 +42,25 @@ MAX_AUDIT = 1000
 
 
 @dataclasses.dataclass(frozen=True)
-class Call:
-    """One authenticated, decoded request as a handler sees it."""
+class Caller:
+    """Who called, as the authenticate hook found: the service, the calling
+    agent's host id ("" when not an agent route), the rate-limited source of
+    the request (`ratelimit.source_of`; worked out only where charged)."""
 
-    request: web.Request
     svc: Service
-    body: object
-    host_id: str  # the calling agent's host id ("" when not an agent route)
-    source: str = ""  # the rate-limited source of the request (`ratelimit.source_of`)
-
-    def body_as(self, t: type[T]) -> T:
-        assert isinstance(self.body, t)
-        return self.body
-
-    def arg(self, name: str) -> str:
-        return self.request.match_info[name]
+    host_id: str = ""
+    source: str = ""
 
 
-Handler = Callable[[Call], Awaitable[Any]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Param:
-    name: str
-    type: Literal["integer", "number", "string"]
-    description: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    auth: Auth = "admin"
-    body: type | None = None
-    response: Any = None  # a msgspec-describable type, or None for 204
-    status: int = 200
-    query: tuple[Param, ...] = ()
+Call = routes.Call[Caller]
+Route = routes.Route[Caller]
 
 
 # ---- handlers -----------------------------------------------------------------------
 
 
 async def health(c: Call) -> wire.Health:
-    return wire.Health(status="ok", version=segd.__version__, key_id=c.svc.pub.key_id)
+    return wire.Health(status="ok", version=segd.__version__, key_id=c.ctx.svc.pub.key_id)
 
 
 async def openapi(c: Call) -> web.Response:
@@ -98,101 +68,101 @@ async def openapi(c: Call) -> web.Response:
 
 
 async def add_rule(c: Call) -> wire.Rule:
-    return await c.svc.add_rule(c.body_as(wire.RuleIn))
+    return await c.ctx.svc.add_rule(c.body_as(wire.RuleIn))
 
 
 async def list_rules(c: Call) -> list[wire.Rule]:
-    return await c.svc.store.rules()
+    return await c.ctx.svc.store.rules()
 
 
 async def delete_rule(c: Call) -> None:
-    await c.svc.delete_rule(c.arg("id"))
+    await c.ctx.svc.delete_rule(c.arg("id"))
 
 
 async def add_profile(c: Call) -> wire.Profile:
-    return await c.svc.add_profile(c.body_as(wire.ProfileIn))
+    return await c.ctx.svc.add_profile(c.body_as(wire.ProfileIn))
 
 
 async def list_profiles(c: Call) -> list[wire.Profile]:
-    return await c.svc.store.profiles()
+    return await c.ctx.svc.store.profiles()
 
 
 async def delete_profile(c: Call) -> None:
-    await c.svc.delete_profile(c.arg("name"))
+    await c.ctx.svc.delete_profile(c.arg("name"))
 
 
 async def revoke_profile(c: Call) -> list[wire.PairingKey]:
-    return await c.svc.revoke_profile(c.arg("name"), unpair=c.body_as(wire.RevokeIn).unpair)
+    return await c.ctx.svc.revoke_profile(c.arg("name"), unpair=c.body_as(wire.RevokeIn).unpair)
 
 
 async def issue_key(c: Call) -> wire.KeyIssued:
-    return await c.svc.issue_key(c.body_as(wire.KeyIssueIn))
+    return await c.ctx.svc.issue_key(c.body_as(wire.KeyIssueIn))
 
 
 async def list_keys(c: Call) -> list[wire.PairingKey]:
-    return await c.svc.list_keys(c.request.query.get("profile"))
+    return await c.ctx.svc.list_keys(c.request.query.get("profile"))
 
 
 async def revoke_key(c: Call) -> wire.PairingKey:
-    return await c.svc.revoke_key(c.arg("key_id"), unpair=c.body_as(wire.RevokeIn).unpair)
+    return await c.ctx.svc.revoke_key(c.arg("key_id"), unpair=c.body_as(wire.RevokeIn).unpair)
 
 
 async def list_workloads(c: Call) -> list[wire.Workload]:
-    return await c.svc.store.workloads(c.request.query.get("host"))
+    return await c.ctx.svc.store.workloads(c.request.query.get("host"))
 
 
 async def unpair_workload(c: Call) -> None:
-    await c.svc.unpair_workload(c.arg("id"))
+    await c.ctx.svc.unpair_workload(c.arg("id"))
 
 
 async def list_hosts(c: Call) -> list[wire.Host]:
-    return await c.svc.store.hosts()
+    return await c.ctx.svc.store.hosts()
 
 
 async def revoke_host(c: Call) -> wire.Host:
-    return await c.svc.revoke_host(c.arg("id"))
+    return await c.ctx.svc.revoke_host(c.arg("id"))
 
 
 async def list_audit(c: Call) -> list[wire.AuditEntry]:
     limit = int_param(c.request, "limit", 100, 1, MAX_AUDIT)
     after = int_param(c.request, "after", 0, 0, 2**62) if "after" in c.request.query else None
-    return await c.svc.store.audit(limit, after)
+    return await c.ctx.svc.store.audit(limit, after)
 
 
 async def new_activation_code(c: Call) -> wire.ActivationCode:
-    return await c.svc.new_activation_code(c.body_as(wire.ActivationCodeIn))
+    return await c.ctx.svc.new_activation_code(c.body_as(wire.ActivationCodeIn))
 
 
 async def rotate_admin_token(c: Call) -> wire.AdminToken:
-    return await c.svc.rotate_admin_token()
+    return await c.ctx.svc.rotate_admin_token()
 
 
 async def register(c: Call) -> wire.Registered:
-    return await c.svc.register(c.body_as(wire.RegisterIn), c.source)
+    return await c.ctx.svc.register(c.body_as(wire.RegisterIn), c.ctx.source)
 
 
 async def pair(c: Call) -> web.Response:
-    body = await agents.pair(c.svc, c.host_id, c.body_as(wire.PairIn))
+    body = await agents.pair(c.ctx.svc, c.ctx.host_id, c.body_as(wire.PairIn))
     return web.Response(body=body, content_type="application/json")
 
 
 async def unpair(c: Call) -> None:
-    await agents.unpair(c.svc, c.host_id, c.body_as(wire.UnpairIn))
+    await agents.unpair(c.ctx.svc, c.ctx.host_id, c.body_as(wire.UnpairIn))
 
 
 async def instructions(c: Call) -> web.Response | None:
     since = int_param(c.request, "since", 0, 0, 2**62)
-    wait = float_param(c.request, "wait", 0.0, 0.0, c.svc.cfg.longpoll_timeout_s)
-    body = await agents.instructions(c.svc, c.host_id, since, wait)
+    wait = float_param(c.request, "wait", 0.0, 0.0, c.ctx.svc.cfg.longpoll_timeout_s)
+    body = await agents.instructions(c.ctx.svc, c.ctx.host_id, since, wait)
     return None if body is None else web.Response(body=body, content_type="application/json")
 
 
 async def report(c: Call) -> None:
-    await agents.report(c.svc, c.host_id, c.body_as(wire.AgentReport))
+    await agents.report(c.ctx.svc, c.ctx.host_id, c.body_as(wire.AgentReport))
 
 
 async def sidecars(c: Call) -> None:
-    await agents.sidecars(c.svc, c.host_id, c.body_as(wire.SidecarsIn))
+    await agents.sidecars(c.ctx.svc, c.ctx.host_id, c.body_as(wire.SidecarsIn))
 
 
 _LIMIT = Param("limit", "integer", f"how many entries (1-{MAX_AUDIT}, default 100)")
@@ -263,57 +233,34 @@ ROUTES: tuple[Route, ...] = (
 # ---- wiring -------------------------------------------------------------------------
 
 
-def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    decoder: msgspec.json.Decoder[Any] | None = (
-        msgspec.json.Decoder(route.body) if route.body is not None else None
-    )
-    allowed = frozenset(p.name for p in route.query)
+async def authenticate(request: web.Request, route: Route, body: Body) -> Caller:
+    """Charge a `none` route to its source; check an admin token before the body
+    is read, an agent's signature over it; refused credentials are charged too."""
+    rt = request.app[RUNTIME]
+    if rt.svc is None or rt.nonces is None:
+        raise Unavailable("server is starting or stopping")
+    svc = rt.svc
     what = f"{route.method} {route.path}"  # a refusal's sample
-
-    async def handle(request: web.Request) -> web.StreamResponse:
+    if route.auth == "none":
+        source = source_of(request.remote)
+        svc.guard.admit(source, what, svc.clock())
+        return Caller(svc, source=source)
+    if route.auth == "admin":
         try:
-            return await authenticated(request)
-        except RateLimited as e:
-            return await too_many(e)
-
-    async def authenticated(request: web.Request) -> web.StreamResponse:
-        rt = request.app[RUNTIME]
-        if rt.svc is None or rt.nonces is None:
-            raise Unavailable("server is starting or stopping")
-        svc = rt.svc
-        source = ""  # worked out only where charged: most requests never are
-        if route.auth == "none":
-            source = source_of(request.remote)
-            svc.guard.admit(source, what, svc.clock())
-        unknown = sorted(set(request.query) - allowed)
-        if unknown:  # a typo must not silently mean the default
-            raise InvalidInput(f"unknown query parameter {unknown[0]!r}")
-        host_id = ""
-        if route.auth == "admin":
-            try:
-                require_admin(svc, request)
-            except Unauthorized as e:
-                sample = f"{what} (admin token)"
-                raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
-        raw = await read_body(request)
-        if route.auth == "agent":
-            try:
-                host_id = await verify_agent(svc, rt.nonces, request, raw)
-            except (Unauthorized, Forbidden) as e:
-                sample = f"{what} as host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
-                raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
-            await agents.touch(svc, host_id)
-        body = decoder.decode(raw.strip() or b"{}") if decoder is not None else None
-        result = await route.handler(Call(request, svc, body, host_id, source))
-        if isinstance(result, web.StreamResponse):
-            return result
-        if result is None:
-            return web.Response(status=204)
-        return json_response(result, route.status)
-
-    return handle
+            require_admin(svc, request)
+        except Unauthorized as e:
+            sample = f"{what} (admin token)"
+            raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
+        return Caller(svc)
+    raw = await body.raw()
+    try:
+        host_id = await verify_agent(svc, rt.nonces, request, raw)
+    except (Unauthorized, Forbidden) as e:
+        sample = f"{what} as host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
+        raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
+    await agents.touch(svc, host_id)
+    return Caller(svc, host_id=host_id)
 
 
 def add_routes(app: web.Application) -> None:
-    for r in ROUTES:
-        app.router.add_route(r.method, r.path, _adapt(r), expect_handler=expect_handler)
+    app.router.add_routes(routes.route_defs(ROUTES, authenticate))

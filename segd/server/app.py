@@ -4,7 +4,7 @@
 (store, keys, compiler) on start and closes it on cleanup; tests and the
 all-in-one mode run it in-process. `ServerRunner` listens on the configured
 address (TLS when configured) with the `[server.connections]` limits
-(segd.listener); `run_server` runs until SIGTERM/SIGINT, a stop
+(segd.http.listener); `run_server` runs until SIGTERM/SIGINT, a stop
 event or cancellation, then stops accepting, releases long-polls, drains
 in-flight requests for up to `shutdown_timeout` seconds and closes the store.
 """
@@ -23,13 +23,12 @@ from aiohttp import web
 from segd import log, sdnotify
 from segd.config import ServerConfig
 from segd.errors import SegdError
-from segd.listener import ListenerRunner, ListenerSite
+from segd.http.routes import application
+from segd.http.runner import Runner
 from segd.server import housekeeping, openapi
 from segd.server.api import OPENAPI, ROUTES, RUNTIME, Runtime, add_routes
 from segd.server.auth import NonceCache
-from segd.server.http import error_middleware
 from segd.server.service import Clock, Service
-from segd.tls import listener_context
 
 _log = log.get("segd.server")
 
@@ -46,7 +45,7 @@ def service_of(app: web.Application) -> Service:
 
 def build_app(cfg: ServerConfig, *, clock: Clock = time.time) -> web.Application:
     holder = Runtime()
-    app = web.Application(client_max_size=cfg.max_body_bytes, middlewares=[error_middleware])
+    app = application(cfg.max_body_bytes)
     app[RUNTIME] = holder
     app[OPENAPI] = openapi.document(ROUTES)
     add_routes(app)
@@ -78,7 +77,7 @@ def build_app(cfg: ServerConfig, *, clock: Clock = time.time) -> web.Application
 
 
 class ServerRunner:
-    """The server app on a TCP listener: `await start()`, then `await stop()`."""
+    """The server app on its listener: `await start()`, then `await stop()`."""
 
     def __init__(
         self,
@@ -90,8 +89,14 @@ class ServerRunner:
     ) -> None:
         self.cfg = cfg
         self.app = build_app(cfg, clock=clock)
-        self._sock = sock
-        self._runner = ListenerRunner(self.app, cfg.connections, shutdown_timeout=shutdown_timeout)
+        self._runner = Runner(
+            self.app,
+            listen=cfg.listen,
+            limits=cfg.connections,
+            tls=cfg.tls,
+            sock=sock,
+            shutdown_timeout=shutdown_timeout,
+        )
         self.url = ""
 
     @property
@@ -99,30 +104,16 @@ class ServerRunner:
         return service_of(self.app)
 
     async def start(self) -> None:
-        await self._runner.setup()
-        ctx = listener_context(self.cfg.tls)
-        site = ListenerSite(self._runner, self.cfg.listen, sock=self._sock, ssl_context=ctx)
-        try:
-            await site.start()
-        except BaseException:
-            await self._runner.cleanup()
-            raise
-        host, port = _bound(self._runner)
-        scheme = "https" if ctx else "http"
-        self.url = f"{scheme}://{host}:{port}"
+        await self._runner.start()
+        if not self._runner.url:
+            await self._runner.stop()
+            raise RuntimeError("server is not listening on TCP")
+        self.url = self._runner.url
         _log.info("server.listening", url=self.url, data_dir=self.cfg.data_dir)
 
     async def stop(self) -> None:
         _log.info("server.stopping")
-        await self._runner.cleanup()
-
-
-def _bound(runner: ListenerRunner) -> tuple[str, int]:
-    for addr in runner.addresses:
-        if isinstance(addr, tuple) and len(addr) >= 2:
-            host = str(addr[0])
-            return (f"[{host}]" if ":" in host else host), int(addr[1])
-    raise RuntimeError("server is not listening on TCP")
+        await self._runner.stop()
 
 
 async def run_server(

@@ -4,7 +4,7 @@ Requests on routes that need no credentials are charged to their source's
 token bucket before anything else; so are requests whose admin token or agent
 signature is refused (a request with good credentials is never charged nor
 limited). Beyond the bucket the answer is 429 with `Retry-After`, held back
-for `ratelimit.HOLD_S`.
+for `ratelimit.HOLD_S` (`segd.http.errors`).
 
 Every such refusal is noted in `Refusals`: a refused registration is audited
 in full when it is the first of its source's window (`Service.register`), the
@@ -14,15 +14,10 @@ by `flush` from the server's housekeeping task and at shutdown.
 
 from __future__ import annotations
 
-import asyncio
-
-from aiohttp import web
-
 from segd import log
 from segd.config import ServerConfig
 from segd.errors import RateLimited, SegdError
-from segd.ratelimit import HOLD_S, TokenBuckets
-from segd.server.http import error_response
+from segd.ratelimit import TokenBuckets
 from segd.server.refusals import Refusals, Summary
 from segd.server.store import Store
 
@@ -78,11 +73,3 @@ def _log_summary(s: Summary) -> None:
         last=s.last,
         sample=s.sample,
     )
-
-
-async def too_many(e: RateLimited) -> web.Response:
-    """The 429 answer, once held back: `{error, message}` and `Retry-After`."""
-    await asyncio.sleep(HOLD_S)
-    resp = error_response(e.status, e.code, e.message)
-    resp.headers["Retry-After"] = str(e.retry_after)
-    return resp

@@ -26,8 +26,8 @@ from aiohttp.test_utils import TestClient, TestServer, get_port_socket
 
 from segd import crypto, wire
 from segd.config import ADMIN_TOKEN_FILE, ConnectionLimits, ServerConfig
-from segd.connections import gate
-from segd.listener import ListenerRunner
+from segd.http.connections import gate
+from segd.http.listener import ListenerRunner
 from segd.server.app import ServerRunner, build_app, service_of
 from segd.server.service import Service
 
@@ -213,7 +213,7 @@ def server_cfg(tmp_path: Path) -> ServerConfig:
 
 
 class ListenerTestServer(TestServer):
-    """An app behind segd's own listener (segd.listener), as in production."""
+    """An app behind segd's own listener (segd.http.listener), as in production."""
 
     def __init__(self, app: web.Application, limits: ConnectionLimits) -> None:
         self.limits = limits

@@ -1,4 +1,4 @@
-"""The server's listener (segd.listener) in process, with short limits: silent,
+"""The server's listener (segd.http.listener) in process, with short limits: silent,
 dripping and idle connections are closed on time, requests in progress are not,
 and beyond `max_open` the longest idle connection makes room or a newcomer is
 refused with a JSON 503."""

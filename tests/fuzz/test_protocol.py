@@ -314,12 +314,12 @@ async def test_the_proposed_expect_handler_answers_json(aiohttp_client: AiohttpC
     100-continue still honoured."""
     from aiohttp import web
 
-    from segd.server.http import error_middleware, expect_handler
+    from segd.http.errors import expect_handler, middleware
 
     async def ok(request: web.Request) -> web.Response:
         return web.json_response({"body": (await request.read()).decode()})
 
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[middleware])
     app.router.add_route("POST", "/x", ok, expect_handler=expect_handler)
     client = await aiohttp_client(app)
     srv = client.server

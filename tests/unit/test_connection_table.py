@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from segd.connections import ConnectionTable
+from segd.http.connections import ConnectionTable
 
 
 def test_below_the_limit_nothing_is_closed() -> None:

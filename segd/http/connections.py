@@ -12,7 +12,7 @@ whose request is being handled. When there is none, the newcomer gets a 503
 event loop that owns its transport sees the end and closes it.
 
 `ConnectionTable` is the bookkeeping and pure; `Guard` applies it to sockets;
-`segd.listener` tells it what each connection is doing.
+`segd.http.listener` tells it what each connection is doing.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import msgspec
 from segd import log, wire
 from segd.config import ConnectionLimits
 
-_log = log.get("segd.listener")
+_log = log.get("segd.http.listener")
 
 FD_RESERVE = 256  # open files kept for the store, logs, subprocesses and accept bursts
 REFUSALS_PER_WAKEUP = 64  # refused in one go before the event loop runs again

@@ -22,10 +22,10 @@ accepted. Every segd listener (server, orchestrator, all-in-one) runs through
 - What aiohttp's parser refuses before segd sees it (a malformed request
   line, headers too long, conflicting framing) is answered as `{"error",
   "message"}` too. aiohttp leaves bodies encoded and segd decodes them
-  (`segd.server.http.decoded`); an encoding other than gzip, deflate or
+  (`segd.http.body.decoded`); an encoding other than gzip, deflate or
   identity is refused with 415, whatever decoders are installed.
 
-Which connections are kept, and which one makes room, is `segd.connections`;
+Which connections are kept, and which one makes room, is `segd.http.connections`;
 this module tells it what each connection is doing.
 """
 
@@ -46,10 +46,11 @@ from aiohttp.streams import StreamReader
 
 from segd import log
 from segd.config import ConnectionLimits, parse_listen
-from segd.connections import Guard, gate
-from segd.server.http import ENCODED_BODY, error_response
+from segd.http.body import ENCODED_BODY
+from segd.http.connections import Guard, gate
+from segd.http.errors import error_response
 
-_log = log.get("segd.listener")
+_log = log.get("segd.http.listener")
 
 BACKLOG = 128
 ENCODINGS = frozenset({"", "identity", "gzip", "deflate"})
@@ -65,7 +66,7 @@ class _Handler(web.RequestHandler):
             loop=loop,
             keepalive_timeout=limits.idle_timeout_s,
             access_log=None,  # type: ignore[arg-type]  # aiohttp takes None: no access log
-            auto_decompress=False,  # segd decodes (segd.server.http.decoded), within its limits
+            auto_decompress=False,  # segd decodes (segd.http.body.decoded), within its limits
         )
         self._guard = manager.guard
         self._fd = -1
