@@ -15,6 +15,7 @@ from typing import Literal
 
 import msgspec
 
+from segd import contract
 from segd.errors import InvalidInput
 from segd.policy import DEFAULT_DIMENSIONS, validate_dimensions
 
@@ -30,7 +31,6 @@ DEFAULT_RATE_LIMIT_PER_S = 10.0
 DEFAULT_RATE_LIMIT_BURST = 100
 
 # What the server takes as an agent's hostname (segd.server.validate.HOSTNAME_RE).
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
 _LISTEN_RE = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 
 
@@ -170,7 +170,7 @@ class AgentConfig(_Strict):
         if not self.server.startswith(("http://", "https://")):
             raise ValueError("server: must be an http:// or https:// URL")
         _check_path("state_dir", self.state_dir, required=True)
-        if self.hostname and not _HOSTNAME_RE.match(self.hostname):
+        if self.hostname and not contract.HOSTNAME_RE.match(self.hostname):
             raise ValueError(
                 "hostname: use letters, digits, '_', '.', '-', starting with a letter or digit, "
                 "max 253 (the server refuses anything else)"
@@ -205,7 +205,7 @@ class OrchestratorConfig(_Strict):
         except InvalidInput as e:
             raise ValueError(f"dimensions: {e.message}") from None
         for k in self.container_labels:
-            if not k or k.startswith(("segd.pairing-key", "segd.label.", "segd.orch.")):
+            if not k or contract.is_reserved(k):
                 raise ValueError(f"container_labels: {k!r} is empty or reserved")
 
 

@@ -2,9 +2,8 @@
 
 Agent requests are signed over a canonical string of method, path (with query),
 timestamp, nonce and the SHA-256 of the body. Instructions are signed as raw
-JSON bytes. Key and token files are written 0600 through a new temporary file
-(O_EXCL, O_NOFOLLOW), renamed into place with the directory fsynced, and never
-logged.
+JSON bytes. Key files are written through `segd.files` (0600, durable, never
+through a link) and never logged.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from pathlib import Path
 import nacl.exceptions
 import nacl.signing
 
+from segd import files
 from segd.errors import InvalidInput
 
 HDR_AGENT = "X-Segd-Host"
@@ -59,7 +59,7 @@ def load_or_create_signing_key(path: Path) -> nacl.signing.SigningKey:
     seed = _read_seed(path)
     if seed is None:
         key = nacl.signing.SigningKey.generate()
-        if create_file(path, bytes(key)):
+        if files.create_file(path, bytes(key)):
             return key
         seed = _read_seed(path)  # made by someone else meanwhile
         if seed is None:
@@ -81,66 +81,6 @@ def _read_seed(path: Path) -> bytes | None:
     if len(seed) != 32:
         raise InvalidInput(f"{path}: signing key file is corrupt ({len(seed)} bytes, want 32)")
     return seed
-
-
-def write_secret(path: Path, text: str) -> None:
-    """Write a small secret file 0600, atomically and durably."""
-    write_atomic(path, text.encode(), 0o600)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` by a file holding `data`: written to a new temporary file
-    (never one that exists, never through a symbolic link), fsynced, renamed over
-    `path`, and the directory fsynced so the rename survives a power cut."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_file(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def create_file(path: Path, data: bytes, mode: int = 0o600) -> bool:
-    """Create `path` holding `data` unless something exists there (it is never
-    replaced); durably. True when this call created it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_file(path, data, mode)
-    try:
-        os.link(tmp, path, follow_symlinks=False)
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
-    return True
-
-
-def _new_file(path: Path, data: bytes, mode: int) -> Path:
-    """A new temporary file next to `path` holding `data`, fsynced."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    return tmp
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def verify_key_from_b64(text: str) -> nacl.signing.VerifyKey:

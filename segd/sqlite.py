@@ -9,12 +9,11 @@ own transaction.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
 
+from segd import files
 from segd.errors import Conflict, Unavailable
 
 PRAGMAS = (
@@ -27,12 +26,9 @@ PRAGMAS = (
 def lock_data_dir(db: Path, daemon: str) -> int:
     """Take `<db>.lock` exclusively; Conflict when another daemon holds it."""
     path = db.with_name(db.name + ".lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise Conflict(f"another segd {daemon} is using {path.parent}") from None
+    fd = files.try_lock(path)
+    if fd is None:
+        raise Conflict(f"another segd {daemon} is using {path.parent}")
     return fd
 
 

@@ -19,13 +19,10 @@ import aiohttp
 import msgspec
 from aiodocker.events import DockerEvents
 
-from segd import log
+from segd import contract, log
 from segd.agent.events import DockerEvent, from_docker
 from segd.agent.retry import Backoff
 from segd.agent.sharing import joined
-
-KEY_LABEL = "segd.pairing-key"
-LABEL_PREFIX = "segd.label."
 
 _log = log.get(__name__)
 
@@ -81,19 +78,15 @@ def parse_container(data: Mapping[str, Any]) -> ContainerInfo | None:
     net_mode = str(host_config.get("NetworkMode") or "")
     settings = data.get("NetworkSettings") or {}
     ips, per_net = _ips(settings.get("Networks") or {})
-    requested = {
-        k[len(LABEL_PREFIX) :]: v
-        for k, v in labels.items()
-        if k.startswith(LABEL_PREFIX) and isinstance(v, str)
-    }
+    requested = contract.requested_labels(labels)
     return ContainerInfo(
         id=str(data["Id"]),
         name=str(data.get("Name") or "").lstrip("/"),
         pid=pid,
         ips=ips,
         networks=per_net,
-        pairing_key=str(labels.get(KEY_LABEL) or "").strip(),
-        requested_labels=dict(sorted(requested.items())),
+        pairing_key=contract.pairing_key(labels),
+        requested_labels=requested,
         host_network=net_mode == "host",
         network_mode=net_mode,
     )

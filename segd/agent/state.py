@@ -13,7 +13,7 @@ from pathlib import Path
 import msgspec
 import nacl.signing
 
-from segd import crypto
+from segd import crypto, files
 from segd.errors import InvalidInput
 from segd.wire import Instructions, SignedInstructions
 
@@ -76,7 +76,7 @@ class StateDir:
             raise InvalidInput(f"{p}: corrupt agent identity: {e}") from None
 
     def save_identity(self, ident: Identity) -> None:
-        crypto.write_atomic(self.path / "identity.json", msgspec.json.encode(ident))
+        files.write_atomic(self.path / "identity.json", msgspec.json.encode(ident))
 
     def load_instructions(self, ident: Identity) -> tuple[SignedInstructions, Instructions] | None:
         """The last verified instructions, or None (absent or failing verification)."""
@@ -93,4 +93,4 @@ class StateDir:
             return None
 
     def save_instructions(self, signed: SignedInstructions) -> None:
-        crypto.write_atomic(self.path / "instructions.json", msgspec.json.encode(signed))
+        files.write_atomic(self.path / "instructions.json", msgspec.json.encode(signed))

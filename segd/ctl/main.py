@@ -24,7 +24,7 @@ from typing import Any, NoReturn, TypeVar
 
 import msgspec
 
-from segd import crypto, wire
+from segd import files, wire
 from segd.ctl import render
 from segd.ctl.client import (
     ENV_CA,
@@ -336,7 +336,7 @@ def _keep_token(path: Path | None, new: wire.AdminToken) -> Path | None:
         return None
     try:
         if path.read_text().strip() != new.token:  # unless it is the server's own file
-            crypto.write_secret(path, new.token + "\n")
+            files.write_secret(path, new.token + "\n")
     except OSError as e:
         raise CtlError(
             f"the admin token was rotated, but {path} cannot be written ({e.strerror or e}); "

@@ -27,14 +27,13 @@ import aiodocker
 import aiohttp
 import msgspec
 
-from segd import log
-from segd.agent.docker import KEY_LABEL, LABEL_PREFIX
+from segd import contract, log
 from segd.errors import InvalidInput, SegdError
 from segd.orchestrator import validate, wire
 from segd.orchestrator.model import ProfileRecord
 
-MANAGED_LABEL = "segd.orch.managed"
-PROFILE_LABEL = "segd.orch.profile"
+MANAGED_LABEL = contract.ORCH_PREFIX + "managed"
+PROFILE_LABEL = contract.ORCH_PREFIX + "profile"
 
 _log = log.get(__name__)
 T = TypeVar("T")
@@ -71,8 +70,7 @@ class OldNotRemoved(SegdError):
 
 def container_labels(profile: ProfileRecord, extra: Mapping[str, str]) -> dict[str, str]:
     labels = dict(extra)
-    labels[KEY_LABEL] = profile.pairing_key
-    labels.update({LABEL_PREFIX + dim: value for dim, value in profile.labels.items()})
+    labels.update(contract.key_labels(profile.pairing_key, profile.labels))
     labels[PROFILE_LABEL] = profile.name
     labels[MANAGED_LABEL] = "1"
     return labels
@@ -93,12 +91,6 @@ def container_config(profile: ProfileRecord, extra: Mapping[str, str]) -> dict[s
         config["HostConfig"]["NetworkMode"] = first
         config["NetworkingConfig"] = {"EndpointsConfig": {first: {}}}
     return config
-
-
-def requested_labels(labels: Mapping[str, str]) -> dict[str, str]:
-    return {
-        k[len(LABEL_PREFIX) :]: v for k, v in sorted(labels.items()) if k.startswith(LABEL_PREFIX)
-    }
 
 
 def ssl_context(node: wire.Node) -> ssl.SSLContext | None:

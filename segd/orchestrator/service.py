@@ -24,17 +24,15 @@ from pathlib import Path
 
 import msgspec
 
-from segd import log
-from segd.agent.docker import KEY_LABEL
+from segd import contract, log
 from segd.config import OrchestratorConfig
-from segd.crypto import write_secret
 from segd.errors import Conflict, InvalidInput, NotFound, SegdError
+from segd.files import write_secret
 from segd.orchestrator import validate, wire
 from segd.orchestrator.docker import (
     DockerNodes,
     LiveContainer,
     OldNotRemoved,
-    requested_labels,
     ssl_context,
 )
 from segd.orchestrator.model import ContainerRecord, ProfileRecord
@@ -380,8 +378,8 @@ def _view(
             created_at=rec.created_at,
             state=state,  # type: ignore[arg-type]
             status=live.status,
-            labels=requested_labels(live.labels),
-            pairing_key=wire.mask(live.labels.get(KEY_LABEL, "")),
+            labels=contract.requested_labels(live.labels),
+            pairing_key=wire.mask(live.labels.get(contract.KEY_LABEL, "")),
         )
     return wire.Container(
         id=rec.id,

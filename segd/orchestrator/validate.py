@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import msgspec
 
-from segd import policy
+from segd import contract, policy
 from segd.errors import InvalidInput
 from segd.orchestrator import wire
 from segd.server import tokens
@@ -19,10 +19,10 @@ from segd.server.validate import NAME_RE as NAME_RE
 from segd.server.validate import name as name
 
 IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}\Z")
-NETWORK_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+NETWORK_RE = contract.CONTAINER_ID_RE  # Docker network names
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 KEY_RE = re.compile(r"^[\x21-\x7e]{1,4096}\Z")  # printable ASCII, no spaces
-REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+REF_RE = contract.CONTAINER_ID_RE  # a container id or name
 TCP_RE = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})\Z")
 
 MAX_DESCRIPTION = 500

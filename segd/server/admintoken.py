@@ -14,7 +14,7 @@ import hashlib
 import secrets
 from pathlib import Path
 
-from segd import crypto, log, wire
+from segd import files, log, wire
 from segd.config import ADMIN_TOKEN_FILE
 from segd.server.store import Store
 
@@ -52,7 +52,7 @@ async def ensure(store: Store, data_dir: Path, now: float) -> str:
     token = _new_token()
     h = sha256_hex(token)
     why = "file_mismatch" if current else "file_missing"
-    crypto.write_secret(path, token + "\n")
+    files.write_secret(path, token + "\n")
     async with store.write() as tx:
         dropped = tx.keep_only_admin_token(h, now)
         if hashes:
@@ -73,7 +73,7 @@ async def rotate(store: Store, data_dir: Path, now: float) -> tuple[str, wire.Ad
         dropped = tx.keep_only_admin_token(h, now)
         tx.audit(now, "admin.token_rotated", "ok", detail=f"{dropped} invalidated")
     try:
-        crypto.write_secret(path, token + "\n")
+        files.write_secret(path, token + "\n")
     except OSError as e:
         # The answer still carries the token (a start that finds the file stale
         # would replace it again).

@@ -11,11 +11,11 @@ import re
 from collections.abc import Iterable
 
 from segd import policy, wire
+from segd.contract import CONTAINER_ID_RE as CONTAINER_ID_RE
+from segd.contract import HOSTNAME_RE as HOSTNAME_RE
+from segd.contract import NAME_RE as NAME_RE
 from segd.errors import InvalidInput
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}\Z")
-CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,252}\Z")
 EVENT_RE = re.compile(r"^[a-z][a-z0-9_.]{0,63}\Z")
 
 MAX_DESCRIPTION = 500

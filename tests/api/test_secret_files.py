@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from segd import crypto, sqlite
+from segd import crypto, files, sqlite
 from segd.config import ADMIN_TOKEN_FILE, ServerConfig
 from segd.errors import Conflict
 from segd.server.service import DB_FILE, SIGNING_KEY_FILE, Service
@@ -57,7 +57,7 @@ async def test_a_signing_key_that_is_a_link_is_refused(tmp_path: Path) -> None:
 def test_an_existing_key_is_loaded_and_never_replaced(tmp_path: Path) -> None:
     path = tmp_path / "agent.key"
     first = crypto.load_or_create_signing_key(path)
-    assert crypto.create_file(path, b"x" * 32) is False
+    assert files.create_file(path, b"x" * 32) is False
     assert bytes(crypto.load_or_create_signing_key(path)) == bytes(first)
     assert [p.name for p in tmp_path.iterdir()] == ["agent.key"]  # no temporary left
 
@@ -89,5 +89,5 @@ def test_a_new_secret_is_durable_once_written(
     if how == "create":
         crypto.load_or_create_signing_key(tmp_path / "server.key")
     else:
-        crypto.write_secret(tmp_path / "admin.token", "segd_x\n")
+        files.write_secret(tmp_path / "admin.token", "segd_x\n")
     assert events == ["fsync file", "rename", "fsync dir"]

@@ -7,9 +7,10 @@ from typing import Any
 import msgspec
 import pytest
 
+from segd.contract import requested_labels
 from segd.errors import InvalidInput
 from segd.orchestrator import validate, wire
-from segd.orchestrator.docker import container_config, requested_labels
+from segd.orchestrator.docker import container_config
 from segd.orchestrator.model import ProfileRecord
 from segd.policy import DEFAULT_DIMENSIONS
 from tests.orchestrator.conftest import KEY

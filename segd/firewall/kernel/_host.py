@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 from pathlib import Path
 from typing import Literal
 
+from segd import files
 from segd.firewall.kernel import _ffi
 from segd.firewall.kernel._nft import binary
 
@@ -54,11 +53,7 @@ def take_host_lock(path: str) -> int:
     problem = unavailable()
     if problem is not None:
         raise SystemExit(f"segd agent: cannot enforce: {problem}")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SystemExit(f"segd agent: another agent is running on this host ({path})") from None
+    fd = files.try_lock(Path(path))
+    if fd is None:
+        raise SystemExit(f"segd agent: another agent is running on this host ({path})")
     return fd
