@@ -144,13 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(data_dir=args.data_dir, wait=not args.no_wait)
     try:
-        cfg = config.load(args.config) if args.config else config.Config()
-        if args.mode != "allinone":
-            cfg = _override(cfg, args, args.config or "")
-        if args.mode == "agent":
-            code = activation_code(args.activation_code, args.activation_code_file, os.environ)
-            args.activation_code = code
-        preflight.check(cfg, args.mode, args.config or "", listen=args.listen or "")
+        cfg = _configure(args)
     except config.ConfigError as e:
         return _fail(str(e), 2)
     log.setup(cfg.log.level, cfg.log.format)
@@ -163,6 +157,19 @@ def main(argv: list[str] | None = None) -> int:
             print(e.code, file=sys.stderr)
             return 1
         raise
+
+
+def _configure(args: argparse.Namespace) -> config.Config:
+    """The mode's config: the file, the flags over it, the agent's activation
+    code, and the preflight checks; ConfigError names what is wrong."""
+    cfg = config.load(args.config) if args.config else config.Config()
+    if args.mode != "allinone":
+        cfg = _override(cfg, args, args.config or "")
+    if args.mode == "agent":
+        code = activation_code(args.activation_code, args.activation_code_file, os.environ)
+        args.activation_code = code
+    preflight.check(cfg, args.mode, args.config or "", listen=args.listen or "")
+    return cfg
 
 
 def _start(args: argparse.Namespace, cfg: config.Config) -> int:

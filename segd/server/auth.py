@@ -72,13 +72,33 @@ async def verify_agent(svc: Service, nonces: NonceCache, request: web.Request, b
     if not (host_id and ts_text and nonce and sig_text):
         raise Unauthorized("agent request is not signed", code="unsigned_request")
     auth = svc.check_host(host_id)
+    now = svc.clock()
+    ts = _timestamp(svc, host_id, ts_text, now)
+    if not _NONCE_RE.match(nonce):
+        raise Unauthorized("invalid request nonce", code="bad_nonce")
+    try:
+        sig = crypto.b64d(sig_text)
+    except InvalidInput:
+        sig = b""
+    msg = crypto.request_string(request.method, request.raw_path, ts_text, nonce, body)
+    if len(sig) != 64 or not crypto.verify(auth.verify_key, msg, sig):
+        raise Unauthorized("request signature does not verify", code="bad_request_signature")
+    if not nonces.add(host_id, nonce, now):
+        raise Unauthorized("request nonce was already used", code="replayed_request")
+    if svc.marks.must_persist(host_id, ts, now):
+        await svc.persist_mark(host_id, ts)
+    return host_id
+
+
+def _timestamp(svc: Service, host_id: str, ts_text: str, now: float) -> float:
+    """The request's timestamp, refused when it is not a number, too old, too far
+    ahead, or not after what the host's replay mark allows."""
     try:
         ts = float(ts_text)
     except ValueError:
         ts = math.nan
     if not math.isfinite(ts):
         raise Unauthorized("invalid request timestamp", code="bad_timestamp")
-    now = svc.clock()
     cfg = svc.cfg
     if ts < now - cfg.request_skew_s:
         raise Unauthorized(
@@ -95,17 +115,4 @@ async def verify_agent(svc: Service, nonces: NonceCache, request: web.Request, b
             "request timestamp is not after the server start or the last request taken before it",
             code="stale_request",
         )
-    if not _NONCE_RE.match(nonce):
-        raise Unauthorized("invalid request nonce", code="bad_nonce")
-    try:
-        sig = crypto.b64d(sig_text)
-    except InvalidInput:
-        sig = b""
-    msg = crypto.request_string(request.method, request.raw_path, ts_text, nonce, body)
-    if len(sig) != 64 or not crypto.verify(auth.verify_key, msg, sig):
-        raise Unauthorized("request signature does not verify", code="bad_request_signature")
-    if not nonces.add(host_id, nonce, now):
-        raise Unauthorized("request nonce was already used", code="replayed_request")
-    if svc.marks.must_persist(host_id, ts, now):
-        await svc.persist_mark(host_id, ts)
-    return host_id
+    return ts

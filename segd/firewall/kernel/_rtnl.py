@@ -251,18 +251,26 @@ class Rtnl:
                 if m_seq != seq:
                     continue  # a late answer to an earlier request
                 interrupted |= bool(m_flags & NLM_F_DUMP_INTR)
-                if m_type == NLMSG_ERROR:
-                    err = _s32(payload[:4]) if len(payload) >= 4 else -1
-                    if err != 0:
-                        raise RtnlError(-err, f"netlink request {typ}: {os.strerror(-err)}")
-                    return out  # the ACK
-                if m_type == NLMSG_DONE:
-                    # A dump that failed part-way says so here (dump_done_errno).
-                    err = _s32(payload[:4]) if len(payload) >= 4 else 0
-                    if err < 0:
-                        raise RtnlError(-err, f"netlink dump {typ}: {os.strerror(-err)}")
-                    if interrupted:
-                        raise _Interrupted
+                if _ends(m_type, payload, typ, interrupted):
                     return out
                 if m_type == want:
                     out.append(payload)
+
+
+def _ends(m_type: int, payload: bytes, typ: int, interrupted: bool) -> bool:
+    """Whether a reply message ends the request: the ACK (or its error), or the
+    end of a dump (a dump that failed part-way says so there, dump_done_errno;
+    one the kernel marked interrupted is read again)."""
+    if m_type == NLMSG_ERROR:
+        err = _s32(payload[:4]) if len(payload) >= 4 else -1
+        if err != 0:
+            raise RtnlError(-err, f"netlink request {typ}: {os.strerror(-err)}")
+        return True
+    if m_type == NLMSG_DONE:
+        err = _s32(payload[:4]) if len(payload) >= 4 else 0
+        if err < 0:
+            raise RtnlError(-err, f"netlink dump {typ}: {os.strerror(-err)}")
+        if interrupted:
+            raise _Interrupted
+        return True
+    return False
