@@ -487,8 +487,11 @@ class Agent:
             container=info.id[:12],
             workload=result.workload_id,
             labels=result.labels,
+            version=result.version,
         )
-        await self.accept(result.instructions)
+        if not isinstance(result.instructions, msgspec.UnsetType):  # a server before versions
+            await self.accept(result.instructions)
+        # Otherwise the long-poll, woken by the same commit, brings that version.
 
     async def accept(self, signed: SignedInstructions) -> bool:
         """Verify, keep and enforce newer instructions; False when stale or invalid."""

@@ -3,7 +3,7 @@
 Each route names who may call it (`none`, `admin` by bearer token, `agent` by
 signed request), the msgspec type of its body and of its answer. A single
 adapter reads the body (size-limited), authenticates, decodes strictly and
-encodes the answer; handlers are one-liners into `Service` and `agents`. A
+encodes the answer; handlers are one-liners into `Service.admin` and `Service.agents`. A
 request on a `none` route, or with refused credentials, is charged to its
 source's rate limit first (`guard`).
 """
@@ -21,7 +21,6 @@ import segd
 from segd import crypto, wire
 from segd.errors import Forbidden, InvalidInput, RateLimited, Unauthorized, Unavailable
 from segd.ratelimit import source_of
-from segd.server import agents
 from segd.server.auth import NonceCache, require_admin, verify_agent
 from segd.server.guard import too_many
 from segd.server.http import expect_handler, float_param, int_param, json_response, read_body
@@ -98,7 +97,7 @@ async def openapi(c: Call) -> web.Response:
 
 
 async def add_rule(c: Call) -> wire.Rule:
-    return await c.svc.add_rule(c.body_as(wire.RuleIn))
+    return await c.svc.admin.add_rule(c.body_as(wire.RuleIn))
 
 
 async def list_rules(c: Call) -> list[wire.Rule]:
@@ -106,11 +105,11 @@ async def list_rules(c: Call) -> list[wire.Rule]:
 
 
 async def delete_rule(c: Call) -> None:
-    await c.svc.delete_rule(c.arg("id"))
+    await c.svc.admin.delete_rule(c.arg("id"))
 
 
 async def add_profile(c: Call) -> wire.Profile:
-    return await c.svc.add_profile(c.body_as(wire.ProfileIn))
+    return await c.svc.admin.add_profile(c.body_as(wire.ProfileIn))
 
 
 async def list_profiles(c: Call) -> list[wire.Profile]:
@@ -118,23 +117,23 @@ async def list_profiles(c: Call) -> list[wire.Profile]:
 
 
 async def delete_profile(c: Call) -> None:
-    await c.svc.delete_profile(c.arg("name"))
+    await c.svc.admin.delete_profile(c.arg("name"))
 
 
 async def revoke_profile(c: Call) -> list[wire.PairingKey]:
-    return await c.svc.revoke_profile(c.arg("name"), unpair=c.body_as(wire.RevokeIn).unpair)
+    return await c.svc.admin.revoke_profile(c.arg("name"), unpair=c.body_as(wire.RevokeIn).unpair)
 
 
 async def issue_key(c: Call) -> wire.KeyIssued:
-    return await c.svc.issue_key(c.body_as(wire.KeyIssueIn))
+    return await c.svc.admin.issue_key(c.body_as(wire.KeyIssueIn))
 
 
 async def list_keys(c: Call) -> list[wire.PairingKey]:
-    return await c.svc.list_keys(c.request.query.get("profile"))
+    return await c.svc.admin.list_keys(c.request.query.get("profile"))
 
 
 async def revoke_key(c: Call) -> wire.PairingKey:
-    return await c.svc.revoke_key(c.arg("key_id"), unpair=c.body_as(wire.RevokeIn).unpair)
+    return await c.svc.admin.revoke_key(c.arg("key_id"), unpair=c.body_as(wire.RevokeIn).unpair)
 
 
 async def list_workloads(c: Call) -> list[wire.Workload]:
@@ -142,15 +141,15 @@ async def list_workloads(c: Call) -> list[wire.Workload]:
 
 
 async def unpair_workload(c: Call) -> None:
-    await c.svc.unpair_workload(c.arg("id"))
+    await c.svc.admin.unpair_workload(c.arg("id"))
 
 
 async def list_hosts(c: Call) -> list[wire.Host]:
-    return await c.svc.store.hosts()
+    return await c.svc.admin.list_hosts()
 
 
 async def revoke_host(c: Call) -> wire.Host:
-    return await c.svc.revoke_host(c.arg("id"))
+    return await c.svc.admin.revoke_host(c.arg("id"))
 
 
 async def list_audit(c: Call) -> list[wire.AuditEntry]:
@@ -160,39 +159,38 @@ async def list_audit(c: Call) -> list[wire.AuditEntry]:
 
 
 async def new_activation_code(c: Call) -> wire.ActivationCode:
-    return await c.svc.new_activation_code(c.body_as(wire.ActivationCodeIn))
+    return await c.svc.admin.new_activation_code(c.body_as(wire.ActivationCodeIn))
 
 
 async def rotate_admin_token(c: Call) -> wire.AdminToken:
-    return await c.svc.rotate_admin_token()
+    return await c.svc.admin.rotate_admin_token()
 
 
 async def register(c: Call) -> wire.Registered:
-    return await c.svc.register(c.body_as(wire.RegisterIn), c.source)
+    return await c.svc.agents.register(c.body_as(wire.RegisterIn), c.source)
 
 
-async def pair(c: Call) -> web.Response:
-    body = await agents.pair(c.svc, c.host_id, c.body_as(wire.PairIn))
-    return web.Response(body=body, content_type="application/json")
+async def pair(c: Call) -> wire.PairResult:
+    return await c.svc.agents.pair(c.host_id, c.body_as(wire.PairIn))
 
 
 async def unpair(c: Call) -> None:
-    await agents.unpair(c.svc, c.host_id, c.body_as(wire.UnpairIn))
+    await c.svc.agents.unpair(c.host_id, c.body_as(wire.UnpairIn))
 
 
 async def instructions(c: Call) -> web.Response | None:
     since = int_param(c.request, "since", 0, 0, 2**62)
     wait = float_param(c.request, "wait", 0.0, 0.0, c.svc.cfg.longpoll_timeout_s)
-    body = await agents.instructions(c.svc, c.host_id, since, wait)
+    body = await c.svc.agents.instructions(c.host_id, since, wait)
     return None if body is None else web.Response(body=body, content_type="application/json")
 
 
 async def report(c: Call) -> None:
-    await agents.report(c.svc, c.host_id, c.body_as(wire.AgentReport))
+    await c.svc.agents.report(c.host_id, c.body_as(wire.AgentReport))
 
 
 async def sidecars(c: Call) -> None:
-    await agents.sidecars(c.svc, c.host_id, c.body_as(wire.SidecarsIn))
+    await c.svc.agents.sidecars(c.host_id, c.body_as(wire.SidecarsIn))
 
 
 _LIMIT = Param("limit", "integer", f"how many entries (1-{MAX_AUDIT}, default 100)")
@@ -302,7 +300,7 @@ def _adapt(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse
             except (Unauthorized, Forbidden) as e:
                 sample = f"{what} as host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
                 raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
-            await agents.touch(svc, host_id)
+            await svc.agents.touch(host_id)
         body = decoder.decode(raw.strip() or b"{}") if decoder is not None else None
         result = await route.handler(Call(request, svc, body, host_id, source))
         if isinstance(result, web.StreamResponse):
