@@ -44,8 +44,9 @@ class HostRevoked(msgspec.Struct, frozen=True, tag=True):
 
 
 class HostsRecompiled(msgspec.Struct, frozen=True, tag=True):
-    """Hosts whose compiled content no longer matches the digest persisted for it
-    (a compiler that compiles differently, a store restored from elsewhere)."""
+    """Hosts to publish at this generation whatever their content: it no longer
+    matches the digest persisted for it (a compiler that compiles differently, a
+    store restored from elsewhere), or versions may have been lost in a crash."""
 
     host_ids: list[str]
 

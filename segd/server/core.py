@@ -91,6 +91,7 @@ class Core:
         """Apply a durable commit's changes, then publish the hosts they changed."""
         c = self.compiler
         affected: set[str] = set()
+        forced: set[str] = set()
         for change in commit.changes:
             match change:
                 case WorkloadAdded(w) | WorkloadReaddressed(w):
@@ -109,8 +110,8 @@ class Core:
                         self.hosts[host_id] = HostAuth(auth.verify_key, True)
                     self.pub.drop_host(host_id)
                 case HostsRecompiled(host_ids):
-                    affected.update(host_ids)
-        changed = self.pub.publish(affected, commit.generation)
+                    forced.update(host_ids)
+        changed = self.pub.publish(affected, commit.generation, force=forced)
         if changed:
             self.store.persist_versions(changed)
             _log.debug("instructions.published", generation=commit.generation, hosts=len(changed))

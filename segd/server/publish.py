@@ -20,7 +20,7 @@ version number.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import msgspec
 import nacl.signing
@@ -57,16 +57,19 @@ class Publisher:
         self._state.pop(host_id, None)
         self._signed.pop(host_id, None)
 
-    def publish(self, hosts: Iterable[str], generation: int) -> Versions:
+    def publish(
+        self, hosts: Iterable[str], generation: int, *, force: Collection[str] = ()
+    ) -> Versions:
         """Give `generation` to those of `hosts` (known ones) whose content changed,
-        wake them, and return their new (version, digest)."""
+        and to those in `force` all the same; wake them, and return their new
+        (version, digest)."""
         changed: Versions = {}
-        for h in sorted(set(hosts)):
+        for h in sorted({*hosts, *force}):
             state = self._state.get(h)
             if state is None:
                 continue
             digest = self.compiler.host_digest(h)
-            if digest != state[1]:
+            if digest != state[1] or h in force:
                 changed[h] = self._state[h] = (generation, digest)
         for h in changed:
             self.hub.wake(h)

@@ -64,7 +64,10 @@ class Service(Core):
         return svc
 
     async def _load(self) -> None:
-        """Compile every host from the store, then follow its commits."""
+        """Compile every host from the store, then follow its commits. Hosts whose
+        content differs from the digest persisted with their version (or every
+        host, when versions may have been lost in a crash) are published at the
+        next generation."""
         store = self.store
         workloads = await store.workloads()
         self.compiler = Compiler(await store.rules(), workloads)
@@ -79,6 +82,9 @@ class Service(Core):
             h: s for h, s in (await store.host_digests()).items() if not self.hosts[h].revoked
         }
         stale = self.pub.load(states)
+        if store.versions_through < store.generation:
+            # Versions handed out before a crash may be missing: none is reused.
+            stale = sorted(states)
         store.follow(self.apply)
         if stale:
             async with store.write() as tx:

@@ -489,8 +489,11 @@ class Store:
         self._w = writer
         self._r = reader
         self._lock_fd = lock_fd
-        row = writer.execute("SELECT value FROM generation").fetchone()
+        row = writer.execute("SELECT value, versions_through FROM generation").fetchone()
         self.generation: int = row[0]  # of the last durable commit with changes
+        # Up to which generation every host's version is persisted: below
+        # `generation` after a crash, when some were not (see `persist_versions`).
+        self.versions_through: int = row[1]
         self._follower: Callable[[ch.Commit], None] | None = None
         self._due: dict[str, tuple[int, str]] = {}  # host versions to persist
         self._writing: dict[str, tuple[int, str]] = {}  # those in the sealed transaction
@@ -508,8 +511,9 @@ class Store:
 
     def persist_versions(self, versions: Mapping[str, tuple[int, str]]) -> None:
         """Write (instructions version, content digest) per host with the next
-        transaction (or on close). One lost in a crash is made good at start: the
-        host's content no longer matches the digest, so it gets a new generation."""
+        transaction (or on close). Those lost in a crash are made good at start:
+        `versions_through` is then below `generation`, and every host gets a new
+        generation (no version handed out is ever reused for other content)."""
         self._due.update(versions)
 
     @classmethod
@@ -538,7 +542,7 @@ class Store:
 
     async def flush(self) -> None:
         """Persist the host versions still due, now."""
-        if self._due:
+        if self._due or self.versions_through < self.generation:
             async with self.write():
                 pass
 
@@ -663,38 +667,53 @@ class _Sealer:
 
     def __init__(self, store: Store) -> None:
         self._s = store
+        self._through = store.versions_through  # what the sealed transaction records
 
     def seal(self, changes: list[ch.Change]) -> ch.Commit | None:
+        """The generation (when there are changes) and the versions due: those of
+        every commit applied so far, so with them the versions are persisted
+        through the last durable generation."""
         s = self._s
-        commit = None
-        if changes:
-            commit = ch.Commit(s.generation + 1, changes)
-            s._w.execute("UPDATE generation SET value = ?", (commit.generation,))
-        if s._due:
+        commit = ch.Commit(s.generation + 1, changes) if changes else None
+        self._through = s.versions_through
+        if s._due or s.versions_through < s.generation:
             s._writing, s._due = s._due, {}
-            self._write_versions(s._writing)
+            if self._write_versions(s._writing):
+                self._through = s.generation
+            else:  # tried again with the next transaction
+                s._due = {**s._writing, **s._due}
+                s._writing = {}
+        if commit is not None or self._through != s.versions_through:
+            s._w.execute(
+                "UPDATE generation SET value = ?, versions_through = ?",
+                (commit.generation if commit else s.generation, self._through),
+            )
         return commit
 
-    def _write_versions(self, versions: Mapping[str, tuple[int, str]]) -> None:
+    def _write_versions(self, versions: Mapping[str, tuple[int, str]]) -> bool:
         """In a savepoint of their own: failing to record versions must not fail
         the writers they ride with (a start makes good what is missing)."""
         w = self._s._w
         w.execute("SAVEPOINT v")
+        ok = True
         try:
             w.executemany(
                 "UPDATE hosts SET instructions_version = ?, instructions_digest = ? WHERE id = ?",
                 [(v, d, h) for h, (v, d) in versions.items()],
             )
         except sqlite3.Error as e:
+            ok = False
             with contextlib.suppress(sqlite3.Error):
                 w.execute("ROLLBACK TO v")
             _log.warning("store.versions_not_persisted", error=str(e), hosts=len(versions))
         with contextlib.suppress(sqlite3.Error):
             w.execute("RELEASE v")
+        return ok
 
     def committed(self, commit: ch.Commit | None) -> None:
         s = self._s
         s._writing = {}
+        s.versions_through = self._through
         if commit is not None:
             s.generation = commit.generation
             if s._follower is not None:
