@@ -3,9 +3,10 @@
 Full compile: build the compiler's index from the rules and workloads
 (`Compiler(rules, workloads)`), then compile every host (`compile_all`).
 Incremental: what the server does for one pairing outside SQL — add the
-workload to the compiler, then `Publisher.plan` the hosts the compiler reports
-as affected (compile each, keep those whose content changed) — and the same
-for the unpairing that follows. The baseline of an incremental update is the
+workload to the compiler, then `Publisher.publish` the hosts the compiler
+reports as affected (keep those whose content changed, by digest) and compile
+those, as their agents' next reads do — and the same for the unpairing that
+follows. The baseline of an incremental update is the
 full compile; the baseline of "hosts recomputed" is the hosts whose
 instructions really changed. A check compiles every host after a few of the
 pairings to make sure no host that changed was left out.
@@ -20,6 +21,7 @@ import gc
 import multiprocessing
 import time
 import tracemalloc
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +31,6 @@ import nacl.signing
 from bench import estate
 from bench.report import Section, Size, Target, figure, ms, pct
 from segd.server.compiler import Compiler, content_digest
-from segd.server.notify import Hub
 from segd.server.publish import Publisher
 
 
@@ -60,6 +61,15 @@ def _rss_kib() -> int:
     return 0
 
 
+def _publish(pub: Publisher, c: Compiler, hosts: Iterable[str], generation: int) -> set[str]:
+    """Publish `hosts` at `generation`, compiling those that changed (as their
+    agents' next reads do); return them."""
+    changed = pub.publish(hosts, generation)
+    for h, (version, _) in changed.items():
+        c.compile_host(h, version)
+    return set(changed)
+
+
 def _digests(c: Compiler) -> dict[str, str]:
     return {h: content_digest(i) for h, i in c.compile_all().items()}
 
@@ -79,9 +89,10 @@ def measure(p: Params) -> dict[str, Any]:
     per_host_rules = [len(i.rules) for i in compiled.values()]
     del compiled
 
-    pub = Publisher(nacl.signing.SigningKey.generate(), c, Hub())
+    pub = Publisher(nacl.signing.SigningKey.generate(), c)
     t3 = time.perf_counter()
-    pub.commit(pub.load({h: (0, "") for h in c.hosts()}))
+    generation = 1
+    _publish(pub, c, pub.load({h: (0, "") for h in c.hosts()}), generation)
     t4 = time.perf_counter()
 
     pair_s: list[float] = []
@@ -98,9 +109,9 @@ def measure(p: Params) -> dict[str, Any]:
         w = e.new_workload()
         s = time.perf_counter()
         affected = c.add_workload(w)
-        plan = pub.plan(affected)
+        generation += 1
+        plan = _publish(pub, c, affected, generation)
         pair_s.append(time.perf_counter() - s)
-        pub.commit(plan)
         recomputed.append(len(affected))
         changed.append(len(plan))
         if i < p.checked:
@@ -109,9 +120,9 @@ def measure(p: Params) -> dict[str, Any]:
             missed += len(really - affected)
         s = time.perf_counter()
         affected = c.remove_workload(w.id)
-        plan = pub.plan(affected)
+        generation += 1
+        _publish(pub, c, affected, generation)
         unpair_s.append(time.perf_counter() - s)
-        pub.commit(plan)
         unpair_recomputed.append(len(affected))
         if i < p.checked:
             before = _digests(c)

@@ -7,8 +7,10 @@ send signed `POST /v1/agent/pair` requests (`segd.crypto.sign_request`, the
 agents' own signing code) over keep-alive connections, each for a new
 container with its own address, rotating over the agents and the roles, until
 `requests` are answered or `seconds` have passed. Every pairing is a real one:
-the key use is counted, the workload recorded, the hosts it affects
-recompiled, and the answer carries the host's signed instructions.
+the key use is counted, the workload recorded and the hosts it affects
+published at the commit's generation; the answer carries the workload, its
+labels and the host's instructions version (the agent's long-poll brings the
+instructions themselves; nobody long-polls here, so no instructions are signed).
 
 Baseline: `bench.fixed_server` (an aiohttp handler that reads the body and
 answers a fixed small JSON, in its own process) driven by the same client with
@@ -277,7 +279,7 @@ def run(size: Size) -> Section:
     details: dict[str, Any] = {"params": p.__dict__, "levels": {}}
     for c in p.levels:
         s, b = segd[c], base[c]
-        targets = [Target(">=", 1000.0), Target(">=", 0.3, on="ratio")] if c == 16 else []
+        targets = [Target(">=", 1000.0), Target(">=", 0.4, on="ratio")] if c == 16 else []
         figs.append(
             figure(
                 f"pairing.c{c}.rate",

@@ -76,7 +76,9 @@ async def run_allinone(
         )
         code = ""
         if not (paths["agent"] / "identity.json").exists():
-            code = (await runner.service.new_activation_code(ActivationCodeIn(lifespan_s=300))).code
+            code = (
+                await runner.service.admin.new_activation_code(ActivationCodeIn(lifespan_s=300))
+            ).code
         agent = Agent(agent_cfg, activation_code=code)
         agent_task = asyncio.create_task(agent.run(), name="segd-agent")
         ready = asyncio.create_task(agent.ready.wait())

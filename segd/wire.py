@@ -254,6 +254,12 @@ class SignedInstructions(msgspec.Struct, frozen=True):
 
 
 class PairResult(msgspec.Struct, frozen=True):
+    """A pairing's answer: the workload, its labels, and the host's instructions
+    version once the pairing is durable. The long-poll, woken by the same commit,
+    brings those instructions. Earlier servers answered with the host's signed
+    `instructions` instead of a version; an agent accepts both answers."""
+
     workload_id: str
     labels: Labels
-    instructions: SignedInstructions
+    version: int = 0
+    instructions: SignedInstructions | msgspec.UnsetType = msgspec.UNSET

@@ -487,8 +487,11 @@ class Agent:
             container=info.id[:12],
             workload=result.workload_id,
             labels=result.labels,
+            version=result.version,
         )
-        await self.accept(result.instructions)
+        if not isinstance(result.instructions, msgspec.UnsetType):  # a server before versions
+            await self.accept(result.instructions)
+        # Otherwise the long-poll, woken by the same commit, brings that version.
 
     async def accept(self, signed: SignedInstructions) -> bool:
         """Verify, keep and enforce newer instructions; False when stale or invalid."""
@@ -569,10 +572,15 @@ class Agent:
                 await backoff.wait()
                 continue
             if signed is not None:
-                try:
-                    await self.accept(signed)
-                except Exception as e:  # enforcement retries on the next reconcile
-                    _log.error("instructions.apply_failed", error=repr(e))
+                # Applied alongside the next poll (as a pairing's answer once was):
+                # a version that comes meanwhile does not wait for this pass.
+                self._spawn(self._accept_polled(signed))
+
+    async def _accept_polled(self, signed: SignedInstructions) -> None:
+        try:
+            await self.accept(signed)
+        except Exception as e:  # enforcement retries on the next reconcile
+            _log.error("instructions.apply_failed", error=repr(e))
 
     # ---- enforcement ------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Agent operations: pair and unpair workloads, hand out instructions, take reports.
+"""Agent operations: register, pair and unpair workloads, hand out instructions, reports.
 
 A pairing names a container and presents its pairing key. The token's signature
 is checked before the write (it needs no store); the key is then judged by the
@@ -16,7 +16,12 @@ pure `pairing` module on rows read inside the write:
   revoked; nothing is consumed.
 
 A refusal commits only its audit row. The answer goes out once the write's
-transaction is durable.
+transaction is durable and applied: it names the workload, its labels and the
+host's instructions version after the pairing; the agent's long-poll, woken by
+the same commit, brings those instructions.
+
+The verified pairing tokens and when each host was last seen are this
+module's own state.
 """
 
 from __future__ import annotations
@@ -25,17 +30,17 @@ import re
 
 import msgspec
 
-from segd import log, wire
-from segd.errors import SegdError, Unavailable
+from segd import crypto, log, wire
+from segd.errors import Forbidden, InvalidInput, SegdError, Unauthorized
 from segd.server import pairing, tokens, validate
-from segd.server.service import Service, new_id
+from segd.server.core import Core, new_id, sha256_hex
+from segd.server.refusals import clip
 from segd.server.store import Tx
 
 _log = log.get("segd.server.agents")
 _KEY_ID_RE = re.compile(r"^k_[0-9a-f]{16}\Z")
 TOUCH_INTERVAL_S = 60.0
 VERIFIED_TOKENS_MAX = 4096
-_JSON = msgspec.json.Encoder()
 
 
 def _claimed_key_id(token: str) -> str:
@@ -47,73 +52,180 @@ def _claimed_key_id(token: str) -> str:
     return kid if _KEY_ID_RE.match(kid) else ""
 
 
-def _verify_token(svc: Service, token: str) -> tokens.Claims | tokens.TokenError:
-    """The token's claims once its signature verified, or why it is refused (its
-    expiry is judged with the pairing). A verified token is remembered by its
-    exact text (one key pairs many containers)."""
-    claims = svc.verified_tokens.get(token)
-    if claims is None:
+def _check_live(tx: Tx, host_id: str) -> None:
+    """Refuse a host revoked earlier in this transaction, or committed since the
+    request was authenticated."""
+    if tx.host_revoked(host_id) is not False:
+        raise Forbidden(f"host {host_id} has been revoked", code="host_revoked")
+
+
+class Agents:
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self._verified: dict[str, tokens.Claims] = {}  # pairing key text -> claims
+        self._touched: dict[str, float] = {}  # host -> when last_seen was last written
+
+    # ---- registration -------------------------------------------------------------
+
+    async def register(self, rin: wire.RegisterIn, source: str) -> wire.Registered:
+        """Register an agent. A refusal is audited in full when it is the first from
+        its source in a while; the others are summed up (`guard`)."""
+        core = self._core
+        hostname = validate.hostname(rin.hostname)
         try:
-            claims = tokens.verify_signature(token, svc.server_keys)
-        except tokens.TokenError as e:
-            return e
-        if len(svc.verified_tokens) >= VERIFIED_TOKENS_MAX:
-            del svc.verified_tokens[next(iter(svc.verified_tokens))]
-        svc.verified_tokens[token] = claims
-    return claims
-
-
-def pair_result_json(w: wire.Workload, signed: bytes) -> bytes:
-    """A `wire.PairResult` as JSON, around the host's instructions already signed
-    and encoded (they are shared by every reader of that version)."""
-    return b'{"workload_id":%b,"labels":%b,"instructions":%b}' % (
-        _JSON.encode(w.id),
-        _JSON.encode(w.labels),
-        signed,
-    )
-
-
-async def pair(svc: Service, host_id: str, pin: wire.PairIn) -> bytes:
-    """Pair a container; the answer is the JSON of a `wire.PairResult`."""
-    pin = validate.pair_in(pin)
-    now = svc.clock()
-    verified = _verify_token(svc, pin.pairing_key)
-    failure: SegdError | None = None
-    async with svc.change() as (tx, ch):
-        svc.check_host(host_id)
-        old = tx.workload_by_container(host_id, pin.container_id)
-        w: wire.Workload | None = old
-        if old is not None:
-            w, failure = _repair(tx, old, pin, verified, now)
-            if w is not old:
-                ch.add_workload(w, previous=old)
-                ch.will_read(host_id)
-        else:
-            try:
-                w = _new(svc, tx, host_id, pin, verified, now)
-                ch.add_workload(w)
-                ch.will_read(host_id)
-            except (pairing.Denied, tokens.TokenError) as e:
-                failure = e
-                tx.audit(
-                    now,
-                    "workload.paired",
-                    "denied",
-                    e.code,
-                    host_id=host_id,
-                    container_id=pin.container_id,
-                    key_id=_claimed_key_id(pin.pairing_key),
-                    detail=e.message,
+            crypto.verify_key_from_b64(rin.public_key)
+        except InvalidInput as e:
+            raise InvalidInput(f"public_key: {e.message}") from None
+        host_id = new_id("h", 8)
+        now = core.clock()
+        failure: SegdError | None = None
+        audited = False
+        async with core.store.write() as tx:
+            if tx.host_with_key(rin.public_key) is not None:
+                failure = SegdError(
+                    "this public key is already registered", code="public_key_in_use", status=409
                 )
-    if failure is not None or w is None:
-        reason = failure.code if failure else ""
-        _log.info("workload.denied", host=host_id, container=pin.container_id, reason=reason)
-        raise failure or SegdError("pairing failed")
-    signed = svc.pub.signed(host_id)
-    if signed is None:  # not published to: revoked since (`Service.revoke_host` waits
-        svc.check_host(host_id)  # for the answers of its own transaction's pairings)
-        raise Unavailable(f"no instructions for host {host_id}")
-    return pair_result_json(w, signed)
+            elif not tx.consume_activation_code(sha256_hex(rin.activation_code), now, host_id):
+                failure = Unauthorized(
+                    "activation code is unknown, used or expired", code="invalid_activation_code"
+                )
+            else:
+                tx.insert_host(host_id, hostname, rin.public_key, now)
+            if failure is None:
+                tx.audit(now, "host.registered", "ok", host_id=host_id, detail=hostname)
+            elif audited := core.guard.refusals.note(
+                source, failure.code, f"hostname {hostname}", now, audit=True
+            ):
+                tx.audit(now, "host.registered", "denied", failure.code, detail=clip(hostname))
+        if failure is not None:
+            if audited:
+                _log.warning(
+                    "host.register_refused",
+                    hostname=clip(hostname),
+                    source=source,
+                    reason=failure.code,
+                )
+            raise failure
+        _log.info("host.registered", host=host_id, hostname=hostname)
+        return wire.Registered(
+            host_id=host_id,
+            server_keys={kid: crypto.b64e(bytes(k)) for kid, k in core.server_keys.items()},
+        )
+
+    # ---- pairing ------------------------------------------------------------------
+
+    def _verify_token(self, token: str) -> tokens.Claims | tokens.TokenError:
+        """The token's claims once its signature verified, or why it is refused (its
+        expiry is judged with the pairing). A verified token is remembered by its
+        exact text (one key pairs many containers)."""
+        claims = self._verified.get(token)
+        if claims is None:
+            try:
+                claims = tokens.verify_signature(token, self._core.server_keys)
+            except tokens.TokenError as e:
+                return e
+            if len(self._verified) >= VERIFIED_TOKENS_MAX:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = claims
+        return claims
+
+    async def pair(self, host_id: str, pin: wire.PairIn) -> wire.PairResult:
+        """Pair a container: the workload, its labels and the host's instructions
+        version once the pairing is durable."""
+        core = self._core
+        pin = validate.pair_in(pin)
+        now = core.clock()
+        verified = self._verify_token(pin.pairing_key)
+        failure: SegdError | None = None
+        async with core.store.write() as tx:
+            _check_live(tx, host_id)
+            old = tx.workload_by_container(host_id, pin.container_id)
+            w: wire.Workload | None = old
+            if old is not None:
+                w, failure = _pair_again(tx, old, pin, verified, now)
+            else:
+                try:
+                    w = _new(core, tx, host_id, pin, verified, now)
+                except (pairing.Denied, tokens.TokenError) as e:
+                    failure = e
+                    tx.audit(
+                        now,
+                        "workload.paired",
+                        "denied",
+                        e.code,
+                        host_id=host_id,
+                        container_id=pin.container_id,
+                        key_id=_claimed_key_id(pin.pairing_key),
+                        detail=e.message,
+                    )
+        if failure is not None or w is None:
+            reason = failure.code if failure else ""
+            _log.info("workload.denied", host=host_id, container=pin.container_id, reason=reason)
+            raise failure or SegdError("pairing failed")
+        # 0 when the host was revoked in the same commit: its next request hears so.
+        return wire.PairResult(workload_id=w.id, labels=w.labels, version=core.pub.version(host_id))
+
+    async def unpair(self, host_id: str, uin: wire.UnpairIn) -> None:
+        """Forget the container's workload (if any); its peers follow the commit."""
+        cid = validate.container_id(uin.container_id)
+        async with self._core.store.write() as tx:
+            _check_live(tx, host_id)
+            w = tx.workload_by_container(host_id, cid)
+            if w is not None:
+                tx.delete_workload(w.id)
+            tx.audit(
+                self._core.clock(),
+                "workload.unpaired",
+                "ok",
+                "" if w else "not_paired",
+                host_id=host_id,
+                container_id=cid,
+                workload_id=w.id if w else "",
+                key_id=w.key_id if w else "",
+            )
+        if w is not None:
+            _log.info("workload.unpaired", host=host_id, container=cid, workload=w.id)
+
+    # ---- instructions, sidecars, reports ------------------------------------------
+
+    async def instructions(self, host_id: str, since: int, wait_s: float) -> bytes | None:
+        """The host's signed instructions (the JSON of a `wire.SignedInstructions`) once
+        their version is above `since`, else None."""
+        return await self._core.pub.newer(host_id, since, wait_s)
+
+    async def sidecars(self, host_id: str, sin: wire.SidecarsIn) -> None:
+        """Record the host's sidecars as its agent sees them now (for `workload list`).
+        They are not workloads and change no instructions: the table of the namespace
+        they are in is its owner's."""
+        items = validate.sidecars(sin)
+        async with self._core.store.write() as tx:
+            tx.set_sidecars(host_id, items)
+        _log.info("host.sidecars", host=host_id, sidecars=len(items))
+
+    async def report(self, host_id: str, rep: wire.AgentReport) -> None:
+        rep = validate.report(rep)
+        async with self._core.store.write() as tx:
+            tx.audit(
+                self._core.clock(),
+                f"agent.{rep.event}",
+                "reported",
+                host_id=host_id,
+                container_id=rep.container_id,
+                detail=rep.detail,
+            )
+        _log.warning("agent.reported", host=host_id, kind=rep.event, container=rep.container_id)
+
+    async def touch(self, host_id: str) -> None:
+        """Record that the host's agent was seen (at most once a minute; best effort)."""
+        now = self._core.clock()
+        if now - self._touched.get(host_id, 0.0) < TOUCH_INTERVAL_S:
+            return
+        self._touched[host_id] = now
+        try:
+            async with self._core.store.write() as tx:
+                tx.touch_host(host_id, now)
+        except SegdError as e:
+            _log.warning("host.touch_failed", host=host_id, error=e.message)
 
 
 def _check_workload_key(
@@ -133,7 +245,7 @@ def _check_workload_key(
     pairing.check_key(verified, key, prof, now, readmit=True)
 
 
-def _repair(
+def _pair_again(
     tx: Tx,
     w: wire.Workload,
     pin: wire.PairIn,
@@ -158,14 +270,15 @@ def _repair(
         err = pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
         tx.audit(now, "workload.readdressed", "denied", err.code, detail=err.message, **audit)
         return w, err
-    tx.set_workload_ips(w.id, pin.ips)
+    moved = msgspec.structs.replace(w, ips=pin.ips)
+    tx.readdress_workload(moved)
     tx.audit(now, "workload.readdressed", "ok", detail=",".join(pin.ips), **audit)
     _log.info("workload.readdressed", workload=w.id, ips=pin.ips)
-    return msgspec.structs.replace(w, ips=pin.ips), None
+    return moved, None
 
 
 def _new(
-    svc: Service,
+    core: Core,
     tx: Tx,
     host_id: str,
     pin: wire.PairIn,
@@ -188,7 +301,7 @@ def _new(
     found = tx.key_with_profile(claims.kid)
     key, prof = found if found else (None, None)
     decision = pairing.decide(
-        claims, key, prof, pin.requested_labels, svc.dims, now, readmit=readmit
+        claims, key, prof, pin.requested_labels, core.dims, now, readmit=readmit
     )
     held = tx.ip_holders(pin.ips)
     if held:
@@ -231,73 +344,3 @@ def _new(
         readmitted=readmit,
     )
     return w
-
-
-async def unpair(svc: Service, host_id: str, uin: wire.UnpairIn) -> None:
-    """Forget the container's workload (if any) and update its peers."""
-    cid = validate.container_id(uin.container_id)
-    async with svc.change() as (tx, ch):
-        svc.check_host(host_id)
-        w = tx.workload_by_container(host_id, cid)
-        if w is not None:
-            tx.delete_workload(w.id)
-            ch.remove_workload(w)
-        tx.audit(
-            svc.clock(),
-            "workload.unpaired",
-            "ok",
-            "" if w else "not_paired",
-            host_id=host_id,
-            container_id=cid,
-            workload_id=w.id if w else "",
-            key_id=w.key_id if w else "",
-        )
-    if w is not None:
-        _log.info("workload.unpaired", host=host_id, container=cid, workload=w.id)
-
-
-async def instructions(svc: Service, host_id: str, since: int, wait_s: float) -> bytes | None:
-    """The host's signed instructions (the JSON of a `wire.SignedInstructions`) once
-    their version is above `since`, else None."""
-    if svc.pub.version(host_id) <= since and wait_s > 0:
-        await svc.hub.wait_newer(host_id, since, wait_s)
-    if svc.pub.version(host_id) <= since:
-        return None
-    return svc.pub.signed(host_id)
-
-
-async def sidecars(svc: Service, host_id: str, sin: wire.SidecarsIn) -> None:
-    """Record the host's sidecars as its agent sees them now (for `workload list`).
-    They are not workloads and change no instructions: the table of the namespace
-    they are in is its owner's."""
-    items = validate.sidecars(sin)
-    async with svc.store.write() as tx:
-        tx.set_sidecars(host_id, items)
-    _log.info("host.sidecars", host=host_id, sidecars=len(items))
-
-
-async def report(svc: Service, host_id: str, rep: wire.AgentReport) -> None:
-    rep = validate.report(rep)
-    async with svc.store.write() as tx:
-        tx.audit(
-            svc.clock(),
-            f"agent.{rep.event}",
-            "reported",
-            host_id=host_id,
-            container_id=rep.container_id,
-            detail=rep.detail,
-        )
-    _log.warning("agent.reported", host=host_id, kind=rep.event, container=rep.container_id)
-
-
-async def touch(svc: Service, host_id: str) -> None:
-    """Record that the host's agent was seen (at most once a minute; best effort)."""
-    now = svc.clock()
-    if now - svc.touched.get(host_id, 0.0) < TOUCH_INTERVAL_S:
-        return
-    svc.touched[host_id] = now
-    try:
-        async with svc.store.write() as tx:
-            tx.touch_host(host_id, now)
-    except SegdError as e:
-        _log.warning("host.touch_failed", host=host_id, error=e.message)

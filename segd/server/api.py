@@ -4,8 +4,9 @@ Each route names who may call it (`none`, `admin` by bearer token, `agent` by
 signed request), the msgspec type of its body and of its answer. The HTTP
 kit's adapter (`segd.http.routes`) runs `authenticate`, reads the body
 (size-limited), decodes strictly and encodes the answer; handlers are
-one-liners into `Service` and `agents`. A request on a `none` route, or with
-refused credentials, is charged to its source's rate limit first (`guard`).
+one-liners into `Service.admin` and `Service.agents`. A request on a `none`
+route, or with refused credentials, is charged to its source's rate limit
+first (`guard`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from segd.http import routes
 from segd.http.params import float_param, int_param
 from segd.http.routes import Body, Param
 from segd.ratelimit import source_of
-from segd.server import agents
 from segd.server.auth import NonceCache, require_admin, verify_agent
 from segd.server.refusals import clip
 from segd.server.service import Service
@@ -68,7 +68,7 @@ async def openapi(c: Call) -> web.Response:
 
 
 async def add_rule(c: Call) -> wire.Rule:
-    return await c.ctx.svc.add_rule(c.body_as(wire.RuleIn))
+    return await c.ctx.svc.admin.add_rule(c.body_as(wire.RuleIn))
 
 
 async def list_rules(c: Call) -> list[wire.Rule]:
@@ -76,11 +76,11 @@ async def list_rules(c: Call) -> list[wire.Rule]:
 
 
 async def delete_rule(c: Call) -> None:
-    await c.ctx.svc.delete_rule(c.arg("id"))
+    await c.ctx.svc.admin.delete_rule(c.arg("id"))
 
 
 async def add_profile(c: Call) -> wire.Profile:
-    return await c.ctx.svc.add_profile(c.body_as(wire.ProfileIn))
+    return await c.ctx.svc.admin.add_profile(c.body_as(wire.ProfileIn))
 
 
 async def list_profiles(c: Call) -> list[wire.Profile]:
@@ -88,23 +88,25 @@ async def list_profiles(c: Call) -> list[wire.Profile]:
 
 
 async def delete_profile(c: Call) -> None:
-    await c.ctx.svc.delete_profile(c.arg("name"))
+    await c.ctx.svc.admin.delete_profile(c.arg("name"))
 
 
 async def revoke_profile(c: Call) -> list[wire.PairingKey]:
-    return await c.ctx.svc.revoke_profile(c.arg("name"), unpair=c.body_as(wire.RevokeIn).unpair)
+    return await c.ctx.svc.admin.revoke_profile(
+        c.arg("name"), unpair=c.body_as(wire.RevokeIn).unpair
+    )
 
 
 async def issue_key(c: Call) -> wire.KeyIssued:
-    return await c.ctx.svc.issue_key(c.body_as(wire.KeyIssueIn))
+    return await c.ctx.svc.admin.issue_key(c.body_as(wire.KeyIssueIn))
 
 
 async def list_keys(c: Call) -> list[wire.PairingKey]:
-    return await c.ctx.svc.list_keys(c.request.query.get("profile"))
+    return await c.ctx.svc.admin.list_keys(c.request.query.get("profile"))
 
 
 async def revoke_key(c: Call) -> wire.PairingKey:
-    return await c.ctx.svc.revoke_key(c.arg("key_id"), unpair=c.body_as(wire.RevokeIn).unpair)
+    return await c.ctx.svc.admin.revoke_key(c.arg("key_id"), unpair=c.body_as(wire.RevokeIn).unpair)
 
 
 async def list_workloads(c: Call) -> list[wire.Workload]:
@@ -112,15 +114,15 @@ async def list_workloads(c: Call) -> list[wire.Workload]:
 
 
 async def unpair_workload(c: Call) -> None:
-    await c.ctx.svc.unpair_workload(c.arg("id"))
+    await c.ctx.svc.admin.unpair_workload(c.arg("id"))
 
 
 async def list_hosts(c: Call) -> list[wire.Host]:
-    return await c.ctx.svc.store.hosts()
+    return await c.ctx.svc.admin.list_hosts()
 
 
 async def revoke_host(c: Call) -> wire.Host:
-    return await c.ctx.svc.revoke_host(c.arg("id"))
+    return await c.ctx.svc.admin.revoke_host(c.arg("id"))
 
 
 async def list_audit(c: Call) -> list[wire.AuditEntry]:
@@ -130,39 +132,38 @@ async def list_audit(c: Call) -> list[wire.AuditEntry]:
 
 
 async def new_activation_code(c: Call) -> wire.ActivationCode:
-    return await c.ctx.svc.new_activation_code(c.body_as(wire.ActivationCodeIn))
+    return await c.ctx.svc.admin.new_activation_code(c.body_as(wire.ActivationCodeIn))
 
 
 async def rotate_admin_token(c: Call) -> wire.AdminToken:
-    return await c.ctx.svc.rotate_admin_token()
+    return await c.ctx.svc.admin.rotate_admin_token()
 
 
 async def register(c: Call) -> wire.Registered:
-    return await c.ctx.svc.register(c.body_as(wire.RegisterIn), c.ctx.source)
+    return await c.ctx.svc.agents.register(c.body_as(wire.RegisterIn), c.ctx.source)
 
 
-async def pair(c: Call) -> web.Response:
-    body = await agents.pair(c.ctx.svc, c.ctx.host_id, c.body_as(wire.PairIn))
-    return web.Response(body=body, content_type="application/json")
+async def pair(c: Call) -> wire.PairResult:
+    return await c.ctx.svc.agents.pair(c.ctx.host_id, c.body_as(wire.PairIn))
 
 
 async def unpair(c: Call) -> None:
-    await agents.unpair(c.ctx.svc, c.ctx.host_id, c.body_as(wire.UnpairIn))
+    await c.ctx.svc.agents.unpair(c.ctx.host_id, c.body_as(wire.UnpairIn))
 
 
 async def instructions(c: Call) -> web.Response | None:
     since = int_param(c.request, "since", 0, 0, 2**62)
     wait = float_param(c.request, "wait", 0.0, 0.0, c.ctx.svc.cfg.longpoll_timeout_s)
-    body = await agents.instructions(c.ctx.svc, c.ctx.host_id, since, wait)
+    body = await c.ctx.svc.agents.instructions(c.ctx.host_id, since, wait)
     return None if body is None else web.Response(body=body, content_type="application/json")
 
 
 async def report(c: Call) -> None:
-    await agents.report(c.ctx.svc, c.ctx.host_id, c.body_as(wire.AgentReport))
+    await c.ctx.svc.agents.report(c.ctx.host_id, c.body_as(wire.AgentReport))
 
 
 async def sidecars(c: Call) -> None:
-    await agents.sidecars(c.ctx.svc, c.ctx.host_id, c.body_as(wire.SidecarsIn))
+    await c.ctx.svc.agents.sidecars(c.ctx.host_id, c.body_as(wire.SidecarsIn))
 
 
 _LIMIT = Param("limit", "integer", f"how many entries (1-{MAX_AUDIT}, default 100)")
@@ -258,7 +259,7 @@ async def authenticate(request: web.Request, route: Route, body: Body) -> Caller
     except (Unauthorized, Forbidden) as e:
         sample = f"{what} as host {clip(request.headers.get(crypto.HDR_AGENT, ''))}"
         raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
-    await agents.touch(svc, host_id)
+    await svc.agents.touch(host_id)
     return Caller(svc, host_id=host_id)
 
 

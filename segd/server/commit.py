@@ -3,18 +3,20 @@
 A writer joins the open transaction (or, while one is being committed, the
 next one), runs its body inside its own SAVEPOINT, and returns only once the
 whole transaction is durable: a change is acknowledged after its commit, never
-before. A body that raises is rolled back to its savepoint and its in-memory
-edits undone; the rest of the batch goes on. A commit that fails undoes the
-in-memory edits of every writer of the batch, newest first, and every writer of
-the batch gets the error.
+before. A body that raises is rolled back to its savepoint, and the change
+records it made go with it; the rest of the batch goes on. A commit that fails
+fails every writer of the batch.
 
 Statements run on the event loop's thread: they touch SQLite's page cache and
 take microseconds. Only COMMIT, which waits for the disk, runs on a worker
 thread, and nobody uses the connection meanwhile; writers that arrive during a
 commit form the next batch. So the batch grows with the load and a lone writer
-waits for one fsync, as it would without batching. The owner may hand the
-worker thread more to do once the transaction is durable (work that releases
-the GIL, such as signing), before the writers are answered.
+waits for one fsync, as it would without batching.
+
+The owner (the store) adds the transaction's last statements when it is sealed
+(`Sealer.seal`, given the change records of every writer, in order) and hears
+whether it became durable (`committed`, before any writer is answered, so what
+they read next includes it) or not (`aborted`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,14 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from segd import log
 from segd.errors import Conflict, SegdError, Unavailable
+from segd.server.changes import Change, Commit
 
 _log = log.get("segd.server.store")
 
-Hook = Callable[[], None]
-Work = Callable[[], None]
 T = TypeVar("T")
 
 
@@ -42,24 +43,23 @@ def map_error(e: sqlite3.Error) -> SegdError:
     return Unavailable(f"store unavailable: {e}")
 
 
-class Undo:
-    """The undo of one writer's in-memory edits, run newest first."""
+class Sealer(Protocol):
+    def seal(self, changes: list[Change]) -> Commit | None:
+        """The transaction's last statements (on the event loop, before COMMIT)."""
+        ...
 
-    def __init__(self) -> None:
-        self._fns: list[Callable[[], object]] = []
+    def committed(self, commit: Commit | None) -> None:
+        """The sealed transaction is durable."""
+        ...
 
-    def add(self, fn: Callable[[], object]) -> None:
-        self._fns.append(fn)
-
-    def run(self) -> None:
-        for fn in reversed(self._fns):
-            fn()
-        self._fns.clear()
+    def aborted(self) -> None:
+        """The sealed (or sealing) transaction was rolled back."""
+        ...
 
 
 class _Batch:
     def __init__(self) -> None:
-        self.undos: list[Undo] = []  # of the writers whose bodies completed
+        self.changes: list[Change] = []  # of the writers whose bodies completed, in order
         self.waiting: list[asyncio.Future[None]] = []  # their answers, one each
         self.active = 0  # writers inside their body
         self.failed: SegdError | None = None  # the transaction is lost
@@ -78,29 +78,21 @@ class _Batch:
 class GroupCommit:
     """Serialised writers on one connection (opened with isolation_level=None)."""
 
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        before_commit: Callable[[], Work | None],
-        after_commit: Hook,
-        after_abort: Hook,
-    ) -> None:
+    def __init__(self, conn: sqlite3.Connection, sealer: Sealer) -> None:
         self._conn = conn
-        self._before_commit = before_commit
-        self._after_commit = after_commit
-        self._after_abort = after_abort
+        self._sealer = sealer
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="segd-commit")
         self._open: _Batch | None = None  # the transaction writers may join
         self._committing: asyncio.Future[None] | None = None  # COMMIT on the worker thread
         self._idle: asyncio.Future[None] | None = None  # set when that commit ends
         self._body = asyncio.Lock()
+        self.commits = 0  # durable transactions so far
 
     @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[Undo]:
-        """One writer: yields the undo list for its in-memory edits."""
+    async def write(self) -> AsyncIterator[list[Change]]:
+        """One writer: yields the list its change records go to."""
         batch = await self._join()
-        undo = Undo()
+        changes: list[Change] = []
         answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
             async with self._body:
@@ -108,18 +100,16 @@ class GroupCommit:
                     raise batch.failed
                 self._exec("SAVEPOINT w")
                 try:
-                    yield undo
+                    yield changes
                 except BaseException as e:
                     self._roll_back_body(batch)
-                    undo.run()
                     if isinstance(e, sqlite3.Error):
                         raise map_error(e) from None
                     raise
                 self._exec("RELEASE w")
-                batch.undos.append(undo)
+                batch.changes += changes
                 batch.waiting.append(answer)
         except sqlite3.Error as e:  # SAVEPOINT or RELEASE: count the transaction lost
-            undo.run()
             batch.failed = batch.failed or map_error(e)
             raise batch.failed from None
         finally:
@@ -169,17 +159,17 @@ class GroupCommit:
             self._start_commit(batch)
 
     def _start_commit(self, batch: _Batch) -> None:
-        """Add the batch's last statements, then COMMIT on the worker thread; the
-        outcome is handled by a callback, so no cancellation can come between."""
+        """Seal the batch, then COMMIT on the worker thread; the outcome is handled
+        by a callback, so no cancellation can come between."""
         self._open = None
         try:
             if batch.failed is not None:
                 raise batch.failed
-            if not batch.undos:
+            if not batch.waiting:
                 self._conn.execute("ROLLBACK")  # nothing of it was kept
                 self._set_idle()
                 return
-            then = self._before_commit()
+            commit = self._sealer.seal(batch.changes)
         except BaseException as e:
             self._abort(batch, e)
             self._set_idle()
@@ -187,26 +177,21 @@ class GroupCommit:
                 raise
             return
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._thread, self._commit_now, then)
+        fut = loop.run_in_executor(self._thread, self._commit_now)
         self._committing = fut
-        fut.add_done_callback(lambda f: self._committed(batch, f))
+        fut.add_done_callback(lambda f: self._committed(batch, commit, f))
 
-    def _commit_now(self, then: Work | None) -> None:
-        """On the worker thread: COMMIT; once durable, the owner's work (whose
-        failure only costs what it would have saved)."""
+    def _commit_now(self) -> None:
+        """On the worker thread: COMMIT, waiting for the disk."""
         self._conn.execute("COMMIT")
-        if then is not None:
-            try:
-                then()
-            except Exception:
-                _log.exception("store.after_commit_work_failed")
 
-    def _committed(self, batch: _Batch, fut: asyncio.Future[None]) -> None:
+    def _committed(self, batch: _Batch, commit: Commit | None, fut: asyncio.Future[None]) -> None:
         self._committing = None
         err = fut.exception()
         if err is None:
+            self.commits += 1
             try:
-                self._after_commit()
+                self._sealer.committed(commit)
             except Exception:  # committed all the same: the writers must hear so
                 _log.exception("store.after_commit_failed")
             batch.finish(None)
@@ -220,12 +205,10 @@ class GroupCommit:
         if self._conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-        for undo in reversed(batch.undos):
-            undo.run()
-        self._after_abort()
+        self._sealer.aborted()
         err = map_error(e) if isinstance(e, sqlite3.Error) else e
         if isinstance(err, SegdError):
-            _log.warning("store.commit_failed", error=err.message, writers=len(batch.undos))
+            _log.warning("store.commit_failed", error=err.message, writers=len(batch.waiting))
         batch.finish(err)
 
     def _set_idle(self) -> None:

@@ -195,4 +195,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (host_id, container_id)
     );
     """,
+    # 5: the generation: one more for every commit that changes instructions, written
+    # in that commit; a host's instructions version is the generation of the last
+    # commit that changed them. It starts above every version handed out before.
+    # The hosts' versions are written with a later transaction: `versions_through`
+    # is the generation up to which they all are.
+    """
+    CREATE TABLE generation (value INTEGER NOT NULL, versions_through INTEGER NOT NULL);
+    INSERT INTO generation (value, versions_through)
+        SELECT coalesce(max(instructions_version), 0), coalesce(max(instructions_version), 0)
+        FROM hosts;
+    """,
 ]

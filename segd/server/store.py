@@ -7,6 +7,14 @@ once the transaction is durable), and a query-only reader that sees committed
 data only. `synchronous=FULL` makes an acknowledged commit survive a power cut.
 A lock file keeps a second server off the same data dir.
 
+A write that can change a host's instructions leaves a typed change record
+(`changes`); once its transaction is durable the store hands that
+transaction's records, in statement order, with its generation to the one
+function that follows it (`follow`). The generation counts the commits that
+had changes and is written in the same transaction, so it never goes back;
+the per-host versions the follower derives from it are persisted with the next
+transaction (`persist_versions`), or on close.
+
 SQLite failures surface as `Unavailable` (HTTP 503) and constraint failures as
 `Conflict`; callers never see a raw `sqlite3` error.
 """
@@ -19,16 +27,19 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiosqlite
 import msgspec
 
-from segd import sqlite, wire
+from segd import log, sqlite, wire
 from segd.errors import Unavailable
 from segd.policy import Labels, Selectors
-from segd.server.commit import GroupCommit, Undo, Work, map_error
+from segd.server import changes as ch
+from segd.server.commit import GroupCommit, map_error
 from segd.server.migrations import MIGRATIONS
+
+_log = log.get("segd.server.store")
 
 _enc = msgspec.json.Encoder(order="deterministic")
 _labels = msgspec.json.Decoder(Labels)
@@ -136,18 +147,14 @@ _HOST_SELECT = (
 class Tx:
     """One writer's part of a write transaction; only valid inside `Store.write()`.
 
-    Its statements are synchronous (they run against SQLite's page cache); what
-    the writer changes in memory alongside them is undone with `on_undo` when the
-    writer's body or the transaction's commit fails.
+    Its statements are synchronous (they run against SQLite's page cache). Those
+    that can change a host's instructions also note a change record, delivered
+    once the transaction is durable; a writer whose body fails leaves none.
     """
 
-    def __init__(self, conn: sqlite3.Connection, undo: Undo) -> None:
+    def __init__(self, conn: sqlite3.Connection, changes: list[ch.Change]) -> None:
         self._c = conn
-        self._undo = undo
-
-    def on_undo(self, fn: Callable[[], object]) -> None:
-        """Run `fn` if this write does not commit (undos run newest first)."""
-        self._undo.add(fn)
+        self._changes = changes
 
     def _one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._c.execute(sql, tuple(params)).fetchone()
@@ -175,9 +182,13 @@ class Tx:
                 r.created_at,
             ),
         )
+        self._changes.append(ch.RulesSet(self.rules()))
 
     def delete_rule(self, rule_id: str) -> bool:
-        return self._exec("DELETE FROM rules WHERE id = ?", (rule_id,)) > 0
+        if self._exec("DELETE FROM rules WHERE id = ?", (rule_id,)) == 0:
+            return False
+        self._changes.append(ch.RulesSet(self.rules()))
+        return True
 
     def rules(self) -> list[wire.Rule]:
         return [_rule(r) for r in self._all("SELECT * FROM rules ORDER BY created_at, id")]
@@ -342,6 +353,7 @@ class Tx:
             ),
         )
         self._insert_ips(w.id, w.ips)
+        self._changes.append(ch.WorkloadAdded(w))
 
     def _insert_ips(self, workload_id: str, ips: Iterable[str]) -> None:
         self._c.executemany(
@@ -349,13 +361,18 @@ class Tx:
             [(ip, workload_id) for ip in ips],
         )
 
-    def set_workload_ips(self, workload_id: str, ips: list[str]) -> None:
-        self._exec("DELETE FROM workload_ips WHERE workload_id = ?", (workload_id,))
-        self._exec("UPDATE workloads SET ips = ? WHERE id = ?", (_j(ips), workload_id))
-        self._insert_ips(workload_id, ips)
+    def readdress_workload(self, w: wire.Workload) -> None:
+        """Give the workload `w.id` the addresses `w.ips` (`w` is it, readdressed)."""
+        self._exec("DELETE FROM workload_ips WHERE workload_id = ?", (w.id,))
+        self._exec("UPDATE workloads SET ips = ? WHERE id = ?", (_j(w.ips), w.id))
+        self._insert_ips(w.id, w.ips)
+        self._changes.append(ch.WorkloadReaddressed(w))
 
     def delete_workload(self, workload_id: str) -> bool:
-        return self._exec("DELETE FROM workloads WHERE id = ?", (workload_id,)) > 0
+        if self._exec("DELETE FROM workloads WHERE id = ?", (workload_id,)) == 0:
+            return False
+        self._changes.append(ch.WorkloadRemoved(workload_id))
+        return True
 
     def set_sidecars(self, host_id: str, sidecars: Iterable[wire.SidecarIn]) -> None:
         """Replace the host's sidecars (containers sharing another's namespace)."""
@@ -387,6 +404,12 @@ class Tx:
             " VALUES (?, ?, ?, ?, ?)",
             (host_id, hostname, public_key, now, now),
         )
+        self._changes.append(ch.HostAdded(host_id, public_key))
+
+    def host_revoked(self, host_id: str) -> bool | None:
+        """Whether the host is revoked, as this transaction sees it; None if unknown."""
+        row = self._one("SELECT revoked FROM hosts WHERE id = ?", (host_id,))
+        return None if row is None else bool(row["revoked"])
 
     def host_with_key(self, public_key: str) -> str | None:
         row = self._one("SELECT id FROM hosts WHERE public_key = ?", (public_key,))
@@ -398,17 +421,16 @@ class Tx:
             return False
         self._exec("DELETE FROM admissions WHERE host_id = ?", (host_id,))
         self._exec("DELETE FROM held_containers WHERE host_id = ?", (host_id,))
+        self._changes.append(ch.HostRevoked(host_id))
         return True
 
     def touch_host(self, host_id: str, now: float) -> None:
         self._exec("UPDATE hosts SET last_seen = ? WHERE id = ?", (now, host_id))
 
-    def set_versions(self, versions: Mapping[str, tuple[int, str]]) -> None:
-        """Persist (instructions version, content digest) per host."""
-        self._c.executemany(
-            "UPDATE hosts SET instructions_version = ?, instructions_digest = ? WHERE id = ?",
-            [(v, d, h) for h, (v, d) in versions.items()],
-        )
+    def recompiled(self, host_ids: Iterable[str]) -> None:
+        """Note hosts whose compiled content differs from what was persisted for it:
+        they get this transaction's generation as their version."""
+        self._changes.append(ch.HostsRecompiled(sorted(host_ids)))
 
     def set_replay_mark(self, host_id: str, ts: float) -> None:
         """Raise the host's replay mark to `ts` (it never goes down)."""
@@ -457,28 +479,6 @@ class Tx:
         )
 
 
-class CommitHooks(Protocol):
-    """What the owner of the store adds to every transaction, and hears of its end.
-
-    `before_commit` may return work for the commit thread, run once the
-    transaction is durable and before `after_commit` (on the event loop)."""
-
-    def before_commit(self, tx: Tx) -> Work | None: ...
-    def after_commit(self) -> None: ...
-    def after_abort(self) -> None: ...
-
-
-class _NoHooks:
-    def before_commit(self, tx: Tx) -> Work | None:
-        return None
-
-    def after_commit(self) -> None:
-        pass
-
-    def after_abort(self) -> None:
-        pass
-
-
 class Store:
     """The open store. Use `await Store.open(path)` and `await store.close()`."""
 
@@ -486,16 +486,35 @@ class Store:
         self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection, lock_fd: int
     ) -> None:
         self.path = path
-        self.hooks: CommitHooks = _NoHooks()
         self._w = writer
         self._r = reader
         self._lock_fd = lock_fd
-        self._commits = GroupCommit(
-            writer,
-            before_commit=lambda: self.hooks.before_commit(Tx(writer, Undo())),
-            after_commit=lambda: self.hooks.after_commit(),
-            after_abort=lambda: self.hooks.after_abort(),
-        )
+        row = writer.execute("SELECT value, versions_through FROM generation").fetchone()
+        self.generation: int = row[0]  # of the last durable commit with changes
+        # Up to which generation every host's version is persisted: below
+        # `generation` after a crash, when some were not (see `persist_versions`).
+        self.versions_through: int = row[1]
+        self._follower: Callable[[ch.Commit], None] | None = None
+        self._due: dict[str, tuple[int, str]] = {}  # host versions to persist
+        self._writing: dict[str, tuple[int, str]] = {}  # those in the sealed transaction
+        self._commits = GroupCommit(writer, _Sealer(self))
+
+    @property
+    def commits(self) -> int:
+        """How many transactions have become durable since the store was opened."""
+        return self._commits.commits
+
+    def follow(self, fn: Callable[[ch.Commit], None]) -> None:
+        """Hand every later durable commit that has changes to `fn`, in commit order,
+        on the event loop, before any of its writers is answered."""
+        self._follower = fn
+
+    def persist_versions(self, versions: Mapping[str, tuple[int, str]]) -> None:
+        """Write (instructions version, content digest) per host with the next
+        transaction (or on close). Those lost in a crash are made good at start:
+        `versions_through` is then below `generation`, and every host gets a new
+        generation (no version handed out is ever reused for other content)."""
+        self._due.update(versions)
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -521,8 +540,16 @@ class Store:
             raise
         return cls(path, w, r, lock_fd)
 
+    async def flush(self) -> None:
+        """Persist the host versions still due, now."""
+        if self._due or self.versions_through < self.generation:
+            async with self.write():
+                pass
+
     async def close(self) -> None:
         try:
+            with contextlib.suppress(Unavailable):  # made good at the next start
+                await self.flush()
             await self._commits.close()
             await self._r.close()
             self._w.close()
@@ -538,9 +565,9 @@ class Store:
     @contextlib.asynccontextmanager
     async def write(self) -> AsyncIterator[Tx]:
         """One writer's part of a (group-committed) write transaction: returns once
-        it is durable; rolled back, with its undos run, when the body raises."""
-        async with self._commits.write() as undo:
-            yield Tx(self._w, undo)
+        it is durable; rolled back, its change records dropped, when the body raises."""
+        async with self._commits.write() as changes:
+            yield Tx(self._w, changes)
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -633,3 +660,66 @@ class Store:
 
     async def admin_token_hashes(self) -> set[str]:
         return {r["token_hash"] for r in await self._all("SELECT token_hash FROM admin_tokens")}
+
+
+class _Sealer:
+    """The store's part of each group commit: the generation, the versions due."""
+
+    def __init__(self, store: Store) -> None:
+        self._s = store
+        self._through = store.versions_through  # what the sealed transaction records
+
+    def seal(self, changes: list[ch.Change]) -> ch.Commit | None:
+        """The generation (when there are changes) and the versions due: those of
+        every commit applied so far, so with them the versions are persisted
+        through the last durable generation."""
+        s = self._s
+        commit = ch.Commit(s.generation + 1, changes) if changes else None
+        self._through = s.versions_through
+        if s._due or s.versions_through < s.generation:
+            s._writing, s._due = s._due, {}
+            if self._write_versions(s._writing):
+                self._through = s.generation
+            else:  # tried again with the next transaction
+                s._due = {**s._writing, **s._due}
+                s._writing = {}
+        if commit is not None or self._through != s.versions_through:
+            s._w.execute(
+                "UPDATE generation SET value = ?, versions_through = ?",
+                (commit.generation if commit else s.generation, self._through),
+            )
+        return commit
+
+    def _write_versions(self, versions: Mapping[str, tuple[int, str]]) -> bool:
+        """In a savepoint of their own: failing to record versions must not fail
+        the writers they ride with (a start makes good what is missing)."""
+        w = self._s._w
+        w.execute("SAVEPOINT v")
+        ok = True
+        try:
+            w.executemany(
+                "UPDATE hosts SET instructions_version = ?, instructions_digest = ? WHERE id = ?",
+                [(v, d, h) for h, (v, d) in versions.items()],
+            )
+        except sqlite3.Error as e:
+            ok = False
+            with contextlib.suppress(sqlite3.Error):
+                w.execute("ROLLBACK TO v")
+            _log.warning("store.versions_not_persisted", error=str(e), hosts=len(versions))
+        with contextlib.suppress(sqlite3.Error):
+            w.execute("RELEASE v")
+        return ok
+
+    def committed(self, commit: ch.Commit | None) -> None:
+        s = self._s
+        s._writing = {}
+        s.versions_through = self._through
+        if commit is not None:
+            s.generation = commit.generation
+            if s._follower is not None:
+                s._follower(commit)
+
+    def aborted(self) -> None:
+        s = self._s
+        s._due = {**s._writing, **s._due}
+        s._writing = {}

@@ -188,6 +188,16 @@ class Agent:
     async def instructions(self, since: int = 0, wait: float = 0) -> tuple[int, Any]:
         return await self.request("GET", f"/v1/agent/instructions?since={since}&wait={wait}")
 
+    async def paired(self, res: Any) -> wire.Instructions:
+        """The host's instructions at a pairing answer's version, as the long-poll
+        brings them (the answer carries the version, not the instructions)."""
+        assert "instructions" not in res, res
+        status, signed = await self.instructions(since=res["version"] - 1, wait=2)
+        assert status == 200, signed
+        instr = self.open(signed)
+        assert instr.version == res["version"]
+        return instr
+
     def open(self, signed: Any) -> wire.Instructions:
         """Verify signed instructions with the server key and decode them."""
         s = msgspec.convert(signed, wire.SignedInstructions)

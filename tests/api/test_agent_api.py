@@ -161,7 +161,7 @@ async def test_unsigned_request_refused(make_agent: MakeAgent, drop: str) -> Non
 # ---- pairing ------------------------------------------------------------------------
 
 
-async def test_pair_decides_labels_and_returns_signed_instructions(
+async def test_pair_decides_labels_and_answers_its_instructions_version(
     api: Admin, make_agent: MakeAgent
 ) -> None:
     token = await api.setup_policy(labels={"role": "db", "app": "shop"}, locked=("role",))
@@ -169,7 +169,7 @@ async def test_pair_decides_labels_and_returns_signed_instructions(
     status, res = await a.pair("c1", token, ["10.0.0.7", "fd00::7"], {"app": "blog", "env": "prod"})
     assert status == 200, res
     assert res["labels"] == {"role": "db", "app": "blog", "env": "prod"}
-    instr = a.open(res["instructions"])
+    instr = await a.paired(res)
     assert instr.host_id == a.host_id and instr.version == 2
     [wp] = instr.workloads
     assert (wp.workload_id, wp.container_id, wp.ips) == (
@@ -284,7 +284,7 @@ async def test_pairing_again_is_idempotent_even_once_the_key_ran_out_and_expired
     s2, again = await a.pair("c1", token, ["10.0.0.1"])
     assert (s1, s2) == (200, 200)
     assert again["workload_id"] == first["workload_id"]
-    assert a.open(again["instructions"]).version == a.open(first["instructions"]).version
+    assert (await a.paired(again)).version == (await a.paired(first)).version
     [key] = await api.ok("GET", "/v1/keys")
     assert key["uses"] == 1
     assert len(await api.ok("GET", "/v1/workloads")) == 1
@@ -311,7 +311,7 @@ async def test_pairing_again_with_new_addresses_readdresses(
     _, first = await a.pair("c1", token, ["10.0.0.1"])
     status, res = await a.pair("c1", token, ["10.0.0.9"])
     assert status == 200 and res["workload_id"] == first["workload_id"]
-    assert a.open(res["instructions"]).workloads[0].ips == ["10.0.0.9"]
+    assert (await a.paired(res)).workloads[0].ips == ["10.0.0.9"]
     [w] = await api.ok("GET", "/v1/workloads")
     assert w["ips"] == ["10.0.0.9"]
     [key] = await api.ok("GET", "/v1/keys")
@@ -324,7 +324,7 @@ async def test_unpair_removes_the_workload_and_is_idempotent(
     token = await api.setup_policy()
     a = await make_agent()
     _, res = await a.pair("c1", token, ["10.0.0.1"])
-    v = a.open(res["instructions"]).version
+    v = (await a.paired(res)).version
     assert (await a.unpair("c1"))[0] == 204
     assert await api.ok("GET", "/v1/workloads") == []
     status, signed = await a.instructions(since=v)

@@ -39,13 +39,17 @@ async def test_agent_client_decodes_pairing_and_instructions(live_server: LiveSe
             wire.PairIn(container_id="c1", pairing_key=token, ips=["10.9.0.1"], name="w")
         )
         assert res.labels == {"role": "web"}
-        payload = crypto.b64d(res.instructions.payload)
-        assert crypto.verify(vk, payload, crypto.b64d(res.instructions.signature))
+        assert res.instructions is msgspec.UNSET  # the long-poll brings them
+        signed = await client.instructions(since=res.version - 1, wait=5)
+        assert signed is not None
+        payload = crypto.b64d(signed.payload)
+        assert crypto.verify(vk, payload, crypto.b64d(signed.signature))
         instr = msgspec.json.decode(payload, type=wire.Instructions)
+        assert instr.version == res.version
         assert [p.workload_id for p in instr.workloads] == [res.workload_id]
         assert payload == encode_instructions(instr)
         again = await client.instructions(since=0, wait=0)
-        assert again == res.instructions
+        assert again == signed
         assert await client.instructions(since=instr.version, wait=0) is None
     finally:
         await client.close()
@@ -66,3 +70,15 @@ async def test_agent_client_reports_sidecars(live_server: LiveServer) -> None:
             await client.close()
         [w] = await admin.call("GET", "/v1/workloads")
         assert w["sidecars"] == [{"container_id": "c2", "name": "side"}]
+
+
+def test_agent_client_decodes_the_pairing_answer_of_an_earlier_server() -> None:
+    """An answer carrying the signed instructions and no version still decodes."""
+    signed = wire.SignedInstructions(key_id="k", payload="cA", signature="cw")
+    old = msgspec.json.encode(
+        {"workload_id": "w_1", "labels": {"role": "web"}, "instructions": signed}
+    )
+    res = msgspec.json.decode(old, type=wire.PairResult)
+    assert (res.workload_id, res.version, res.instructions) == ("w_1", 0, signed)
+    new = msgspec.json.encode(wire.PairResult(workload_id="w_1", labels={}, version=7))
+    assert msgspec.json.decode(new) == {"workload_id": "w_1", "labels": {}, "version": 7}

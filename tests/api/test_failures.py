@@ -1,4 +1,5 @@
-"""A change whose transaction fails leaves nothing behind: store, compiler, versions."""
+"""A change whose transaction fails leaves nothing behind: store, compiler, versions
+(the compiler only ever hears of committed changes)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from segd.config import ServerConfig
 from tests.api.conftest import Admin, MakeAgent
 
 RULE = {"providers": [{"role": "db"}], "consumers": [{"role": "web"}], "services": ["tcp/5432"]}
+# The generation is written by the last statement of every commit that changes
+# instructions: failing it fails the whole commit.
 FAIL_VERSIONS = """
-CREATE TRIGGER fail_versions BEFORE UPDATE OF instructions_version ON hosts
+CREATE TRIGGER fail_versions BEFORE UPDATE ON generation
 BEGIN SELECT RAISE(ABORT, 'injected failure'); END;
 """
 
@@ -31,10 +34,10 @@ async def test_failed_commit_undoes_the_compiler_change(
     web_key = await api.setup_policy(profile="web", labels={"role": "web"})
     a, b = await make_agent("a"), await make_agent("b")
     _, on_b = await b.pair("web1", web_key, ["10.0.0.2"])
-    before_b = b.open(on_b["instructions"])
+    before_b = await b.paired(on_b)
     before = await api.snapshot()
 
-    # The pairing is decided and the compiler updated, then persisting versions fails.
+    # The pairing is decided and written, then its commit fails.
     _sql(server_cfg, FAIL_VERSIONS)
     status, body = await a.pair("db1", db_key, ["10.0.0.1"])
     assert status >= 400 and set(body) == {"error", "message"}
@@ -46,7 +49,7 @@ async def test_failed_commit_undoes_the_compiler_change(
     _sql(server_cfg, "DROP TRIGGER fail_versions;")
     # B's next recompile must not see the workload that failed to pair.
     _, res = await b.pair("web2", web_key, ["10.0.0.3"])
-    assert b.open(res["instructions"]).sets == before_b.sets
+    assert (await b.paired(res)).sets == before_b.sets
     status, res = await a.pair("db1", db_key, ["10.0.0.1"])
     assert status == 200, res
     status, signed = await b.instructions(since=before_b.version + 1)
@@ -59,7 +62,7 @@ async def test_failed_rule_change_is_undone(
     web_key = await api.setup_policy(profile="web", labels={"role": "web"})
     b = await make_agent("b")
     _, on_b = await b.pair("web1", web_key, ["10.0.0.2"])
-    version = b.open(on_b["instructions"]).version
+    version = (await b.paired(on_b)).version
     _sql(server_cfg, FAIL_VERSIONS)
     status, _ = await api.call("POST", "/v1/rules", RULE)
     assert status >= 400
@@ -68,5 +71,5 @@ async def test_failed_rule_change_is_undone(
     assert (await b.instructions(since=version))[0] == 204
     # The next recompile of B must not pick up the half-applied rule either.
     _, res = await b.pair("web2", web_key, ["10.0.0.3"])
-    instr = b.open(res["instructions"])
+    instr = await b.paired(res)
     assert instr.version == version + 1 and instr.rules == []

@@ -89,3 +89,48 @@ async def test_second_server_on_the_same_data_dir_is_refused(
 ) -> None:
     with pytest.raises(Conflict, match="another segd server"):
         await Service.open(server_cfg)
+
+
+async def test_versions_lost_in_a_crash_were_handed_out_again_for_other_content(
+    api: Admin,
+    make_agent: MakeAgent,
+    aiohttp_client: AiohttpClient,
+    server_cfg: ServerConfig,
+    clock: Clock,
+) -> None:
+    """Hosts' versions are persisted with the transaction after the commit that
+    made them. A crash before it (left here by hand: versions behind the
+    generation) may have lost versions an agent holds, for content it may no
+    longer match once changed back: every host gets a new generation at start."""
+    token = await api.setup_policy(max_uses=5)
+    a, b = await make_agent("a"), await make_agent("b")
+    _, res = await a.pair("c1", token, ["10.0.0.1"])
+    held = (await a.paired(res)).version
+    assert (await a.unpair("c1"))[0] == 204
+    hosts = {h["id"]: h["instructions_version"] for h in await api.ok("GET", "/v1/hosts")}
+    await api.client.close()
+    with sqlite3.connect(Path(server_cfg.data_dir) / "segd.db") as db:
+        generation, through = db.execute(
+            "SELECT value, versions_through FROM generation"
+        ).fetchone()
+        assert through == generation  # a clean close persisted them all
+        # As if the crash came before the versions of the pairing and the unpairing
+        # were written: a's persisted content (no workload) matches again.
+        db.execute("UPDATE generation SET versions_through = ?", (generation - 2,))
+        db.execute("UPDATE hosts SET instructions_version = ? WHERE id = ?", (held - 1, a.host_id))
+    db.close()
+
+    api2 = await start_admin(aiohttp_client, server_cfg, clock)
+    after = {h["id"]: h["instructions_version"] for h in await api2.ok("GET", "/v1/hosts")}
+    assert after == {h: generation + 1 for h in (a.host_id, b.host_id)}, (after, generation)
+    assert generation + 1 > max(held, *hosts.values())
+    a.client = api2.client
+    status, signed = await a.instructions(since=held)
+    assert status == 200 and a.open(signed).version == generation + 1
+    await api2.client.close()
+    with sqlite3.connect(Path(server_cfg.data_dir) / "segd.db") as db:
+        assert db.execute("SELECT value, versions_through FROM generation").fetchone() == (
+            generation + 1,
+            generation + 1,
+        )
+    db.close()

@@ -20,8 +20,8 @@ async def test_pairing_wakes_affected_hosts_only(api: Admin, make_agent: MakeAge
     a, b, c = await make_agent("a"), await make_agent("b"), await make_agent("c")
     _, on_b = await b.pair("web1", web_key, ["10.0.0.2"])
     _, on_c = await c.pair("batch1", other_key, ["10.0.0.3"])
-    vb = b.open(on_b["instructions"]).version
-    vc = c.open(on_c["instructions"]).version
+    vb = (await b.paired(on_b)).version
+    vc = (await c.paired(on_c)).version
 
     wait_b = asyncio.create_task(b.instructions(since=vb, wait=5))
     wait_c = asyncio.create_task(c.instructions(since=vc, wait=1.5))
@@ -34,7 +34,7 @@ async def test_pairing_wakes_affected_hosts_only(api: Admin, make_agent: MakeAge
     status_b, signed_b = await asyncio.wait_for(wait_b, 2)
     assert status_b == 200
     ib = b.open(signed_b)
-    assert ib.version == vb + 1
+    assert ib.version == res["version"] > vb  # the generation of that one commit
     assert ["10.0.0.1"] in ib.sets.values()  # B's web workload may now reach the new db
 
     assert not wait_c.done()  # still parked after B was woken
@@ -52,8 +52,8 @@ async def test_rule_change_wakes_only_hosts_whose_content_changed(
     b, c = await make_agent("b"), await make_agent("c")
     _, on_b = await b.pair("web1", web_key, ["10.0.0.2"])
     _, on_c = await c.pair("batch1", other_key, ["10.0.0.3"])
-    vb = b.open(on_b["instructions"]).version
-    vc = c.open(on_c["instructions"]).version
+    vb = (await b.paired(on_b)).version
+    vc = (await c.paired(on_c)).version
     wait_b = asyncio.create_task(b.instructions(since=vb, wait=5))
     wait_c = asyncio.create_task(c.instructions(since=vc, wait=0.5))
     await asyncio.sleep(0.1)
@@ -61,10 +61,13 @@ async def test_rule_change_wakes_only_hosts_whose_content_changed(
     await api.ok("POST", "/v1/rules", rule, status=201)
     # B's web workload gets an outbound allow; C's batch workload is a provider of `any`
     # too, so it gets an inbound allow from the web set: both change here.
-    assert (await asyncio.wait_for(wait_b, 2))[0] == 200
-    assert (await wait_c)[0] == 200
+    status_b, signed_b = await asyncio.wait_for(wait_b, 2)
+    status_c, signed_c = await wait_c
+    assert (status_b, status_c) == (200, 200)
+    # one commit: one generation for both
+    assert b.open(signed_b).version == c.open(signed_c).version > max(vb, vc)
     # A rule that matches nobody changes nothing and wakes nobody.
-    wait_b = asyncio.create_task(b.instructions(since=vb + 1, wait=1.0))
+    wait_b = asyncio.create_task(b.instructions(since=b.open(signed_b).version, wait=1.0))
     await asyncio.sleep(0.05)
     nobody = {
         "providers": [{"role": "ghost"}],

@@ -114,6 +114,10 @@ def test_pairing(tmp_path: Path) -> None:
         assert level["recorded_workloads"] == level["pairings"]  # real pairings, committed
         assert figs[f"pairing.c{c}.rate"]["value"] > 0
         assert figs[f"pairing.c{c}.p99"]["baseline"] > 0
+        assert level["answer_bytes_mean"] < 200  # the answer carries a version, not instructions
+    rate = figs["pairing.c16.rate"]
+    assert rate["ratio"] == pytest.approx(rate["value"] / rate["baseline"])
+    assert {"op": ">=", "limit": 0.4, "on": "ratio"} in rate["targets"]
 
 
 def test_flood(tmp_path: Path) -> None:

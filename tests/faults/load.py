@@ -177,7 +177,7 @@ async def pair_storm(
     """Send `n` pairings from `concurrency` clients; client `j` speaks for agent
     `j % len(agents)`. Request `i` pairs container `{prefix}-{i}` at `ip_of(i)`
     with `tokens[i % len(tokens)]`. Every attempt is returned, answered or not;
-    `read_versions` also decodes each answer's instructions for their version;
+    `read_versions` also reads each answer's instructions version;
     `on_attempt` sees each attempt as it ends (to break something mid-storm)."""
     own = session is None
     sess = session or aiohttp.ClientSession(
@@ -211,8 +211,7 @@ async def pair_storm(
             if status == 200:
                 workload_id = got["workload_id"]
                 if read_versions:
-                    payload = json.loads(crypto.b64d(got["instructions"]["payload"]))
-                    version = int(payload["version"])
+                    version = int(got["version"])
             else:
                 error = str(got.get("error", ""))
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as e:
