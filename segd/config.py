@@ -24,7 +24,7 @@ DEFAULT_ORCH_LISTEN = "127.0.0.1:7401"
 DEFAULT_ALLINONE_DIR = "/var/lib/segd/allinone"
 DATA_DIR_ENV = "SEGD_DATA_DIR"  # overrides DEFAULT_ALLINONE_DIR for allinone and `segd ctl`
 ALLINONE_SERVER_SUBDIR = "server"  # the server's data dir inside the allinone data dir
-ADMIN_TOKEN_FILE = "admin.token"  # in the server's data dir, 0600
+ADMIN_TOKEN_FILE = "admin.token"  # in the server's data dir, 0600  # noqa: S105 - a file name
 MAX_FUTURE_SKEW_S = 30.0
 # Requests without credentials (and failed credentials) per source address.
 DEFAULT_RATE_LIMIT_PER_S = 10.0

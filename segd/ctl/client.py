@@ -22,7 +22,7 @@ from segd.config import (
 from segd.http.client import DEFAULT_TIMEOUT_S, SERVER, Client, ClientError
 
 ENV_SERVER = "SEGD_SERVER"
-ENV_TOKEN = "SEGD_TOKEN"
+ENV_TOKEN = "SEGD_TOKEN"  # noqa: S105 - a variable name
 ENV_CA = "SEGD_CA"
 
 

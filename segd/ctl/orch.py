@@ -44,12 +44,12 @@ from segd.http import client as http
 from segd.orchestrator import wire as owire
 
 ENV_SERVER = "SEGD_ORCH_SERVER"
-ENV_TOKEN = "SEGD_ORCH_TOKEN"
+ENV_TOKEN = "SEGD_ORCH_TOKEN"  # noqa: S105 - a variable name
 ENV_DATA_DIR = "SEGD_DATA_DIR"
 DEFAULT_SERVER = "http://127.0.0.1:7401"
 # `segd allinone` serves the orchestrator's routes on the server's listener.
 ALLINONE_SERVER = "http://127.0.0.1:7400"
-DEFAULT_TOKEN_FILE = "/var/lib/segd/orchestrator/admin.token"
+DEFAULT_TOKEN_FILE = "/var/lib/segd/orchestrator/admin.token"  # noqa: S105 - a file name
 ALLINONE_DIR = "/var/lib/segd/allinone"
 TIMEOUT_S = 120.0  # a run of many containers takes a while
 

@@ -62,6 +62,8 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.server = server.rstrip("/")
+        if not self.server.startswith(("http://", "https://")):
+            raise ClientError(f"invalid server URL {server!r}: expected http:// or https://", 2)
         self.peer = peer
         self._token = token
         self._timeout = timeout
@@ -84,14 +86,16 @@ class Client:
         if query:
             url += "?" + urllib.parse.urlencode(query)
         data = None if body is None else _enc.encode(body)
-        req = urllib.request.Request(url, data=data, method=method)
+        # http or https only (checked when the client was made): no file: or other schemes.
+        req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
         req.add_header("Authorization", f"Bearer {self._token}")
         req.add_header("Accept", "application/json")
         if data is not None:
             req.add_header("Content-Type", "application/json")
         p = self.peer
         try:
-            with urllib.request.urlopen(req, timeout=self._timeout, context=self._ssl) as resp:
+            ctx = self._ssl
+            with urllib.request.urlopen(req, timeout=self._timeout, context=ctx) as resp:  # noqa: S310
                 out: bytes = resp.read()
                 return out
         except urllib.error.HTTPError as e:

@@ -42,7 +42,7 @@ LOCAL_NODE = "local"
 LOCAL_DOCKER_URL = "unix:///var/run/docker.sock"
 DOCKER_TIMEOUT_S = 30.0
 DB_FILE = "orchestrator.db"
-TOKEN_FILE = "admin.token"
+TOKEN_FILE = "admin.token"  # noqa: S105 - a file name
 
 _log = log.get(__name__)
 

@@ -297,12 +297,7 @@ class Compiler:
             if counter[w.host_id] <= 0:
                 del counter[w.host_id]
             self._member_changed(name, w, joined=False)
-        for ip in w.ips:
-            owners = self._ip_owners.get(ip)
-            if owners is not None:
-                owners.discard(workload_id)
-                if not owners:
-                    del self._ip_owners[ip]
+        self._disown_ips(w)
         self._policies.pop(workload_id, None)
         rows = self._rows.get(w.host_id)
         if rows is not None:
@@ -311,6 +306,15 @@ class Compiler:
                 del self._rows[w.host_id]
         self._drop_view(w.host_id)
         return self._affected_by(w.host_id, matched) | {w.host_id}
+
+    def _disown_ips(self, w: Workload) -> None:
+        """Forget that `w` holds its addresses (an address may have other holders)."""
+        for ip in w.ips:
+            owners = self._ip_owners.get(ip)
+            if owners is not None:
+                owners.discard(w.id)
+                if not owners:
+                    del self._ip_owners[ip]
 
     def _member_changed(self, name: str, w: Workload, *, joined: bool) -> None:
         """Keep the set's cached address list current (a new list, never an edit)

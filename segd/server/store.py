@@ -333,8 +333,9 @@ class Tx:
         ips = list(ips)
         if not ips:
             return {}
-        marks = ",".join("?" * len(ips))
-        rows = self._all(f"SELECT ip, workload_id FROM workload_ips WHERE ip IN ({marks})", ips)
+        marks = ",".join("?" * len(ips))  # placeholders only: the values are bound
+        sql = f"SELECT ip, workload_id FROM workload_ips WHERE ip IN ({marks})"  # noqa: S608
+        rows = self._all(sql, ips)
         return {r["ip"]: r["workload_id"] for r in rows}
 
     def insert_workload(self, w: wire.Workload) -> None:
@@ -603,10 +604,12 @@ class Store:
 
     async def workloads(self, host_id: str | None = None) -> list[wire.Workload]:
         """Workloads, each with the sidecars its host reports in its namespace."""
+        # `where` is one of two constant clauses; the host id is bound.
         where, params = ("", ()) if host_id is None else (" WHERE w.host_id = ?", (host_id,))
-        rows = await self._all(f"SELECT * FROM workloads w{where} ORDER BY paired_at, id", params)
+        sql = f"SELECT * FROM workloads w{where} ORDER BY paired_at, id"  # noqa: S608
+        rows = await self._all(sql, params)
         side_rows = await self._all(
-            "SELECT s.host_id, s.shares, s.container_id, s.name FROM sidecars s JOIN workloads w"
+            "SELECT s.host_id, s.shares, s.container_id, s.name FROM sidecars s JOIN workloads w"  # noqa: S608
             f" ON w.host_id = s.host_id AND w.container_id = s.shares{where}"
             " ORDER BY s.container_id",
             params,
