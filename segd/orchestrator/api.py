@@ -20,13 +20,12 @@ from aiohttp import web
 
 from segd.config import DEFAULT_RATE_LIMIT_BURST, DEFAULT_RATE_LIMIT_PER_S
 from segd.errors import RateLimited, Unauthorized, Unavailable
-from segd.http import routes
+from segd.http import openapi, routes
 from segd.http.routes import Body, Param
 from segd.orchestrator import validate
 from segd.orchestrator import wire as owire
 from segd.orchestrator.service import Orchestrator
 from segd.ratelimit import TokenBuckets, source_of
-from segd.server import openapi
 
 PREFIX = "/v1/orch"
 
@@ -260,5 +259,9 @@ ERRORS = {
 def document() -> bytes:
     """The OpenAPI document of `ROUTES`."""
     return openapi.document(
-        ROUTES, title="segd orchestrator API", constraints=CONSTRAINTS, errors=ERRORS
+        ROUTES,
+        title="segd orchestrator API",
+        constraints=CONSTRAINTS,
+        errors=ERRORS,
+        security={"admin": openapi.ADMIN_SECURITY},
     )
