@@ -62,12 +62,6 @@ def server_constraints(dimensions: Sequence[str] | None = None) -> Constraints:
         "RuleIn": {
             "providers": selectors(dimensions),
             "consumers": selectors(dimensions),
-            "services": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": validate.MAX_SERVICES,
-                "items": {"type": "string"},
-            },
             "options": {"type": "array", "items": {"enum": sorted(policy.RULE_OPTIONS)}},
             "description": text(validate.MAX_DESCRIPTION),
         },
@@ -75,28 +69,15 @@ def server_constraints(dimensions: Sequence[str] | None = None) -> Constraints:
             "name": named(validate.NAME_RE),
             "labels": dims,
             "locked": {"type": "array", "items": {"type": "string", **dims["propertyNames"]}},
-            "max_uses": {
-                **bounded(1, validate.MAX_USES, nullable=True),
-                "description": "new containers each key admits; null: unlimited",
-            },
-            "lifespan_s": bounded(1, validate.MAX_LIFESPAN_S),
             "description": text(validate.MAX_DESCRIPTION),
         },
         "KeyIssueIn": {
             "profile": named(validate.NAME_RE),
-            "max_uses": {
-                **bounded(1, validate.MAX_USES, nullable=True),
-                "description": "absent: the profile's; null: unlimited",
-            },
-            "lifespan_s": bounded(1, validate.MAX_LIFESPAN_S, nullable=True),
             "description": text(validate.MAX_DESCRIPTION),
         },
-        "ActivationCodeIn": {"lifespan_s": bounded(1, validate.MAX_CODE_LIFESPAN_S)},
         "RegisterIn": {"hostname": named(validate.HOSTNAME_RE), "public_key": PUBLIC_KEY},
         "PairIn": {
             "container_id": CONTAINER_ID,
-            "pairing_key": {"type": "string", "maxLength": validate.MAX_PAIRING_KEY},
-            "ips": {"type": "array", "maxItems": validate.MAX_IPS, "items": {"type": "string"}},
             "name": text(validate.MAX_WORKLOAD_NAME),
             "requested_labels": dims,
         },
