@@ -97,13 +97,12 @@ def labels(dimensions: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _constrain(components: dict[str, Any], constraints: Constraints) -> None:
+    """Add each constraint to the schema msgspec derived for the property (a key
+    the constraint names replaces msgspec's)."""
     for name, props in constraints.items():
         properties = components[name]["properties"]
         for prop, schema in props.items():
-            default = properties[prop].get("default", msgspec.UNSET)
-            properties[prop] = dict(schema)
-            if default is not msgspec.UNSET:
-                properties[prop]["default"] = default
+            properties[prop] = {**properties[prop], **schema}
 
 
 def _has_required_fields(body: type) -> bool:

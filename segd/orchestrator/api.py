@@ -197,13 +197,9 @@ CONSTRAINTS: openapi.Constraints = {
         "image": openapi.named(validate.IMAGE_RE),
         "pairing_key": openapi.named(validate.KEY_RE),
         "command": {
-            "type": "array",
-            "maxItems": validate.MAX_ARGS,
             "items": {"type": "string", "maxLength": validate.MAX_ARG, "pattern": _NO_NUL},
         },
         "env": {
-            "type": "object",
-            "maxProperties": validate.MAX_ENV,
             "propertyNames": {"pattern": openapi.pattern(validate.ENV_KEY_RE)},
             "additionalProperties": {
                 "type": "string",
@@ -212,8 +208,6 @@ CONSTRAINTS: openapi.Constraints = {
             },
         },
         "networks": {
-            "type": "array",
-            "maxItems": validate.MAX_NETWORKS,
             "uniqueItems": True,
             "items": {**openapi.named(validate.NETWORK_RE), "not": {"const": "host"}},
         },
@@ -239,7 +233,6 @@ CONSTRAINTS: openapi.Constraints = {
     "RunIn": {
         "profile": _NAME,
         "node": {"anyOf": [_NAME, {"type": "null"}]},
-        "count": openapi.bounded(1, validate.MAX_RUN),
     },
     "ChangeIn": {"profile": _NAME},
     "KeyIn": {"pairing_key": openapi.named(validate.KEY_RE)},
