@@ -120,3 +120,15 @@ async def test_unknown_query_parameters_are_checked_after_authentication(
             assert refused == (401, "unauthorized", 'Bearer realm="segd"'), (where, prefix)
             typo = await _ask(t, "GET", prefix + "?colour=red", b"", {})
             assert typo[:2] == (400, "invalid_input"), (where, prefix)
+
+
+async def test_a_repeated_query_parameter_is_refused(targets: dict[str, Target]) -> None:
+    """`?limit=1&limit=1000` (or `wait`, `node`…) once took the first value."""
+    paths = {
+        "/v1/rules": "/v1/audit?limit=1&limit=2",
+        "/v1/orch/profiles": "/v1/orch/containers?node=a&node=b",
+    }
+    for where, t in targets.items():
+        for prefix in t.prefixes:
+            got = await _ask(t, "GET", paths[prefix], b"", {})
+            assert got[:2] == (400, "invalid_input"), (where, prefix)
