@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import sys
 import tempfile
 import time
@@ -40,7 +39,8 @@ from bench.estate import fake_ip
 from bench.report import Figure, Section, Size, Target, figure, ms, pct
 from bench.stack import BenchError, Proc, Server, free_port, proc_cpu_s, wait_for
 from segd import crypto
-from segd.wire import PairIn
+from segd.http.client import Client
+from segd.wire import ActivationCodeIn, PairIn, Registered, RegisterIn
 
 PAIR_PATH = "/v1/agent/pair"
 ROLES = ("web", "api", "db")
@@ -147,20 +147,17 @@ async def drive(
 
 def register_agents(server: Server, n: int) -> list[LoadAgent]:
     out = []
+    client = Client(server.url, server.token)
     for i in range(n):
-        code = server.api("POST", "/v1/activation-codes", {})["code"]
+        code = server.api("POST", "/v1/activation-codes", ActivationCodeIn())["code"]
         key = nacl.signing.SigningKey.generate()
-        body = json.dumps(
-            {
-                "activation_code": code,
-                "public_key": crypto.b64e(bytes(key.verify_key)),
-                "hostname": f"bench-{i}",
-            }
-        ).encode()
-        req = urllib.request.Request(server.url + "/v1/agent/register", data=body, method="POST")
-        req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            out.append(LoadAgent(json.loads(r.read())["host_id"], key))
+        body = RegisterIn(
+            activation_code=code,
+            public_key=crypto.b64e(bytes(key.verify_key)),
+            hostname=f"bench-{i}",
+        )
+        registered = client.get(Registered, "POST", "/v1/agent/register", body)
+        out.append(LoadAgent(registered.host_id, key))
     return out
 
 

@@ -17,13 +17,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from segd import wire
+from segd.http.client import Client, ClientError
 
 GATE = ("bridge", "segd_gate")
 LOGS = Path(tempfile.gettempdir()) / "segd-bench-logs"  # the last run's process logs
@@ -212,47 +213,39 @@ class Server:
     def _healthy(self) -> bool:
         self.proc.check_alive("segd server")
         try:
-            with urllib.request.urlopen(self.url + "/v1/health", timeout=1) as r:
-                return bool(r.status == 200)
-        except OSError:
+            Client(self.url, "", timeout=1).call("GET", "/v1/health")
+            return True
+        except ClientError:
             return False
 
     def stop(self) -> None:
         self.proc.stop()
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
+        """One admin request (a body is a wire Struct or plain JSON values); its
+        answer as plain JSON values; an error answer is a `BenchError`."""
+        client = Client(self.url, self.token, timeout=30)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:
-                raw = r.read()
-        except urllib.error.HTTPError as e:
-            raise BenchError(f"{method} {path} -> {e.code}: {e.read().decode()}") from None
-        return json.loads(raw) if raw else None
+            return client.json(method, path, body)
+        except ClientError as e:
+            raise BenchError(f"{method} {path} -> {e.http} {e.code}: {e.message}") from None
 
     def rule(self, provider: Mapping[str, str], consumer: Mapping[str, str], *svc: str) -> None:
-        self.api(
-            "POST",
-            "/v1/rules",
-            {"providers": [dict(provider)], "consumers": [dict(consumer)], "services": list(svc)},
+        body = wire.RuleIn(
+            providers=[dict(provider)], consumers=[dict(consumer)], services=list(svc)
         )
+        self.api("POST", "/v1/rules", body)
 
     def key(self, name: str, labels: Mapping[str, str], *, max_uses: int = 10_000) -> str:
-        self.api(
-            "POST",
-            "/v1/profiles",
-            {
-                "name": name,
-                "labels": dict(labels),
-                "locked": sorted(labels),
-                "max_uses": max_uses,
-                "lifespan_s": 86400,
-            },
+        profile = wire.ProfileIn(
+            name=name,
+            labels=dict(labels),
+            locked=sorted(labels),
+            max_uses=max_uses,
+            lifespan_s=86400,
         )
-        return str(self.api("POST", "/v1/keys", {"profile": name})["token"])
+        self.api("POST", "/v1/profiles", profile)
+        return str(self.api("POST", "/v1/keys", wire.KeyIssueIn(profile=name))["token"])
 
     def workload_count(self) -> int:
         return len(self.api("GET", "/v1/workloads"))
@@ -280,7 +273,7 @@ class Agent:
         self.denied: set[str] = set()  # container id[:12] the server refused to pair
 
     def start(self) -> None:
-        code = self.server.api("POST", "/v1/activation-codes", {})["code"]
+        code = self.server.api("POST", "/v1/activation-codes", wire.ActivationCodeIn())["code"]
         self.proc.argv.append(f"--activation-code={code}")
         self.proc.start()
         wait_for(self._synced, 60, "agent first sync", interval=0.05)

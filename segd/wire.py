@@ -6,11 +6,23 @@ unknown fields and wrong types are refused.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from segd.policy import Labels, Selectors, Service
+
+# Bounds of API input that the types state (`msgspec.Meta`): decoding refuses a
+# value outside them (400 `invalid_input`) and the OpenAPI document shows them.
+MAX_USES = 1_000_000
+MAX_LIFESPAN_S = 10 * 366 * 86400
+MAX_CODE_LIFESPAN_S = 30 * 86400
+MAX_SERVICES = 64
+MAX_IPS = 16
+MAX_PAIRING_KEY = 4096
+
+MaxUses = Annotated[int, msgspec.Meta(ge=1, le=MAX_USES)]
+Lifespan = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIFESPAN_S)]
 
 
 class Error(msgspec.Struct, frozen=True):
@@ -32,7 +44,7 @@ class Health(msgspec.Struct, frozen=True, omit_defaults=True):
 class RuleIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     providers: Selectors
     consumers: Selectors
-    services: list[str]
+    services: Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_SERVICES)]
     options: list[str] = []
     description: str = ""
 
@@ -54,8 +66,13 @@ class ProfileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     labels: Labels
     locked: list[str] = []
-    max_uses: int | None = None  # new containers a key admits; None: unlimited
-    lifespan_s: int = 3600
+    max_uses: (
+        Annotated[
+            MaxUses, msgspec.Meta(description="new containers each key admits; null: unlimited")
+        ]
+        | None
+    ) = None  # None: unlimited
+    lifespan_s: Lifespan = 3600
     on_mismatch: OnMismatch = "deny"
     enabled: bool = True
     description: str = ""
@@ -77,8 +94,12 @@ class Profile(msgspec.Struct, frozen=True):
 class KeyIssueIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     profile: str
     # absent: the profile's; null: unlimited
-    max_uses: int | msgspec.UnsetType | None = msgspec.UNSET
-    lifespan_s: int | None = None
+    max_uses: (
+        Annotated[MaxUses, msgspec.Meta(description="absent: the profile's; null: unlimited")]
+        | msgspec.UnsetType
+        | None
+    ) = msgspec.UNSET
+    lifespan_s: Lifespan | None = None
     description: str = ""
 
 
@@ -156,7 +177,7 @@ class ActivationCode(msgspec.Struct, frozen=True):
 
 
 class ActivationCodeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    lifespan_s: int = 3600
+    lifespan_s: Annotated[int, msgspec.Meta(ge=1, le=MAX_CODE_LIFESPAN_S)] = 3600
 
 
 class AdminToken(msgspec.Struct, frozen=True):
@@ -180,8 +201,8 @@ class Registered(msgspec.Struct, frozen=True):
 
 class PairIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     container_id: str
-    pairing_key: str
-    ips: list[str]
+    pairing_key: Annotated[str, msgspec.Meta(max_length=MAX_PAIRING_KEY)]
+    ips: Annotated[list[str], msgspec.Meta(max_length=MAX_IPS)]
     name: str = ""
     requested_labels: Labels = {}
 

@@ -12,10 +12,13 @@ from segd.errors import InvalidInput
 
 def no_unknown(request: web.Request, allowed: Iterable[str]) -> None:
     """InvalidInput for a parameter not in `allowed` (a typo must not silently
-    mean the default)."""
+    mean the default) or given more than once (which one counts is not said)."""
     unknown = sorted(set(request.query) - set(allowed))
     if unknown:
         raise InvalidInput(f"unknown query parameter {unknown[0]!r}")
+    if len(request.query) != len(set(request.query)):
+        repeated = sorted(k for k in set(request.query) if len(request.query.getall(k)) > 1)
+        raise InvalidInput(f"query parameter {repeated[0]!r} given more than once")
 
 
 def int_param(request: web.Request, name: str, default: int | None, low: int, high: int) -> int:

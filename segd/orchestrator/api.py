@@ -20,13 +20,12 @@ from aiohttp import web
 
 from segd.config import DEFAULT_RATE_LIMIT_BURST, DEFAULT_RATE_LIMIT_PER_S
 from segd.errors import RateLimited, Unauthorized, Unavailable
-from segd.http import routes
+from segd.http import openapi, routes
 from segd.http.routes import Body, Param
 from segd.orchestrator import validate
 from segd.orchestrator import wire as owire
 from segd.orchestrator.service import Orchestrator
 from segd.ratelimit import TokenBuckets, source_of
-from segd.server import openapi
 
 PREFIX = "/v1/orch"
 
@@ -198,13 +197,9 @@ CONSTRAINTS: openapi.Constraints = {
         "image": openapi.named(validate.IMAGE_RE),
         "pairing_key": openapi.named(validate.KEY_RE),
         "command": {
-            "type": "array",
-            "maxItems": validate.MAX_ARGS,
             "items": {"type": "string", "maxLength": validate.MAX_ARG, "pattern": _NO_NUL},
         },
         "env": {
-            "type": "object",
-            "maxProperties": validate.MAX_ENV,
             "propertyNames": {"pattern": openapi.pattern(validate.ENV_KEY_RE)},
             "additionalProperties": {
                 "type": "string",
@@ -213,8 +208,6 @@ CONSTRAINTS: openapi.Constraints = {
             },
         },
         "networks": {
-            "type": "array",
-            "maxItems": validate.MAX_NETWORKS,
             "uniqueItems": True,
             "items": {**openapi.named(validate.NETWORK_RE), "not": {"const": "host"}},
         },
@@ -240,7 +233,6 @@ CONSTRAINTS: openapi.Constraints = {
     "RunIn": {
         "profile": _NAME,
         "node": {"anyOf": [_NAME, {"type": "null"}]},
-        "count": openapi.bounded(1, validate.MAX_RUN),
     },
     "ChangeIn": {"profile": _NAME},
     "KeyIn": {"pairing_key": openapi.named(validate.KEY_RE)},
@@ -260,5 +252,9 @@ ERRORS = {
 def document() -> bytes:
     """The OpenAPI document of `ROUTES`."""
     return openapi.document(
-        ROUTES, title="segd orchestrator API", constraints=CONSTRAINTS, errors=ERRORS
+        ROUTES,
+        title="segd orchestrator API",
+        constraints=CONSTRAINTS,
+        errors=ERRORS,
+        security={"admin": openapi.ADMIN_SECURITY},
     )

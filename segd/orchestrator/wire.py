@@ -7,13 +7,20 @@ label; everywhere else it is `mask`ed.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from segd.policy import Labels
 
 MASK_PREFIX = 10
+
+# Bounds of API input that the types state (`msgspec.Meta`): decoding refuses a
+# value outside them (400 `invalid_input`) and the OpenAPI document shows them.
+MAX_ARGS = 256
+MAX_ENV = 128
+MAX_NETWORKS = 8
+MAX_RUN = 50
 
 
 def mask(key: str) -> str:
@@ -28,9 +35,9 @@ class ProfileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     image: str
     pairing_key: str
-    command: list[str] = []
-    env: dict[str, str] = {}
-    networks: list[str] = []
+    command: Annotated[list[str], msgspec.Meta(max_length=MAX_ARGS)] = []
+    env: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_ENV)] = {}
+    networks: Annotated[list[str], msgspec.Meta(max_length=MAX_NETWORKS)] = []
     labels: Labels = {}
     description: str = ""
 
@@ -75,7 +82,7 @@ class Node(msgspec.Struct, frozen=True):
 class RunIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     profile: str
     node: str | None = None
-    count: int = 1
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_RUN)] = 1
 
 
 class ChangeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -105,3 +105,30 @@ async def test_an_unknown_route_is_not_found_on_every_api(targets: dict[str, Tar
         for prefix in ("/v1", "/v1/orch"):
             got = await _ask(t, method, prefix + tail, b"", {})
             assert got[:2] == (status, code), where
+
+
+async def test_unknown_query_parameters_are_checked_after_authentication(
+    targets: dict[str, Target],
+) -> None:
+    """A refused token with a typo in the query answers 401 with the realm, on
+    every admin API; the same typo with the right token answers 400."""
+    for where, t in targets.items():
+        for prefix in t.prefixes:
+            refused = await _ask(
+                t, "GET", prefix + "?colour=red", b"", {"Authorization": "Bearer x"}
+            )
+            assert refused == (401, "unauthorized", 'Bearer realm="segd"'), (where, prefix)
+            typo = await _ask(t, "GET", prefix + "?colour=red", b"", {})
+            assert typo[:2] == (400, "invalid_input"), (where, prefix)
+
+
+async def test_a_repeated_query_parameter_is_refused(targets: dict[str, Target]) -> None:
+    """`?limit=1&limit=1000` (or `wait`, `node`…) once took the first value."""
+    paths = {
+        "/v1/rules": "/v1/audit?limit=1&limit=2",
+        "/v1/orch/profiles": "/v1/orch/containers?node=a&node=b",
+    }
+    for where, t in targets.items():
+        for prefix in t.prefixes:
+            got = await _ask(t, "GET", paths[prefix], b"", {})
+            assert got[:2] == (400, "invalid_input"), (where, prefix)

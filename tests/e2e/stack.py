@@ -10,8 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from segd import wire
+from segd.http.client import Client, ClientError
 from segd.server import tokens
 
 IMAGE = "segd-busybox:latest"
@@ -157,9 +157,9 @@ class Stack:
 
     def _healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/v1/health", timeout=1) as r:
-                return bool(r.status == 200)
-        except (OSError, urllib.error.URLError):
+            Client(self.url, "", timeout=1).call("GET", "/v1/health")
+            return True
+        except ClientError:
             if self.server and self.server.popen and self.server.popen.poll() is not None:
                 tail = self.server.log_path.read_text()[-3000:]
                 raise AssertionError("server exited:\n" + tail) from None
@@ -179,7 +179,8 @@ class Stack:
         env = self._env()
         if not (state / "identity.json").exists():
             # The code from the environment, out of the process list.
-            env["SEGD_ACTIVATION_CODE"] = self.api("POST", "/v1/activation-codes", {})["code"]
+            code = self.api("POST", "/v1/activation-codes", wire.ActivationCodeIn())["code"]
+            env["SEGD_ACTIVATION_CODE"] = code
         self.agent = Proc("agent", argv, self.root / "agent.log", env)
         before = self.agent.count("agent.synced") if self.agent.log_path.exists() else 0
         self.agent.start()
@@ -203,25 +204,17 @@ class Stack:
     # ---- admin API -----------------------------------------------------------------
 
     def api(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
+        """One admin request (a body is a wire Struct or plain JSON values); its
+        answer as plain JSON values; an error answer fails the test."""
+        client = Client(self.url, self.token, timeout=10)
         try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                raw = r.read()
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"{method} {path} -> {e.code}: {e.read().decode()}") from None
-        return json.loads(raw) if raw else None
+            return client.json(method, path, body)
+        except ClientError as e:
+            raise AssertionError(f"{method} {path} -> {e.http} {e.code}: {e.message}") from None
 
     def rule(self, provider: dict[str, str], consumer: dict[str, str], *services: str) -> str:
-        r = self.api(
-            "POST",
-            "/v1/rules",
-            {"providers": [provider], "consumers": [consumer], "services": list(services)},
-        )
-        return str(r["id"])
+        body = wire.RuleIn(providers=[provider], consumers=[consumer], services=list(services))
+        return str(self.api("POST", "/v1/rules", body)["id"])
 
     def key(
         self,
@@ -232,18 +225,15 @@ class Stack:
         lifespan_s: int = 3600,
     ) -> str:
         name = "p-" + uuid.uuid4().hex[:8]
-        self.api(
-            "POST",
-            "/v1/profiles",
-            {
-                "name": name,
-                "labels": labels,
-                "locked": list(lock),
-                "max_uses": max_uses,
-                "lifespan_s": lifespan_s,
-            },
+        profile = wire.ProfileIn(
+            name=name,
+            labels=labels,
+            locked=list(lock),
+            max_uses=max_uses,
+            lifespan_s=lifespan_s,
         )
-        return str(self.api("POST", "/v1/keys", {"profile": name})["token"])
+        self.api("POST", "/v1/profiles", profile)
+        return str(self.api("POST", "/v1/keys", wire.KeyIssueIn(profile=name))["token"])
 
     def key_row(self, token: str) -> dict[str, Any]:
         """The server's record of a key (uses, expiry, revoked) by its token."""
