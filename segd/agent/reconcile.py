@@ -1,0 +1,251 @@
+"""What the kernel should do next, from what the agent knows (pure).
+
+Per container the desired state is one of:
+
+* `workload`  — paired: its instructions rendered as the namespace's table, and
+  its addresses admitted by the host gate;
+* `isolated`  — keyed but not (yet) paired, denied, or unkeyed while
+  `isolate_unkeyed` is on: an isolation table, and never in the gate;
+* `exempt`    — unkeyed with `isolate_unkeyed = false`: no table, admitted by the gate.
+
+`step(host, batch, failed)` compares that with what is enforced, for the
+containers of `batch`, and returns the next kernel operations (`ops`); the
+agent runs them, folds each result into the `Host`, and asks again until
+nothing is left. Every rule about order and fallback lives here, once:
+
+- the gate stops admitting an address before anything else happens to its
+  container, and admits one only once its container's table is in place;
+- containers waiting for their first table of a kind go first; the others
+  (set changes of peers) in the next step;
+- a set change is an element delta whose plan falls back to replacing the
+  table whole (the table is not what the agent left: tampered, or gone);
+- a table the agent knows is rewritten in place (its plan falls back to a
+  replace); one it does not know (after a restart of the agent, or changed
+  behind its back) is replaced whole; a namespace the agent saw being made is
+  known to hold none;
+- a container whose work failed gets no more work in this batch and leaves
+  the gate (fail closed);
+- the gate is built whole once every container has its table after the agent
+  starts, and again whenever a change to it failed or it went missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Set
+
+import msgspec
+
+from segd.agent.host import Enforced, Host
+from segd.agent.ops import (
+    RETIRED,
+    ApplyTable,
+    Forget,
+    GateChange,
+    GateRebuild,
+    GateSubnets,
+    IsolationTable,
+    Kind,
+    ListGate,
+    ListTable,
+    LookupPorts,
+    NoTable,
+    Ns,
+    Op,
+    Structure,
+    TableState,
+    WorkloadTable,
+    peer_sets,
+)
+from segd.firewall import render
+from segd.firewall.gate import (
+    GateEntry,
+    render_gate,
+    render_gate_add,
+    render_gate_remove,
+    render_gate_subnets,
+)
+from segd.firewall.plan import Plan
+from segd.wire import WorkloadPolicy
+
+
+class Desired(msgspec.Struct, frozen=True):
+    """What one container's namespace should hold."""
+
+    kind: Kind
+    ns: Ns
+    policy: WorkloadPolicy | None = None
+    table: WorkloadTable | None = None  # for a workload
+
+
+def desired(host: Host, cid: str) -> Desired | None:
+    """None for a container that does not own its namespace (or is not running)."""
+    info = host.containers.get(cid)
+    if info is None or not host.owner(cid):
+        return None
+    ns = Ns(key=cid, path=info.netns_path)
+    pol = host.workloads.get(cid)
+    if pol is not None:
+        sets = host.instr.sets if host.instr is not None else {}
+        allows = [*pol.inbound, *pol.outbound]
+        names = sorted(render.referenced_sets(pol))
+        structure = Structure(
+            inbound=tuple(pol.inbound),
+            outbound=tuple(pol.outbound),
+            logged=host.logged & {a.rule_id for a in allows},
+        )
+        table = WorkloadTable(structure, {n: sets.get(n, []) for n in names})
+        return Desired("workload", ns, pol, table)
+    if info.pairing_key or host.isolate_unkeyed:
+        return Desired("isolated", ns)
+    return Desired("exempt", ns)
+
+
+def table_op(rec: Enforced, want: Desired) -> ApplyTable | None:
+    """The apply that brings the container's table to `want`; None when it is there."""
+    was = peer_sets(rec.table)
+
+    def apply(plan: Plan | None, table: TableState | None, *, listed: bool = True) -> ApplyTable:
+        return ApplyTable(rec.ns.key, want.ns, want.kind, plan, table, listed)
+
+    if want.kind == "exempt":
+        ours = isinstance(rec.table, (WorkloadTable, IsolationTable)) or (
+            rec.table is None and rec.kind in ("workload", "isolated")
+        )
+        if ours:
+            return apply(render.render_removal(), NoTable(), listed=False)
+        # Nothing of ours there (or unknown: left as it is).
+        return None if rec.kind == "exempt" else apply(None, rec.table, listed=False)
+    if want.kind == "isolated":
+        return (
+            None
+            if isinstance(rec.table, IsolationTable)
+            else apply(render.render_isolation(was=was), IsolationTable())
+        )
+    target, pol = want.table, want.policy
+    assert target is not None and pol is not None
+    if rec.table == target:
+        return None
+    logged = target.structure.logged
+    plan = render.render_workload(pol, target.sets, logged, was=was)
+    if isinstance(rec.table, WorkloadTable) and rec.table.structure == target.structure:
+        delta = render.render_set_delta(rec.table.sets, target.sets, target.sets)
+        if delta is not None:
+            # Not what we left (tampered, or a new namespace): replace it whole.
+            replace = render.render_workload(pol, target.sets, logged, was=None)
+            plan = Plan(delta.what, delta.txs, fallback=replace)
+    return apply(plan, target)
+
+
+def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> frozenset[GateEntry]:
+    """What the gate should admit for a container: its addresses on their bridge
+    ports, once its table (workload) or its exemption is in place."""
+    info = host.containers.get(cid)
+    if want is None or info is None or rec.ports is None or rec.kind != want.kind:
+        return frozenset()
+    if want.kind == "isolated":
+        return frozenset()
+    ports = rec.ports
+    return frozenset(GateEntry(ports[ip], ip) for ip in info.ips if ip in ports)
+
+
+def _needs_ports(host: Host, rec: Enforced, want: Desired) -> bool:
+    """Keyed containers look their ports up while their pairing is in flight."""
+    info = host.containers[rec.ns.key]
+    return rec.ports is None and (want.kind != "isolated" or bool(info.pairing_key))
+
+
+def step(host: Host, batch: Set[str], failed: Set[str]) -> list[Op]:
+    """The next kernel operations for the containers of `batch`, in order; [] when
+    they (and the gate) are where they should be. `failed`: containers whose work
+    failed in this batch ("gate": the gate's)."""
+    remove: dict[Ns, frozenset[GateEntry]] = (
+        {RETIRED: frozenset(host.ungate)} if host.ungate else {}
+    )
+    add: dict[Ns, frozenset[GateEntry]] = {}
+    first: list[Op] = []
+    rest: list[Op] = []
+    ports: list[Op] = []
+    for cid in sorted(batch):
+        rec = host.enforced.get(cid)
+        want = desired(host, cid)
+        if rec is None or want is None:
+            continue
+        wanted = frozenset() if cid in failed else gate_entries(host, cid, rec, want)
+        if rec.gated - wanted:
+            remove[rec.ns] = rec.gated - wanted
+        if wanted - rec.gated:
+            add[rec.ns] = wanted - rec.gated
+        if cid in failed:
+            continue
+        op = table_op(rec, want)
+        if op is not None:
+            (first if op.kind != rec.kind else rest).append(op)
+        if _needs_ports(host, rec, want):
+            ports.append(LookupPorts(cid, rec.ns))
+    tables = first or rest  # first tables first; peers' changes in the next step
+    ops: list[Op] = []
+    if "gate" in failed:
+        pass  # the gate could not be rebuilt: left alone until the next batch
+    elif host.gate == "rebuild":
+        ops.append(_rebuild(host, failed))  # before anything else, like a removal
+    elif host.gate == "ok":
+        for what, entries in (("remove", remove), ("add", add)):
+            if entries:
+                ops.append(_change(what, entries))
+        if host.subnets != host.gate_subnets:
+            ops.append(GateSubnets(host.subnets, render_gate_subnets(host.subnets)))
+    ops += [Forget(ns.key, ns) for ns in host.unbind]
+    ops += tables + ports
+    if host.gate == "initial" and host.listed and not (tables or ports) and "gate" not in failed:
+        ops.append(_rebuild(host, failed))  # tables first, then the gate whole, once
+    return ops
+
+
+def _union(entries: dict[Ns, frozenset[GateEntry]]) -> frozenset[GateEntry]:
+    out: set[GateEntry] = set()
+    for these in entries.values():
+        out |= these
+    return frozenset(out)
+
+
+def _change(what: str, entries: dict[Ns, frozenset[GateEntry]]) -> GateChange:
+    if what == "add":
+        plan = render_gate_add(_union(entries))
+        assert plan is not None
+        return GateChange("add", entries, plan)
+    plan = render_gate_remove(_union(entries))
+    assert plan is not None
+    return GateChange("remove", entries, plan)
+
+
+def _rebuild(host: Host, failed: Set[str]) -> GateRebuild:
+    """The whole gate: exactly what every container in place should have admitted."""
+    entries: dict[Ns, frozenset[GateEntry]] = {}
+    for cid, rec in host.enforced.items():
+        if cid not in failed and (e := gate_entries(host, cid, rec, desired(host, cid))):
+            entries[rec.ns] = e
+    plan = render_gate(_union(entries), host.subnets)
+    return GateRebuild(entries, host.subnets, plan, host.gate_reason)
+
+
+def converged(host: Host, cid: str, failed: Set[str]) -> bool:
+    """Whether a container is where it should be (table, ports and gate entries)."""
+    rec = host.enforced.get(cid)
+    want = desired(host, cid)
+    if rec is None or want is None or cid in failed:
+        return False
+    if table_op(rec, want) is not None or _needs_ports(host, rec, want):
+        return False
+    return host.gate == "initial" or rec.gated == gate_entries(host, cid, rec, want)
+
+
+def drift_checks(host: Host) -> list[Op]:
+    """Read back every table the agent left (and the gate) to compare."""
+    ops: list[Op] = [
+        ListTable(cid, rec.ns)
+        for cid, rec in sorted(host.enforced.items())
+        if isinstance(rec.table, (WorkloadTable, IsolationTable)) and rec.listing is not None
+    ]
+    if host.gate != "initial":
+        ops.append(ListGate())
+    return ops
