@@ -73,7 +73,7 @@ HostLock = Callable[[], Callable[[], None]]
 NsOf = Callable[[str], NsId | None]
 """The identity of the namespace at a path; None when it cannot be read."""
 
-MAX_STEPS = 64  # per batch; the rest waits for the next one
+MAX_STEPS = 10_000  # per batch: a safety stop (each step makes progress or ends the batch)
 
 
 def _host_lock() -> Callable[[], None]:
@@ -200,10 +200,11 @@ class Agent:
 
     async def _on_docker(self, ev: DockerEvent) -> None:
         match ev:
-            case ContainerStarted(cid):
+            case ContainerStarted(cid) | ContainerNetworksChanged(cid):
+                # After the first sync, every start is seen: a container first seen
+                # through an event (Docker connects networks before it says "start")
+                # is in a namespace just made.
                 self._spawn(self._on_start(cid, started=self.ready.is_set()))
-            case ContainerNetworksChanged(cid):
-                self._spawn(self._on_start(cid, started=False))
             case ContainerGone(cid):
                 self._on_gone(cid)
             case BridgesChanged():
@@ -351,12 +352,14 @@ class Agent:
             fresh = self.host.take_dirty()
             failed -= fresh  # news about a container: try it again
             batch |= fresh
-            ops = reconcile.step(self.host, batch, failed)
-            if not ops:
+            step = reconcile.step(self.host, batch, failed)
+            batch -= step.idle
+            if not step.ops:
                 return
-            for op in ops:
+            for op in step.ops:
                 await self._exec(op, failed, touched)
-        self.host.dirty |= batch  # not done: the next batch carries on
+        _log.warning("enforce.batch_cut", containers=len(batch))
+        self.host.dirty |= batch  # the next batch carries on
         self._kick.set()
 
     async def _exec(self, op: Op, failed: set[str], touched: dict[str, float]) -> None:
@@ -407,6 +410,8 @@ def _log_failure(res: Failed) -> None:
     match res.op:
         case _ if res.gone:  # it died while we worked: not an error
             _log.info("enforce.container_gone", container=cid)
+        case ApplyTable(refused="unknown"):
+            _log.warning("enforce.delta_failed", container=cid, error=res.error)
         case ApplyTable():
             _log.error("enforce.failed", container=cid, error=res.error)
         case LookupPorts():

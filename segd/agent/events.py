@@ -70,8 +70,9 @@ DockerEvent = ContainerStarted | ContainerGone | ContainerNetworksChanged | Brid
 
 class ContainerSeen(msgspec.Struct, frozen=True, tag="seen"):
     """Docker's view of a running container, and the identity of its namespace
-    (None: unreadable). `started`: seen because of its start event, after the
-    agent's first sync: its namespace is new and holds no segd table."""
+    (None: unreadable). `started`: seen because of an event about it after the
+    agent's first sync (every start is seen then): if it is new to the agent,
+    its namespace was just made and holds no segd table."""
 
     info: ContainerInfo
     ns: NsId | None

@@ -222,6 +222,9 @@ class Host:
             case Done(listing=listing), ApplyTable(kind=kind, table=table):
                 if rec is not None:
                     rec.kind, rec.table, rec.listing = kind, table, listing
+            case Failed(gone=False), ApplyTable(refused="unknown"):
+                if rec is not None:
+                    rec.table, rec.listing = None, None
             case Failed(), ApplyTable(container=cid):
                 failed.add(cid)
                 if rec is not None:

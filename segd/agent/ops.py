@@ -72,7 +72,11 @@ def peer_sets(table: TableState | None) -> set[str] | None:
 
 class ApplyTable(msgspec.Struct, frozen=True, tag="apply"):
     """Bring one container's namespace to `table` (None: unknown afterwards) by
-    running `plan` (None: nothing to run) and, with `listed`, list the table."""
+    running `plan` (None: nothing to run) and, with `listed`, list the table.
+
+    `refused`: what a refusal by nft means. "fail": the container failed (it
+    leaves the gate until its next batch); "unknown": the table is not what the
+    agent thought, and is to be replaced whole."""
 
     container: str
     ns: Ns
@@ -80,6 +84,7 @@ class ApplyTable(msgspec.Struct, frozen=True, tag="apply"):
     plan: Plan | None
     table: TableState | None
     listed: bool = True
+    refused: Literal["fail", "unknown"] = "fail"
 
 
 class LookupPorts(msgspec.Struct, frozen=True, tag="ports"):

@@ -17,8 +17,8 @@ nothing is left. Every rule about order and fallback lives here, once:
   container, and admits one only once its container's table is in place;
 - containers waiting for their first table of a kind go first; the others
   (set changes of peers) in the next step;
-- a set change is an element delta whose plan falls back to replacing the
-  table whole (the table is not what the agent left: tampered, or gone);
+- a set change is an element delta; refused, the table is not what the agent
+  left (tampered, or a new namespace): it is unknown, and replaced whole next;
 - a table the agent knows is rewritten in place (its plan falls back to a
   replace); one it does not know (after a restart of the agent, or changed
   behind its back) is replaced whole; a namespace the agent saw being made is
@@ -52,7 +52,6 @@ from segd.agent.ops import (
     Ns,
     Op,
     Structure,
-    TableState,
     WorkloadTable,
     peer_sets,
 )
@@ -100,40 +99,56 @@ def desired(host: Host, cid: str) -> Desired | None:
     return Desired("exempt", ns)
 
 
+def _ours(rec: Enforced) -> bool:
+    """Whether the namespace holds (or may hold) a table the agent put there."""
+    if rec.table is None:
+        return rec.kind in ("workload", "isolated")
+    return not isinstance(rec.table, NoTable)
+
+
+def table_current(rec: Enforced, want: Desired) -> bool:
+    """Whether the container's table is what `want` says (cheap: nothing rendered)."""
+    if want.kind == "exempt":
+        return rec.kind == "exempt" and not _ours(rec)
+    if want.kind == "isolated":
+        return isinstance(rec.table, IsolationTable)
+    return rec.table == want.table
+
+
 def table_op(rec: Enforced, want: Desired) -> ApplyTable | None:
     """The apply that brings the container's table to `want`; None when it is there."""
+    if table_current(rec, want):
+        return None
+    ns, kind = rec.ns, want.kind
+    if kind == "exempt":
+        if _ours(rec):
+            return ApplyTable(ns.key, ns, kind, render.render_removal(), NoTable(), listed=False)
+        return ApplyTable(ns.key, ns, kind, None, rec.table, listed=False)  # unknown: left alone
     was = peer_sets(rec.table)
-
-    def apply(plan: Plan | None, table: TableState | None, *, listed: bool = True) -> ApplyTable:
-        return ApplyTable(rec.ns.key, want.ns, want.kind, plan, table, listed)
-
-    if want.kind == "exempt":
-        ours = isinstance(rec.table, (WorkloadTable, IsolationTable)) or (
-            rec.table is None and rec.kind in ("workload", "isolated")
-        )
-        if ours:
-            return apply(render.render_removal(), NoTable(), listed=False)
-        # Nothing of ours there (or unknown: left as it is).
-        return None if rec.kind == "exempt" else apply(None, rec.table, listed=False)
-    if want.kind == "isolated":
-        return (
-            None
-            if isinstance(rec.table, IsolationTable)
-            else apply(render.render_isolation(was=was), IsolationTable())
-        )
+    if kind == "isolated":
+        return ApplyTable(ns.key, ns, kind, render.render_isolation(was=was), IsolationTable())
     target, pol = want.table, want.policy
     assert target is not None and pol is not None
-    if rec.table == target:
-        return None
-    logged = target.structure.logged
-    plan = render.render_workload(pol, target.sets, logged, was=was)
     if isinstance(rec.table, WorkloadTable) and rec.table.structure == target.structure:
-        delta = render.render_set_delta(rec.table.sets, target.sets, target.sets)
-        if delta is not None:
-            # Not what we left (tampered, or a new namespace): replace it whole.
-            replace = render.render_workload(pol, target.sets, logged, was=None)
-            plan = Plan(delta.what, delta.txs, fallback=replace)
-    return apply(plan, target)
+        # Elements only. Refused: the table is not what we left (tampered, or a new
+        # namespace); it is then unknown, and the next step replaces it whole.
+        delta = _delta(rec.table.sets, target.sets)
+        return ApplyTable(ns.key, ns, kind, delta, target, refused="unknown")
+    plan = render.render_workload(pol, target.sets, target.structure.logged, was=was)
+    return ApplyTable(ns.key, ns, kind, plan, target)
+
+
+def _delta(old: dict[str, list[str]], new: dict[str, list[str]]) -> Plan | None:
+    """The element changes from `old` to `new` (same set names). Only the
+    addresses that differ reach the renderer, which validates each."""
+    gone: dict[str, list[str]] = {}
+    came: dict[str, list[str]] = {}
+    for name, after in new.items():
+        before = old.get(name, [])
+        if before != after:
+            b, a = set(before), set(after)
+            gone[name], came[name] = sorted(b - a), sorted(a - b)
+    return render.render_set_delta(gone, came, gone) if gone else None
 
 
 def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> frozenset[GateEntry]:
@@ -154,35 +169,53 @@ def _needs_ports(host: Host, rec: Enforced, want: Desired) -> bool:
     return rec.ports is None and (want.kind != "isolated" or bool(info.pairing_key))
 
 
-def step(host: Host, batch: Set[str], failed: Set[str]) -> list[Op]:
-    """The next kernel operations for the containers of `batch`, in order; [] when
-    they (and the gate) are where they should be. `failed`: containers whose work
+class Step(msgspec.Struct, frozen=True):
+    """The next kernel operations, in order, and the containers of the batch that
+    need none (done, or failed and out of the gate)."""
+
+    ops: list[Op]
+    idle: frozenset[str]
+
+
+REST_CHUNK = 8
+"""At most this many changes to tables already of their kind per step, so a
+container waiting for its first table is never long behind its peers' updates."""
+
+_URGENCY = {"workload": 0, "exempt": 1, "isolated": 2}
+"""Which first table goes first: the gate holds every container until it is
+admitted, so the tables that let traffic through matter most."""
+
+
+def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:
+    """The next kernel operations for the containers of `batch`; no ops when they
+    (and the gate) are where they should be. `failed`: containers whose work
     failed in this batch ("gate": the gate's)."""
     remove: dict[Ns, frozenset[GateEntry]] = (
         {RETIRED: frozenset(host.ungate)} if host.ungate else {}
     )
     add: dict[Ns, frozenset[GateEntry]] = {}
-    first: list[Op] = []
-    rest: list[Op] = []
-    ports: list[Op] = []
+    first: list[ApplyTable] = []
+    rest: list[ApplyTable] = []
+    ports: dict[str, LookupPorts] = {}
+    idle: set[str] = set()
     for cid in sorted(batch):
         rec = host.enforced.get(cid)
         want = desired(host, cid)
         if rec is None or want is None:
+            idle.add(cid)
             continue
         wanted = frozenset() if cid in failed else gate_entries(host, cid, rec, want)
         if rec.gated - wanted:
             remove[rec.ns] = rec.gated - wanted
-        if wanted - rec.gated:
+        if wanted - rec.gated and host.gate == "ok":
             add[rec.ns] = wanted - rec.gated
-        if cid in failed:
-            continue
-        op = table_op(rec, want)
+        op = None if cid in failed else table_op(rec, want)
         if op is not None:
             (first if op.kind != rec.kind else rest).append(op)
-        if _needs_ports(host, rec, want):
-            ports.append(LookupPorts(cid, rec.ns))
-    tables = first or rest  # first tables first; peers' changes in the next step
+        elif cid not in failed and _needs_ports(host, rec, want):
+            ports[cid] = LookupPorts(cid, rec.ns)
+        elif rec.ns not in remove and rec.ns not in add:
+            idle.add(cid)
     ops: list[Op] = []
     if "gate" in failed:
         pass  # the gate could not be rebuilt: left alone until the next batch
@@ -195,10 +228,20 @@ def step(host: Host, batch: Set[str], failed: Set[str]) -> list[Op]:
         if host.subnets != host.gate_subnets:
             ops.append(GateSubnets(host.subnets, render_gate_subnets(host.subnets)))
     ops += [Forget(ns.key, ns) for ns in host.unbind]
-    ops += tables + ports
-    if host.gate == "initial" and host.listed and not (tables or ports) and "gate" not in failed:
+    if first:
+        # One first table per step: its gate entries come at the head of the next.
+        op = min(first, key=lambda o: (_URGENCY[o.kind], o.container))
+        ops.append(op)
+        rec, want = host.enforced[op.container], desired(host, op.container)
+        if want is not None and _needs_ports(host, rec, want):
+            ops.append(LookupPorts(op.container, rec.ns))
+    else:
+        ops += rest[:REST_CHUNK]
+    ops += ports.values()
+    pending = first or rest or ports
+    if host.gate == "initial" and host.listed and not pending and "gate" not in failed:
         ops.append(_rebuild(host, failed))  # tables first, then the gate whole, once
-    return ops
+    return Step(ops, frozenset(idle))
 
 
 def _union(entries: dict[Ns, frozenset[GateEntry]]) -> frozenset[GateEntry]:
@@ -234,7 +277,7 @@ def converged(host: Host, cid: str, failed: Set[str]) -> bool:
     want = desired(host, cid)
     if rec is None or want is None or cid in failed:
         return False
-    if table_op(rec, want) is not None or _needs_ports(host, rec, want):
+    if not table_current(rec, want) or _needs_ports(host, rec, want):
         return False
     return host.gate == "initial" or rec.gated == gate_entries(host, cid, rec, want)
 
