@@ -218,19 +218,24 @@ class Agent:
 
     def _handle(self, info: ContainerInfo) -> None:
         """Pair a container when it needs it; unpair one that joined another's namespace."""
-        role = self.host.roles.get(info.id)
-        if self.host.needs_pairing(info.id, self.link.pairing):
+        cid = info.id
+        role = self.host.roles.get(cid)
+        if self.host.needs_pairing(cid, self.link.busy):
             self.link.pair(info, self._on_answer)
-        elif (
-            role is not None and role.kind in ("shares", "host") and info.id in self.host.workloads
-        ):
-            self.link.unpair(info.id)  # paired before it was known to share
+        elif role is not None and role.kind in ("shares", "host") and cid in self.host.workloads:
+            self.link.unpair(cid)  # paired before it was known to share
+
+    def _unpaired(self, cid: str) -> None:
+        """A container restarted while its workload was unpaired pairs again."""
+        info = self.host.containers.get(cid)
+        if info is not None:
+            self._handle(info)
 
     def _on_gone(self, cid: str) -> None:
         self.link.cancel_pairing(cid)
         self._fold(ContainerGone(cid))
         if cid in self.host.workloads:
-            self.link.unpair(cid)
+            self.link.unpair(cid, then=self._unpaired)
 
     async def _on_answer(self, info: ContainerInfo, answer: PairAnswer | Denied) -> None:
         if isinstance(answer, Denied):
@@ -265,6 +270,8 @@ class Agent:
         self._spawn(self._save(signed, instr.version))
         if self.ready.is_set():
             self._unpair_stale()
+            for info in list(self.host.containers.values()):
+                self._handle(info)  # a workload gone (unpaired elsewhere): pair again
 
     async def _save(self, signed: SignedInstructions, version: int) -> None:
         """Keep the newest instructions on disk (off the loop; never an older one)."""
@@ -276,7 +283,7 @@ class Agent:
 
     def _unpair_stale(self) -> None:
         for cid in self.host.stale_workloads(self.link.pairing):
-            self.link.unpair(cid)
+            self.link.unpair(cid, then=self._unpaired)
 
     async def _resync(self) -> None:
         """Full reconcile against Docker (on start and every stream reconnect)."""
@@ -356,7 +363,10 @@ class Agent:
             batch -= step.idle
             if not step.ops:
                 return
-            for op in step.ops:
+            revision = self.host.revision
+            for i, op in enumerate(step.ops):
+                if i and self.host.revision != revision:
+                    break  # something happened meanwhile (a newer version): plan again
                 await self._exec(op, failed, touched)
         _log.warning("enforce.batch_cut", containers=len(batch))
         self.host.dirty |= batch  # the next batch carries on

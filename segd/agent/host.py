@@ -116,6 +116,7 @@ class Host:
     gate_reason: str = ""  # the failure that put the gate in `rebuild`
     gate_subnets: tuple[str, ...] | None = None  # what the gate guards
     dirty: set[str] = field(default_factory=set)
+    revision: int = 0  # counts events: a plan made before a newer one may be stale
 
     @property
     def version(self) -> int:
@@ -125,6 +126,7 @@ class Host:
 
     def on(self, ev: HostEvent) -> list[RoleChange]:
         """Fold one event in; the namespace roles it changed (to log)."""
+        self.revision += 1
         match ev:
             case ContainerSeen(info, ns, started):
                 return self._seen(info, ns, started)

@@ -43,6 +43,7 @@ class ServerLink:
         self.unpairing: dict[str, asyncio.Task[None]] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._back = asyncio.Event()  # set while the long-poll reaches the server
+        self._away = asyncio.Event()  # set when a request found the server unreachable
         self._sidecars_changed = asyncio.Event()
         self._sidecars: Callable[[], list[SidecarIn]] = list
 
@@ -54,8 +55,11 @@ class ServerLink:
         backoff = Backoff(self.backoff_max)
         while True:
             try:
-                return await op()
+                got = await op()
+                self._away.clear()
+                return got
             except ServerUnavailable as e:
+                self._away.set()
                 _log.warning("server.unavailable", op=what, container=cid[:12], error=str(e))
             except Denied as e:
                 if e.code not in TRANSIENT_DENIALS:
@@ -88,28 +92,46 @@ class ServerLink:
             answer = e
         await on_answer(info, answer)
 
+    @property
+    def busy(self) -> set[str]:
+        """Containers with a pairing or an unpairing under way."""
+        return self.pairing.keys() | self.unpairing.keys()
+
     def cancel_pairing(self, cid: str) -> None:
         task = self.pairing.pop(cid, None)
         if task is not None:
             task.cancel()
 
-    def unpair(self, cid: str) -> None:
+    def unpair(self, cid: str, then: Callable[[str], None] | None = None) -> None:
+        """Unpair a container in the background; `then(cid)` once the server answered."""
         if cid in self.unpairing:
             return
-        task = asyncio.create_task(self._unpair(cid))
+        task = asyncio.create_task(self._unpair(cid, then))
         self.unpairing[cid] = task
         task.add_done_callback(functools.partial(self._done, self.unpairing, cid, "unpairing"))
 
-    async def _unpair(self, cid: str) -> None:
+    async def _unpair(self, cid: str, then: Callable[[str], None] | None) -> None:
         try:
             await self.retry(lambda: self.client.unpair(cid), "unpair", cid)
             _log.info("workload.unpaired", container=cid[:12])
         except Denied as e:
             _log.warning("unpair.refused", container=cid[:12], error=e.message)
+        self.unpairing.pop(cid, None)  # done: a pairing of the same container may start
+        if then is not None:
+            then(cid)
 
     async def unpairings_landed(self, within: float) -> None:
-        if self.unpairing:
-            await asyncio.wait(list(self.unpairing.values()), timeout=within)
+        """Wait up to `within` seconds for the unpairings under way; not at all once
+        the server is found unreachable (they cannot land then)."""
+        if not self.unpairing:
+            return
+        landed = asyncio.ensure_future(asyncio.wait(list(self.unpairing.values())))
+        away = asyncio.ensure_future(self._away.wait())
+        try:
+            await asyncio.wait({landed, away}, timeout=within, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            landed.cancel()
+            away.cancel()
 
     @staticmethod
     def _done(
