@@ -1,12 +1,13 @@
 """The enforcement agent: watch Docker, pair keyed containers, enforce nftables.
 
-Wiring only. Docker's events and the server's answers become `HostEvent`s
-folded into the agent's knowledge (`host.Host`); one enforcement task takes the
-containers they touched, asks the pure reconciler (`reconcile.step`) for kernel
-operations, runs them one by one through the executor (the root module, under
-one lock) and folds each result back in, until nothing is left to do. Versions
-of the instructions that arrive meanwhile are folded in too: a batch always
-works towards the newest, and touches only the containers a version changed.
+Wiring only. Docker's events (`docker`) and the server's answers (`link`)
+become `HostEvent`s folded into the agent's knowledge (`host.Host`); the one
+task that changes the kernel (`enforcer`) takes the containers they touched,
+asks the pure reconciler (`reconcile.step`) for kernel operations, runs them
+through the root module (`executor`) and folds each result back in, until
+nothing is left to do. A version of the instructions touches only the
+containers it changed; versions that arrive while the kernel is busy are
+applied together.
 
 A container that joined another's network namespace is never enforced or
 paired on its own, and nothing is ever applied in the host's namespace
@@ -18,14 +19,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from segd import log, sdnotify
-from segd.agent import reconcile
 from segd.agent.client import Denied, PairAnswer, ServerClient
 from segd.agent.docker import DockerWatcher
+from segd.agent.enforcer import Enforcer
 from segd.agent.events import (
     BridgesChanged,
     ContainerGone,
@@ -45,20 +45,6 @@ from segd.agent.executor import Executor, Kernel
 from segd.agent.host import Host, Report, RoleChange
 from segd.agent.hostlock import host_lock_path
 from segd.agent.link import ServerLink
-from segd.agent.ops import (
-    ApplyTable,
-    Failed,
-    Forget,
-    GateChange,
-    GateRebuild,
-    GateSubnets,
-    ListGate,
-    ListTable,
-    LookupPorts,
-    Op,
-    container_of,
-    containers_of,
-)
 from segd.agent.sharing import NsId
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
 from segd.config import AgentConfig
@@ -72,8 +58,6 @@ HostLock = Callable[[], Callable[[], None]]
 
 NsOf = Callable[[str], NsId | None]
 """The identity of the namespace at a path; None when it cannot be read."""
-
-MAX_STEPS = 10_000  # per batch: a safety stop (each step makes progress or ends the batch)
 
 
 def _host_lock() -> Callable[[], None]:
@@ -103,20 +87,16 @@ class Agent:
         self.state = StateDir(cfg.state_dir)
         self.activation_code = activation_code or cfg.activation_code
         self.kernel: Kernel = firewall if firewall is not None else Firewall()
-        self.executor = Executor(self.kernel)
         self.docker = docker or DockerWatcher(cfg.docker_url)
         self.client = ServerClient(cfg.server, self.state.signing_key(), ca_file=cfg.server_ca)
         self.link = ServerLink(self.client, cfg.backoff_max_s)
         self.host = Host(isolate_unkeyed=cfg.isolate_unkeyed)
+        self.enforcer = Enforcer(self.host, Executor(self.kernel), self._report)
         self.ident: Identity | None = None
         self.ready = asyncio.Event()  # the first full reconcile is done
         self._host_lock = host_lock
         self._ns_of = ns_of
         self._bg: set[asyncio.Task[Any]] = set()
-        self._kick = asyncio.Event()
-        self._settled = asyncio.Condition()
-        self._batches = (0, 0)  # (started, finished)
-        self._drift = False
         self._saving = asyncio.Lock()
         self._saved_version = 0
 
@@ -144,7 +124,7 @@ class Agent:
             self._saved_version = loaded[1].version
             _log.info("instructions.loaded", version=loaded[1].version)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._enforce())
+            tg.create_task(self.enforcer.run())
             tg.create_task(self.docker.watch(self._on_docker, self._resync))
             tg.create_task(self.link.poll(lambda: self.host.version, self._on_instructions))
             tg.create_task(self._periodic())
@@ -196,7 +176,7 @@ class Agent:
         for change in self.host.on(ev):
             _log_role(change)
             self.link.sidecars_changed(self.host.sidecars)
-        self._kick.set()
+        self.enforcer.kick()
 
     async def _on_docker(self, ev: DockerEvent) -> None:
         match ev:
@@ -294,7 +274,7 @@ class Agent:
         for info in running.values():
             self._fold(ContainerSeen(info, self._ns_of(info.netns_path)))
         self._fold(Listed())
-        await self.converge()
+        await self.enforcer.converge()
         # Stale workloads first: a newcomer may have been given a dead one's IP.
         self._unpair_stale()
         await self.link.unpairings_landed(within=5.0)
@@ -312,89 +292,15 @@ class Agent:
                 continue
             try:
                 await self._resync()
-                await self.check_drift()
+                await self.enforcer.check_drift()
             except Exception as e:  # keep reconciling whatever one round hit
                 _log.error("reconcile.failed", error=repr(e))
             _log.debug("agent.stats", **self.footprint())
 
-    # ---- enforcement ------------------------------------------------------------------
-
-    async def converge(self) -> None:
-        """Return once a batch that began after this call has finished."""
-        target = self._batches[0] + 1
-        self._kick.set()
-        async with self._settled:
-            await self._settled.wait_for(lambda: self._batches[1] >= target)
-
-    async def check_drift(self) -> None:
-        """Compare every table the agent left (and the gate) with the kernel's;
-        repair and report what changed."""
-        self._drift = True
-        await self.converge()
-
-    async def _enforce(self) -> None:
-        """The one task that changes the kernel: a batch whenever something changed."""
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            started = self._batches[0] + 1
-            self._batches = (started, self._batches[1])
-            try:
-                await self._batch()
-            except Exception as e:  # the next event or reconcile tries again
-                _log.error("enforce.batch_failed", error=repr(e))
-            self._batches = (started, started)
-            async with self._settled:
-                self._settled.notify_all()
-
-    async def _batch(self) -> None:
-        failed: set[str] = set()
-        if self._drift:
-            self._drift = False
-            for op in reconcile.drift_checks(self.host):
-                await self._exec(op, failed, {})
-        batch: set[str] = set()
-        touched: dict[str, float] = {}  # container -> when its first op began
-        for _ in range(MAX_STEPS):
-            fresh = self.host.take_dirty()
-            failed -= fresh  # news about a container: try it again
-            batch |= fresh
-            step = reconcile.step(self.host, batch, failed)
-            batch -= step.idle
-            if not step.ops:
-                return
-            revision = self.host.revision
-            for i, op in enumerate(step.ops):
-                if i and self.host.revision != revision:
-                    break  # something happened meanwhile (a newer version): plan again
-                await self._exec(op, failed, touched)
-        _log.warning("enforce.batch_cut", containers=len(batch))
-        self.host.dirty |= batch  # the next batch carries on
-        self._kick.set()
-
-    async def _exec(self, op: Op, failed: set[str], touched: dict[str, float]) -> None:
-        t0 = time.perf_counter()
-        res = await self.executor.run(op)
-        for report in self.host.absorb(res, failed):
-            self._report(report)
-        if isinstance(res, Failed):
-            _log_failure(res)
-        for cid in containers_of(op):
-            touched.setdefault(cid, t0)
-            if reconcile.converged(self.host, cid, failed):
-                want = reconcile.desired(self.host, cid)
-                _log.debug(
-                    "enforce.done",
-                    container=cid[:12],
-                    kind=want.kind if want else "",
-                    ms=round((time.perf_counter() - touched.pop(cid)) * 1000, 2),
-                )
-
     def _report(self, r: Report) -> None:
         if r.container:
-            _log.warning(
-                "tamper.detected", container=r.container[:12], table_present=r.table_present
-            )
+            cid, present = r.container[:12], r.table_present
+            _log.warning("tamper.detected", container=cid, table_present=present)
         else:
             _log.warning("tamper.gate", detail=r.detail)
         self.link.report("tamper", r.container, r.detail)
@@ -413,27 +319,6 @@ class Agent:
             "pairing": len(self.link.pairing),
             "rss_kb": rss_pages * os.sysconf("SC_PAGE_SIZE") // 1024,
         }
-
-
-def _log_failure(res: Failed) -> None:
-    cid = container_of(res.op)[:12]
-    match res.op:
-        case _ if res.gone:  # it died while we worked: not an error
-            _log.info("enforce.container_gone", container=cid)
-        case ApplyTable(refused="unknown"):
-            _log.warning("enforce.delta_failed", container=cid, error=res.error)
-        case ApplyTable():
-            _log.error("enforce.failed", container=cid, error=res.error)
-        case LookupPorts():
-            _log.error("enforce.ports_failed", container=cid, error=res.error)
-        case Forget():
-            _log.warning("firewall.forget_failed", container=cid, error=res.error)
-        case GateRebuild():
-            _log.error("gate.rebuild_failed", error=res.error)
-        case GateChange() | GateSubnets():
-            _log.warning("tamper.gate", error=res.error)
-        case ListTable() | ListGate():
-            _log.warning("drift.check_failed", container=cid, error=res.error)
 
 
 def _log_role(change: RoleChange) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any, TypeVar
 
 from segd import log
@@ -31,6 +31,14 @@ TRANSIENT_DENIALS = frozenset({"ip_in_use"})
 
 OnAnswer = Callable[[ContainerInfo, PairAnswer | Denied], Awaitable[None]]
 OnInstructions = Callable[[SignedInstructions], Awaitable[None]]
+
+
+class _Busy(Container[str]):
+    def __init__(self, link: ServerLink) -> None:
+        self._link = link
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._link.pairing or cid in self._link.unpairing
 
 
 class ServerLink:
@@ -93,9 +101,9 @@ class ServerLink:
         await on_answer(info, answer)
 
     @property
-    def busy(self) -> set[str]:
+    def busy(self) -> Container[str]:
         """Containers with a pairing or an unpairing under way."""
-        return self.pairing.keys() | self.unpairing.keys()
+        return _Busy(self)
 
     def cancel_pairing(self, cid: str) -> None:
         task = self.pairing.pop(cid, None)

@@ -197,7 +197,7 @@ class World:
         """One full reconcile and drift check, as the periodic one does."""
         assert self.agent is not None
         await self.agent._resync()
-        await self.agent.check_drift()
+        await self.agent.enforcer.check_drift()
 
 
 def _fields(cfg: AgentConfig) -> dict[str, Any]:
