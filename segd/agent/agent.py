@@ -98,6 +98,7 @@ class Agent:
         self._ns_of = ns_of
         self._bg: set[asyncio.Task[Any]] = set()
         self._saving = asyncio.Lock()
+        self._resyncing = asyncio.Lock()
         self._saved_version = 0
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -194,22 +195,20 @@ class Agent:
         info = await self.docker.inspect(cid)
         if info is not None:
             self._fold(ContainerSeen(info, self._ns_of(info.netns_path), started))
-            self._handle(info)
+            self._handle(cid)
 
-    def _handle(self, info: ContainerInfo) -> None:
+    def _handle(self, cid: str) -> None:
         """Pair a container when it needs it; unpair one that joined another's namespace."""
-        cid = info.id
         role = self.host.roles.get(cid)
         if self.host.needs_pairing(cid, self.link.busy):
-            self.link.pair(info, self._on_answer)
+            self.link.pair(self.host.containers[cid], self._on_answer)
         elif role is not None and role.kind in ("shares", "host") and cid in self.host.workloads:
             self.link.unpair(cid)  # paired before it was known to share
 
     def _unpaired(self, cid: str) -> None:
         """A container restarted while its workload was unpaired pairs again."""
-        info = self.host.containers.get(cid)
-        if info is not None:
-            self._handle(info)
+        if cid in self.host.containers:
+            self._handle(cid)
 
     def _on_gone(self, cid: str) -> None:
         self.link.cancel_pairing(cid)
@@ -250,8 +249,8 @@ class Agent:
         self._spawn(self._save(signed, instr.version))
         if self.ready.is_set():
             self._unpair_stale()
-            for info in list(self.host.containers.values()):
-                self._handle(info)  # a workload gone (unpaired elsewhere): pair again
+            for cid in list(self.host.containers):
+                self._handle(cid)  # a workload gone (unpaired elsewhere): pair again
 
     async def _save(self, signed: SignedInstructions, version: int) -> None:
         """Keep the newest instructions on disk (off the loop; never an older one)."""
@@ -266,20 +265,27 @@ class Agent:
             self.link.unpair(cid, then=self._unpaired)
 
     async def _resync(self) -> None:
-        """Full reconcile against Docker (on start and every stream reconnect)."""
+        """Full reconcile against Docker (on start, periodically, and on every
+        reconnect of the event stream)."""
+        async with self._resyncing:
+            await self._resync_once()
+
+    async def _resync_once(self) -> None:
+        since = self.host.revision  # events folded while Docker lists are newer
         running = {c.id: c for c in await self.docker.running()}
         self._fold(SubnetsSeen(tuple(await self.docker.subnets())))
-        for cid in [c for c in self.host.containers if c not in running]:
+        gone, seen = self.host.listing(running, since)
+        for cid in gone:
             self._on_gone(cid)
-        for info in running.values():
+        for info in seen:
             self._fold(ContainerSeen(info, self._ns_of(info.netns_path)))
         self._fold(Listed())
         await self.enforcer.converge()
         # Stale workloads first: a newcomer may have been given a dead one's IP.
         self._unpair_stale()
         await self.link.unpairings_landed(within=5.0)
-        for info in running.values():
-            self._handle(info)
+        for cid in list(self.host.containers):
+            self._handle(cid)
         if not self.ready.is_set():
             self.ready.set()
             sdnotify.notify("READY=1")

@@ -16,7 +16,7 @@ namespace or restarts in a new one is retired: its gate entries go to
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -117,6 +117,8 @@ class Host:
     gate_subnets: tuple[str, ...] | None = None  # what the gate guards
     dirty: set[str] = field(default_factory=set)
     revision: int = 0  # counts events: a plan made before a newer one may be stale
+    seen_at: dict[str, int] = field(default_factory=dict)  # cid -> revision last seen
+    gone_at: dict[str, int] = field(default_factory=dict)  # cid -> revision it went
 
     @property
     def version(self) -> int:
@@ -158,10 +160,13 @@ class Host:
             self.fresh[cid] = info.pid
         self.containers[cid] = info
         self.nsids[cid] = ns
+        self.seen_at[cid] = self.revision
         self.dirty.add(cid)
         return self._reassign()
 
     def _gone(self, cid: str) -> list[RoleChange]:
+        self.gone_at[cid] = self.revision
+        self.seen_at.pop(cid, None)
         self.denied.pop(cid, None)
         self.awaiting.pop(cid, None)
         self.fresh.pop(cid, None)
@@ -287,6 +292,21 @@ class Host:
         """The record of the container incarnation `ns` (None once retired)."""
         rec = self.enforced.get(ns.key)
         return rec if rec is not None and rec.ns == ns else None
+
+    # ---- a full listing of Docker --------------------------------------------------------
+
+    def listing(
+        self, running: Mapping[str, ContainerInfo], since: int
+    ) -> tuple[list[str], list[ContainerInfo]]:
+        """Read a full listing of the running containers, begun at revision `since`,
+        against the events folded in meanwhile: (the containers it shows gone, the
+        containers to see again). A container seen since the listing began is not
+        gone (it started meanwhile); one gone since is not seen again (it died
+        meanwhile). Forgets the departures the listing no longer needs."""
+        gone = [c for c in self.containers if c not in running and self.seen_at[c] <= since]
+        seen = [info for c, info in running.items() if self.gone_at.get(c, -1) <= since]
+        self.gone_at = {c: r for c, r in self.gone_at.items() if r > since}
+        return gone, seen
 
     # ---- questions the agent asks --------------------------------------------------------
 

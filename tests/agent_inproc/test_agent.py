@@ -4,6 +4,7 @@ fake kernel is checked table by table and connection by connection."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 
 from tests.agent_inproc.conftest import World
@@ -211,3 +212,38 @@ async def test_sidecar_is_not_enforced_and_keeps_its_owners_table(world: World) 
     await world.reconcile()
     assert world.kernel.table(db) == table
     assert world.kind(side) is None and side.id not in await world.workloads()
+
+
+async def test_container_started_while_docker_lists_is_not_taken_for_gone(world: World) -> None:
+    """A full reconcile lists what runs, then compares: a container that started
+    after the listing was taken is not in it, yet it is running."""
+    web_key, db_key = await _shop(world)
+    web = world.run("web", key=web_key)
+    await world.until(lambda: world.enforced(web))
+    world.engine.hold_list = asyncio.Event()
+    reconcile = asyncio.create_task(world.reconcile())
+    await world.until(lambda: world.engine.held, "Docker listing, slowly")
+    db = world.run("db", key=db_key)
+    await world.paired(web, db)
+    world.engine.hold_list.set()
+    await reconcile
+    await world.paired(web, db)
+    assert world.kernel.reachable(web, db, "tcp", DB_PORT)
+
+
+async def test_container_died_while_docker_lists_is_not_seen_again(world: World) -> None:
+    """The listing said it runs; it died before the agent read the listing."""
+    web_key, db_key = await _shop(world)
+    web, db = world.run("web", key=web_key), world.run("db", key=db_key)
+    await world.paired(web, db)
+    world.engine.hold_inspect[db.id] = hold = asyncio.Event()
+    reconcile = asyncio.create_task(world.reconcile())
+    await world.until(lambda: world.engine.held, "Docker inspecting db, slowly")
+    world.rm(db)
+    agent = world.agent
+    assert agent is not None
+    await world.until(lambda: db.id not in agent.host.containers, "db's death seen")
+    hold.set()
+    await reconcile
+    assert db.id not in agent.host.containers and db.id not in agent.host.enforced
+    await world.paired(web)

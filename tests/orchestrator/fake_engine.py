@@ -73,6 +73,11 @@ class FakeEngine:
         self._pids = 4000
         self._ips = 1
         self._streams: set[asyncio.Queue[dict[str, Any] | None]] = set()
+        # Answers taken, then held until set: a listing or an inspect that is slow
+        # while things change (the inspect hold is per container id).
+        self.hold_list: asyncio.Event | None = None
+        self.hold_inspect: dict[str, asyncio.Event] = {}
+        self.held = 0
 
     # ---- lifecycle ----------------------------------------------------------------
 
@@ -227,11 +232,16 @@ class FakeEngine:
         self.launch(c)
         return web.Response(status=204)
 
+    async def _held(self, hold: asyncio.Event | None) -> None:
+        if hold is not None:
+            self.held += 1
+            await hold.wait()
+
     async def inspect(self, request: web.Request) -> web.Response:
         c = self.find(request.match_info["id"])
         if c is None:
             return _err(404, f"No such container: {request.match_info['id']}")
-        return _json(
+        answer = _json(
             {
                 "Id": c.id,
                 "Name": "/" + c.name,
@@ -246,6 +256,8 @@ class FakeEngine:
                 },
             }
         )
+        await self._held(self.hold_inspect.get(c.id))
+        return answer
 
     async def list(self, request: web.Request) -> web.Response:
         show_all = request.query.get("all") in ("1", "true", "True")
@@ -265,6 +277,7 @@ class FakeEngine:
                     "Labels": c.labels,
                 }
             )
+        await self._held(self.hold_list)
         return _json(out)
 
     async def delete(self, request: web.Request) -> web.Response:

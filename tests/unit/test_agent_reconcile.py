@@ -541,3 +541,19 @@ def test_answer_without_instructions_waits_for_the_long_poll() -> None:
     h.on(instructions(3, policy("web")))
     assert not h.awaiting
     assert Run(h).flat() == ["apply web workload workload", "gate add web"]
+
+
+# ---- a full listing of Docker against events folded meanwhile ------------------------
+
+
+def test_listing_against_events_folded_while_docker_listed() -> None:
+    h = host(seen("web"), seen("db"))
+    since = h.revision  # the listing begins: web and db run
+    h.on(ContainerGone("db"))  # db dies while Docker lists
+    h.on(seen("cache"))  # cache starts while Docker lists
+    running = {"web": info("web"), "db": info("db")}  # what the listing says
+    gone, again = h.listing(running, since)
+    assert gone == [] and [c.id for c in again] == ["web"]
+    # A later listing that no longer shows web: gone; db's death is forgotten.
+    gone, again = h.listing({"cache": info("cache")}, h.revision)
+    assert gone == ["web"] and [c.id for c in again] == ["cache"] and h.gone_at == {}
