@@ -88,12 +88,17 @@ class Enforcer:
                 await self._exec(op, failed, {})
         batch: set[str] = set()
         touched: dict[str, float] = {}  # container -> when its first op began
+        told: set[str] = set()  # invalid workloads logged in this batch
         for _ in range(MAX_STEPS):
             fresh = self.host.take_dirty()
             failed -= fresh  # news about a container: try it again
             batch |= fresh
             step = reconcile.step(self.host, batch, failed)
             batch -= step.idle
+            for cid, why in step.invalid.items():
+                if cid not in told:
+                    told.add(cid)
+                    _log.error("enforce.invalid_workload", container=cid[:12], error=why)
             if not step.ops:
                 return
             revision = self.host.revision

@@ -54,6 +54,7 @@ from segd.agent.ops import (
 )
 from segd.agent.sharing import NsId, Role
 from segd.firewall.gate import GateEntry
+from segd.firewall.nftext import split_addrs
 from segd.firewall.render import log_rules
 from segd.wire import Instructions, SidecarIn, WorkloadPolicy
 
@@ -105,6 +106,7 @@ class Host:
     instr: Instructions | None = None
     workloads: dict[str, WorkloadPolicy] = field(default_factory=dict)
     logged: frozenset[str] = frozenset()  # rules whose accepts are logged
+    bad_sets: dict[str, str] = field(default_factory=dict)  # set -> why it cannot be rendered
     denied: dict[str, str] = field(default_factory=dict)
     awaiting: dict[str, Awaiting] = field(default_factory=dict)  # paired, instructions to come
     subnets: tuple[str, ...] = ()
@@ -179,6 +181,15 @@ class Host:
         old, self.instr = self.instr, instr
         self.workloads = {w.container_id: w for w in instr.workloads}
         self.logged = log_rules(instr.rules)
+        before = old.sets if old is not None else {}
+        self.bad_sets = {n: why for n, why in self.bad_sets.items() if n in instr.sets}
+        for name, addrs in instr.sets.items():
+            if before.get(name) != addrs:  # only what changed is checked again
+                try:
+                    split_addrs(addrs)
+                    self.bad_sets.pop(name, None)
+                except ValueError as e:
+                    self.bad_sets[name] = str(e)
         for cid, aw in list(self.awaiting.items()):
             if instr.version >= aw.version:
                 del self.awaiting[cid]

@@ -57,6 +57,7 @@ from segd.agent.ops import (
 )
 from segd.firewall import render
 from segd.firewall.gate import (
+    PORT_RE,
     GateEntry,
     render_gate,
     render_gate_add,
@@ -74,19 +75,28 @@ class Desired(msgspec.Struct, frozen=True):
     ns: Ns
     policy: WorkloadPolicy | None = None
     table: WorkloadTable | None = None  # for a workload
+    invalid: str = ""  # why its workload cannot be rendered (it is isolated instead)
 
 
 def desired(host: Host, cid: str) -> Desired | None:
-    """None for a container that does not own its namespace (or is not running)."""
+    """None for a container that does not own its namespace (or is not running).
+    A workload whose policy or peer sets cannot be rendered is isolated (fail
+    closed), with the reason."""
     info = host.containers.get(cid)
     if info is None or not host.owner(cid):
         return None
     ns = Ns(key=cid, path=info.netns_path)
     pol = host.workloads.get(cid)
     if pol is not None:
+        try:
+            render.check_policy(pol)
+        except ValueError as e:
+            return Desired("isolated", ns, invalid=str(e))
+        names = sorted(render.referenced_sets(pol))
+        if bad := [f"{n}: {host.bad_sets[n]}" for n in names if n in host.bad_sets]:
+            return Desired("isolated", ns, invalid="; ".join(bad))
         sets = host.instr.sets if host.instr is not None else {}
         allows = [*pol.inbound, *pol.outbound]
-        names = sorted(render.referenced_sets(pol))
         structure = Structure(
             inbound=tuple(pol.inbound),
             outbound=tuple(pol.outbound),
@@ -159,8 +169,10 @@ def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> f
         return frozenset()
     if want.kind == "isolated":
         return frozenset()
-    ports = rec.ports
-    return frozenset(GateEntry(ports[ip], ip) for ip in info.ips if ip in ports)
+    ports = rec.ports  # only bridge ports the gate looks at can admit anything
+    return frozenset(
+        GateEntry(ports[ip], ip) for ip in info.ips if ip in ports and PORT_RE.match(ports[ip])
+    )
 
 
 def _needs_ports(host: Host, rec: Enforced, want: Desired) -> bool:
@@ -175,6 +187,7 @@ class Step(msgspec.Struct, frozen=True):
 
     ops: list[Op]
     idle: frozenset[str]
+    invalid: dict[str, str] = {}  # containers isolated because their workload cannot be rendered
 
 
 REST_CHUNK = 8
@@ -198,12 +211,15 @@ def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:
     rest: list[ApplyTable] = []
     ports: dict[str, LookupPorts] = {}
     idle: set[str] = set()
+    invalid: dict[str, str] = {}
     for cid in sorted(batch):
         rec = host.enforced.get(cid)
         want = desired(host, cid)
         if rec is None or want is None:
             idle.add(cid)
             continue
+        if want.invalid:
+            invalid[cid] = want.invalid
         wanted = frozenset() if cid in failed else gate_entries(host, cid, rec, want)
         if rec.gated - wanted:
             remove[rec.ns] = rec.gated - wanted
@@ -241,7 +257,7 @@ def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:
     pending = first or rest or ports
     if host.gate == "initial" and host.listed and not pending and "gate" not in failed:
         ops.append(_rebuild(host, failed))  # tables first, then the gate whole, once
-    return Step(ops, frozenset(idle))
+    return Step(ops, frozenset(idle), invalid)
 
 
 def _union(entries: dict[Ns, frozenset[GateEntry]]) -> frozenset[GateEntry]:

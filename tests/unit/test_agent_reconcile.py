@@ -557,3 +557,19 @@ def test_listing_against_events_folded_while_docker_listed() -> None:
     # A later listing that no longer shows web: gone; db's death is forgotten.
     gone, again = h.listing({"cache": info("cache")}, h.revision)
     assert gone == ["web"] and [c.id for c in again] == ["cache"] and h.gone_at == {}
+
+
+def test_a_workload_that_cannot_be_rendered_is_isolated_and_the_rest_enforced() -> None:
+    h = synced(seen("web"), seen("db"), seen("cache"))
+    bad_rule = WorkloadPolicy("w", "web", {}, ["172.17.0.2"], [], [Allow("r 1", DB_SET, [TCP5432])])
+    cache = WorkloadPolicy(
+        "w3", "cache", {}, ["172.17.0.4"], [Allow("r1", "ls_000000000000000c", [TCP5432])], []
+    )
+    instr = instructions(2, bad_rule, policy("db", inbound="web"), cache, web=("web",))
+    bad_sets = {**instr.instructions.sets, "ls_000000000000000c": ["not-an-address"]}
+    h.on(InstructionsAccepted(msgspec.structs.replace(instr.instructions, sets=bad_sets)))
+    s = reconcile.step(h, {"web", "db", "cache"}, set())
+    assert sorted(s.invalid) == ["cache", "web"]
+    assert "r 1" in s.invalid["web"] and "not-an-address" in s.invalid["cache"]
+    assert Run(h).steps() == [["apply db workload workload"], ["gate add db"]]
+    assert isinstance(h.enforced["web"].table, IsolationTable) and not h.enforced["web"].gated
