@@ -100,6 +100,7 @@ class Agent:
         self._saving = asyncio.Lock()
         self._resyncing = asyncio.Lock()
         self._saved_version = 0
+        self._accepted = ""  # payload of the newest instructions accepted
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -123,6 +124,7 @@ class Agent:
         if loaded is not None:
             self.host.on(InstructionsAccepted(loaded[1]))
             self._saved_version = loaded[1].version
+            self._accepted = loaded[0].payload
             _log.info("instructions.loaded", version=loaded[1].version)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.enforcer.run())
@@ -237,6 +239,8 @@ class Agent:
     async def _on_instructions(self, signed: SignedInstructions) -> None:
         """Verify, keep and enforce newer instructions (stale or invalid: dropped)."""
         assert self.ident is not None
+        if signed.payload == self._accepted:
+            return  # the same version again (a pairing answer and the long-poll)
         try:
             instr = verify_instructions(signed, self.ident.server_keys, self.ident.host_id)
         except InvalidInstructions as e:
@@ -245,6 +249,7 @@ class Agent:
         if instr.version <= self.host.version:
             return
         self._fold(InstructionsAccepted(instr))
+        self._accepted = signed.payload
         _log.info("instructions.accepted", version=instr.version, workloads=len(instr.workloads))
         self._spawn(self._save(signed, instr.version))
         if self.ready.is_set():
