@@ -244,6 +244,8 @@ def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:
         if host.subnets != host.gate_subnets:
             ops.append(GateSubnets(host.subnets, render_gate_subnets(host.subnets)))
     ops += [Forget(ns.key, ns) for ns in host.unbind]
+    # Most urgent first: when something happens during a step, the rest of it
+    # is planned again (only its first op is sure to run).
     if first:
         # One first table per step: its gate entries come at the head of the next.
         op = min(first, key=lambda o: (_URGENCY[o.kind], o.container))
@@ -251,9 +253,9 @@ def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:
         rec, want = host.enforced[op.container], desired(host, op.container)
         if want is not None and _needs_ports(host, rec, want):
             ops.append(LookupPorts(op.container, rec.ns))
-    else:
+    ops += ports.values()  # cheap, and what admitting a container waits for
+    if not first:
         ops += rest[:REST_CHUNK]
-    ops += ports.values()
     pending = first or rest or ports
     if host.gate == "initial" and host.listed and not pending and "gate" not in failed:
         ops.append(_rebuild(host, failed))  # tables first, then the gate whole, once
