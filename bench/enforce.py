@@ -11,6 +11,10 @@ segd`) to check the workload's set lookups are really there.
 
 - one by one: start a container, wait for its rules, start the next;
 - burst: all containers started at once (one `docker run -d` thread each);
+- work: per phase, the agent's pairings, the instruction versions it accepted
+  and its per-container converges (`enforce.done` lines); converges per version
+  beside the workloads each version held (what re-converging every workload of
+  the host costs);
 - leak: containers that connect to a db they may not reach, one attempt every
   ~2 ms from their first instant (half of them paired as `web`, half with no
   key), started at once with an `api` container that may reach it (a check
@@ -23,6 +27,7 @@ running (taken first, in the same run).
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -42,6 +47,7 @@ from bench.report import Section, Size, Target, figure, ms, pct, summary
 from bench.stack import (
     Agent,
     BenchError,
+    Counts,
     Server,
     drop_gate,
     keep_logs,
@@ -131,6 +137,36 @@ def _reset(box: Containers, server: Server, agent: Agent) -> None:
     wait_for(unpaired, 60, "workloads to be unpaired", interval=0.2)
 
 
+def _settled(agent: Agent, quiet: float = 1.0, limit: float = 15.0) -> Counts:
+    """The agent's counts once its log has shown no new work for `quiet` seconds
+    (instructions still on their way after the last container is enforced)."""
+    deadline = time.monotonic() + limit
+    last, since = copy.copy(agent.counts), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        agent.poll()
+        if agent.counts != last:
+            last, since = copy.copy(agent.counts), time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def _work_figure(phase: str, label: str, work: Counts) -> Any:
+    """Converges per accepted instruction version, beside the converges of an agent
+    that brings every workload of the host to each version."""
+    versions = max(1, work.versions)
+    return figure(
+        f"enforce.{phase}.converges_per_version",
+        f"{label}: containers converged per instruction version",
+        work.converges / versions,
+        "",
+        baseline=work.workloads / versions,
+        baseline_label="workloads per version (all re-converged)",
+        ratio="of",
+    )
+
+
 def _leak(box: Containers, agent: Agent, keys: Mapping[str, str], p: Params) -> dict[str, Any]:
     db = box.run(labels=_labels("db", keys), cmd=DB_SERVE)
     if agent.wait_enforced([db.id], 30):
@@ -194,6 +230,7 @@ def run(size: Size) -> Section:
     p = Params.of(size)
     details: dict[str, Any] = {"params": p.__dict__}
     cpu: dict[str, float] = {}  # agent CPU seconds per phase
+    work: dict[str, Counts] = {}  # the agent's pairings, versions and converges per phase
     with tempfile.TemporaryDirectory(prefix="segd-bench-") as tmp:
         root = Path(tmp)
         box = Containers()
@@ -218,6 +255,8 @@ def run(size: Size) -> Section:
 
             seq: list[Started] = []
             missing: list[str] = []
+            agent.poll()
+            before = copy.copy(agent.counts)
             cpu0 = proc_cpu_s(agent.pid)
             for i in range(p.one_by_one):
                 s = box.run(labels=_labels(ROLES[i % 3], keys))
@@ -226,15 +265,19 @@ def run(size: Size) -> Section:
                 missing += agent.wait_enforced([s.id], 5 if missing else 30)
             cpu["one_by_one"] = proc_cpu_s(agent.pid) - cpu0
             one = _timing(seq, agent, events, missing)
+            work["one_by_one"] = _settled(agent).since(before)
             _reset(box, server, agent)
 
             specs = [(_labels(ROLES[i % 3], keys), "") for i in range(p.burst)]
+            agent.poll()
+            before = copy.copy(agent.counts)
             t0 = time.time()
             cpu0 = proc_cpu_s(agent.pid)
             burst_started = box.run_many(specs, parallel=p.burst)
             missing = agent.wait_enforced([s.id for s in burst_started], 120)
             cpu["burst"] = proc_cpu_s(agent.pid) - cpu0
             burst = _timing(burst_started, agent, events, missing)
+            work["burst"] = _settled(agent).since(before)
             details["burst_first_call_to_last_enforced_ms"] = ms(
                 max(agent.enforced.get(s.id[:12], t0) for s in burst_started) - t0
             )
@@ -284,6 +327,10 @@ def run(size: Size) -> Section:
             ratio="of",
         )
     )
+    figs += [
+        _work_figure("one_by_one", f"one by one ({p.one_by_one})", work["one_by_one"]),
+        _work_figure("burst", f"burst of {p.burst}", work["burst"]),
+    ]
     figs.append(
         figure(
             "enforce.leaked",
@@ -307,6 +354,9 @@ def run(size: Size) -> Section:
             "missing": t.missing,
             "verified_in_netns": t.verified,
             "from_start_all_ms": [ms(x) for x in t.from_start],
+            "pairings": work[name].paired,
+            "versions_accepted": work[name].versions,
+            "converges": work[name].converges,
         }
     details["bare"] = {
         "one_by_one_run_ms": summary([ms(x) for x in bare_seq_s]),

@@ -251,6 +251,35 @@ class Server:
         return len(self.api("GET", "/v1/workloads"))
 
 
+@dataclass
+class Counts:
+    """How much work the agent's log shows: pairings, instruction versions it
+    accepted (with the workloads each held) and per-container converges."""
+
+    paired: int = 0
+    versions: int = 0
+    workloads: int = 0  # summed over accepted versions
+    converges: int = 0
+
+    def see(self, rec: Mapping[str, Any]) -> None:
+        ev = rec.get("event")
+        if ev == "workload.paired":
+            self.paired += 1
+        elif ev == "instructions.accepted":
+            self.versions += 1
+            self.workloads += int(rec.get("workloads") or 0)
+        elif ev == "enforce.done":
+            self.converges += 1
+
+    def since(self, before: Counts) -> Counts:
+        return Counts(
+            self.paired - before.paired,
+            self.versions - before.versions,
+            self.workloads - before.workloads,
+            self.converges - before.converges,
+        )
+
+
 class Agent:
     """`segd agent` with JSON debug logs, and what those logs say it enforced."""
 
@@ -271,6 +300,7 @@ class Agent:
         self.synced = 0
         self.errors: list[str] = []  # "event: error" of every error line
         self.denied: set[str] = set()  # container id[:12] the server refused to pair
+        self.counts = Counts()
 
     def start(self) -> None:
         code = self.server.api("POST", "/v1/activation-codes", wire.ActivationCodeIn())["code"]
@@ -301,6 +331,7 @@ class Agent:
         """Read the log lines the agent wrote since the last poll; raise if it died."""
         for rec in self.tail.read():
             ev = rec.get("event")
+            self.counts.see(rec)
             if ev == "enforce.done":
                 cid, ts = str(rec.get("container", "")), iso_ts(str(rec["timestamp"]))
                 book = self.enforced if rec.get("kind") == "workload" else self.isolated

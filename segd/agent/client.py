@@ -19,7 +19,6 @@ from segd.wire import (
     AgentReport,
     Error,
     PairIn,
-    PairResult,
     Registered,
     RegisterIn,
     SidecarIn,
@@ -39,7 +38,19 @@ class ServerUnavailable(Exception):
     pass
 
 
+class PairAnswer(msgspec.Struct, frozen=True):
+    """The server's answer to a pairing: the `version` of the host's instructions
+    the workload first appears in, which the long-poll brings. Earlier servers
+    sent the signed instructions themselves; those are taken too."""
+
+    workload_id: str
+    labels: dict[str, str]
+    instructions: SignedInstructions | None = None
+    version: int = 0
+
+
 _ERR = msgspec.json.Decoder(Error)
+_PAIR = msgspec.json.Decoder(PairAnswer)
 
 
 def _error_of(status: int, body: bytes) -> Denied:
@@ -126,9 +137,9 @@ class ServerClient:
         _, data = await self._request("POST", "/v1/agent/register", body, signed=False)
         return msgspec.json.decode(data, type=Registered)
 
-    async def pair(self, req: PairIn) -> PairResult:
+    async def pair(self, req: PairIn) -> PairAnswer:
         _, data = await self._request("POST", "/v1/agent/pair", msgspec.json.encode(req))
-        return msgspec.json.decode(data, type=PairResult)
+        return _PAIR.decode(data)
 
     async def unpair(self, container_id: str) -> None:
         await self._request(

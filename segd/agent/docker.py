@@ -17,37 +17,12 @@ from typing import Any
 import aiodocker
 import aiohttp
 import msgspec
-from aiodocker.events import DockerEvents
 
 from segd import contract, log
-from segd.agent.events import DockerEvent, from_docker
+from segd.agent.events import ContainerInfo, DockerEvent, from_docker
 from segd.agent.retry import Backoff
-from segd.agent.sharing import joined
 
 _log = log.get(__name__)
-
-
-class ContainerInfo(msgspec.Struct, frozen=True):
-    """A running container as the agent needs it."""
-
-    id: str
-    name: str
-    pid: int
-    ips: list[str]  # every address on every network, v4 and v6, sorted
-    networks: dict[str, str]  # network name -> IPv4 address ("" when none)
-    pairing_key: str  # "" when the container carries none
-    requested_labels: dict[str, str]
-    host_network: bool  # shares the host namespace: cannot be enforced per container
-    network_mode: str = ""  # HostConfig.NetworkMode: "bridge", "host", "container:ID", ...
-
-    @property
-    def netns_path(self) -> str:
-        return f"/proc/{self.pid}/ns/net"
-
-    @property
-    def joins(self) -> str:
-        """The container whose namespace it joined (`container:ID`); "" if none."""
-        return joined(self.network_mode)
 
 
 def _ips(networks: Mapping[str, Any]) -> tuple[list[str], dict[str, str]]:
@@ -157,32 +132,33 @@ class DockerWatcher:
         """Run forever: subscribe, resync, deliver events; reconnect on loss."""
         backoff = Backoff(self._backoff_max)
         while True:
-            events: DockerEvents | None = None
             try:
-                docker = self._client()
-                events = DockerEvents(docker)
-                sub = events.subscribe(filters={"type": ["container", "network"]})
-                await self._wait_stream(events)
-                self.connected.set()
-                _log.info("docker.stream.up")
-                await self._guard("resync", on_resync())
-                backoff.reset()
-                while True:
-                    raw = await sub.get()
-                    if raw is None:
-                        break
-                    ev = from_docker(raw)
-                    if ev is not None:
-                        await self._guard("event", on_event(ev))
+                # The events request is open (its answer has begun) before the
+                # resync, so nothing between the two is lost.
+                async with self._client()._query(
+                    "events", params={"filters": {"type": ["container", "network"]}}, timeout=None
+                ) as resp:
+                    try:
+                        self.connected.set()
+                        _log.info("docker.stream.up")
+                        await self._guard("resync", on_resync())
+                        backoff.reset()
+                        while line := await resp.content.readline():
+                            ev = _event(line)
+                            if ev is not None:
+                                await self._guard("event", on_event(ev))
+                    finally:
+                        resp.close()
                 _log.warning("docker.stream.ended")
-            except (aiodocker.DockerError, aiohttp.ClientError, OSError, TimeoutError) as e:
+            except (
+                aiodocker.DockerError,
+                aiohttp.ClientError,
+                OSError,
+                TimeoutError,
+            ) as e:
                 _log.warning("docker.unreachable", error=str(e) or type(e).__name__)
             finally:
                 self.connected.clear()
-                if events is not None:
-                    # stop() re-raises whatever broke the stream; that is already handled.
-                    with contextlib.suppress(Exception):
-                        await events.stop()
                 with contextlib.suppress(Exception):
                     await self.close()
             await backoff.wait()
@@ -198,17 +174,11 @@ class DockerWatcher:
         except Exception as e:
             _log.error("docker.handler_failed", what=what, error=repr(e))
 
-    @staticmethod
-    async def _wait_stream(events: DockerEvents) -> None:
-        """Block until the events request is open, so nothing between it and the
-        reconcile is lost; raise if it fails first."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10.0
-        while events.json_stream is None:
-            task = events.task
-            if task is not None and task.done():
-                exc = task.exception()
-                raise exc if exc is not None else OSError("docker event stream closed")
-            if loop.time() > deadline:
-                raise TimeoutError("docker event stream did not open")
-            await asyncio.sleep(0.002)
+
+def _event(line: bytes) -> DockerEvent | None:
+    """One line of the event stream as the agent's event (None: ignored or not JSON)."""
+    try:
+        raw = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return None
+    return from_docker(raw) if isinstance(raw, dict) else None

@@ -130,6 +130,13 @@ def referenced_sets(policy: WorkloadPolicy) -> set[str]:
     return {check_set_name(a.peer) for a in allows if a.peer is not None}
 
 
+def check_policy(policy: WorkloadPolicy) -> None:
+    """Raise ValueError when any allow of the workload cannot be rendered (a rule
+    id, set name, protocol or port of the wrong shape); set contents are not looked at."""
+    for allow in [*policy.inbound, *policy.outbound]:
+        allow_rules(allow, "in", log=False)
+
+
 def log_rules(rules: Iterable[Rule]) -> frozenset[str]:
     """Ids of the rules whose accepts should be logged (rule option `log`)."""
     return frozenset(r.id for r in rules if "log" in r.options)

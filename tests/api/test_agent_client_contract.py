@@ -39,7 +39,7 @@ async def test_agent_client_decodes_pairing_and_instructions(live_server: LiveSe
             wire.PairIn(container_id="c1", pairing_key=token, ips=["10.9.0.1"], name="w")
         )
         assert res.labels == {"role": "web"}
-        assert res.instructions is msgspec.UNSET  # the long-poll brings them
+        assert res.instructions is None  # the long-poll brings them
         signed = await client.instructions(since=res.version - 1, wait=5)
         assert signed is not None
         payload = crypto.b64d(signed.payload)

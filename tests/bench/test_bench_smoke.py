@@ -30,6 +30,8 @@ FIGURES: dict[str, dict[str, bool]] = {
             for k in _pcts(f"enforce.{phase}.{src}")
         },
         "enforce.burst.span": True,
+        "enforce.one_by_one.converges_per_version": True,
+        "enforce.burst.converges_per_version": True,
         "enforce.leaked": True,
     },
     "pairing": {f"pairing.c{c}.{m}": True for c in (1, 16, 64) for m in ("rate", "p99")},
@@ -150,6 +152,9 @@ def test_enforce(tmp_path: Path, docker_ready: None) -> None:
         assert d["missing"] == 0 and d["from_start_ms"]["n"] == n
         assert 0 < d["from_start_ms"]["min"] <= d["from_start_ms"]["max"] < 60_000
         assert d["verified_in_netns"] == n or not alone
+        # Every container was converged at least once, after some accepted version.
+        assert d["versions_accepted"] > 0 and d["converges"] >= n
+        assert figs[f"enforce.{phase}.converges_per_version"]["value"] > 0
     assert details["leak"]["attempts"] > 0
     assert details["leak"]["allowed_peer_connected"] or not alone  # the probe can connect
     # The tight loop of an unkeyed prober never gets through (the e2e tight-loop

@@ -10,6 +10,7 @@ import nacl.signing
 import pytest
 
 from segd import crypto
+from segd.agent.client import PairAnswer
 from segd.agent.docker import bridge_subnets, parse_container
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
 from segd.wire import Instructions, SignedInstructions
@@ -141,3 +142,17 @@ def test_state_dir_keeps_only_verified_instructions(tmp_path: Path) -> None:
     p = tmp_path / "agent" / "instructions.json"
     p.write_bytes(p.read_bytes().replace(b'"signature":"', b'"signature":"A'))
     assert again.load_instructions(ident) is None
+
+
+def test_pairing_answer_with_or_without_instructions() -> None:
+    """Today's server sends the host's signed instructions with a pairing; a server
+    that sends only the version the workload appears in leaves them to the long-poll."""
+    signed = SignedInstructions(key_id="k", payload="cA", signature="cw")
+    full = msgspec.json.encode(
+        {"workload_id": "w1", "labels": {"role": "web"}, "instructions": signed}
+    )
+    answer = msgspec.json.decode(full, type=PairAnswer)
+    assert answer.instructions == signed and answer.version == 0
+    small = b'{"workload_id":"w1","labels":{"role":"web"},"version":7}'
+    answer = msgspec.json.decode(small, type=PairAnswer)
+    assert answer.instructions is None and answer.version == 7

@@ -1,0 +1,384 @@
+"""What the agent knows about its host, updated by events and by kernel results (pure).
+
+`Host` holds Docker's view (containers, the identity of their namespaces, who
+owns which namespace), the server's (the last accepted instructions, pairings
+answered or refused) and the kernel's as far as the agent made it (`Enforced`
+per container, the gate). `on(event)` folds one `HostEvent` in; `absorb(result)`
+one kernel result. Both mark the containers whose state may need kernel work
+(`dirty`); `segd.agent.reconcile` decides that work. No I/O, no awaits: tests
+drive it with tables of events.
+
+Invariant: `enforced` holds a record for exactly the containers that own their
+namespace (`sharing`). A record whose container is gone, stops owning its
+namespace or restarts in a new one is retired: its gate entries go to
+`ungate` and its namespace to `unbind` until the kernel has dropped them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+
+from segd.agent import sharing
+from segd.agent.events import (
+    ContainerGone,
+    ContainerInfo,
+    ContainerSeen,
+    HostEvent,
+    InstructionsAccepted,
+    Listed,
+    Paired,
+    PairingRefused,
+    SubnetsSeen,
+)
+from segd.agent.ops import (
+    ApplyTable,
+    Done,
+    Failed,
+    Forget,
+    GateChange,
+    GateRebuild,
+    GateSubnets,
+    Kind,
+    ListGate,
+    ListTable,
+    LookupPorts,
+    NoTable,
+    Ns,
+    Result,
+    TableState,
+    container_of,
+)
+from segd.agent.sharing import NsId, Role
+from segd.firewall.gate import GateEntry
+from segd.firewall.nftext import split_addrs
+from segd.firewall.render import log_rules
+from segd.wire import Instructions, SidecarIn, WorkloadPolicy
+
+GateMode = Literal["initial", "ok", "rebuild"]
+"""`initial`: not built since the agent started (built whole once every container
+has its table); `rebuild`: a change failed or it was found missing."""
+
+
+class Enforced(msgspec.Struct):
+    """What the agent made of one container's namespace (and the gate)."""
+
+    ns: Ns
+    kind: Kind | None = None  # reached by the last successful apply; None: not yet, or failed
+    table: TableState | None = None  # what its table holds; None: unknown
+    listing: str | None = None  # `list table` right after our last change
+    ports: dict[str, str] | None = None  # ip -> host bridge port, once looked up
+    gated: frozenset[GateEntry] = frozenset()  # entries the gate admits for it
+
+
+class RoleChange(msgspec.Struct, frozen=True):
+    """A container's namespace role changed (`old` None: first seen)."""
+
+    info: ContainerInfo
+    old: Role | None
+    new: Role
+
+
+class Report(msgspec.Struct, frozen=True):
+    """Tampering found by a kernel result: logged and sent to the server."""
+
+    container: str  # "" for the gate
+    detail: str
+    table_present: bool = True
+
+
+class Awaiting(msgspec.Struct, frozen=True):
+    version: int
+    ips: list[str]
+
+
+@dataclass
+class Host:
+    isolate_unkeyed: bool
+    host_ns: frozenset[NsId] = frozenset()
+    containers: dict[str, ContainerInfo] = field(default_factory=dict)
+    nsids: dict[str, NsId | None] = field(default_factory=dict)
+    roles: dict[str, Role] = field(default_factory=dict)
+    fresh: dict[str, int] = field(default_factory=dict)  # cid -> pid whose namespace is clean
+    instr: Instructions | None = None
+    workloads: dict[str, WorkloadPolicy] = field(default_factory=dict)
+    logged: frozenset[str] = frozenset()  # rules whose accepts are logged
+    bad_sets: dict[str, str] = field(default_factory=dict)  # set -> why it cannot be rendered
+    denied: dict[str, str] = field(default_factory=dict)
+    awaiting: dict[str, Awaiting] = field(default_factory=dict)  # paired, instructions to come
+    subnets: tuple[str, ...] = ()
+    listed: bool = False  # Docker's full list has been seen once
+    enforced: dict[str, Enforced] = field(default_factory=dict)
+    ungate: set[GateEntry] = field(default_factory=set)  # retired entries still admitted
+    unbind: dict[Ns, None] = field(default_factory=dict)  # retired namespaces to forget
+    gate: GateMode = "initial"
+    gate_reason: str = ""  # the failure that put the gate in `rebuild`
+    gate_subnets: tuple[str, ...] | None = None  # what the gate guards
+    dirty: set[str] = field(default_factory=set)
+    revision: int = 0  # counts events: a plan made before a newer one may be stale
+    seen_at: dict[str, int] = field(default_factory=dict)  # cid -> revision last seen
+    gone_at: dict[str, int] = field(default_factory=dict)  # cid -> revision it went
+
+    @property
+    def version(self) -> int:
+        return self.instr.version if self.instr is not None else 0
+
+    # ---- events ----------------------------------------------------------------------
+
+    def on(self, ev: HostEvent) -> list[RoleChange]:
+        """Fold one event in; the namespace roles it changed (to log)."""
+        self.revision += 1
+        match ev:
+            case ContainerSeen(info, ns, started):
+                return self._seen(info, ns, started)
+            case ContainerGone(cid):
+                return self._gone(cid)
+            case Listed():
+                self.listed = True
+                self.dirty |= self.enforced.keys()  # look at every container again
+            case SubnetsSeen(subnets):
+                self.subnets = subnets
+            case InstructionsAccepted(instr):
+                self._accept(instr)
+            case Paired(cid, version, ips):
+                self.denied.pop(cid, None)
+                if version > self.version:
+                    self.awaiting[cid] = Awaiting(version, ips)
+            case PairingRefused(cid, reason):
+                self.denied[cid] = reason
+        return []
+
+    def _seen(self, info: ContainerInfo, ns: NsId | None, started: bool) -> list[RoleChange]:
+        cid = info.id
+        old = self.containers.get(cid)
+        if old is not None and old.pid != info.pid:
+            self._retire(cid)  # restarted: a new namespace
+        elif old is not None and old.ips != info.ips and cid in self.enforced:
+            self.enforced[cid].ports = None  # attached or detached: look the ports up again
+        if started and (old is None or old.pid != info.pid):
+            self.fresh[cid] = info.pid
+        self.containers[cid] = info
+        self.nsids[cid] = ns
+        self.seen_at[cid] = self.revision
+        self.dirty.add(cid)
+        return self._reassign()
+
+    def _gone(self, cid: str) -> list[RoleChange]:
+        self.gone_at[cid] = self.revision
+        self.seen_at.pop(cid, None)
+        self.denied.pop(cid, None)
+        self.awaiting.pop(cid, None)
+        self.fresh.pop(cid, None)
+        self.nsids.pop(cid, None)
+        if self.containers.pop(cid, None) is None:
+            return []
+        return self._reassign()
+
+    def _accept(self, instr: Instructions) -> None:
+        old, self.instr = self.instr, instr
+        self.workloads = {w.container_id: w for w in instr.workloads}
+        self.logged = log_rules(instr.rules)
+        before = old.sets if old is not None else {}
+        self.bad_sets = {n: why for n, why in self.bad_sets.items() if n in instr.sets}
+        for name, addrs in instr.sets.items():
+            if before.get(name) != addrs:  # only what changed is checked again
+                try:
+                    split_addrs(addrs)
+                    self.bad_sets.pop(name, None)
+                except ValueError as e:
+                    self.bad_sets[name] = str(e)
+        for cid, aw in list(self.awaiting.items()):
+            if instr.version >= aw.version:
+                del self.awaiting[cid]
+        self.dirty |= affected(old, instr) & self.containers.keys()
+
+    def _reassign(self) -> list[RoleChange]:
+        """Decide again which container owns which namespace (`sharing.assign`);
+        records follow ownership."""
+        seen = [
+            sharing.Seen(id=cid, joins=c.joins, host_mode=c.host_network, ns=self.nsids.get(cid))
+            for cid, c in self.containers.items()
+        ]
+        roles = sharing.assign(seen, self.host_ns)
+        changes = [
+            RoleChange(self.containers[cid], self.roles.get(cid), role)
+            for cid, role in roles.items()
+            if role != self.roles.get(cid)
+        ]
+        self.roles = roles
+        for cid in list(self.enforced):
+            if roles.get(cid, sharing.UNKNOWN).kind != "owner":
+                self._retire(cid)
+        for cid, role in roles.items():
+            if role.kind == "owner" and cid not in self.enforced:
+                info = self.containers[cid]
+                clean = self.fresh.get(cid) == info.pid
+                ns = Ns(key=cid, path=info.netns_path)
+                self.enforced[cid] = Enforced(ns=ns, table=NoTable() if clean else None)
+                self.dirty.add(cid)
+        return changes
+
+    def _retire(self, cid: str) -> None:
+        rec = self.enforced.pop(cid, None)
+        if rec is not None:
+            self.ungate |= rec.gated
+            self.unbind[rec.ns] = None
+
+    # ---- kernel results --------------------------------------------------------------
+
+    def absorb(self, res: Result, failed: set[str]) -> list[Report]:  # noqa: C901
+        """Fold one kernel result in. Containers whose work failed go to `failed`
+        (not tried again until their next batch); `"gate"` there stops gate work."""
+        op = res.op
+        rec = self.enforced.get(container_of(op))
+        if isinstance(op, (ApplyTable, LookupPorts, ListTable)) and rec and op.ns != rec.ns:
+            rec = None  # the container restarted while this ran: the result is stale
+        match res, op:
+            case Done(listing=listing), ApplyTable(kind=kind, table=table):
+                if rec is not None:
+                    rec.kind, rec.table, rec.listing = kind, table, listing
+            case Failed(gone=False), ApplyTable(refused="unknown"):
+                if rec is not None:
+                    rec.table, rec.listing = None, None
+            case Failed(), ApplyTable(container=cid):
+                failed.add(cid)
+                if rec is not None:
+                    rec.kind, rec.table, rec.listing = None, None, None
+            case Done(ports=ports), LookupPorts():
+                if rec is not None:
+                    rec.ports = ports
+            case Failed(), LookupPorts(container=cid):
+                failed.add(cid)
+            case _, Forget(ns=ns):
+                self.unbind.pop(ns, None)
+            case _, GateChange(what=what, entries=entries):
+                for ns, these in entries.items():
+                    owner = self._record(ns)
+                    if what == "remove":
+                        self.ungate -= these
+                        if owner is not None:
+                            owner.gated -= these
+                    elif owner is not None:
+                        owner.gated |= these
+                    else:  # retired while this ran: to be removed again
+                        self.ungate |= these
+                if isinstance(res, Failed):
+                    self.gate, self.gate_reason = "rebuild", res.error
+            case _, GateRebuild(entries=entries, subnets=subnets, reason=reason):
+                for rec_ in self.enforced.values():
+                    rec_.gated = entries.get(rec_.ns, frozenset())
+                if isinstance(res, Failed):
+                    failed.add("gate")
+                    return []
+                # Exactly `entries` is admitted now; those of records retired meanwhile go.
+                self.ungate = {e for ns, es in entries.items() if not self._record(ns) for e in es}
+                self.gate, self.gate_reason, self.gate_subnets = "ok", "", subnets
+                if reason:
+                    return [Report("", f"host gate changed outside segd: {reason}")]
+            case Done(), GateSubnets(subnets=subnets):
+                self.gate_subnets = subnets
+            case Failed(error=error), GateSubnets():
+                self.gate, self.gate_reason = "rebuild", error
+            case Done(listing=listing), ListTable(container=cid):
+                if rec is not None and rec.table is not None and listing != rec.listing:
+                    rec.table, rec.listing = None, None  # replaced whole, not patched
+                    self.dirty.add(cid)
+                    return [
+                        Report(
+                            cid,
+                            "namespace table changed outside segd; repaired",
+                            table_present=listing is not None,
+                        )
+                    ]
+            case Done(listing=None), ListGate():
+                if self.gate != "initial":
+                    self.gate = "rebuild"
+                return [Report("", "host gate table missing; rebuilt", table_present=False)]
+        return []
+
+    def _record(self, ns: Ns) -> Enforced | None:
+        """The record of the container incarnation `ns` (None once retired)."""
+        rec = self.enforced.get(ns.key)
+        return rec if rec is not None and rec.ns == ns else None
+
+    # ---- a full listing of Docker --------------------------------------------------------
+
+    def listing(
+        self, running: Mapping[str, ContainerInfo], since: int
+    ) -> tuple[list[str], list[ContainerInfo]]:
+        """Read a full listing of the running containers, begun at revision `since`,
+        against the events folded in meanwhile: (the containers it shows gone, the
+        containers to see again). A container seen since the listing began is not
+        gone (it started meanwhile); one gone since is not seen again (it died
+        meanwhile). Forgets the departures the listing no longer needs."""
+        gone = [c for c in self.containers if c not in running and self.seen_at[c] <= since]
+        seen = [info for c, info in running.items() if self.gone_at.get(c, -1) <= since]
+        self.gone_at = {c: r for c, r in self.gone_at.items() if r > since}
+        return gone, seen
+
+    # ---- questions the agent asks --------------------------------------------------------
+
+    def take_dirty(self) -> set[str]:
+        """The containers marked since the last call (those still running)."""
+        dirty, self.dirty = self.dirty, set()
+        return dirty & self.enforced.keys()
+
+    def owner(self, cid: str) -> bool:
+        return self.roles.get(cid, sharing.UNKNOWN).kind == "owner"
+
+    def needs_pairing(self, cid: str, in_flight: Container[str]) -> bool:
+        """A keyed container that owns its namespace and has no workload for its
+        current addresses, no refusal, and no pairing under way or answered."""
+        info = self.containers.get(cid)
+        if info is None or not info.pairing_key or not self.owner(cid):
+            return False
+        pol = self.workloads.get(cid)
+        if pol is not None and pol.ips == info.ips:
+            return False
+        if cid in self.denied or cid in in_flight:
+            return False
+        aw = self.awaiting.get(cid)
+        return aw is None or aw.ips != info.ips
+
+    def stale_workloads(self, in_flight: Container[str]) -> list[str]:
+        """Workloads of this host that should be unpaired: their container is no
+        longer running here, or is in a namespace it does not own."""
+
+        def stale(cid: str) -> bool:
+            if cid not in self.containers:
+                return cid not in in_flight
+            return self.roles.get(cid, sharing.UNKNOWN).kind in ("shares", "host")
+
+        return [cid for cid in self.workloads if stale(cid)]
+
+    def sidecars(self) -> list[SidecarIn]:
+        """Every running container in another's namespace, with that container."""
+        return [
+            SidecarIn(container_id=cid, shares=role.owner, name=self.containers[cid].name)
+            for cid, role in sorted(self.roles.items())
+            if role.kind == "shares" and role.owner and cid in self.containers
+        ]
+
+
+def affected(old: Instructions | None, new: Instructions) -> set[str]:
+    """Containers whose table may differ between two instructions: their policy's
+    allows changed, a set it refers to changed, or the logging of one of its rules."""
+    new_w = {w.container_id: w for w in new.workloads}
+    if old is None:
+        return set(new_w)
+    old_w = {w.container_id: w for w in old.workloads}
+    sets = {n for n in old.sets.keys() | new.sets.keys() if old.sets.get(n) != new.sets.get(n)}
+    logs = log_rules(old.rules) ^ log_rules(new.rules)
+    out: set[str] = set()
+    for cid in old_w.keys() | new_w.keys():
+        a, b = old_w.get(cid), new_w.get(cid)
+        if a is None or b is None or a.inbound != b.inbound or a.outbound != b.outbound:
+            out.add(cid)
+            continue
+        allows = [*b.inbound, *b.outbound]
+        if {x.peer for x in allows if x.peer} & sets or {x.rule_id for x in allows} & logs:
+            out.add(cid)
+    return out
