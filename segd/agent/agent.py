@@ -101,6 +101,7 @@ class Agent:
         self._resyncing = asyncio.Lock()
         self._saved_version = 0
         self._accepted = ""  # payload of the newest instructions accepted
+        self._version_wanted = asyncio.Event()  # a paired container waits for a version
 
     # ---- lifecycle ------------------------------------------------------------------
 
@@ -129,7 +130,7 @@ class Agent:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.enforcer.run())
             tg.create_task(self.docker.watch(self._on_docker, self._resync))
-            tg.create_task(self.link.poll(lambda: self.host.version, self._on_instructions))
+            tg.create_task(self.link.poll(lambda: self.host.version, self._on_polled))
             tg.create_task(self._periodic())
             tg.create_task(self.link.push_sidecars())
 
@@ -235,6 +236,8 @@ class Agent:
         self._fold(Paired(info.id, answer.version, info.ips))
         if answer.instructions is not None:
             await self._on_instructions(answer.instructions)
+        elif self.host.awaiting:
+            self._version_wanted.set()  # fetch it now, whatever the kernel is doing
 
     async def _on_instructions(self, signed: SignedInstructions) -> None:
         """Verify, keep and enforce newer instructions (stale or invalid: dropped)."""
@@ -256,6 +259,22 @@ class Agent:
             self._unpair_stale()
             for cid in list(self.host.containers):
                 self._handle(cid)  # a workload gone (unpaired elsewhere): pair again
+
+    async def _on_polled(self, signed: SignedInstructions) -> None:
+        """Instructions from the long-poll. The next poll goes out once the kernel
+        has these (versions published meanwhile then come as one, and the server
+        sends one copy, not one per version), unless a paired container waits
+        for the version that brings its workload."""
+        await self._on_instructions(signed)
+        if not self.host.awaiting:
+            self._version_wanted.clear()
+            settled = asyncio.ensure_future(self.enforcer.converge())
+            wanted = asyncio.ensure_future(self._version_wanted.wait())
+            try:
+                await asyncio.wait({settled, wanted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                settled.cancel()
+                wanted.cancel()
 
     async def _save(self, signed: SignedInstructions, version: int) -> None:
         """Keep the newest instructions on disk (off the loop; never an older one)."""

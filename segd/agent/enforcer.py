@@ -119,7 +119,7 @@ class Enforcer:
             _log_failure(res)
         for cid in containers_of(op):
             touched.setdefault(cid, t0)
-            if reconcile.converged(self.host, cid, failed):
+            if reconcile.in_place(self.host, cid, failed):
                 want = reconcile.desired(self.host, cid)
                 _log.debug(
                     "enforce.done",

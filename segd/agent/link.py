@@ -3,7 +3,7 @@ the sidecar list and tamper reports.
 
 Every request is retried with one `Backoff` until the server answers; a wait is
 cut short (with a random spread) once the long-poll sees the server again. What
-the server says comes back to the agent as values (`Answer`, signed
+the server says comes back to the agent as values (`PairAnswer`, signed
 instructions); nothing here touches the kernel or the agent's state.
 """
 

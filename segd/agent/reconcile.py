@@ -289,15 +289,20 @@ def _rebuild(host: Host, failed: Set[str]) -> GateRebuild:
     return GateRebuild(entries, host.subnets, plan, host.gate_reason)
 
 
-def converged(host: Host, cid: str, failed: Set[str]) -> bool:
-    """Whether a container is where it should be (table, ports and gate entries)."""
+def in_place(host: Host, cid: str, failed: Set[str]) -> bool:
+    """Whether a container's table is the one its policy says (its peer sets may
+    still lag behind the newest version) and the gate admits exactly what it should."""
     rec = host.enforced.get(cid)
     want = desired(host, cid)
     if rec is None or want is None or cid in failed:
         return False
-    if not table_current(rec, want) or _needs_ports(host, rec, want):
+    if rec.kind != want.kind or _needs_ports(host, rec, want):
         return False
-    return host.gate == "initial" or rec.gated == gate_entries(host, cid, rec, want)
+    if isinstance(rec.table, WorkloadTable) and want.table is not None:
+        shaped = rec.table.structure == want.table.structure
+    else:
+        shaped = table_current(rec, want)
+    return shaped and (host.gate == "initial" or rec.gated == gate_entries(host, cid, rec, want))
 
 
 def drift_checks(host: Host) -> list[Op]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable
 
+import structlog
+
 from tests.agent_inproc.conftest import World
 from tests.agent_inproc.nft import accepts
 
@@ -102,25 +104,50 @@ async def test_instructions_change_touches_only_the_affected(world: World) -> No
 
 
 async def test_versions_arriving_during_a_batch_are_applied_together(world: World) -> None:
+    """Pairing answers bring versions while the kernel is busy: a container is
+    brought to the newest, not through each in turn."""
     web_key, db_key = await _shop(world)
     web, db = world.run("web", key=web_key), world.run("db", key=db_key)
     await world.until(lambda: world.enforced(web) and world.enforced(db))
     agent = world.agent
     assert agent is not None
-    before = len(world.kernel.netns(web).plans) + len(world.kernel.netns(db).plans)
     world.kernel.pause()
     await world.rule({"role": "db"}, {"role": "web"}, "tcp/6001")
     await world.until(lambda: world.kernel.waiting, "a batch blocked in the kernel")
-    last = agent.host.version + 2
-    await world.rule({"role": "db"}, {"role": "web"}, "tcp/6002")
-    await world.rule({"role": "db"}, {"role": "web"}, "tcp/6003")
-    await world.until(lambda: agent.host.version == last, "two more versions accepted meanwhile")
+    before = len(world.kernel.netns(db).plans)
+    version = agent.host.version
+    more = [world.run("web2", key=web_key), world.run("web3", key=web_key)]
+    await world.until(
+        lambda: all(c.id in agent.host.workloads for c in more), "two pairings meanwhile"
+    )
+    assert agent.host.version > version
     world.kernel.resume()
-    await world.until(lambda: world.kernel.reachable(web, db, "tcp", 6003), "the last rule")
+    await world.until(lambda: all(world.enforced(c) for c in more), "both enforced")
+    await world.until(lambda: all(world.kernel.reachable(c, db, "tcp", DB_PORT) for c in more))
+    assert world.kernel.reachable(web, db, "tcp", 6001)
+    # Three versions changed db's table; it was written at most twice (the write
+    # under way, then the newest).
+    assert len(world.kernel.netns(db).plans) - before <= 2
+
+
+async def test_versions_published_while_the_kernel_is_busy_come_as_one(world: World) -> None:
+    web_key, db_key = await _shop(world)
+    web, db = world.run("web", key=web_key), world.run("db", key=db_key)
+    await world.until(lambda: world.enforced(web) and world.enforced(db))
+    agent = world.agent
+    assert agent is not None
+    with structlog.testing.capture_logs() as logs:
+        world.kernel.pause()
+        await world.rule({"role": "db"}, {"role": "web"}, "tcp/6001")
+        await world.until(lambda: world.kernel.waiting, "a batch blocked in the kernel")
+        first = agent.host.version
+        await world.rule({"role": "db"}, {"role": "web"}, "tcp/6002")
+        await world.rule({"role": "db"}, {"role": "web"}, "tcp/6003")
+        world.kernel.resume()
+        await world.until(lambda: world.kernel.reachable(web, db, "tcp", 6003), "the last rule")
+    accepted = [e["version"] for e in logs if e["event"] == "instructions.accepted"]
+    assert accepted == [first, first + 2]  # the one in between was never fetched
     assert world.kernel.reachable(web, db, "tcp", 6002)
-    after = len(world.kernel.netns(web).plans) + len(world.kernel.netns(db).plans)
-    # Three versions, two containers each: the one in flight, then the newest once.
-    assert after - before == 3
 
 
 async def test_flushed_table_and_deleted_gate_are_repaired(world: World) -> None:

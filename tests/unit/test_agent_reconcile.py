@@ -573,3 +573,19 @@ def test_a_workload_that_cannot_be_rendered_is_isolated_and_the_rest_enforced() 
     assert "r 1" in s.invalid["web"] and "not-an-address" in s.invalid["cache"]
     assert Run(h).steps() == [["apply db workload workload"], ["gate add db"]]
     assert isinstance(h.enforced["web"].table, IsolationTable) and not h.enforced["web"].gated
+
+
+def test_in_place_once_its_table_and_gate_entry_are_there_even_with_sets_behind() -> None:
+    h = synced(seen("web", started=True), seen("db", started=True))
+    h.on(V1)
+    run = Run(h)
+    s = reconcile.step(h, {"web", "db"}, run.failed)
+    assert [say(op) for op in s.ops] == ["apply db workload workload"]
+    h.absorb(ok(s.ops[0]), run.failed)
+    assert not reconcile.in_place(h, "db", run.failed)  # not admitted yet
+    s = reconcile.step(h, {"web", "db"}, run.failed)
+    h.absorb(ok(s.ops[0]), run.failed)  # gate add db
+    assert say(s.ops[0]) == "gate add db" and reconcile.in_place(h, "db", run.failed)
+    h.on(instructions(2, *V1.instructions.workloads, web=(), db=("db",)))
+    assert reconcile.in_place(h, "db", run.failed)  # a set change to come: still in place
+    assert not reconcile.in_place(h, "web", run.failed)  # its table is still to come
