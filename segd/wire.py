@@ -60,6 +60,13 @@ class Rule(msgspec.Struct, frozen=True):
 
 
 OnMismatch = Literal["deny", "default"]
+# How a paired workload's policy is applied: `full` enforces it; `visibility`
+# evaluates it but accepts (and reports as potentially_blocked) what it would
+# drop; `idle` installs no table (paired only). Unpaired containers are isolated
+# in every mode.
+Mode = Literal["full", "visibility", "idle"]
+# What the agent reports of a workload's traffic.
+VisibilityLevel = Literal["off", "blocked", "blocked+allowed", "enhanced"]
 
 
 class ProfileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,6 +83,8 @@ class ProfileIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     on_mismatch: OnMismatch = "deny"
     enabled: bool = True
     description: str = ""
+    mode: Mode = "full"
+    visibility: VisibilityLevel = "blocked"
 
 
 class Profile(msgspec.Struct, frozen=True):
@@ -89,6 +98,8 @@ class Profile(msgspec.Struct, frozen=True):
     enabled: bool
     description: str
     created_at: float
+    mode: Mode = "full"
+    visibility: VisibilityLevel = "blocked"
 
 
 class KeyIssueIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -145,6 +156,12 @@ class Workload(msgspec.Struct, frozen=True):
     key_id: str
     paired_at: float
     sidecars: list[Sidecar] = []  # containers that share its network namespace
+    mode: Mode = "full"  # in effect: the workload's own if set, else its profile's
+    mode_override: Mode | None = None  # set by `workload set-mode`
+    visibility: VisibilityLevel = "blocked"
+
+
+MeshState = Literal["off", "pending", "up", "revoked"]
 
 
 class Host(msgspec.Struct, frozen=True):
@@ -156,6 +173,11 @@ class Host(msgspec.Struct, frozen=True):
     instructions_version: int
     revoked: bool
     workloads: int
+    # the segd mesh (all empty / "off" for a host that is not in it)
+    subnet: str = ""  # the host's mesh subnet, given by the server from its pool
+    endpoint: str = ""  # "IP:PORT" of its WireGuard interface
+    mesh_public_key: str = ""  # base64 X25519 (WireGuard) public key
+    mesh: MeshState = "off"
 
 
 class AuditEntry(msgspec.Struct, frozen=True):
@@ -226,6 +248,22 @@ class SidecarsIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sidecars: list[SidecarIn]
 
 
+class MeshJoinIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """An agent joining the segd mesh (`PUT /v1/agent/mesh`): its WireGuard public
+    key and the endpoint other hosts reach it at. Joining again updates both and
+    keeps the subnet."""
+
+    public_key: Annotated[str, msgspec.Meta(min_length=44, max_length=44)]  # base64, 32 bytes
+    endpoint: Annotated[str, msgspec.Meta(max_length=64)]  # "IP:PORT", IPv6 as "[IP]:PORT"
+
+
+class MeshJoined(msgspec.Struct, frozen=True):
+    """The server's answer to a mesh join: the host's subnet (durable) and the pool."""
+
+    subnet: str
+    pool: str
+
+
 class AgentReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Something the agent saw and the server should audit (tamper, errors)."""
 
@@ -245,7 +283,7 @@ class Allow(msgspec.Struct, frozen=True, order=True):
     services: list[Service]
 
 
-class WorkloadPolicy(msgspec.Struct, frozen=True):
+class WorkloadPolicy(msgspec.Struct, frozen=True, omit_defaults=True):
     """What one local workload may send (outbound) and receive (inbound)."""
 
     workload_id: str
@@ -254,16 +292,39 @@ class WorkloadPolicy(msgspec.Struct, frozen=True):
     ips: list[str]
     inbound: list[Allow]
     outbound: list[Allow]
+    mode: Mode = "full"
+    visibility: VisibilityLevel = "off"
 
 
-class Instructions(msgspec.Struct, frozen=True):
+class MeshPeer(msgspec.Struct, frozen=True, order=True):
+    """Another mesh host this host exchanges traffic with: WireGuard peer
+    `public_key` at `endpoint`, allowed IPs (and routes) = `subnet`."""
+
+    host_id: str
+    public_key: str
+    endpoint: str
+    subnet: str
+
+
+class Mesh(msgspec.Struct, frozen=True):
+    """This host's part of the segd mesh: its own subnet, the whole pool (traffic
+    to or from the pool leaves and enters only through the mesh interface), and
+    the peers it needs (hosts with workloads relevant to this host's)."""
+
+    pool: str
+    subnet: str
+    peers: list[MeshPeer]
+
+
+class Instructions(msgspec.Struct, frozen=True, omit_defaults=True):
     """Per-host management instructions: relevant rules and membership only."""
 
     host_id: str
     version: int
     workloads: list[WorkloadPolicy]
-    sets: dict[str, list[str]]  # set name -> sorted IPs (v4 and v6)
+    sets: dict[str, list[str]]  # set name -> sorted IPs or CIDR blocks (v4 and v6)
     rules: list[Rule]
+    mesh: Mesh | None = None  # None: this host is not in the segd mesh
 
 
 class SignedInstructions(msgspec.Struct, frozen=True):
@@ -284,3 +345,79 @@ class PairResult(msgspec.Struct, frozen=True):
     labels: Labels
     version: int = 0
     instructions: SignedInstructions | msgspec.UnsetType = msgspec.UNSET
+
+
+# ---- flows (agent -> server, and the flow API) ----------------------------------------
+
+Direction = Literal["in", "out"]
+Verdict = Literal["allowed", "blocked", "potentially_blocked"]
+FlowProto = Literal["tcp", "udp", "icmp", "other"]
+MAX_FLOW_BATCH = 5000
+
+
+class FlowRecordIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Traffic of one local container with one peer, aggregated over an interval.
+
+    `direction` is seen from the local container; `port` is the server's port
+    (the destination for `out`, the local port for `in`), never a client's
+    ephemeral port; 0 for icmp. `workload_id` is empty when the container is not
+    paired (the host gate dropped it); `peer_workload_id` is empty when the
+    instructions do not know the peer's address (external)."""
+
+    container_id: str
+    direction: Direction
+    peer_ip: str
+    proto: FlowProto
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
+    verdict: Verdict
+    connections: Annotated[int, msgspec.Meta(ge=0)]
+    first_seen: float
+    last_seen: float
+    workload_id: str = ""
+    peer_workload_id: str = ""
+    rule_id: str = ""
+    packets: Annotated[int, msgspec.Meta(ge=0)] = 0
+    bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class FlowBatchIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`POST /v1/agent/flows`: records since the last batch, and how many records
+    the agent had to drop (queue full, reader overrun) since the last batch."""
+
+    records: Annotated[list[FlowRecordIn], msgspec.Meta(max_length=MAX_FLOW_BATCH)]
+    lost: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class FlowEnd(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One end of a flow: a workload (id, labels, host), an unpaired container on
+    a host, or an address outside segd (`kind` external)."""
+
+    ip: str
+    kind: Literal["workload", "unpaired", "external"]
+    workload_id: str = ""
+    labels: Labels = {}
+    host_id: str = ""
+    container_id: str = ""
+
+
+class Flow(msgspec.Struct, frozen=True):
+    """A flow as the server keeps it (`GET /v1/flows`, the stream, the export)."""
+
+    id: int
+    src: FlowEnd
+    dst: FlowEnd
+    proto: FlowProto
+    port: int
+    verdict: Verdict
+    rule_id: str
+    connections: int
+    packets: int
+    bytes: int
+    first_seen: float
+    last_seen: float
+    reported_by: str  # host id
+
+
+class FlowPage(msgspec.Struct, frozen=True):
+    flows: list[Flow]
+    next: str = ""  # cursor for the next page; empty at the end

@@ -434,6 +434,8 @@ class Compiler:
             pieces.append(view.rules_json)
         else:
             pieces.append(_ENCODER.encode(instr.rules))
+        if instr.mesh is not None:
+            pieces += (b',"mesh":', _ENCODER.encode(instr.mesh))
         pieces.append(b"}")
         return b"".join(pieces)
 
