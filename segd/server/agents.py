@@ -35,7 +35,7 @@ from segd.errors import Forbidden, InvalidInput, SegdError, Unauthorized
 from segd.server import pairing, tokens, validate
 from segd.server.core import Core, new_id, sha256_hex
 from segd.server.refusals import clip
-from segd.server.store import Tx
+from segd.server.store import PairingView, Tx
 
 _log = log.get("segd.server.agents")
 _KEY_ID_RE = re.compile(r"^k_[0-9a-f]{16}\Z")
@@ -56,7 +56,11 @@ def _check_live(tx: Tx, host_id: str) -> None:
     """Refuse a host revoked earlier in this transaction, or committed since the
     request was authenticated."""
     if tx.host_revoked(host_id) is not False:
-        raise Forbidden(f"host {host_id} has been revoked", code="host_revoked")
+        raise _revoked(host_id)
+
+
+def _revoked(host_id: str) -> Forbidden:
+    return Forbidden(f"host {host_id} has been revoked", code="host_revoked")
 
 
 class Agents:
@@ -137,15 +141,18 @@ class Agents:
         now = core.clock()
         verified = self._verify_token(pin.pairing_key)
         failure: SegdError | None = None
+        kid = verified.kid if isinstance(verified, tokens.Claims) else ""
         async with core.store.write() as tx:
-            _check_live(tx, host_id)
-            old = tx.workload_by_container(host_id, pin.container_id)
+            view = tx.pairing_view(host_id, pin.container_id, kid)
+            if not view.live:
+                raise _revoked(host_id)
+            old = view.workload
             w: wire.Workload | None = old
             if old is not None:
                 w, failure = _pair_again(tx, old, pin, verified, now)
             else:
                 try:
-                    w = _new(core, tx, host_id, pin, verified, now)
+                    w = _new(core, tx, view, host_id, pin, verified, now)
                 except (pairing.Denied, tokens.TokenError) as e:
                     failure = e
                     tx.audit(
@@ -280,6 +287,7 @@ def _pair_again(
 def _new(
     core: Core,
     tx: Tx,
+    view: PairingView,
     host_id: str,
     pin: wire.PairIn,
     verified: tokens.Claims | tokens.TokenError,
@@ -290,12 +298,12 @@ def _new(
     if isinstance(verified, tokens.TokenError):
         raise verified
     claims = verified
-    if tx.held(host_id, pin.container_id):
+    if view.held:
         raise pairing.Denied(
             pairing.HELD,
             f"container {pin.container_id} was unpaired by an admin; only a new container pairs",
         )
-    readmit = tx.admitted(host_id, pin.container_id, claims.kid)
+    readmit = view.admitted  # read for the key id of these claims
     if not readmit:
         tokens.check_expiry(claims, now)
     found = tx.key_with_profile(claims.kid)

@@ -27,7 +27,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiosqlite
 import msgspec
@@ -142,6 +142,27 @@ _HOST_SELECT = (
     "SELECT h.*, (SELECT count(*) FROM workloads w WHERE w.host_id = h.id) AS n_workloads "
     "FROM hosts h"
 )
+
+
+# Columns of the host and flags first; `w.*` last, all NULL when the container has
+# no workload. Parameters: container id, key id, host id.
+_PAIRING_VIEW = (
+    "SELECT h.revoked AS h_revoked,"
+    " EXISTS (SELECT 1 FROM held_containers c"
+    "  WHERE c.host_id = h.id AND c.container_id = ?1) AS is_held,"
+    " EXISTS (SELECT 1 FROM admissions a"
+    "  WHERE a.host_id = h.id AND a.container_id = ?1 AND a.key_id = ?2) AS is_admitted,"
+    " w.*"
+    " FROM hosts h LEFT JOIN workloads w ON w.host_id = h.id AND w.container_id = ?1"
+    " WHERE h.id = ?3"
+)
+
+
+class PairingView(NamedTuple):
+    live: bool  # the host is registered and not revoked
+    workload: wire.Workload | None
+    held: bool  # an admin unpaired the container: it does not pair again
+    admitted: bool  # the key admitted the container before: pairing it again is free
 
 
 class Tx:
@@ -264,28 +285,12 @@ class Tx:
         )
         return n == 1
 
-    def admitted(self, host_id: str, container_id: str, key_id: str) -> bool:
-        """Whether the key has admitted this container before (its restarts are free)."""
-        row = self._one(
-            "SELECT 1 FROM admissions WHERE host_id = ? AND container_id = ? AND key_id = ?",
-            (host_id, container_id, key_id),
-        )
-        return row is not None
-
     def admit(self, host_id: str, container_id: str, key_id: str, now: float) -> None:
         self._exec(
             "INSERT OR IGNORE INTO admissions (host_id, container_id, key_id, admitted_at)"
             " VALUES (?, ?, ?, ?)",
             (host_id, container_id, key_id, now),
         )
-
-    def held(self, host_id: str, container_id: str) -> bool:
-        """Whether an admin unpaired this container (it does not pair again)."""
-        row = self._one(
-            "SELECT 1 FROM held_containers WHERE host_id = ? AND container_id = ?",
-            (host_id, container_id),
-        )
-        return row is not None
 
     def hold(self, w: wire.Workload, now: float) -> None:
         """Keep an admin-unpaired workload's container from pairing again."""
@@ -300,6 +305,20 @@ class Tx:
         )
 
     # ---- workloads ----------------------------------------------------------------
+
+    def pairing_view(self, host_id: str, container_id: str, key_id: str) -> PairingView:
+        """What a pairing of this container with this key id reads first, in one
+        statement: whether the host is live, the container's workload, whether an
+        admin holds it, whether the key admitted it before."""
+        row = self._one(_PAIRING_VIEW, (container_id, key_id, host_id))
+        if row is None:
+            return PairingView(live=False, workload=None, held=False, admitted=False)
+        return PairingView(
+            live=row["h_revoked"] == 0,
+            workload=_workload(row) if row["id"] is not None else None,
+            held=bool(row["is_held"]),
+            admitted=bool(row["is_admitted"]),
+        )
 
     def workload_by_container(self, host_id: str, container_id: str) -> wire.Workload | None:
         row = self._one(
@@ -357,10 +376,10 @@ class Tx:
         self._changes.append(ch.WorkloadAdded(w))
 
     def _insert_ips(self, workload_id: str, ips: Iterable[str]) -> None:
-        self._c.executemany(
-            "INSERT INTO workload_ips (ip, workload_id) VALUES (?, ?)",
-            [(ip, workload_id) for ip in ips],
-        )
+        for ip in ips:  # one or two: cheaper than executemany
+            self._c.execute(
+                "INSERT INTO workload_ips (ip, workload_id) VALUES (?, ?)", (ip, workload_id)
+            )
 
     def readdress_workload(self, w: wire.Workload) -> None:
         """Give the workload `w.id` the addresses `w.ips` (`w` is it, readdressed)."""
