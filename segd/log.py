@@ -6,7 +6,6 @@ import logging
 import sys
 from typing import Any
 
-import msgspec
 import structlog
 
 _LEVELS = {
@@ -22,7 +21,7 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if use_console
-        else structlog.processors.JSONRenderer(serializer=_json)
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[
@@ -36,14 +35,6 @@ def setup(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-
-
-_ENCODER = msgspec.json.Encoder(enc_hook=repr)
-
-
-def _json(event: dict[str, Any], **_: Any) -> str:
-    """One JSON line; what JSON has no form for is written as its repr."""
-    return _ENCODER.encode(event).decode()
 
 
 def get(name: str) -> Any:

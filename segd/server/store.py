@@ -4,7 +4,10 @@ Two connections: a writer whose changes are group-committed (`commit.py`:
 writers run one after another, each in its own savepoint of a shared `BEGIN
 IMMEDIATE` transaction, so a check-then-update cannot race, and each returns
 once the transaction is durable), and a query-only reader that sees committed
-data only. `synchronous=FULL` makes an acknowledged commit survive a power cut.
+data only. An acknowledged commit survives a power cut: the writer's COMMIT
+writes the write-ahead log and the log is synced before anyone is answered
+(`synchronous=NORMAL` plus that sync; the reader may see a commit during its
+sync). The database file is synced at each checkpoint.
 A lock file keeps a second server off the same data dir.
 
 A write that can change a host's instructions leaves a typed change record
@@ -503,12 +506,18 @@ class Store:
     """The open store. Use `await Store.open(path)` and `await store.close()`."""
 
     def __init__(
-        self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection, lock_fd: int
+        self,
+        path: Path,
+        writer: sqlite3.Connection,
+        reader: aiosqlite.Connection,
+        lock_fd: int,
+        wal_fd: int = -1,
     ) -> None:
         self.path = path
         self._w = writer
         self._r = reader
         self._lock_fd = lock_fd
+        self._wal_fd = wal_fd  # the write-ahead log, synced after each COMMIT; -1: COMMIT syncs
         row = writer.execute("SELECT value, versions_through FROM generation").fetchone()
         self.generation: int = row[0]  # of the last durable commit with changes
         # Up to which generation every host's version is persisted: below
@@ -516,8 +525,8 @@ class Store:
         self.versions_through: int = row[1]
         self._follower: Callable[[ch.Commit], None] | None = None
         self._due: dict[str, tuple[int, str]] = {}  # host versions to persist
-        self._writing: dict[str, tuple[int, str]] = {}  # those in the sealed transaction
-        self._commits = GroupCommit(writer, _Sealer(self))
+        sync = None if wal_fd < 0 else lambda: os.fdatasync(wal_fd)
+        self._commits = GroupCommit(writer, _Sealer(self), sync)
 
     @property
     def commits(self) -> int:
@@ -558,7 +567,7 @@ class Store:
             if isinstance(e, sqlite3.Error):
                 raise Unavailable(f"cannot open store {path}: {e}") from None
             raise
-        return cls(path, w, r, lock_fd)
+        return cls(path, w, r, lock_fd, _sync_log_ourselves(w, path))
 
     async def flush(self) -> None:
         """Persist the host versions still due, now."""
@@ -574,6 +583,8 @@ class Store:
             await self._r.close()
             self._w.close()
         finally:
+            if self._wal_fd >= 0:
+                os.close(self._wal_fd)
             os.close(self._lock_fd)
 
     async def set_read_only(self, on: bool) -> None:
@@ -684,33 +695,63 @@ class Store:
         return {r["token_hash"] for r in await self._all("SELECT token_hash FROM admin_tokens")}
 
 
+def _sync_log_ourselves(w: sqlite3.Connection, path: Path) -> int:
+    """Let COMMIT only write the write-ahead log (`synchronous=NORMAL`: the log is
+    still synced before every checkpoint, and the database after it) and return
+    the log's descriptor, which the group commit syncs after each COMMIT, before
+    any writer is answered: as durable as `synchronous=FULL`, with the connection
+    free for the next batch during the sync. -1 (and FULL) when the log cannot be
+    opened."""
+    try:
+        fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        _log.warning("store.wal_not_opened", error=str(e))
+        return -1
+    w.execute("PRAGMA synchronous = NORMAL")
+    return fd
+
+
+class _Sealed(NamedTuple):
+    """What one sealed transaction carries until it is durable (or lost)."""
+
+    commit: ch.Commit | None
+    through: int  # versions_through it records
+    writing: dict[str, tuple[int, str]]  # the host versions it writes
+
+
 class _Sealer:
-    """The store's part of each group commit: the generation, the versions due."""
+    """The store's part of each group commit: the generation, the versions due.
+
+    A transaction may be sealed before the one sealed before it is durable, so
+    the generation counts on from the last one sealed, and what each one wrote
+    is handed back with it."""
 
     def __init__(self, store: Store) -> None:
         self._s = store
-        self._through = store.versions_through  # what the sealed transaction records
+        self._sealed_generation = store.generation  # of the last transaction sealed
 
-    def seal(self, changes: list[ch.Change]) -> ch.Commit | None:
+    def seal(self, changes: list[ch.Change]) -> _Sealed:
         """The generation (when there are changes) and the versions due: those of
         every commit applied so far, so with them the versions are persisted
         through the last durable generation."""
         s = self._s
-        commit = ch.Commit(s.generation + 1, changes) if changes else None
-        self._through = s.versions_through
+        commit = ch.Commit(self._sealed_generation + 1, changes) if changes else None
+        through = s.versions_through
+        writing: dict[str, tuple[int, str]] = {}
         if s._due or s.versions_through < s.generation:
-            s._writing, s._due = s._due, {}
-            if self._write_versions(s._writing):
-                self._through = s.generation
+            writing, s._due = s._due, {}
+            if self._write_versions(writing):
+                through = s.generation
             else:  # tried again with the next transaction
-                s._due = {**s._writing, **s._due}
-                s._writing = {}
-        if commit is not None or self._through != s.versions_through:
+                s._due = {**writing, **s._due}
+                writing = {}
+        if commit is not None or through != s.versions_through:
+            generation = commit.generation if commit else self._sealed_generation
             s._w.execute(
-                "UPDATE generation SET value = ?, versions_through = ?",
-                (commit.generation if commit else s.generation, self._through),
+                "UPDATE generation SET value = ?, versions_through = ?", (generation, through)
             )
-        return commit
+            self._sealed_generation = generation
+        return _Sealed(commit, through, writing)
 
     def _write_versions(self, versions: Mapping[str, tuple[int, str]]) -> bool:
         """In a savepoint of their own: failing to record versions must not fail
@@ -732,16 +773,20 @@ class _Sealer:
             w.execute("RELEASE v")
         return ok
 
-    def committed(self, commit: ch.Commit | None) -> None:
+    def committed(self, sealed: _Sealed) -> None:
         s = self._s
-        s._writing = {}
-        s.versions_through = self._through
-        if commit is not None:
-            s.generation = commit.generation
+        s.versions_through = max(s.versions_through, sealed.through)
+        if sealed.commit is not None:
+            s.generation = sealed.commit.generation
             if s._follower is not None:
-                s._follower(commit)
+                s._follower(sealed.commit)
 
-    def aborted(self) -> None:
+    def aborted(self, sealed: _Sealed | None) -> None:
+        """A rolled-back transaction wrote nothing: its versions are due again and
+        its generation is free (none was sealed after it: the next one seals
+        only once its COMMIT went through)."""
         s = self._s
-        s._due = {**s._writing, **s._due}
-        s._writing = {}
+        if sealed is not None:
+            s._due = {**sealed.writing, **s._due}
+            if sealed.commit is not None:
+                self._sealed_generation = sealed.commit.generation - 1
