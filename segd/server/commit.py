@@ -254,9 +254,7 @@ class GroupCommit(Generic[S]):
         # published before the next transaction's writers change anything.
         self._set_idle()
 
-    def _abort(
-        self, batch: _Batch, sealed: S | None, e: BaseException, *, roll_back: bool
-    ) -> None:
+    def _abort(self, batch: _Batch, sealed: S | None, e: BaseException, *, roll_back: bool) -> None:
         """Fail the batch's writers; `roll_back` when the connection's transaction
         is this batch's (not once its COMMIT went through)."""
         if roll_back and self._conn.in_transaction:
