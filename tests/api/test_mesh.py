@@ -367,3 +367,24 @@ async def test_an_encrypted_rule_admits_remote_peers_by_mesh_address_only(
     assert instr.sets[WEB] == sorted([b.ip(4), "172.17.0.3"])
     assert instr.rules[0].options == ["encrypted"]
     assert instr.mesh is not None and [p.host_id for p in instr.mesh.peers] == [b.host_id]
+
+
+async def test_the_address_check_looks_up_the_key_not_the_table(api: Admin) -> None:
+    """The pairing path's `ip_holders` is a key lookup per address in its scope
+    (a row-value IN over the scoped addresses scanned every held address)."""
+    store = api.svc.store
+    seen: list[tuple[str, list[Any]]] = []
+    async with store.write() as tx:
+        real = tx._all
+
+        def spy(sql: str, params: Any = ()) -> Any:
+            seen.append((sql, list(params)))
+            return real(sql, params)
+
+        tx._all = spy  # type: ignore[method-assign]
+        assert tx.ip_holders("h_1", ["10.0.0.1", "10.200.0.7", "fd00::1"]) == {}
+    [(sql, params)] = seen
+    plan = store._w.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "SEARCH workload_ips USING" in details and "SCAN workload_ips" not in details
+    assert params == ["h_1", "10.0.0.1", "", "10.200.0.7", "h_1", "fd00::1"]
