@@ -75,3 +75,26 @@ def test_an_address_block_is_refused_or_canonical(text: str) -> None:
     assert policy.parse_block(out) == out
     net = ipaddress.ip_network(out, strict=True)
     assert policy.sorted_blocks([out]) == [str(net)]
+
+
+POOL = ipaddress.IPv4Network("10.213.0.0/16")
+inside = mesh.matcher(str(POOL))
+
+
+@fz.fast(600)
+@given(
+    text=st.one_of(
+        st.ip_addresses().map(str),
+        st.ip_addresses(v=4, network=str(POOL)).map(str),
+        fz.near(st.ip_addresses(v=4, network=str(POOL)).map(str)),
+        st.sampled_from(["010.213.0.1", "10.213.1", "10.213.0.1/32", "::ffff:10.213.0.1"]),
+        fz.text,
+    )
+)
+def test_the_fast_pool_test_agrees_with_ipaddress(text: str) -> None:
+    try:
+        want = ipaddress.IPv4Address(text) in POOL
+    except ValueError:
+        want = False
+    assert inside(text) == want
+    assert mesh.matcher("")(text) is False
