@@ -2,10 +2,13 @@
 
 For each concurrency level a fresh `segd server` process (its own SQLite file,
 `synchronous=FULL`) gets the three-tier policy (web -> api tcp/8080, api -> db
-tcp/5432), one pairing key per role and 16 registered agents. N clients then
+tcp/5432), one pairing key per role and 16 registered agents whose hosts joined
+the segd mesh (a pool of 198.18.0.0/15, a /20 per host). N clients then
 send signed `POST /v1/agent/pair` requests (`segd.crypto.sign_request`, the
 agents' own signing code) over keep-alive connections, each for a new
-container with its own address, rotating over the agents and the roles, until
+container with its own mesh address from its host's subnet (so, as in a fleet,
+a pairing changes the sets of every host whose workloads reference it),
+rotating over the agents and the roles, until
 `requests` are answered or `seconds` have passed. Every pairing is a real one:
 the key use is counted, the workload recorded and the hosts it affects
 published at the commit's generation; the answer carries the workload, its
@@ -21,7 +24,10 @@ before and half just after the segd run (the two halves pooled).
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
 import itertools
+import os
 import sys
 import tempfile
 import time
@@ -40,9 +46,13 @@ from bench.report import Figure, Section, Size, Target, figure, ms, pct
 from bench.stack import BenchError, Proc, Server, free_port, proc_cpu_s, wait_for
 from segd import crypto
 from segd.http.client import Client
-from segd.wire import ActivationCodeIn, PairIn, Registered, RegisterIn
+from segd.wire import ActivationCodeIn, MeshJoined, MeshJoinIn, PairIn, Registered, RegisterIn
 
 PAIR_PATH = "/v1/agent/pair"
+MESH_PATH = "/v1/agent/mesh"
+# The agents' hosts are in the mesh and pair addresses of their own subnets, so a
+# pairing reaches every host whose workloads reference its sets, as in a fleet.
+MESH_CONFIG = '[server.mesh]\npool = "198.18.0.0/15"\nhost_prefix = 20\n'
 ROLES = ("web", "api", "db")
 
 
@@ -64,6 +74,13 @@ class Params:
 class LoadAgent:
     host_id: str
     key: nacl.signing.SigningKey
+    subnet: ipaddress.IPv4Network | None = None  # its mesh subnet, once it joined
+
+    def address(self, n: int) -> str:
+        """Its n-th container's address: in its mesh subnet, else a distinct fake one."""
+        if self.subnet is None:
+            return fake_ip(n)
+        return str(self.subnet.network_address + 1 + n % (self.subnet.num_addresses - 2))
 
 
 @dataclass
@@ -90,8 +107,10 @@ async def drive(
     requests: int,
     seconds: float,
     prefix: str,
+    first: int = 0,
 ) -> Load:
-    """`concurrency` clients send signed pairings until `requests` or `seconds` run out."""
+    """`concurrency` clients send signed pairings until `requests` or `seconds` run out;
+    each agent's containers take its addresses from its `first` on."""
     enc = msgspec.json.Encoder()
     counter = itertools.count()
     statuses: Counter[str] = Counter()
@@ -119,7 +138,7 @@ async def drive(
                     PairIn(
                         container_id=f"{prefix}-{i:07d}",
                         pairing_key=tokens[i % len(tokens)],
-                        ips=[fake_ip(i)],
+                        ips=[agent.address(first + i // len(agents))],
                         name=f"bench-{i}",
                     )
                 )
@@ -145,7 +164,7 @@ async def drive(
     )
 
 
-def register_agents(server: Server, n: int) -> list[LoadAgent]:
+def register_agents(server: Server, n: int, *, mesh: bool = False) -> list[LoadAgent]:
     out = []
     client = Client(server.url, server.token)
     for i in range(n):
@@ -157,12 +176,31 @@ def register_agents(server: Server, n: int) -> list[LoadAgent]:
             hostname=f"bench-{i}",
         )
         registered = client.get(Registered, "POST", "/v1/agent/register", body)
-        out.append(LoadAgent(registered.host_id, key))
+        agent = LoadAgent(registered.host_id, key)
+        if mesh:
+            agent = LoadAgent(agent.host_id, key, _join_mesh(server, agent, i))
+        out.append(agent)
     return out
 
 
+def _join_mesh(server: Server, agent: LoadAgent, i: int) -> ipaddress.IPv4Network:
+    """Join the agent's host to the mesh (a made-up WireGuard key): its subnet."""
+    body = msgspec.json.encode(
+        MeshJoinIn(
+            public_key=base64.b64encode(bytes([1 + i % 250, *os.urandom(31)])).decode(),
+            endpoint=f"127.0.0.1:{51820 + i}",
+        )
+    )
+    headers = crypto.sign_request(agent.key, agent.host_id, "PUT", MESH_PATH, body, time.time())
+    headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(server.url + MESH_PATH, body, headers, method="PUT")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        joined = msgspec.json.decode(r.read(), type=MeshJoined)
+    return ipaddress.IPv4Network(joined.subnet)
+
+
 def _segd(root: Path, p: Params) -> tuple[Server, list[LoadAgent], list[str]]:
-    server = Server(root)
+    server = Server(root, MESH_CONFIG)
     server.start()
     try:
         server.rule({"role": "api"}, {"role": "web"}, "tcp/8080")
@@ -170,7 +208,7 @@ def _segd(root: Path, p: Params) -> tuple[Server, list[LoadAgent], list[str]]:
         tokens = [
             server.key(f"bench-{r}", {"role": r, "app": "bench"}, max_uses=1_000_000) for r in ROLES
         ]
-        return server, register_agents(server, p.agents), tokens
+        return server, register_agents(server, p.agents, mesh=True), tokens
     except BaseException:
         server.stop()
         raise
