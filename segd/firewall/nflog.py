@@ -33,6 +33,18 @@ _VERDICTS: dict[str, Verdict] = {v: k for k, v in _CODES.items()}
 Code = Literal["a", "b", "p"]
 
 
+class LogPacket(NamedTuple):
+    """One logged packet: its prefix and the addresses, protocol and ports in it."""
+
+    prefix: str
+    src: str
+    dst: str
+    proto: str  # "tcp", "udp", "icmp" or "other"
+    sport: int
+    dport: int
+    length: int  # the packet's length on the wire (the IP header's total)
+
+
 class Tag(NamedTuple):
     """What a log prefix says."""
 
@@ -55,8 +67,7 @@ def statement(direction: Direction, verdict: Verdict, rule_id: str = "") -> str:
 def limited(direction: Direction, verdict: Verdict) -> str:
     """A rule that logs at most `DROP_RATE` packets/s and lets the packet go on."""
     return (
-        f"limit rate {DROP_RATE}/second burst {DROP_BURST} packets "
-        f"{statement(direction, verdict)}"
+        f"limit rate {DROP_RATE}/second burst {DROP_BURST} packets {statement(direction, verdict)}"
     )
 
 

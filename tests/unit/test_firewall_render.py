@@ -49,6 +49,7 @@ def pol(
     )
 
 
+LOG_R1 = 'log group 7 prefix "segd:in:a:r1"'
 BASE = [
     "ct state established,related accept",
     "ct state invalid drop",
@@ -139,8 +140,8 @@ CASES: list[tuple[str, WorkloadPolicy, dict[str, list[str]], frozenset[str], str
         table(
             sets=_sets(DB),
             inbound=f"""
-                ip saddr @{DB}_v4 tcp dport 5432 log group 7 prefix "segd:in:a:r1" accept comment "r1"
-                ip6 saddr @{DB}_v6 tcp dport 5432 log group 7 prefix "segd:in:a:r1" accept comment "r1"
+                ip saddr @{DB}_v4 tcp dport 5432 {LOG_R1} accept comment "r1"
+                ip6 saddr @{DB}_v6 tcp dport 5432 {LOG_R1} accept comment "r1"
                 udp dport 53 accept comment "r2"
             """,
         ),

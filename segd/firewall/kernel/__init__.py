@@ -6,7 +6,7 @@ Everything that needs root goes through here, as a few verbs on `Firewall`:
   renderers `render` and `gate`) in a container's namespace / the gate's;
 - `list_table(ns)` / `gate_list()`: a table's listing, None when absent;
 - `ports(ns)`: a namespace's addresses and the bridge ports behind them;
-- `forget(ns)`: free what is kept for a namespace;
+- `forget(ns)`: free what is kept for a namespace (and close its log reader);
 
 and two functions for a process about to do kernel work: `unavailable()`
 says why it cannot (or None), `take_host_lock()` makes it the host's only
@@ -23,12 +23,20 @@ own namespace (this process's, or init's) is refused with `HostNamespace`,
 however it got there (a host-networked container, one joined to it, a pid
 reused by a host process). `ports` reads a namespace's addresses and veth
 peers over a short-lived rtnetlink socket (`_rtnl`) and keeps nothing. The
+
+With `on_log`, a container namespace that gets a workload table also gets an
+NFLOG reader (`_nflog`) bound to `nflog.GROUP`, made on the worker inside the
+namespace right after the table is applied, read on the event loop, and closed
+by `forget` (the container died or restarted) or `close`. A reader that cannot
+bind (a process in the container holds the group) is logged and left out:
+enforcement never waits for visibility. The
 underscored submodules are private to this package; `_ffi` is the only module
 in segd that imports ctypes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import time
@@ -48,9 +56,11 @@ from segd.firewall.kernel._errors import (
     WorkerBroken,
 )
 from segd.firewall.kernel._host import BackendName, take_host_lock, unavailable
+from segd.firewall.kernel._nflog import Reader
 from segd.firewall.kernel._nft import LibNft, NftBackend, NsenterNft
 from segd.firewall.kernel._ports import read_ports
 from segd.firewall.kernel._worker import NsId, Worker, stat_ns
+from segd.firewall.nflog import GROUP, LogPacket
 from segd.firewall.plan import Plan, Table
 from segd.firewall.render import CONTAINER
 
@@ -58,11 +68,13 @@ __all__ = [
     "BackendName",
     "Firewall",
     "HostNamespace",
+    "LogPacket",
     "NamespaceGone",
     "NetnsError",
     "NftError",
     "NsId",
     "NsRef",
+    "OnLog",
     "WorkerBroken",
     "stat_ns",
     "take_host_lock",
@@ -74,6 +86,10 @@ log = logging.get(__name__)
 T = TypeVar("T")
 
 _ABSENT = "No such file or directory"
+
+OnLog = Callable[[str, list[LogPacket], int], None]
+"""Called on the loop with a namespace's key, packets its table logged, and
+how many overruns its reader saw since the last call."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,7 @@ class Firewall:
         gate_ns: str | None = None,
         setns_fault: Callable[[int], None] | None = None,
         max_open: int = 32,
+        on_log: OnLog | None = None,
     ) -> None:
         if backend not in ("libnftables", "nsenter", "auto"):
             raise ValueError(f"unknown nftables backend {backend!r}")
@@ -128,6 +145,8 @@ class Firewall:
         self.max_open = max_open
         self._gate: _Session | None = None
         self._host_ns: frozenset[NsId] = frozenset()
+        self._on_log = on_log
+        self._readers: dict[str, tuple[NsId, Reader]] = {}  # touched on the loop only
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -142,6 +161,8 @@ class Firewall:
 
     async def close(self) -> None:
         """Free every namespace endpoint and stop the worker; kernel state stays."""
+        for key in list(self._readers):
+            self._close_reader(key)
         if self._worker is None:
             return
         try:
@@ -185,6 +206,8 @@ class Firewall:
         the plan has one), `NamespaceGone` when the namespace no longer exists.
         """
         await self._run(lambda w: _run_plan(self._session(w, ns), plan, ns.key))
+        if self._on_log is not None and plan.what.startswith("workload"):
+            await self._ensure_reader(ns)
 
     async def list_table(self, ns: NsRef, table: Table = CONTAINER) -> str | None:
         """`list table` in the namespace (stateless); None when the table is absent."""
@@ -193,6 +216,7 @@ class Firewall:
 
     async def forget(self, ns: NsRef) -> None:
         """Free the namespace's endpoint (the container is gone or restarted)."""
+        self._close_reader(ns.key)
 
         def job(_w: Worker) -> None:
             s = self._sessions.pop(ns.key, None)
@@ -228,6 +252,56 @@ class Firewall:
             return found
 
         return await self._run(job)
+
+    @property
+    def log_readers(self) -> int:
+        """How many container namespaces have an NFLOG reader open."""
+        return len(self._readers)
+
+    # ---- log readers (on the loop) ---------------------------------------------------------
+
+    async def _ensure_reader(self, ns: NsRef) -> None:
+        try:
+            nsid = _worker.stat_ns(ns.path)
+        except (NamespaceGone, OSError):
+            return
+        have = self._readers.get(ns.key)
+        if have is not None and have[0] == nsid:
+            return
+        self._close_reader(ns.key)
+
+        def job(w: Worker) -> Reader:
+            fd, _ = _worker.open_ns(ns.path)
+            try:
+                return w.made_in(fd, lambda: Reader(GROUP))
+            finally:
+                os.close(fd)
+
+        try:
+            reader = await self._run(job)
+        except (OSError, NetnsError) as e:
+            log.warning("firewall.log_reader_failed", ns=ns.key, error=str(e))
+            return
+        self._readers[ns.key] = (nsid, reader)
+        asyncio.get_running_loop().add_reader(reader.fileno(), self._drain, ns.key, reader)
+        log.debug("firewall.log_reader", ns=ns.key)
+
+    def _drain(self, key: str, reader: Reader) -> None:
+        lost = reader.lost
+        try:
+            packets = reader.drain()
+        except OSError as e:
+            log.warning("firewall.log_read_failed", ns=key, error=str(e))
+            self._close_reader(key)
+            return
+        if (packets or reader.lost != lost) and self._on_log is not None:
+            self._on_log(key, packets, reader.lost - lost)
+
+    def _close_reader(self, key: str) -> None:
+        have = self._readers.pop(key, None)
+        if have is not None:
+            asyncio.get_running_loop().remove_reader(have[1].fileno())
+            have[1].close()
 
     # ---- the gate's namespace -----------------------------------------------------------
 
