@@ -149,6 +149,13 @@ class Flows:
         if self.queue and batch.records is self.queue[0]:
             self.queued -= len(self.queue.popleft())
 
+    def refused(self, batch: FlowBatchIn) -> None:
+        """The server refused `batch` (from `next_batch`): its records are lost;
+        the count of what was lost before stays to be reported."""
+        self.sent(batch)
+        self.lost += batch.lost
+        self._lose(len(batch.records))
+
 
 def _record(k: Key, t: Tally, d: Directory) -> FlowRecordIn:
     return FlowRecordIn(
