@@ -14,7 +14,7 @@ and, rate-limited, what each chain's policy drops (any level but `off`). In
 mode `visibility` a chain ends with an accept: what the policy would drop is
 logged as potentially blocked and let through. Mode `idle` has no table (the
 reconciler removes it); unpaired containers get the isolation table whatever
-any mode says.
+any mode says, which logs what it drops (rate-limited) at every level.
 
 A whole table is applied one of two ways (`render_workload`, `render_isolation`):
 
@@ -195,7 +195,16 @@ def _workload_shape(
     )
 
 
-_ISOLATION = _Shape([], ['iif "lo" accept'], ['oif "lo" accept'])
+_ISOLATION = _Shape(
+    [],
+    ['iif "lo" accept', nflog.limited("in", "blocked")],
+    ['oif "lo" accept', nflog.limited("out", "blocked")],
+)
+"""Everything but loopback dropped, and logged (rate-limited): an unpaired
+container's attempts are reported as blocked, from a container with no workload."""
+
+LOGGING_PLANS = frozenset({"workload", "workload_replace", "isolation", "isolation_replace"})
+"""Plans whose table may log: the kernel module reads the namespace's NFLOG group after them."""
 
 
 # ---- text and plans ------------------------------------------------------------------

@@ -139,6 +139,22 @@ async def test_forget_closes_the_reader(pair: Pair) -> None:
         assert fw.log_readers == 1  # one per namespace, whatever the table says
         await fw.forget(ns)
         assert fw.log_readers == 0
+        await fw.apply(ns, render.render_removal())
+        assert fw.log_readers == 0  # no table, nothing to read
         await fw.apply(ns, render.render_isolation(was=[]))
-        assert fw.log_readers == 0  # an isolation table logs nothing: no reader
+        assert fw.log_readers == 1
+    assert fw.log_readers == 0  # closed with the firewall
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+async def test_an_isolated_namespace_reports_what_it_sends_as_blocked(pair: Pair) -> None:
+    """An unpaired container's attempts are reported from its own namespace."""
+    pair.a.serve(tcp=[5432])
+    seen = Seen()
+    async with Firewall(on_log=seen) as fw:
+        await fw.apply(NsRef("b", pair.b.path), render.render_isolation())
+        assert pair.b.probe([Probe(pair.a4, 5432)]) == ["timeout"]
+        await settle(lambda: bool(seen.packets))
+    assert ("b", "segd:out:b", pair.b4, 5432) in seen.tags()
+    tcp = [p for _, p in seen.packets if p.dport == 5432]
+    assert {(p.dst, p.proto) for p in tcp} == {(pair.a4, "tcp")}

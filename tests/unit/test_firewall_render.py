@@ -306,10 +306,12 @@ ISOLATION = _t(
         chain input {
             type filter hook input priority filter; policy drop;
             iif "lo" accept
+            limit rate 100/second burst 200 packets log group 7 prefix "segd:in:b"
         }
         chain output {
             type filter hook output priority filter; policy drop;
             oif "lo" accept
+            limit rate 100/second burst 200 packets log group 7 prefix "segd:out:b"
         }
     }
     """
@@ -452,7 +454,11 @@ IN_PLACE: list[tuple[str, WorkloadPolicy | None, dict[str, list[str]], list[str]
                 f"add set inet segd {WEB}_v6 {{ type ipv6_addr; }}",
                 f"delete set inet segd {WEB}_v6",
                 'add rule inet segd input iif "lo" accept',
+                "add rule inet segd input limit rate 100/second burst 200 packets"
+                ' log group 7 prefix "segd:in:b"',
                 'add rule inet segd output oif "lo" accept',
+                "add rule inet segd output limit rate 100/second burst 200 packets"
+                ' log group 7 prefix "segd:out:b"',
             ],
         ),
     ),

@@ -24,7 +24,8 @@ however it got there (a host-networked container, one joined to it, a pid
 reused by a host process). `ports` reads a namespace's addresses and veth
 peers over a short-lived rtnetlink socket (`_rtnl`) and keeps nothing. The
 
-With `on_log`, a container namespace that gets a workload table also gets an
+With `on_log`, a container namespace that gets a table that logs (a workload's
+or an isolation table: `render.LOGGING_PLANS`) also gets an
 NFLOG reader (`_nflog`) bound to `nflog.GROUP`, made on the worker inside the
 namespace right after the table is applied, read on the event loop, and closed
 by `forget` (the container died or restarted) or `close`. A reader that cannot
@@ -62,7 +63,7 @@ from segd.firewall.kernel._ports import read_ports
 from segd.firewall.kernel._worker import NsId, Worker, stat_ns
 from segd.firewall.nflog import GROUP, LogPacket
 from segd.firewall.plan import Plan, Table
-from segd.firewall.render import CONTAINER
+from segd.firewall.render import CONTAINER, LOGGING_PLANS
 
 __all__ = [
     "BackendName",
@@ -206,7 +207,7 @@ class Firewall:
         the plan has one), `NamespaceGone` when the namespace no longer exists.
         """
         await self._run(lambda w: _run_plan(self._session(w, ns), plan, ns.key))
-        if self._on_log is not None and plan.what.startswith("workload"):
+        if self._on_log is not None and plan.what in LOGGING_PLANS:
             await self._ensure_reader(ns)
 
     async def list_table(self, ns: NsRef, table: Table = CONTAINER) -> str | None:
