@@ -163,26 +163,35 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
         def probe() -> bool:
             return stack.probe_many(other, [(db_ip, 5432)])[(db_ip, 5432)]
 
-        # full: blocked, and reported as blocked by db's table
+        # full: blocked, and reported as blocked by other's table (it never leaves other)
         assert not probe()
         r = tap.wait(
-            lambda r: r.container_id == db and r.verdict == "blocked" and r.port == 5432,
+            lambda r: r.container_id == other and r.verdict == "blocked" and r.port == 5432,
             DUE,
             "other -> db blocked",
         )
-        assert (r.direction, r.peer_workload_id, r.workload_id) == ("in", ids[other], ids[db])
+        assert (r.direction, r.peer_ip) == ("out", db_ip)
+        assert (r.workload_id, r.peer_workload_id) == (ids[other], ids[db])
+        # ... and kept by the server with both ends right
+        page = stack.api("GET", "/v1/flows?verdict=blocked&port=5432")
+        ends = {(f["src"].get("workload_id"), f["dst"].get("workload_id")) for f in page["flows"]}
+        assert (ids[other], ids[db]) in ends, page
         isolated_everywhere(stack, outsiders, [web, db, other])
 
-        # visibility on both ends: the same probe connects, reported potentially blocked
+        # visibility on both ends: the same probe connects, reported potentially
+        # blocked by both tables (each would have dropped it)
         for name in (db_profile, other_profile):
             set_mode(stack, name, "visibility")
         wait_for(probe, 15, "other -> db to connect in visibility mode", interval=0.5)
-        r = tap.wait(
-            lambda r: r.container_id == db and r.verdict == "potentially_blocked",
-            DUE,
-            "other -> db potentially blocked",
-        )
-        assert (r.direction, r.port, r.peer_workload_id) == ("in", 5432, ids[other])
+        for cid, direction, peer in ((other, "out", db), (db, "in", other)):
+            r = tap.wait(
+                lambda r, cid=cid: (
+                    r.container_id == cid and r.verdict == "potentially_blocked" and r.port == 5432
+                ),
+                DUE,
+                f"other -> db potentially blocked, seen {direction}",
+            )
+            assert (r.direction, r.peer_workload_id) == (direction, ids[peer])
         isolated_everywhere(stack, outsiders, [web, db, other])
 
         # idle: no table, still paired; outsiders still out
