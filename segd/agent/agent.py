@@ -115,6 +115,7 @@ class Agent:
             self.metrics,
             interval=cfg.flow_interval_s,
             backoff_max=cfg.backoff_max_s,
+            owner=self._owner_of,
         )
         self.kernel: Kernel = (
             firewall if firewall is not None else Firewall(on_log=self.flows.on_log)
@@ -368,6 +369,13 @@ class Agent:
             except Exception as e:  # keep reconciling whatever one round hit
                 _log.error("reconcile.failed", error=repr(e))
             _log.debug("agent.stats", **self.footprint())
+
+    def _owner_of(self, ip: str) -> str | None:
+        """The running container that has address `ip` (the gate's logs name none)."""
+        for cid, info in self.host.containers.items():
+            if ip in info.ips and self.host.owner(cid):
+                return cid
+        return None
 
     def _observe(self, op: Op, res: Result, seconds: float) -> None:
         """Metrics of one kernel operation."""

@@ -37,6 +37,7 @@ class FlowReporter:
         interval: float,
         backoff_max: float,
         flows: Flows | None = None,
+        owner: Callable[[str], str | None] = lambda _ip: None,
     ) -> None:
         self.client = client
         self.directory = directory
@@ -44,11 +45,14 @@ class FlowReporter:
         self.interval = interval
         self.backoff_max = backoff_max
         self.flows = flows or Flows()
+        self.owner = owner  # the local container holding an address
         self._lost_seen = 0
 
     def on_log(self, container: str, packets: list[LogPacket], lost: int) -> None:
-        """Packets a container's table logged (called on the loop by the kernel module)."""
+        """Packets a container's table (or, `nflog.GATE_LOG_KEY`, the host gate)
+        logged; called on the loop by the kernel module."""
         now = time.time()
+        by_owner: dict[str, list[LogPacket]] = {}
         for p in packets:
             tag = nflog.parse(p.prefix)
             if tag is None:
@@ -56,7 +60,15 @@ class FlowReporter:
             self.metrics.flow_packets.labels(tag.verdict).inc()
             if tag.verdict == "blocked":
                 self.metrics.policy_drops.labels(tag.direction).inc()
-        self.flows.count(container, packets, now)
+            if container == nflog.GATE_LOG_KEY:
+                # the gate's drop of a frame a container sent (`out`) or would receive
+                cid = self.owner(p.src if tag.direction == "out" else p.dst)
+                if cid is not None:
+                    by_owner.setdefault(cid, []).append(p)
+        if container != nflog.GATE_LOG_KEY:
+            self.flows.count(container, packets, now)
+        for cid, these in by_owner.items():
+            self.flows.count(cid, these, now)
         if lost:
             self.flows.overrun(lost)
         self._count_lost()

@@ -24,6 +24,9 @@ from segd.wire import Direction, Verdict
 GROUP = 7
 """The NFLOG group of every segd log rule (per namespace: no clash between containers)."""
 
+GATE_LOG_KEY = ""
+"""The key packets the host gate logged come with (container keys are never empty)."""
+
 DROP_RATE = 100
 DROP_BURST = 200
 

@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from segd.agent.agent import Agent
 from segd.agent.client import Denied, ServerUnavailable
-from segd.firewall.nflog import LogPacket
+from segd.firewall.nflog import GATE_LOG_KEY, LogPacket
 from segd.wire import FlowBatchIn
 from tests.agent_inproc.conftest import World, _free_port
 from tests.orchestrator.fake_engine import FakeContainer
@@ -133,3 +133,25 @@ async def test_a_flood_of_denied_packets_is_aggregated_and_the_agent_keeps_enfor
     (record,) = batch.records
     assert (record.packets, record.peer_ip, record.container_id) == (50_000, intruder.ip, db.id)
     assert record.peer_workload_id == ""  # the intruder is not a workload
+
+
+async def test_the_gates_drops_are_attributed_to_the_container_by_its_address(
+    world: World,
+) -> None:
+    agent, _web, db = await shop(world)
+    sent = Capture(agent)
+    intruder = world.run("intruder")
+    await world.until(lambda: world.kind(intruder) == "isolated")
+    agent.flows.on_log(
+        GATE_LOG_KEY,
+        [
+            LogPacket("segd:out:b", intruder.ip, db.ip, "tcp", 40000, DB_PORT, 60),
+            LogPacket("segd:in:b", "172.17.0.1", intruder.ip, "tcp", 40000, 22, 60),
+            LogPacket("segd:out:b", "10.99.0.1", db.ip, "tcp", 40000, DB_PORT, 60),  # nobody's
+        ],
+        0,
+    )
+    await agent.flows.flush()
+    (batch,) = sent.batches
+    got = {(r.container_id, r.direction, r.peer_ip, r.port) for r in batch.records}
+    assert got == {(intruder.id, "out", db.ip, DB_PORT), (intruder.id, "in", "172.17.0.1", 22)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import urllib.request
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -101,7 +102,7 @@ def test_blocked_attempts_and_logged_accepts_are_reported_by_the_agent(stack: St
         assert m[("segd_agent_containers", (("state", "workload"),))] == 2
         assert m[("segd_agent_containers", (("state", "isolated"),))] == 1
         assert m[("segd_agent_gate_entries", ())] == 2
-        assert m[("segd_agent_log_readers", ())] == 3
+        assert m[("segd_agent_log_readers", ())] == 4  # three containers and the gate
         assert m[("segd_agent_policy_drops_total", (("direction", "out"),))] >= 1
         assert m[("segd_agent_flow_records_sent_total", ())] >= 2
         assert m[("segd_agent_flow_records_lost_total", ())] == 0
@@ -185,11 +186,7 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
         wait_for(probe, 15, "other -> db to connect in visibility mode", interval=0.5)
         for cid, direction, peer in ((other, "out", db), (db, "in", other)):
             r = tap.wait(
-                lambda r, cid=cid: (
-                    r.container_id == cid and r.verdict == "potentially_blocked" and r.port == 5432
-                ),
-                DUE,
-                f"other -> db potentially blocked, seen {direction}",
+                potentially_blocked(cid), DUE, f"other -> db potentially blocked, {direction}"
             )
             assert (r.direction, r.peer_workload_id) == (direction, ids[peer])
         isolated_everywhere(stack, outsiders, [web, db, other])
@@ -207,6 +204,13 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
         isolated_everywhere(stack, outsiders, [web, db, other])
         assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
         assert {c: pid(c) for c in (web, db, other)} == pids
+
+
+def potentially_blocked(cid: str) -> Callable[[wire.FlowRecordIn], bool]:
+    def match(r: wire.FlowRecordIn) -> bool:
+        return r.container_id == cid and r.verdict == "potentially_blocked" and r.port == 5432
+
+    return match
 
 
 def _table(cid: str) -> Any:

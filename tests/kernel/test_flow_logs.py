@@ -10,11 +10,11 @@ from collections.abc import Callable
 import msgspec
 import pytest
 
-from segd.firewall import nflog, render
+from segd.firewall import gate, nflog, render
 from segd.firewall.kernel import Firewall, LogPacket, NsRef
 from segd.policy import Service
 from segd.wire import Allow, Mode, VisibilityLevel, WorkloadPolicy
-from tests.kernel.conftest import Pair, Probe
+from tests.kernel.conftest import BridgeLab, Pair, Probe
 
 pytestmark = pytest.mark.kernel
 
@@ -158,3 +158,34 @@ async def test_an_isolated_namespace_reports_what_it_sends_as_blocked(pair: Pair
     assert ("b", "segd:out:b", pair.b4, 5432) in seen.tags()
     tcp = [p for _, p in seen.packets if p.dport == 5432]
     assert {(p.dst, p.proto) for p in tcp} == {(pair.a4, "tcp")}
+
+
+async def test_the_gate_logs_what_it_drops_in_its_namespace(bridge_lab: BridgeLab) -> None:
+    """c1 is not admitted: what it sends to c2 and what the host sends it are
+    dropped by the gate and reach the reader in the gate's namespace, as c1 sees
+    them (out / in), both families."""
+    lab = bridge_lab
+    lab.c2.serve(tcp=[80])
+    lab.c1.serve(tcp=[81])
+    seen = Seen()
+    async with Firewall(gate_ns=lab.gw.path, on_log=seen) as fw:
+        admitted = [(lab.c2_port, lab.c2_4), (lab.c2_port, lab.c2_6)]
+        await fw.gate_apply(gate.render_gate(admitted, lab.subnets))
+        assert fw.log_readers == 1
+        assert lab.c1.probe([Probe(lab.c2_4, 80), Probe(lab.c2_6, 80)]) == ["timeout"] * 2
+        assert lab.gw.probe([Probe(lab.c1_4, 81)]) == ["timeout"]
+        want = {
+            (nflog.GATE_LOG_KEY, "segd:out:b", lab.c1_4, 80),
+            (nflog.GATE_LOG_KEY, "segd:in:b", lab.gw4, 81),
+        }
+
+        def v6() -> bool:  # neighbour discovery or the SYN: whichever c1 got to send
+            return any(p.prefix == "segd:out:b" and p.src == lab.c1_6 for _, p in seen.packets)
+
+        await settle(lambda: want <= seen.tags() and v6())
+    assert want <= seen.tags(), seen.tags()
+    assert v6(), seen.tags()
+    # every drop is c1's (the one not admitted), attributed to it by its address
+    c1 = {lab.c1_4, lab.c1_6}
+    for _, p in seen.packets:
+        assert (p.src if p.prefix == "segd:out:b" else p.dst) in c1, p

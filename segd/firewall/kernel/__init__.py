@@ -30,7 +30,8 @@ NFLOG reader (`_nflog`) bound to `nflog.GROUP`, made on the worker inside the
 namespace right after the table is applied, read on the event loop, and closed
 by `forget` (the container died or restarted) or `close`. A reader that cannot
 bind (a process in the container holds the group) is logged and left out:
-enforcement never waits for visibility. The
+enforcement never waits for visibility. The gate's namespace gets one too
+once the gate is built; its packets come with the key `nflog.GATE_LOG_KEY`. The
 underscored submodules are private to this package; `_ffi` is the only module
 in segd that imports ctypes.
 """
@@ -47,7 +48,7 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 from segd import log as logging
-from segd.firewall.gate import GATE
+from segd.firewall.gate import GATE, GATE_PLANS
 from segd.firewall.kernel import _ffi, _worker
 from segd.firewall.kernel._errors import (
     HostNamespace,
@@ -61,7 +62,7 @@ from segd.firewall.kernel._nflog import Reader
 from segd.firewall.kernel._nft import LibNft, NftBackend, NsenterNft
 from segd.firewall.kernel._ports import read_ports
 from segd.firewall.kernel._worker import NsId, Worker, stat_ns
-from segd.firewall.nflog import GROUP, LogPacket
+from segd.firewall.nflog import GATE_LOG_KEY, GROUP, LogPacket
 from segd.firewall.plan import Plan, Table
 from segd.firewall.render import CONTAINER, LOGGING_PLANS
 
@@ -256,7 +257,7 @@ class Firewall:
 
     @property
     def log_readers(self) -> int:
-        """How many container namespaces have an NFLOG reader open."""
+        """How many namespaces (containers', and the gate's) have an NFLOG reader open."""
         return len(self._readers)
 
     # ---- log readers (on the loop) ---------------------------------------------------------
@@ -266,13 +267,29 @@ class Firewall:
             nsid = _worker.stat_ns(ns.path)
         except (NamespaceGone, OSError):
             return
-        have = self._readers.get(ns.key)
+        await self._reader(ns.key, ns.path, nsid)
+
+    async def _ensure_gate_reader(self) -> None:
+        if self._home_fd is None:
+            return
+        try:
+            path = self._gate_path
+            nsid = _worker.ns_id(os.fstat(self._home_fd)) if path is None else _worker.stat_ns(path)
+        except (NamespaceGone, OSError):
+            return
+        await self._reader(GATE_LOG_KEY, path, nsid)
+
+    async def _reader(self, key: str, path: str | None, nsid: NsId) -> None:
+        """An NFLOG reader for the namespace at `path` (None: the worker's home)."""
+        have = self._readers.get(key)
         if have is not None and have[0] == nsid:
             return
-        self._close_reader(ns.key)
+        self._close_reader(key)
 
         def job(w: Worker) -> Reader:
-            fd, _ = _worker.open_ns(ns.path)
+            if path is None:
+                return Reader(GROUP)  # the worker is at home between jobs
+            fd, _ = _worker.open_ns(path)
             try:
                 return w.made_in(fd, lambda: Reader(GROUP))
             finally:
@@ -281,11 +298,11 @@ class Firewall:
         try:
             reader = await self._run(job)
         except (OSError, NetnsError) as e:
-            log.warning("firewall.log_reader_failed", ns=ns.key, error=str(e))
+            log.warning("firewall.log_reader_failed", ns=key or "gate", error=str(e))
             return
-        self._readers[ns.key] = (nsid, reader)
-        asyncio.get_running_loop().add_reader(reader.fileno(), self._drain, ns.key, reader)
-        log.debug("firewall.log_reader", ns=ns.key)
+        self._readers[key] = (nsid, reader)
+        asyncio.get_running_loop().add_reader(reader.fileno(), self._drain, key, reader)
+        log.debug("firewall.log_reader", ns=key or "gate")
 
     def _drain(self, key: str, reader: Reader) -> None:
         lost = reader.lost
@@ -309,6 +326,8 @@ class Firewall:
     async def gate_apply(self, plan: Plan) -> None:
         """Run `plan` in the gate's namespace (the host's, or `gate_ns`)."""
         await self._run(lambda w: _run_plan(self._gate_session(w), plan, "gate"))
+        if self._on_log is not None and plan.what in GATE_PLANS:
+            await self._ensure_gate_reader()
 
     async def gate_list(self, table: Table = GATE) -> str | None:
         """`list table` in the gate's namespace; None when the table is absent."""

@@ -40,6 +40,7 @@ NFULA_CFG_QTHRESH = 5
 NFULNL_CFG_CMD_BIND = 1
 NFULNL_COPY_PACKET = 2
 
+NFULA_PACKET_HDR = 1
 NFULA_PAYLOAD = 9
 NFULA_PREFIX = 10
 
@@ -95,6 +96,8 @@ def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
 
 
 _PROTOS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
+_ETHERTYPES = {0x0800: socket.AF_INET, 0x86DD: socket.AF_INET6}
+AF_BRIDGE = 7
 
 
 def parse_payload(family: int, payload: bytes) -> tuple[str, str, str, int, int, int] | None:
@@ -132,6 +135,9 @@ def parse(data: bytes) -> Iterator[LogPacket]:
         if kind == packet_kind and n >= _NLMSG.size + _NFGEN.size:
             family = data[off + _NLMSG.size]
             a = _attrs(data, off + _NLMSG.size + _NFGEN.size, off + n)
+            if family == AF_BRIDGE:  # the host gate: the frame's ethertype says which IP
+                hdr = a.get(NFULA_PACKET_HDR, b"")
+                family = _ETHERTYPES.get(struct.unpack(">H", hdr[:2])[0], 0) if len(hdr) >= 2 else 0
             fields = parse_payload(family, a.get(NFULA_PAYLOAD, b""))
             if fields is not None:
                 prefix = a.get(NFULA_PREFIX, b"").split(b"\0", 1)[0].decode("ascii", "replace")
