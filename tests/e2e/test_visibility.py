@@ -5,6 +5,7 @@ agent and the server (`FlowTap`)."""
 from __future__ import annotations
 
 import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -220,3 +221,63 @@ def _table(cid: str) -> Any:
         text=True,
     )
     return p.stdout if p.returncode == 0 else None
+
+
+# Each datagram meets the flooder's own table (a local drop fails the send: EPERM).
+_FLOOD = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "refused=0\n"
+    "for _ in range(int(sys.argv[2])):\n"
+    "    try:\n"
+    "        s.sendto(b'x',(sys.argv[1],5432))\n"
+    "    except OSError:\n"
+    "        refused+=1\n"
+    "print(refused)\n"
+)
+
+
+def test_a_flood_of_denied_packets_is_aggregated_and_the_agent_keeps_enforcing(
+    stack: Stack,
+) -> None:
+    """50,000 denied datagrams from an unpaired container: a pairing started
+    meanwhile still enforces, the flood comes back as one record counting the
+    (rate-limited) logged packets, and nothing is lost."""
+    stack.start_server()
+    stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
+    listen = f"127.0.0.1:{free_port()}"
+    with FlowTap(stack.url) as tap:
+        stack.start_agent(
+            server=tap.url, extra=f'flow_interval_s = {INTERVAL}\nmetrics_listen = "{listen}"\n'
+        )
+        db = stack.run("db", key=stack.key({"role": "db"}))
+        stack.wait_paired(db)
+        flooder = stack.run("flooder")
+        wait_for(lambda: stack.agent is not None and _table(flooder), 15, "flooder isolated")
+        db_ip = stack.ip(db)
+        flood = subprocess.Popen(
+            [
+                *("nsenter", f"--net=/proc/{pid(flooder)}/ns/net", sys.executable, "-c"),
+                *(_FLOOD, db_ip, "50000"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            web = stack.run("web", key=stack.key({"role": "web"}))
+            stack.wait_paired(web)  # the usual time, flood or not
+            assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
+        finally:
+            out, _ = flood.communicate(timeout=120)
+        assert int(out.strip()) == 50_000  # every one dropped
+        r = tap.wait(
+            lambda r: r.container_id == flooder and r.proto == "udp" and r.port == 5432,
+            DUE,
+            "the flood's record",
+        )
+        assert (r.verdict, r.direction, r.peer_ip, r.workload_id) == ("blocked", "out", db_ip, "")
+        assert 0 < r.packets < 50_000  # logged at a bounded rate, not per packet
+        m = scrape(listen)
+        assert m[("segd_agent_flow_records_lost_total", ())] == 0
+        assert tap.lost() == 0
+        assert m[("segd_agent_policy_drops_total", (("direction", "out"),))] >= r.packets
