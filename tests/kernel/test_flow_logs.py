@@ -189,3 +189,32 @@ async def test_the_gate_logs_what_it_drops_in_its_namespace(bridge_lab: BridgeLa
     c1 = {lab.c1_4, lab.c1_6}
     for _, p in seen.packets:
         assert (p.src if p.prefix == "segd:out:b" else p.dst) in c1, p
+
+
+async def test_a_namespace_that_logs_more_than_segd_does_is_read_within_a_budget(
+    pair: Pair,
+) -> None:
+    """A process in the container adds its own rule logging every packet to
+    segd's group and floods: the agent reads at most its budget a second from
+    that namespace (the kernel drops the rest), so its loop is not taken over."""
+    budget = 500
+    seen = Seen()
+    async with Firewall(on_log=seen, log_budget=budget) as fw:
+        ns = NsRef("b", pair.b.path)
+        await fw.apply(ns, render.render_workload(with_mode("visibility", "off"), {}))
+        pair.b.nft(
+            "add table inet hostile; add chain inet hostile o { type filter hook output"
+            f' priority 0; }}; add rule inet hostile o log group {nflog.GROUP} prefix "x"'
+        )
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        flood = pair.b.flood_udp(pair.a4, 9999, seconds=2.0)
+        out, _ = await asyncio.to_thread(flood.communicate, timeout=30)
+        await asyncio.sleep(1.0)
+        elapsed = loop.time() - t0
+    sent = int(out.split()[-1])
+    read = len(seen.packets)
+    assert sent > 5 * budget * elapsed  # the flood logged far more than the budget
+    # per second begun: at most the budget and one read's worth (16 datagrams of 64)
+    assert 0 < read <= (budget + 16 * 64) * (int(elapsed) + 1), (read, sent, elapsed)
+    assert read < sent / 5

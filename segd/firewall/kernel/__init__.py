@@ -30,7 +30,10 @@ NFLOG reader (`_nflog`) bound to `nflog.GROUP`, made on the worker inside the
 namespace right after the table is applied, read on the event loop, and closed
 by `forget` (the container died or restarted) or `close`. A reader that cannot
 bind (a process in the container holds the group) is logged and left out:
-enforcement never waits for visibility. The gate's namespace gets one too
+enforcement never waits for visibility. A reader is read for at most
+`log_budget` packets a second (segd's own rules log far fewer): a namespace
+that logs more to the group is left unread for the rest of that second, its
+excess dropped by the kernel and counted as overruns. The gate's namespace gets one too
 once the gate is built; its packets come with the key `nflog.GATE_LOG_KEY`. The
 underscored submodules are private to this package; `_ffi` is the only module
 in segd that imports ctypes.
@@ -130,6 +133,7 @@ class Firewall:
         setns_fault: Callable[[int], None] | None = None,
         max_open: int = 32,
         on_log: OnLog | None = None,
+        log_budget: int = 5000,
     ) -> None:
         if backend not in ("libnftables", "nsenter", "auto"):
             raise ValueError(f"unknown nftables backend {backend!r}")
@@ -148,6 +152,7 @@ class Firewall:
         self._gate: _Session | None = None
         self._host_ns: frozenset[NsId] = frozenset()
         self._on_log = on_log
+        self.log_budget = log_budget  # logged packets a namespace is read for, a second
         self._readers: dict[str, tuple[NsId, Reader]] = {}  # touched on the loop only
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -314,6 +319,23 @@ class Firewall:
             return
         if (packets or reader.lost != lost) and self._on_log is not None:
             self._on_log(key, packets, reader.lost - lost)
+        now = time.monotonic()
+        if now - reader.window >= 1.0:
+            reader.window, reader.taken = now, 0
+        reader.taken += len(packets)
+        if reader.taken >= self.log_budget:
+            # A namespace logging more than segd's rules do (its own rules on our
+            # group) is not read for the rest of the second: the kernel drops
+            # the excess, counted as overruns.
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(reader.fileno())
+            loop.call_later(reader.window + 1.0 - now, self._resume, key, reader)
+            log.warning("firewall.log_paused", ns=key, packets=reader.taken)
+
+    def _resume(self, key: str, reader: Reader) -> None:
+        have = self._readers.get(key)
+        if have is not None and have[1] is reader:
+            asyncio.get_running_loop().add_reader(reader.fileno(), self._drain, key, reader)
 
     def _close_reader(self, key: str) -> None:
         have = self._readers.pop(key, None)

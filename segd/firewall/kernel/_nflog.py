@@ -155,6 +155,8 @@ class Reader:
     def __init__(self, group: int) -> None:
         self.group = group
         self.lost = 0  # overruns: the kernel dropped messages for this socket
+        self.window = 0.0  # when the current second of reading began (monotonic)
+        self.taken = 0  # packets read in it
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             self._setup()
@@ -187,7 +189,7 @@ class Reader:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def drain(self, most: int = 256) -> list[LogPacket]:
+    def drain(self, most: int = 16) -> list[LogPacket]:
         """What is queued now (at most `most` datagrams); never blocks."""
         out: list[LogPacket] = []
         for _ in range(most):
