@@ -3,11 +3,16 @@ records sent in batches, and its metrics are served on a loopback listener."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from segd.agent.agent import Agent
 from segd.agent.client import Denied, ServerUnavailable
+from segd.agent.flows import Directory
+from segd.agent.metrics import AgentMetrics
+from segd.agent.reporter import FlowReporter
 from segd.firewall.nflog import GATE_LOG_KEY, LogPacket
 from segd.wire import FlowBatchIn
 from tests.agent_inproc.conftest import World, _free_port
@@ -155,3 +160,46 @@ async def test_the_gates_drops_are_attributed_to_the_container_by_its_address(
     (batch,) = sent.batches
     got = {(r.container_id, r.direction, r.peer_ip, r.port) for r in batch.records}
     assert got == {(intruder.id, "out", db.ip, DB_PORT), (intruder.id, "in", "172.17.0.1", 22)}
+
+
+class FakeClient:
+    """The server's flow ingest, down for the first `down` calls."""
+
+    def __init__(self, down: int = 0) -> None:
+        self.down = down
+        self.calls = 0
+        self.batches: list[FlowBatchIn] = []
+
+    async def flows(self, batch: FlowBatchIn) -> None:
+        self.calls += 1
+        if self.calls <= self.down:
+            raise ServerUnavailable("down")
+        self.batches.append(batch)
+
+
+async def test_each_interval_is_sent_and_an_unreachable_server_is_retried_meanwhile() -> None:
+    client = FakeClient(down=3)
+    reporter = FlowReporter(
+        client,  # type: ignore[arg-type]
+        lambda: Directory({}, {}),
+        AgentMetrics(),
+        interval=0.2,
+        backoff_max=0.02,
+    )
+    task = asyncio.create_task(reporter.run())
+    try:
+        reporter.on_log("db", [LogPacket("segd:in:b", "10.0.0.1", "10.0.0.2", "udp", 1, 53, 40)], 0)
+        for _ in range(500):
+            if client.batches:
+                break
+            await asyncio.sleep(0.02)
+        (batch,) = client.batches  # sent within the interval it closed in, after retries
+        assert client.calls == 4 and [r.port for r in batch.records] == [53]
+        reporter.on_log("db", [LogPacket("segd:in:b", "10.0.0.1", "10.0.0.2", "udp", 1, 54, 40)], 0)
+        for _ in range(500):
+            if len(client.batches) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert [r.port for r in client.batches[1].records] == [54]  # the next interval
+    finally:
+        task.cancel()
