@@ -60,6 +60,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     return m.group(1).strip("[]"), int(m.group(2))
 
 
+def _loopback_listen(text: str) -> tuple[str, int]:
+    """A `HOST:PORT` whose host is a loopback address (the agent's metrics)."""
+    host, port = parse_listen(text)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{text!r}: must be a loopback address (127.0.0.1:PORT or [::1]:PORT)")
+    return host, port
+
+
 def _check(key: str, fn: Callable[[str], object], value: str) -> None:
     try:
         fn(value)
@@ -194,6 +206,8 @@ class AgentConfig(_Strict):
     isolate_unkeyed: bool = True
     server_ca: str = ""
     backoff_max_s: float = 30.0
+    flow_interval_s: float = 15.0
+    metrics_listen: str = ""  # "" = off; loopback only
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
@@ -209,6 +223,10 @@ class AgentConfig(_Strict):
             raise ValueError("reconcile_interval_s: must be between 0.5 and 3600")
         if not 0.1 <= self.backoff_max_s <= 600:
             raise ValueError("backoff_max_s: must be between 0.1 and 600")
+        if not 15 <= self.flow_interval_s <= 60:
+            raise ValueError("flow_interval_s: must be between 15 and 60")
+        if self.metrics_listen:
+            _check("metrics_listen", _loopback_listen, self.metrics_listen)
 
 
 class OrchestratorConfig(_Strict):

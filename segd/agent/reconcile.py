@@ -6,7 +6,13 @@ Per container the desired state is one of:
   its addresses admitted by the host gate;
 * `isolated`  — keyed but not (yet) paired, denied, or unkeyed while
   `isolate_unkeyed` is on: an isolation table, and never in the gate;
-* `exempt`    — unkeyed with `isolate_unkeyed = false`: no table, admitted by the gate.
+* `exempt`    — unkeyed with `isolate_unkeyed = false`, or paired in mode `idle`:
+  no table, admitted by the gate.
+
+Modes (`full`, `visibility`, `idle`) and visibility levels come with a paired
+workload's policy, so they relax nothing for a container that is not paired:
+keyed-but-unpaired, refused and (with `isolate_unkeyed`) unkeyed containers
+are isolated whatever mode their profile would have.
 
 `step(host, batch, failed)` compares that with what is enforced, for the
 containers of `batch`, and returns the next kernel operations (`ops`); the
@@ -87,6 +93,8 @@ def desired(host: Host, cid: str) -> Desired | None:
         return None
     ns = Ns(key=cid, path=info.netns_path)
     pol = host.workloads.get(cid)
+    if pol is not None and pol.mode == "idle":
+        return Desired("exempt", ns, pol)
     if pol is not None:
         try:
             render.check_policy(pol)
@@ -101,6 +109,8 @@ def desired(host: Host, cid: str) -> Desired | None:
             inbound=tuple(pol.inbound),
             outbound=tuple(pol.outbound),
             logged=host.logged & {a.rule_id for a in allows},
+            mode=pol.mode,
+            level=pol.visibility,
         )
         table = WorkloadTable(structure, {n: sets.get(n, []) for n in names})
         return Desired("workload", ns, pol, table)
@@ -165,7 +175,9 @@ def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> f
     """What the gate should admit for a container: its addresses on their bridge
     ports, once its table (workload) or its exemption is in place."""
     info = host.containers.get(cid)
-    if want is None or info is None or rec.ports is None or rec.kind != want.kind:
+    if want is None or info is None or rec.ports is None:
+        return frozenset()
+    if rec.kind != want.kind and not _mode_switch(rec, want):
         return frozenset()
     if want.kind == "isolated":
         return frozenset()
@@ -173,6 +185,13 @@ def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> f
     return frozenset(
         GateEntry(ports[ip], ip) for ip in info.ips if ip in ports and PORT_RE.match(ports[ip])
     )
+
+
+def _mode_switch(rec: Enforced, want: Desired) -> bool:
+    """A paired workload going to or from mode `idle`: admitted before, during
+    and after (its table comes or goes; the gate entry stays)."""
+    kinds = {rec.kind, want.kind}
+    return want.policy is not None and kinds == {"workload", "exempt"}
 
 
 def _needs_ports(host: Host, rec: Enforced, want: Desired) -> bool:
