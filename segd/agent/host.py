@@ -54,8 +54,7 @@ from segd.agent.ops import (
 )
 from segd.agent.sharing import NsId, Role
 from segd.firewall.gate import GateEntry
-from segd.firewall.nftext import split_addrs
-from segd.firewall.render import log_rules
+from segd.firewall.render import check_set, log_rules
 from segd.wire import Instructions, SidecarIn, WorkloadPolicy
 
 GateMode = Literal["initial", "ok", "rebuild"]
@@ -186,7 +185,7 @@ class Host:
         for name, addrs in instr.sets.items():
             if before.get(name) != addrs:  # only what changed is checked again
                 try:
-                    split_addrs(addrs)
+                    check_set(name, addrs)  # addresses, or CIDR blocks in an ip_ set
                     self.bad_sets.pop(name, None)
                 except ValueError as e:
                     self.bad_sets[name] = str(e)

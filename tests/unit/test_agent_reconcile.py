@@ -575,6 +575,20 @@ def test_a_workload_that_cannot_be_rendered_is_isolated_and_the_rest_enforced() 
     assert isinstance(h.enforced["web"].table, IsolationTable) and not h.enforced["web"].gated
 
 
+def test_a_workload_allowing_an_ip_block_is_enforced_not_isolated() -> None:
+    """An `ip:` rule peer arrives as a set of CIDR blocks: renderable, not bad."""
+    h = synced(seen("db"))
+    db = WorkloadPolicy(
+        "w2", "db", {}, ["172.17.0.3"], [Allow("r1", "ip_000000000000000a", [TCP5432])], []
+    )
+    instr = instructions(2, db)
+    blocks = {**instr.instructions.sets, "ip_000000000000000a": ["203.0.113.0/24", "10.0.0.0/8"]}
+    h.on(InstructionsAccepted(msgspec.structs.replace(instr.instructions, sets=blocks)))
+    s = reconcile.step(h, {"db"}, set())
+    assert s.invalid == {} and h.bad_sets == {}
+    assert Run(h).steps() == [["apply db workload workload"], ["gate add db"]]
+
+
 def test_in_place_once_its_table_and_gate_entry_are_there_even_with_sets_behind() -> None:
     h = synced(seen("web", started=True), seen("db", started=True))
     h.on(V1)
