@@ -228,24 +228,18 @@ class Host:
 
     # ---- kernel results --------------------------------------------------------------
 
-    def absorb(self, res: Result, failed: set[str]) -> list[Report]:  # noqa: C901
+    def absorb(self, res: Result, failed: set[str]) -> list[Report]:
         """Fold one kernel result in. Containers whose work failed go to `failed`
         (not tried again until their next batch); `"gate"` there stops gate work."""
         op = res.op
+        if isinstance(op, (GateChange, GateRebuild, GateSubnets, ListGate)):
+            return self._absorb_gate(res, op, failed)
         rec = self.enforced.get(container_of(op))
         if isinstance(op, (ApplyTable, LookupPorts, ListTable)) and rec and op.ns != rec.ns:
             rec = None  # the container restarted while this ran: the result is stale
         match res, op:
-            case Done(listing=listing), ApplyTable(kind=kind, table=table):
-                if rec is not None:
-                    rec.kind, rec.table, rec.listing = kind, table, listing
-            case Failed(gone=False), ApplyTable(refused="unknown"):
-                if rec is not None:
-                    rec.table, rec.listing = None, None
-            case Failed(), ApplyTable(container=cid):
-                failed.add(cid)
-                if rec is not None:
-                    rec.kind, rec.table, rec.listing = None, None, None
+            case _, ApplyTable():
+                self._table_applied(res, op, rec, failed)
             case Done(ports=ports), LookupPorts():
                 if rec is not None:
                     rec.ports = ports
@@ -253,50 +247,86 @@ class Host:
                 failed.add(cid)
             case _, Forget(ns=ns):
                 self.unbind.pop(ns, None)
+            case Done(listing=listing), ListTable(container=cid):
+                return self._table_listed(cid, rec, listing)
+        return []
+
+    @staticmethod
+    def _table_applied(res: Result, op: ApplyTable, rec: Enforced | None, failed: set[str]) -> None:
+        match res:
+            case Done(listing=listing):
+                if rec is not None:
+                    rec.kind, rec.table, rec.listing = op.kind, op.table, listing
+            case Failed(gone=False) if op.refused == "unknown":
+                if rec is not None:
+                    rec.table, rec.listing = None, None
+            case Failed():
+                failed.add(op.container)
+                if rec is not None:
+                    rec.kind, rec.table, rec.listing = None, None, None
+
+    def _table_listed(self, cid: str, rec: Enforced | None, listing: str | None) -> list[Report]:
+        """A table read back: one changed behind segd's back is replaced whole."""
+        if rec is None or rec.table is None or listing == rec.listing:
+            return []
+        rec.table, rec.listing = None, None  # replaced whole, not patched
+        self.dirty.add(cid)
+        return [
+            Report(
+                cid,
+                "namespace table changed outside segd; repaired",
+                table_present=listing is not None,
+            )
+        ]
+
+    def _absorb_gate(
+        self,
+        res: Result,
+        op: GateChange | GateRebuild | GateSubnets | ListGate,
+        failed: set[str],
+    ) -> list[Report]:
+        match res, op:
             case _, GateChange(what=what, entries=entries):
-                for ns, these in entries.items():
-                    owner = self._record(ns)
-                    if what == "remove":
-                        self.ungate -= these
-                        if owner is not None:
-                            owner.gated -= these
-                    elif owner is not None:
-                        owner.gated |= these
-                    else:  # retired while this ran: to be removed again
-                        self.ungate |= these
+                self._gate_changed(what, entries)
                 if isinstance(res, Failed):
                     self.gate, self.gate_reason = "rebuild", res.error
-            case _, GateRebuild(entries=entries, subnets=subnets, reason=reason):
-                for rec_ in self.enforced.values():
-                    rec_.gated = entries.get(rec_.ns, frozenset())
-                if isinstance(res, Failed):
-                    failed.add("gate")
-                    return []
-                # Exactly `entries` is admitted now; those of records retired meanwhile go.
-                self.ungate = {e for ns, es in entries.items() if not self._record(ns) for e in es}
-                self.gate, self.gate_reason, self.gate_subnets = "ok", "", subnets
-                if reason:
-                    return [Report("", f"host gate changed outside segd: {reason}")]
+            case _, GateRebuild():
+                return self._gate_rebuilt(res, op, failed)
             case Done(), GateSubnets(subnets=subnets):
                 self.gate_subnets = subnets
             case Failed(error=error), GateSubnets():
                 self.gate, self.gate_reason = "rebuild", error
-            case Done(listing=listing), ListTable(container=cid):
-                if rec is not None and rec.table is not None and listing != rec.listing:
-                    rec.table, rec.listing = None, None  # replaced whole, not patched
-                    self.dirty.add(cid)
-                    return [
-                        Report(
-                            cid,
-                            "namespace table changed outside segd; repaired",
-                            table_present=listing is not None,
-                        )
-                    ]
             case Done(listing=None), ListGate():
                 if self.gate != "initial":
                     self.gate = "rebuild"
                 return [Report("", "host gate table missing; rebuilt", table_present=False)]
         return []
+
+    def _gate_rebuilt(self, res: Result, op: GateRebuild, failed: set[str]) -> list[Report]:
+        for rec in self.enforced.values():
+            rec.gated = op.entries.get(rec.ns, frozenset())
+        if isinstance(res, Failed):
+            failed.add("gate")
+            return []
+        # Exactly `entries` is admitted now; those of records retired meanwhile go.
+        self.ungate = {e for ns, es in op.entries.items() if not self._record(ns) for e in es}
+        self.gate, self.gate_reason, self.gate_subnets = "ok", "", op.subnets
+        if op.reason:
+            return [Report("", f"host gate changed outside segd: {op.reason}")]
+        return []
+
+    def _gate_changed(self, what: str, entries: Mapping[Ns, frozenset[GateEntry]]) -> None:
+        """Entries added to or removed from the gate (or tried: a failure rebuilds it)."""
+        for ns, these in entries.items():
+            owner = self._record(ns)
+            if what == "remove":
+                self.ungate -= these
+                if owner is not None:
+                    owner.gated -= these
+            elif owner is not None:
+                owner.gated |= these
+            else:  # retired while this ran: to be removed again
+                self.ungate |= these
 
     def _record(self, ns: Ns) -> Enforced | None:
         """The record of the container incarnation `ns` (None once retired)."""

@@ -38,6 +38,7 @@ nothing is left. Every rule about order and fallback lives here, once:
 from __future__ import annotations
 
 from collections.abc import Set
+from dataclasses import dataclass, field
 
 import msgspec
 
@@ -218,67 +219,84 @@ _URGENCY = {"workload": 0, "exempt": 1, "isolated": 2}
 admitted, so the tables that let traffic through matter most."""
 
 
-def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:  # noqa: C901
+@dataclass
+class _Plan:
+    """What each container of a batch needs, before it is ordered into ops."""
+
+    remove: dict[Ns, frozenset[GateEntry]] = field(default_factory=dict)
+    add: dict[Ns, frozenset[GateEntry]] = field(default_factory=dict)
+    first: list[ApplyTable] = field(default_factory=list)  # tables of another kind
+    rest: list[ApplyTable] = field(default_factory=list)  # tables rewritten in place
+    ports: dict[str, LookupPorts] = field(default_factory=dict)
+    idle: set[str] = field(default_factory=set)
+    invalid: dict[str, str] = field(default_factory=dict)
+
+
+def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:
     """The next kernel operations for the containers of `batch`; no ops when they
     (and the gate) are where they should be. `failed`: containers whose work
     failed in this batch ("gate": the gate's)."""
-    remove: dict[Ns, frozenset[GateEntry]] = (
-        {RETIRED: frozenset(host.ungate)} if host.ungate else {}
-    )
-    add: dict[Ns, frozenset[GateEntry]] = {}
-    first: list[ApplyTable] = []
-    rest: list[ApplyTable] = []
-    ports: dict[str, LookupPorts] = {}
-    idle: set[str] = set()
-    invalid: dict[str, str] = {}
+    plan = _Plan(remove={RETIRED: frozenset(host.ungate)} if host.ungate else {})
     for cid in sorted(batch):
-        rec = host.enforced.get(cid)
-        want = desired(host, cid)
-        if rec is None or want is None:
-            idle.add(cid)
-            continue
-        if want.invalid:
-            invalid[cid] = want.invalid
-        wanted = frozenset() if cid in failed else gate_entries(host, cid, rec, want)
-        if rec.gated - wanted:
-            remove[rec.ns] = rec.gated - wanted
-        if wanted - rec.gated and host.gate == "ok":
-            add[rec.ns] = wanted - rec.gated
-        op = None if cid in failed else table_op(rec, want)
-        if op is not None:
-            (first if op.kind != rec.kind else rest).append(op)
-        elif cid not in failed and _needs_ports(host, rec, want):
-            ports[cid] = LookupPorts(cid, rec.ns)
-        elif rec.ns not in remove and rec.ns not in add:
-            idle.add(cid)
-    ops: list[Op] = []
-    if "gate" in failed:
-        pass  # the gate could not be rebuilt: left alone until the next batch
-    elif host.gate == "rebuild":
-        ops.append(_rebuild(host, failed))  # before anything else, like a removal
-    elif host.gate == "ok":
-        for what, entries in (("remove", remove), ("add", add)):
-            if entries:
-                ops.append(_change(what, entries))
-        if host.subnets != host.gate_subnets:
-            ops.append(GateSubnets(host.subnets, render_gate_subnets(host.subnets)))
+        _plan_container(host, cid, failed, plan)
+    ops = _gate_ops(host, failed, plan)
     ops += [Forget(ns.key, ns) for ns in host.unbind]
     # Most urgent first: when something happens during a step, the rest of it
     # is planned again (only its first op is sure to run).
-    if first:
+    if plan.first:
         # One first table per step: its gate entries come at the head of the next.
-        op = min(first, key=lambda o: (_URGENCY[o.kind], o.container))
+        op = min(plan.first, key=lambda o: (_URGENCY[o.kind], o.container))
         ops.append(op)
         rec, want = host.enforced[op.container], desired(host, op.container)
         if want is not None and _needs_ports(host, rec, want):
             ops.append(LookupPorts(op.container, rec.ns))
-    ops += ports.values()  # cheap, and what admitting a container waits for
-    if not first:
-        ops += rest[:REST_CHUNK]
-    pending = first or rest or ports
+    ops += plan.ports.values()  # cheap, and what admitting a container waits for
+    if not plan.first:
+        ops += plan.rest[:REST_CHUNK]
+    pending = plan.first or plan.rest or plan.ports
     if host.gate == "initial" and host.listed and not pending and "gate" not in failed:
         ops.append(_rebuild(host, failed))  # tables first, then the gate whole, once
-    return Step(ops, frozenset(idle), invalid)
+    return Step(ops, frozenset(plan.idle), plan.invalid)
+
+
+def _plan_container(host: Host, cid: str, failed: Set[str], plan: _Plan) -> None:
+    """Note what one container needs: gate entries to add or remove, its table, a
+    read of its ports; or that it needs nothing (idle)."""
+    rec = host.enforced.get(cid)
+    want = desired(host, cid)
+    if rec is None or want is None:
+        plan.idle.add(cid)
+        return
+    if want.invalid:
+        plan.invalid[cid] = want.invalid
+    wanted = frozenset() if cid in failed else gate_entries(host, cid, rec, want)
+    if rec.gated - wanted:
+        plan.remove[rec.ns] = rec.gated - wanted
+    if wanted - rec.gated and host.gate == "ok":
+        plan.add[rec.ns] = wanted - rec.gated
+    op = None if cid in failed else table_op(rec, want)
+    if op is not None:
+        (plan.first if op.kind != rec.kind else plan.rest).append(op)
+    elif cid not in failed and _needs_ports(host, rec, want):
+        plan.ports[cid] = LookupPorts(cid, rec.ns)
+    elif rec.ns not in plan.remove and rec.ns not in plan.add:
+        plan.idle.add(cid)
+
+
+def _gate_ops(host: Host, failed: Set[str], plan: _Plan) -> list[Op]:
+    """The gate's part of a step: rebuilt whole, or changed by the batch's entries."""
+    if "gate" in failed:
+        return []  # the gate could not be rebuilt: left alone until the next batch
+    if host.gate == "rebuild":
+        return [_rebuild(host, failed)]  # before anything else, like a removal
+    ops: list[Op] = []
+    if host.gate == "ok":
+        for what, entries in (("remove", plan.remove), ("add", plan.add)):
+            if entries:
+                ops.append(_change(what, entries))
+        if host.subnets != host.gate_subnets:
+            ops.append(GateSubnets(host.subnets, render_gate_subnets(host.subnets)))
+    return ops
 
 
 def _union(entries: dict[Ns, frozenset[GateEntry]]) -> frozenset[GateEntry]:
