@@ -97,6 +97,14 @@ async def revoke_profile(c: Call) -> list[wire.PairingKey]:
     )
 
 
+async def set_profile_mode(c: Call) -> wire.Profile:
+    return await c.ctx.svc.modes.set_profile_mode(c.arg("name"), c.body_as(wire.ProfileModeIn))
+
+
+async def set_workload_mode(c: Call) -> wire.Workload:
+    return await c.ctx.svc.modes.set_workload_mode(c.arg("id"), c.body_as(wire.WorkloadModeIn))
+
+
 async def issue_key(c: Call) -> wire.KeyIssued:
     return await c.ctx.svc.admin.issue_key(c.body_as(wire.KeyIssueIn))
 
@@ -187,6 +195,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/profiles/{name}/revoke", revoke_profile,
           "Revoke every key of a profile (with unpair, also unpair what they paired)",
           body=wire.RevokeIn, response=list[wire.PairingKey]),
+    Route("PUT", "/v1/profiles/{name}/mode", set_profile_mode,
+          "Set a profile's enforcement mode (and visibility level); its workloads without "
+          "a mode of their own follow, without restarting", body=wire.ProfileModeIn,
+          response=wire.Profile),
     Route("POST", "/v1/keys", issue_key, "Issue a pairing key", body=wire.KeyIssueIn,
           response=wire.KeyIssued, status=201),
     Route("GET", "/v1/keys", list_keys, "List pairing keys", response=list[wire.PairingKey],
@@ -200,6 +212,9 @@ ROUTES: tuple[Route, ...] = (
           query=(Param("host", "string", "only the workloads of this host"),)),
     Route("DELETE", "/v1/workloads/{id}", unpair_workload,
           "Unpair a workload on every host; its container does not pair again"),
+    Route("PUT", "/v1/workloads/{id}/mode", set_workload_mode,
+          "Set a workload's own enforcement mode (null: its profile's)",
+          body=wire.WorkloadModeIn, response=wire.Workload),
     Route("GET", "/v1/hosts", list_hosts, "List agent hosts", response=list[wire.Host]),
     Route("POST", "/v1/hosts/{id}/revoke", revoke_host,
           "Revoke a host: refuse its agent and drop its workloads", response=wire.Host),

@@ -279,6 +279,40 @@ class Compiler:
         self._drop_view(w.host_id)
         return affected | self._affected_by(w.host_id, matched)
 
+    def set_mode(self, w: Workload) -> set[str]:
+        """The workload `w.id` with `w`'s mode and visibility: only its own policy
+        changes, so only its host is affected."""
+        old = self._workloads.get(w.id)
+        if old is None:
+            return set()
+        self._workloads[w.id] = msgspec.structs.replace(
+            old, mode=w.mode, mode_override=w.mode_override, visibility=w.visibility
+        )
+        if (old.mode, old.visibility) == (w.mode, w.visibility):
+            return set()
+        self._policies.pop(w.id, None)
+        rows = self._rows.get(old.host_id)
+        if rows is not None:
+            matched = self._matched[w.id]
+            rows.remove(w.id, matched)
+            rows.insert(self._policy(w.id), matched)
+        self._drop_view(old.host_id)
+        return {old.host_id}
+
+    def workload(self, workload_id: str) -> Workload | None:
+        return self._workloads.get(workload_id)
+
+    def workloads(self) -> list[Workload]:
+        """Every workload, in id order."""
+        return [self._workloads[k] for k in sorted(self._workloads)]
+
+    def owners_of(self, ip: str) -> list[Workload]:
+        """The workloads holding address `ip` (normally at most one)."""
+        return [self._workloads[k] for k in sorted(self._ip_owners.get(ip, ()))]
+
+    def rules(self) -> list[Rule]:
+        return [cr.rule for cr in self._rules.values()]
+
     def remove_workload(self, workload_id: str) -> set[str]:
         """Remove a workload; return the hosts whose instructions may change."""
         w = self._workloads.pop(workload_id, None)
@@ -512,6 +546,8 @@ class Compiler:
             ips=sorted(w.ips),
             inbound=prof.inbound,
             outbound=prof.outbound,
+            mode=w.mode,
+            visibility=w.visibility,
         )
         digest = hashlib.sha256(_ENCODER.encode(policy)).digest()
         pol = self._policies[wid] = _Policy(policy, digest)

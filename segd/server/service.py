@@ -21,6 +21,7 @@ from segd.server.admin import Admin
 from segd.server.agents import Agents
 from segd.server.compiler import Compiler
 from segd.server.core import Clock, Core, HostAuth, new_id, sha256_hex
+from segd.server.modes import Modes
 from segd.server.publish import Publisher
 from segd.server.replay import ReplayMarks
 from segd.server.store import Store
@@ -49,6 +50,7 @@ class Service(Core):
         self.data_dir = Path(cfg.data_dir)
         self.admin = Admin(self, self.data_dir)
         self.agents = Agents(self)
+        self.modes = Modes(self)
 
     @classmethod
     async def open(cls, cfg: ServerConfig, clock: Clock = time.time) -> Service:
