@@ -306,6 +306,10 @@ class Compiler:
         """Every workload, in id order."""
         return [self._workloads[k] for k in sorted(self._workloads)]
 
+    def host_workloads(self, host_id: str) -> list[Workload]:
+        """The host's workloads, in id order."""
+        return [self._workloads[k] for k in sorted(self._by_host.get(host_id, ()))]
+
     def owners_of(self, ip: str) -> list[Workload]:
         """The workloads holding address `ip` (normally at most one)."""
         return [self._workloads[k] for k in sorted(self._ip_owners.get(ip, ()))]

@@ -32,6 +32,10 @@ _SECURITY = {
             f"{crypto.HDR_TS} and {crypto.HDR_NONCE}"
         ),
     },
+    "metrics": {
+        **kit.ADMIN_SECURITY,
+        "description": "the admin token; none is needed from a loopback address",
+    },
 }
 
 

@@ -668,6 +668,15 @@ class Store:
             for w in out
         ]
 
+    async def locked_dimensions(self) -> dict[str, list[str]]:
+        """Per workload, the dimensions its profile locks (a workload whose profile
+        is gone has none)."""
+        rows = await self._all(
+            "SELECT w.id, p.locked FROM workloads w JOIN keys k ON k.key_id = w.key_id"
+            " JOIN profiles p ON p.id = k.profile_id"
+        )
+        return {r["id"]: _strings.decode(r["locked"]) for r in rows}
+
     async def hosts(self) -> list[wire.Host]:
         return [_host(r) for r in await self._all(_HOST_SELECT + " ORDER BY registered_at, id")]
 

@@ -1,0 +1,35 @@
+"""`GET /v1/explain`: the pure `explain` over the server's model as it is now.
+
+The model is the compiler's (workloads, and the compiled policies and peer sets
+of the hosts of the two ends, the same the agents enforce), the rules, the
+dimensions each workload's profile locks, and each host's mesh subnet.
+"""
+
+from __future__ import annotations
+
+from segd import wire
+from segd.server import explain
+from segd.server.core import Core
+
+
+async def explain_request(core: Core, src: str, dst: str, port: str) -> wire.Explanation:
+    proto, number = explain.parse_port(port)
+    c = core.compiler
+    workloads = c.workloads()
+    a = explain.resolve(src, workloads, "src")
+    b = explain.resolve(dst, workloads, "dst")
+    policies: dict[str, wire.WorkloadPolicy] = {}
+    sets: dict[str, list[str]] = {}
+    for host in sorted({e.host_id for e in (a, b) if isinstance(e, wire.Workload)}):
+        instr = c.compile_host(host, 0)
+        policies.update((p.workload_id, p) for p in instr.workloads)
+        sets.update(instr.sets)
+    model = explain.Model(
+        workloads=workloads,
+        policies=policies,
+        sets=sets,
+        rules=c.rules(),
+        locked=await core.store.locked_dimensions(),
+        subnets={h.id: h.subnet for h in await core.store.hosts() if h.subnet},
+    )
+    return explain.explain(a, b, proto, number, model)

@@ -1,0 +1,159 @@
+"""Flows: what agents report, kept, listed, exported and streamed live.
+
+`Flows.ingest` checks a host's batch (`flowresolve.check`: a bad one is
+refused whole), resolves each record by the compiler's model of workloads
+(`flowresolve.resolve`), writes the batch to the flow store in one transaction
+of its own file (never the store that pairs) and hands the new flows to the
+live streams. A stream whose reader falls behind loses flows, and is told how
+many. Counters (`ingested`, `lost`, `refused`) feed the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+
+from segd import log, wire
+from segd.config import FlowsConfig
+from segd.errors import SegdError
+from segd.server import flowresolve
+from segd.server.core import Core
+from segd.server.flowquery import FlowFilter
+from segd.server.flowstore import FlowStore, cursor_of, parse_cursor
+
+_log = log.get("segd.server.flows")
+
+STREAM_QUEUE = 1024
+EXPORT_PAGE = 1000
+HOUR_S = 3600.0
+DAY_S = 86400.0
+
+
+@dataclasses.dataclass(eq=False)
+class Subscriber:
+    """One live stream: its filter, the flows not sent yet, and how many it lost."""
+
+    filter: FlowFilter
+    queue: asyncio.Queue[wire.Flow | None] = dataclasses.field(
+        default_factory=lambda: asyncio.Queue(STREAM_QUEUE)
+    )
+    dropped: int = 0
+
+    def take_dropped(self) -> int:
+        n, self.dropped = self.dropped, 0
+        return n
+
+
+class Flows:
+    def __init__(self, core: Core, store: FlowStore, cfg: FlowsConfig) -> None:
+        self._core = core
+        self.store = store
+        self._cfg = cfg
+        self._subs: set[Subscriber] = set()
+        self.ingested = 0  # records kept since start
+        self.lost = 0  # records the agents said they lost
+        self.refused = 0  # records naming a workload not theirs
+        self.batches = 0
+        self.closing = False
+
+    # ---- ingest -------------------------------------------------------------------
+
+    async def ingest(self, host_id: str, batch: wire.FlowBatchIn) -> None:
+        records = flowresolve.check(batch, self._core.clock())
+        c = self._core.compiler
+        local = {w.container_id: w for w in c.host_workloads(host_id)}
+
+        def owner(ip: str) -> wire.Workload | None:
+            owners = c.owners_of(ip)
+            return owners[0] if owners else None
+
+        flows: list[wire.Flow] = []
+        refused = 0
+        for r in records:
+            f = flowresolve.resolve(host_id, r, local, owner)
+            if f is None:
+                refused += 1
+            else:
+                flows.append(f)
+        stored = await self.store.add(host_id, flows, batch.lost, refused)
+        self.ingested += len(stored)
+        self.lost += batch.lost
+        self.refused += refused
+        self.batches += 1
+        if refused or batch.lost:
+            _log.info(
+                "flows.batch", host=host_id, kept=len(stored), refused=refused, lost=batch.lost
+            )
+        self._publish(stored)
+
+    # ---- queries ------------------------------------------------------------------
+
+    async def page(self, flt: FlowFilter, limit: int, cursor: str) -> wire.FlowPage:
+        after = parse_cursor(cursor) if cursor else None
+        flows = await self.store.page(flt, limit + 1, after)
+        more = len(flows) > limit
+        flows = flows[:limit]
+        return wire.FlowPage(flows=flows, next=cursor_of(flows[-1]) if more else "")
+
+    async def export(self, flt: FlowFilter) -> AsyncIterator[list[wire.Flow]]:
+        """Every matching flow, newest first, a page at a time."""
+        after: tuple[float, int] | None = None
+        while True:
+            flows = await self.store.page(flt, EXPORT_PAGE, after)
+            if flows:
+                yield flows
+            if len(flows) < EXPORT_PAGE:
+                return
+            after = (flows[-1].last_seen, flows[-1].id)
+
+    # ---- live streams -------------------------------------------------------------
+
+    def subscribe(self, flt: FlowFilter) -> Subscriber:
+        if len(self._subs) >= self._cfg.max_stream_clients:
+            raise SegdError(
+                f"at most {self._cfg.max_stream_clients} flow streams at once",
+                code="busy",
+                status=503,
+            )
+        sub = Subscriber(flt)
+        self._subs.add(sub)
+        return sub
+
+    def close(self) -> None:
+        """End every live stream (the server is stopping)."""
+        self.closing = True
+        for sub in self._subs:
+            if sub.queue.full():  # make room for the end
+                sub.queue.get_nowait()
+            sub.queue.put_nowait(None)
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subs.discard(sub)
+
+    @property
+    def streams(self) -> int:
+        return len(self._subs)
+
+    def _publish(self, flows: list[wire.Flow]) -> None:
+        for sub in self._subs:
+            for f in flows:
+                if sub.filter.matches(f):
+                    try:
+                        sub.queue.put_nowait(f)
+                    except asyncio.QueueFull:
+                        sub.dropped += 1
+
+    # ---- retention ----------------------------------------------------------------
+
+    async def housekeep(self) -> tuple[int, int]:
+        """Sum old flows per hour, delete those past retention: (summed, deleted)."""
+        now = self._core.clock()
+        summed = deleted = 0
+        if self._cfg.rollup_after_hours:
+            summed = await self.store.rollup(now - self._cfg.rollup_after_hours * HOUR_S)
+        if self._cfg.retention_days:
+            deleted = await self.store.prune(now - self._cfg.retention_days * DAY_S)
+        if summed or deleted:
+            _log.info("flows.housekept", summed=summed, deleted=deleted)
+        return summed, deleted
