@@ -161,7 +161,7 @@ async def test_flow_reports_need_an_agent_signature(api: Admin, make_agent: Make
 
 
 async def test_flow_queries_filter_and_page(api: Admin, make_agent: MakeAgent) -> None:
-    a, b, db, web = await _shop(api, make_agent)
+    a, b, _db, web = await _shop(api, make_agent)
     now = time.time()
     records = [
         rec(
