@@ -45,8 +45,8 @@ def parse_port(text: str) -> tuple[wire.FlowProto, int]:
     t = text.strip().lower()
     if t == "icmp":
         return "icmp", 0
-    port, _, proto = t.partition("/")
-    proto = proto or "tcp"
+    port, sep, proto = t.partition("/")
+    proto = proto if sep else "tcp"
     if proto not in ("tcp", "udp") or not (port.isascii() and port.isdigit()):
         raise InvalidInput(f"port: expected PORT, PORT/tcp, PORT/udp or icmp, not {text[:32]!r}")
     n = int(port)
