@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import msgspec
 import pytest
 
 from segd import policy
@@ -12,7 +13,7 @@ from segd.server.compiler import (
     content_digest,
     encode_instructions,
 )
-from segd.wire import Instructions, Rule, Workload
+from segd.wire import Allow, Instructions, Rule, Workload
 
 
 def rule(rid: str, prov: object, cons: object, *services: str) -> Rule:
@@ -344,3 +345,29 @@ def test_selector_index_matches_like_a_scan_with_many_dimensions() -> None:
         got = {a.rule_id for a in p.inbound}
         want = {r.id for r, s in zip(rules, selectors, strict=True) if policy.matches(labels, s)}
         assert got == want
+
+
+def test_set_mode_changes_only_that_workloads_policy_and_host() -> None:
+    rules = [rule("r1", ["role=db"], ["role=web"], "tcp/5432")]
+    web = wl("w1", "h1", "role=web", "10.0.0.1")
+    db = wl("w2", "h2", "role=db", "10.0.0.2")
+    c = Compiler(rules, [web, db])
+    before = {h: c.host_digest(h) for h in ("h1", "h2")}
+    encoded = c.encode(c.compile_host("h2", 1))
+    assert b'"mode"' not in encoded  # full is the default: left out
+    changed = msgspec.structs.replace(db, mode="visibility", visibility="enhanced")
+    assert c.set_mode(changed) == {"h2"}
+    assert c.host_digest("h1") == before["h1"]
+    assert c.host_digest("h2") != before["h2"]
+    [pol] = c.compile_host("h2", 2).workloads
+    assert (pol.mode, pol.visibility, pol.inbound) == ("visibility", "enhanced", [
+        Allow(rule_id="r1", peer=policy.set_name({"role": "web"}), services=[
+            policy.Service("tcp", 5432, 5432)])
+    ])  # fmt: skip
+    instr = c.compile_host("h2", 2)
+    assert c.encode(instr) == encode_instructions(instr)
+    assert c.set_mode(changed) == set()  # no change, no host
+    assert c.set_mode(msgspec.structs.replace(db, id="w_gone")) == set()
+    # a fresh compiler from the same workloads compiles the same
+    fresh = Compiler(rules, [web, changed])
+    assert fresh.host_digest("h2") == c.host_digest("h2")
