@@ -12,8 +12,7 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from segd.errors import Unauthorized
-from segd.server.api import ROUTES, authenticate
-from segd.server.app import RUNTIME
+from segd.server.api import ROUTES, RUNTIME, authenticate
 from tests.api.conftest import Admin, MakeAgent
 
 
