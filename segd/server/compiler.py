@@ -26,6 +26,7 @@ import bisect
 import hashlib
 import itertools
 import math
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -550,8 +551,10 @@ class Compiler:
             ips=sorted(w.ips),
             inbound=prof.inbound,
             outbound=prof.outbound,
-            mode=w.mode,
-            visibility=w.visibility,
+            # Interned: `omit_defaults` leaves a field out only when it *is* the
+            # default object, and a string read from the store is an equal copy.
+            mode=sys.intern(w.mode),  # type: ignore[arg-type]
+            visibility=sys.intern(w.visibility),  # type: ignore[arg-type]
         )
         digest = hashlib.sha256(_ENCODER.encode(policy)).digest()
         pol = self._policies[wid] = _Policy(policy, digest)

@@ -371,3 +371,15 @@ def test_set_mode_changes_only_that_workloads_policy_and_host() -> None:
     # a fresh compiler from the same workloads compiles the same
     fresh = Compiler(rules, [web, changed])
     assert fresh.host_digest("h2") == c.host_digest("h2")
+
+
+def test_default_mode_read_from_the_store_is_left_out_of_the_policy() -> None:
+    """A mode string read from SQLite is an equal copy of "full", not the default
+    object itself, which `omit_defaults` would still encode."""
+    stored = "".join(["fu", "ll"])
+    w = msgspec.structs.replace(wl("w1", "h1", "role=web", "10.0.0.1"), mode=stored)
+    c = Compiler([], [w])
+    instr = c.compile_host("h1", 1)
+    encoded = c.encode(instr)
+    assert b'"mode"' not in encoded
+    assert encoded == encode_instructions(msgspec.json.decode(encoded, type=Instructions))
