@@ -51,8 +51,8 @@ def _number(query: Mapping[str, str], name: str) -> float | None:
         raise InvalidInput(
             f"query parameter {name!r} must be a number (seconds since the epoch)"
         ) from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise InvalidInput(f"query parameter {name!r} must be a finite number")
+    if not 0 <= value <= 2**62:  # NaN too
+        raise InvalidInput(f"query parameter {name!r} must be between 0 and {2**62}")
     return value
 
 
