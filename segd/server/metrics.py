@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from segd.server.service import Service
 
 # No `*_created` series: a scraper learns a restart from the counters going down.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
