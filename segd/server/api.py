@@ -24,13 +24,14 @@ from segd.http import routes
 from segd.http.params import float_param, int_param
 from segd.http.routes import Body, Param
 from segd.ratelimit import source_of
-from segd.server import flowhttp, flowquery
+from segd.server import flowhttp, flowquery, validate
 from segd.server.auth import NonceCache, require_admin, verify_agent
 from segd.server.explainer import explain_request
 from segd.server.flowhttp import MAX_FLOW_BODY
 from segd.server.metrics import CONTENT_TYPE
 from segd.server.refusals import clip
 from segd.server.service import Service
+from segd.server.unpaired import Refused
 
 
 class Runtime:
@@ -157,14 +158,24 @@ async def register(c: Call) -> wire.Registered:
 
 
 async def pair(c: Call) -> wire.PairResult:
-    metrics = c.ctx.svc.metrics
+    svc, pin = c.ctx.svc, c.body_as(wire.PairIn)
     try:
-        out = await c.ctx.svc.agents.pair(c.ctx.host_id, c.body_as(wire.PairIn))
+        out = await svc.agents.pair(c.ctx.host_id, pin)
     except SegdError as e:
-        metrics.paired("denied" if e.status < 500 else "failed", e.code)
+        svc.metrics.paired("denied" if e.status < 500 else "failed", e.code)
+        if isinstance(e, Forbidden):  # refused: its agent isolates it
+            svc.unpaired.refused(_ips(pin), Refused(c.ctx.host_id, pin.container_id, e.code))
         raise
-    metrics.paired("ok", "")
+    svc.metrics.paired("ok", "")
+    svc.unpaired.paired(_ips(pin))
     return out
+
+
+def _ips(pin: wire.PairIn) -> list[str]:
+    try:
+        return validate.ips(pin.ips)
+    except InvalidInput:
+        return []
 
 
 async def unpair(c: Call) -> None:
@@ -211,7 +222,7 @@ async def explain(c: Call) -> wire.Explanation:
         if not q.get(name):
             raise InvalidInput(f"query parameter {name!r} is required")
     port = q["port"] + (f"/{q['proto']}" if q.get("proto") else "")
-    return await explain_request(c.ctx.svc, q["src"], q["dst"], port)
+    return await explain_request(c.ctx.svc, c.ctx.svc.unpaired, q["src"], q["dst"], port)
 
 
 async def metrics(c: Call) -> web.Response:

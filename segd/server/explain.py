@@ -19,12 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from segd import policy, wire
 from segd.errors import InvalidInput, NotFound
 
-End = wire.Workload | str  # a workload, or an address that is none
+
+@dataclasses.dataclass(frozen=True)
+class Unpaired:
+    """A container whose pairing was refused: its agent isolates it."""
+
+    ip: str
+    host_id: str
+    container_id: str
+    reason: str
+
+
+End = wire.Workload | Unpaired | str  # a workload, a refused container, another address
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +66,15 @@ def parse_port(text: str) -> tuple[wire.FlowProto, int]:
     return proto, n  # type: ignore[return-value]
 
 
-def resolve(text: str, workloads: Sequence[wire.Workload], field: str) -> End:
+def resolve(
+    text: str,
+    workloads: Sequence[wire.Workload],
+    field: str,
+    refused: Callable[[str], Unpaired | None] = lambda ip: None,
+) -> End:
     """A workload by id, container name or container id (a unique prefix of at
-    least 12), else an IP address; NotFound or InvalidInput otherwise."""
+    least 12), else an IP address (`refused` tells a container refused a
+    pairing); NotFound or InvalidInput otherwise."""
     t = text.strip()
     if not t or len(t) > 255:
         raise InvalidInput(f"{field}: give a workload id, a container name or an address")
@@ -78,13 +95,17 @@ def resolve(text: str, workloads: Sequence[wire.Workload], field: str) -> End:
     except ValueError:
         raise NotFound(f"{field}: no workload, container name or address {t!r}") from None
     owners = [w for w in workloads if addr in w.ips]
-    return owners[0] if owners else addr
+    if owners:
+        return owners[0]
+    return refused(addr) or addr
 
 
 def _address(end: End, peer: End) -> str:
     """The end's address toward `peer` (of the peer's family when it has one)."""
     if isinstance(end, str):
         return end
+    if isinstance(end, Unpaired):
+        return end.ip
     want_v6 = None if not isinstance(peer, str) else ":" in peer
     if want_v6 is not None:
         for ip in end.ips:
@@ -96,6 +117,10 @@ def _address(end: End, peer: End) -> str:
 def flow_end(end: End, ip: str) -> wire.FlowEnd:
     if isinstance(end, str):
         return wire.FlowEnd(ip=ip, kind="external")
+    if isinstance(end, Unpaired):
+        return wire.FlowEnd(
+            ip=ip, kind="unpaired", host_id=end.host_id, container_id=end.container_id
+        )
     return wire.FlowEnd(
         ip=ip,
         kind="workload",
@@ -174,7 +199,7 @@ def _gap(end: End, sel: policy.Selectors) -> tuple[str | None, dict[str, str]] |
     closest selector it lacks)."""
     if sel == "any":
         return None
-    if isinstance(end, str):
+    if not isinstance(end, wire.Workload):
         return None, {}
     best: dict[str, str] | None = None
     for s in sel:
@@ -217,11 +242,18 @@ class _Ask:
 def explain(src: End, dst: End, proto: wire.FlowProto, port: int, m: Model) -> wire.Explanation:
     src_ip, dst_ip = _address(src, dst), _address(dst, src)
     ask = _Ask(flow_end(src, src_ip), flow_end(dst, dst_ip), proto, port)
+    for side, end in (("src", src), ("dst", dst)):
+        if isinstance(end, Unpaired):
+            msg = (
+                f"{side} {end.ip} is container {end.container_id[:12]} on host {end.host_id}, "
+                f"whose pairing was refused ({end.reason}): its agent isolates it"
+            )
+            return ask.answer("blocked", f"{side}_unpaired", msg)
     if isinstance(src, str) and isinstance(dst, str):
         return ask.answer(
             "allowed", "outside", "neither end is a segd workload: segd does not filter it"
         )
-    if not isinstance(src, str) and not isinstance(dst, str):
+    if isinstance(src, wire.Workload) and isinstance(dst, wire.Workload):
         if src.id == dst.id:
             msg = "a workload reaching itself stays in its namespace (loopback)"
             return ask.answer("allowed", "same_workload", msg)
@@ -247,11 +279,11 @@ def _judge(ask: _Ask, src: End, dst: End, m: Model) -> wire.Explanation:
     proto, port, src_ip, dst_ip = ask.proto, ask.port, ask.src.ip, ask.dst.ip
     sides: list[_Side] = []
     others: list[str] = []
-    if isinstance(src, str):
+    if not isinstance(src, wire.Workload):
         others.append(f"from {src_ip}: not a workload (outside segd, or an unpaired container)")
     else:
         sides.append(_side(src, True, dst_ip, proto, port, m))
-    if isinstance(dst, str):
+    if not isinstance(dst, wire.Workload):
         others.append(f"to {dst_ip}: not a workload (outside segd, or an unpaired container)")
     else:
         sides.append(_side(dst, False, src_ip, proto, port, m))

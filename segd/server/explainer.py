@@ -2,7 +2,8 @@
 
 The model is the compiler's (workloads, and the compiled policies and peer sets
 of the hosts of the two ends, the same the agents enforce), the rules, the
-dimensions each workload's profile locks, and each host's mesh subnet.
+dimensions each workload's profile locks, each host's mesh subnet, and the
+addresses of containers whose pairing was refused (`unpaired`).
 """
 
 from __future__ import annotations
@@ -10,14 +11,22 @@ from __future__ import annotations
 from segd import wire
 from segd.server import explain
 from segd.server.core import Core
+from segd.server.unpaired import UnpairedSeen
 
 
-async def explain_request(core: Core, src: str, dst: str, port: str) -> wire.Explanation:
+async def explain_request(
+    core: Core, seen: UnpairedSeen, src: str, dst: str, port: str
+) -> wire.Explanation:
     proto, number = explain.parse_port(port)
     c = core.compiler
     workloads = c.workloads()
-    a = explain.resolve(src, workloads, "src")
-    b = explain.resolve(dst, workloads, "dst")
+
+    def refused(ip: str) -> explain.Unpaired | None:
+        r = seen.get(ip)
+        return None if r is None else explain.Unpaired(ip, r.host_id, r.container_id, r.reason)
+
+    a = explain.resolve(src, workloads, "src", refused)
+    b = explain.resolve(dst, workloads, "dst", refused)
     policies: dict[str, wire.WorkloadPolicy] = {}
     sets: dict[str, list[str]] = {}
     for host in sorted({e.host_id for e in (a, b) if isinstance(e, wire.Workload)}):

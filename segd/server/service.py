@@ -28,6 +28,7 @@ from segd.server.modes import Modes
 from segd.server.publish import Publisher
 from segd.server.replay import ReplayMarks
 from segd.server.store import Store
+from segd.server.unpaired import UnpairedSeen
 
 __all__ = ["Clock", "HostAuth", "Service", "new_id", "sha256_hex"]
 
@@ -62,6 +63,7 @@ class Service(Core):
         self.modes = Modes(self)
         self.flows = Flows(self, flow_store, cfg.flows)
         self.metrics = ServerMetrics(self)
+        self.unpaired = UnpairedSeen()  # addresses of containers refused a pairing
         self.on_applied = self.metrics.applied
 
     @classmethod

@@ -147,6 +147,20 @@ def test_resolve() -> None:
         explain.resolve("web", twins, "src")
 
 
+def test_a_container_refused_a_pairing_is_isolated() -> None:
+    refused = explain.Unpaired("10.0.0.66", "h1", "f" * 64, "key_revoked")
+    m = model([WEB, DB])
+    got = explain.explain(refused, DB, "tcp", 5432, m)
+    assert (got.verdict, got.reason) == ("blocked", "src_unpaired")
+    assert got.src == wire.FlowEnd(
+        ip="10.0.0.66", kind="unpaired", host_id="h1", container_id="f" * 64
+    )
+    assert explain.explain(WEB, refused, "udp", 53, m).reason == "dst_unpaired"
+    assert explain.explain("192.0.2.1", refused, "tcp", 80, m).reason == "dst_unpaired"
+    assert explain.resolve("10.0.0.66", [WEB], "src", {"10.0.0.66": refused}.get) is refused
+    assert explain.resolve("10.0.0.2", [WEB], "src", {"10.0.0.2": refused}.get) is WEB
+
+
 @pytest.mark.parametrize("bad", ["", "0", "65536", "80/sctp", "x", "80/", "-1", "٨٠"])
 def test_bad_ports(bad: str) -> None:
     with pytest.raises(InvalidInput):
