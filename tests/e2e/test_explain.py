@@ -32,7 +32,8 @@ def test_explain_agrees_with_the_probe_matrix(stack: Stack) -> None:
             wrong[(src, dst, port)] = (connected, said["verdict"], said["reason"], said["steps"])
     assert not wrong, f"explain disagrees with the probes: {wrong}"
     assert reasons.get("rule") == sum(got.values()) == 2
-    assert set(reasons) <= {"rule", "no_rule"}
+    assert set(reasons) <= {"rule", "no_rule", "locked_label", "src_unpaired", "dst_unpaired"}
+    assert reasons["src_unpaired"] > 0 and reasons["dst_unpaired"] > 0
     # web -> db on 5432 names the rule both tables accept it under
     query = urllib.parse.urlencode({"src": who["web"], "dst": who["db"], "port": "5432/tcp"})
     said = stack.api("GET", f"/v1/explain?{query}")
