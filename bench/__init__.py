@@ -12,7 +12,9 @@ machine. One module per benchmark:
 - `apply`: a ruleset and one set element through `Firewall`, against `nft -f`;
 - `footprint`: the agent's memory and CPU with 100 enforced containers;
 - `flood`: pairing latency while another address floods registrations, and
-  the audit rows and store growth the flood leaves.
+  the audit rows and store growth the flood leaves;
+- `ingest`: flow records the server keeps per second, and pairing latency
+  while flows pour in.
 """
 
-NAMES = ("enforce", "pairing", "compile", "apply", "footprint", "flood")
+NAMES = ("enforce", "pairing", "compile", "apply", "footprint", "flood", "ingest")

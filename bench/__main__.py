@@ -25,6 +25,7 @@ MODULES = {
     "apply": "bench.apply_cost",
     "footprint": "bench.footprint",
     "flood": "bench.flood",
+    "ingest": "bench.ingest",
 }
 DOCKER = {"enforce", "footprint"}
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"

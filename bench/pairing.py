@@ -90,8 +90,10 @@ async def drive(
     requests: int,
     seconds: float,
     prefix: str,
+    ip_base: int = 0,
 ) -> Load:
-    """`concurrency` clients send signed pairings until `requests` or `seconds` run out."""
+    """`concurrency` clients send signed pairings until `requests` or `seconds` run
+    out; request i pairs container `{prefix}-i` with address `fake_ip(ip_base + i)`."""
     enc = msgspec.json.Encoder()
     counter = itertools.count()
     statuses: Counter[str] = Counter()
@@ -119,7 +121,7 @@ async def drive(
                     PairIn(
                         container_id=f"{prefix}-{i:07d}",
                         pairing_key=tokens[i % len(tokens)],
-                        ips=[fake_ip(i)],
+                        ips=[fake_ip(ip_base + i)],
                         name=f"bench-{i}",
                     )
                 )

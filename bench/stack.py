@@ -193,15 +193,17 @@ def segd_argv(*args: str) -> list[str]:
 class Server:
     """`segd server` on a free loopback port, with its admin API."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, config: str = "") -> None:
+        """`config`: TOML for the server's `--config` (its listen and data dir are set here)."""
         self.root = root
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         data = root / "server"
-        self.proc = Proc(
-            segd_argv("server", "--data-dir", str(data), "--listen", f"127.0.0.1:{self.port}"),
-            root / "server.log",
-        )
+        args = ["--data-dir", str(data), "--listen", f"127.0.0.1:{self.port}"]
+        if config:
+            (root / "server.toml").write_text(config)
+            args += ["--config", str(root / "server.toml")]
+        self.proc = Proc(segd_argv("server", *args), root / "server.log")
         self.token = ""
         self._token_file = data / "admin.token"
 

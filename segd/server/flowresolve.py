@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import socket
 from collections.abc import Callable, Mapping
 
 import msgspec
@@ -26,6 +27,11 @@ FUTURE_S = 300.0  # how far ahead of the server clock a record may be stamped
 
 
 def _ip(value: str, where: str) -> str:
+    if value.count(".") == 3 and ":" not in value:  # the common case, in C
+        try:
+            return socket.inet_ntop(socket.AF_INET, socket.inet_pton(socket.AF_INET, value))
+        except OSError:
+            pass  # let ipaddress word the refusal
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
@@ -34,16 +40,20 @@ def _ip(value: str, where: str) -> str:
 
 
 def _id(value: str, field: str) -> None:
-    if len(value) > MAX_ID or not value.isprintable():
+    if value and (len(value) > MAX_ID or not value.isprintable()):
         raise InvalidInput(f"{field}: at most {MAX_ID} printable characters")
 
 
 def check(batch: wire.FlowBatchIn, now: float) -> list[wire.FlowRecordIn]:
     """The batch's records, addresses normalised; InvalidInput for the first bad one."""
     out = []
+    ips: dict[str, str] = {}  # as given -> normalised (a batch names few peers, often)
+    containers: set[str] = set()
     for i, r in enumerate(batch.records):
         where = f"records[{i}]"
-        validate.container_id(r.container_id, f"{where}.container_id")
+        if r.container_id not in containers:
+            validate.container_id(r.container_id, f"{where}.container_id")
+            containers.add(r.container_id)
         for field in ("workload_id", "peer_workload_id", "rule_id"):
             _id(getattr(r, field), f"{where}.{field}")
         if not (math.isfinite(r.first_seen) and math.isfinite(r.last_seen)):
@@ -52,7 +62,9 @@ def check(batch: wire.FlowBatchIn, now: float) -> list[wire.FlowRecordIn]:
             raise InvalidInput(f"{where}: first_seen must be between 0 and last_seen")
         if r.last_seen > now + FUTURE_S:
             raise InvalidInput(f"{where}.last_seen: ahead of the server clock")
-        ip = _ip(r.peer_ip, where)
+        ip = ips.get(r.peer_ip)
+        if ip is None:
+            ip = ips[r.peer_ip] = _ip(r.peer_ip, where)
         out.append(r if ip == r.peer_ip else _with_ip(r, ip))
     return out
 
@@ -88,20 +100,32 @@ def resolve(
     r: wire.FlowRecordIn,
     local: Mapping[str, wire.Workload],
     owner: Callable[[str], wire.Workload | None],
+    peers: dict[str, wire.FlowEnd] | None = None,
+    mine: dict[tuple[str, bool], wire.FlowEnd] | None = None,
 ) -> wire.Flow | None:
     """The flow of record `r` of host `host_id` (id 0 until stored), or None when
     it names a workload that is not its container's on that host.
 
     `local`: the host's workloads by container id; `owner`: the workload holding
-    an address, if any."""
+    an address, if any; `peers` and `mine`, when given, caches of the ends
+    resolved (peers by address, local ones by container and family), kept for
+    one batch."""
     w = local.get(r.container_id)
     if r.workload_id and (w is None or w.id != r.workload_id):
         return None
-    if w is not None:
-        me = _workload_end(w, _same_family(w.ips, r.peer_ip))
-    else:
-        me = wire.FlowEnd(ip="", kind="unpaired", host_id=host_id, container_id=r.container_id)
-    peer = peer_end(r.peer_ip, owner)
+    key = (r.container_id, ":" in r.peer_ip)
+    me = mine.get(key) if mine is not None else None
+    if me is None:
+        if w is not None:
+            me = _workload_end(w, _same_family(w.ips, r.peer_ip))
+        else:
+            me = wire.FlowEnd(ip="", kind="unpaired", host_id=host_id, container_id=r.container_id)
+        if mine is not None:
+            mine[key] = me
+    if peers is None:
+        peer = peer_end(r.peer_ip, owner)
+    else:  # a batch's cache of peers resolved
+        peer = peers.get(r.peer_ip) or peers.setdefault(r.peer_ip, peer_end(r.peer_ip, owner))
     src, dst = (me, peer) if r.direction == "out" else (peer, me)
     return wire.Flow(
         id=0,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 
 from segd import log, wire
@@ -19,12 +20,17 @@ from segd.config import FlowsConfig
 from segd.errors import SegdError
 from segd.server import flowresolve
 from segd.server.core import Core
+from segd.server.flowpace import Pacer
 from segd.server.flowquery import FlowFilter
 from segd.server.flowstore import FlowStore, cursor_of, parse_cursor
 
 _log = log.get("segd.server.flows")
 
 STREAM_QUEUE = 1024
+MAX_WAIT_S = 10.0  # a batch waits its turn at most this long
+MAX_WAITING = 64  # batches waiting their turn at once
+BURST_S = 2.0  # the pacer's bucket holds this many seconds of records
+YIELD_EVERY = 256  # records resolved between two turns of the event loop
 EXPORT_PAGE = 1000
 HOUR_S = 3600.0
 DAY_S = 86400.0
@@ -56,10 +62,15 @@ class Flows:
         self.refused = 0  # records naming a workload not theirs
         self.batches = 0
         self.closing = False
+        self.deferred = 0  # batches answered busy (the agent sends them again)
+        self._waiting = 0
+        rate = cfg.max_records_per_s
+        self._pacer = Pacer(rate, rate * BURST_S, MAX_WAIT_S) if rate else None
 
     # ---- ingest -------------------------------------------------------------------
 
     async def ingest(self, host_id: str, batch: wire.FlowBatchIn) -> None:
+        await self._pace(len(batch.records))
         records = flowresolve.check(batch, self._core.clock())
         c = self._core.compiler
         local = {w.container_id: w for w in c.host_workloads(host_id)}
@@ -69,9 +80,13 @@ class Flows:
             return owners[0] if owners else None
 
         flows: list[wire.Flow] = []
+        peers: dict[str, wire.FlowEnd] = {}
+        mine: dict[tuple[str, bool], wire.FlowEnd] = {}
         refused = 0
-        for r in records:
-            f = flowresolve.resolve(host_id, r, local, owner)
+        for i, r in enumerate(records):
+            if i and not i % YIELD_EVERY:  # let other requests in between
+                await asyncio.sleep(0)
+            f = flowresolve.resolve(host_id, r, local, owner, peers, mine)
             if f is None:
                 refused += 1
             else:
@@ -86,6 +101,24 @@ class Flows:
                 "flows.batch", host=host_id, kept=len(stored), refused=refused, lost=batch.lost
             )
         self._publish(stored)
+
+    async def _pace(self, n: int) -> None:
+        """Wait for the batch's turn (`[server.flows] max_records_per_s`), or refuse
+        it (503 `busy`) when that is more than `MAX_WAIT_S` away or too many wait."""
+        if self._pacer is None or not n:
+            return
+        wait = self._pacer.take(n, time.monotonic()) if self._waiting < MAX_WAITING else None
+        if wait is None:
+            self.deferred += 1
+            raise SegdError(
+                "the server takes no more flows now; try again later", code="busy", status=503
+            )
+        if wait > 0:
+            self._waiting += 1
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self._waiting -= 1
 
     # ---- queries ------------------------------------------------------------------
 

@@ -84,7 +84,7 @@ _COLUMNS = (
     " dst_ip, dst_kind, dst_workload, dst_labels, dst_host, dst_container, proto, port,"
     " verdict, rule_id, connections, packets, bytes, first_seen, last_seen"
 )
-_INSERT = f"INSERT INTO flows ({_COLUMNS}) VALUES ({', '.join('?' * 22)})"  # noqa: S608
+_INSERT_ID = f"INSERT INTO flows (id, {_COLUMNS}) VALUES ({', '.join('?' * 23)})"  # noqa: S608
 # The columns that name a row for the hourly rollup (all but the counts and times).
 _KEY = (
     "reported_by, src_ip, src_kind, src_workload, src_labels, src_host, src_container,"
@@ -93,15 +93,20 @@ _KEY = (
 )
 
 
-def _end_row(e: wire.FlowEnd) -> tuple[str, ...]:
-    return (e.ip, e.kind, e.workload_id, _enc.encode(e.labels).decode(), e.host_id, e.container_id)
+def _end_row(e: wire.FlowEnd, labels: dict[int, str]) -> tuple[str, ...]:
+    text = labels.get(id(e.labels))
+    if text is None:
+        text = labels[id(e.labels)] = _enc.encode(e.labels).decode()
+    return (e.ip, e.kind, e.workload_id, text, e.host_id, e.container_id)
 
 
-def _row(f: wire.Flow) -> tuple[Any, ...]:
+def _row(f: wire.Flow, labels: dict[int, str]) -> tuple[Any, ...]:
+    """A flow's columns; `labels` caches label sets' JSON by object (for one batch,
+    while the flows hold them)."""
     return (
         f.reported_by,
-        *_end_row(f.src),
-        *_end_row(f.dst),
+        *_end_row(f.src, labels),
+        *_end_row(f.dst, labels),
         f.proto,
         f.port,
         f.verdict,
@@ -230,13 +235,13 @@ class FlowStore:
         what was refused of it; the flows with their ids."""
 
         def write(c: sqlite3.Connection) -> list[wire.Flow]:
+            labels: dict[int, str] = {}  # encoded once per label set object
+            rows = [_row(f, labels) for f in flows]
             c.execute("BEGIN IMMEDIATE")
             try:
-                out = []
-                for f in flows:
-                    fid = c.execute(_INSERT, _row(f)).lastrowid
-                    assert fid is not None
-                    out.append(msgspec.structs.replace(f, id=fid))
+                # The one writer, in its transaction: rowids follow the largest.
+                first = int(c.execute("SELECT coalesce(max(id), 0) FROM flows").fetchone()[0]) + 1
+                c.executemany(_INSERT_ID, [(first + i, *row) for i, row in enumerate(rows)])
                 if lost or refused:
                     c.execute(
                         "INSERT INTO flow_losses (host_id, lost, refused) VALUES (?, ?, ?)"
@@ -248,7 +253,7 @@ class FlowStore:
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
-            return out
+            return [msgspec.structs.replace(f, id=first + i) for i, f in enumerate(flows)]
 
         return await self._run(write)
 

@@ -102,6 +102,7 @@ class _Live(Collector):
                 "Flow records refused (a workload not the reporting host's)",
                 f.refused,
             ),
-            ("segd_flow_batches", "Flow batches received", f.batches),
+            ("segd_flow_batches", "Flow batches taken in", f.batches),
+            ("segd_flow_batches_deferred", "Flow batches answered busy (paced)", f.deferred),
         ):
             yield CounterMetricFamily(name, doc, value=value)

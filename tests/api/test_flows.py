@@ -7,11 +7,21 @@ import json
 import time
 from typing import Any
 
+import msgspec
 import pytest
 
+from segd.config import FlowsConfig, ServerConfig
 from segd.server.flowquery import FlowFilter
 from segd.server.flows import STREAM_QUEUE
-from tests.api.conftest import Admin, Agent, Clock, MakeAgent
+from tests.api.conftest import (
+    Admin,
+    Agent,
+    AiohttpClient,
+    Clock,
+    MakeAgent,
+    register_agent,
+    start_admin,
+)
 
 DB = "d" * 64
 WEB = "e" * 64
@@ -305,3 +315,16 @@ async def test_flow_retention_and_hourly_rollup(
     [first_hour] = [f for f in flows if old <= f["last_seen"] < old + 3600]
     assert (first_hour["connections"], first_hour["packets"], first_hour["bytes"]) == (12, 4, 40)
     assert (first_hour["first_seen"], first_hour["last_seen"]) == (old, old + 63)
+
+
+async def test_flow_reports_beyond_the_pace_are_answered_busy(
+    aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock
+) -> None:
+    cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=10))
+    api = await start_admin(aiohttp_client, cfg, clock)
+    a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
+    assert (await report(a, [rec(DB, "10.0.0.3")] * 20))[0] == 204  # the burst: 2 s worth
+    status, answer = await report(a, [rec(DB, "10.0.0.3")] * 200, lost=4)  # 20 s away
+    assert (status, answer["error"]) == (503, "busy")
+    assert len((await api.ok("GET", "/v1/flows?limit=1000"))["flows"]) == 20
+    assert (api.svc.flows.deferred, api.svc.flows.lost) == (1, 0)

@@ -143,6 +143,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "server.flows.retention_days": [-1, 3651, 16777217],
     "server.flows.rollup_after_hours": [-1, 87601],
     "server.flows.max_stream_clients": [0, -1, 10_001],
+    "server.flows.max_records_per_s": [-1, 10_000_001],
     "agent.server": ["", "ftp://x", "127.0.0.1:7400"],
     "agent.state_dir": ["", "a\x00b"],
     "agent.hostname": ["a b", "h\n", "-h", "x" * 254, "h;reboot"],
