@@ -160,7 +160,8 @@ async def register(c: Call) -> wire.Registered:
 async def pair(c: Call) -> wire.PairResult:
     svc, pin = c.ctx.svc, c.body_as(wire.PairIn)
     try:
-        out = await svc.agents.pair(c.ctx.host_id, pin)
+        with svc.pairings.one():
+            out = await svc.agents.pair(c.ctx.host_id, pin)
     except SegdError as e:
         svc.metrics.paired("denied" if e.status < 500 else "failed", e.code)
         if isinstance(e, Forbidden):  # refused: its agent isolates it

@@ -1,6 +1,7 @@
 """Flows: what agents report, kept, listed, exported and streamed live.
 
-`Flows.ingest` checks a host's batch (`flowresolve.check`: a bad one is
+`Flows.ingest` paces batches (`[server.flows] max_records_per_s`), lets the
+pairings being answered go first, checks a host's batch (`flowresolve.check`: a bad one is
 refused whole), resolves each record by the compiler's model of workloads
 (`flowresolve.resolve`), writes the batch to the flow store in one transaction
 of its own file (never the store that pairs) and hands the new flows to the
@@ -11,9 +12,10 @@ many. Counters (`ingested`, `lost`, `refused`) feed the metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 from segd import log, wire
 from segd.config import FlowsConfig
@@ -30,10 +32,34 @@ STREAM_QUEUE = 1024
 MAX_WAIT_S = 10.0  # a batch waits its turn at most this long
 MAX_WAITING = 64  # batches waiting their turn at once
 BURST_S = 2.0  # the pacer's bucket holds this many seconds of records
+PAIRING_FIRST_S = 0.25  # a chunk of a batch waits this long at most for pairings
 YIELD_EVERY = 256  # records resolved between two turns of the event loop
 EXPORT_PAGE = 1000
 HOUR_S = 3600.0
 DAY_S = 86400.0
+
+
+class InFlight:
+    """How many requests of a kind are being answered; `idle()` returns when none is."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[None]:
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
 
 
 @dataclasses.dataclass(eq=False)
@@ -52,8 +78,15 @@ class Subscriber:
 
 
 class Flows:
-    def __init__(self, core: Core, store: FlowStore, cfg: FlowsConfig) -> None:
+    def __init__(
+        self,
+        core: Core,
+        store: FlowStore,
+        cfg: FlowsConfig,
+        pairings: InFlight | None = None,
+    ) -> None:
         self._core = core
+        self._pairings = pairings or InFlight()  # the pairings being answered now
         self.store = store
         self._cfg = cfg
         self._subs: set[Subscriber] = set()
@@ -71,6 +104,7 @@ class Flows:
 
     async def ingest(self, host_id: str, batch: wire.FlowBatchIn) -> None:
         await self._pace(len(batch.records))
+        await self._after_pairings()
         records = flowresolve.check(batch, self._core.clock())
         c = self._core.compiler
         local = {w.container_id: w for w in c.host_workloads(host_id)}
@@ -85,7 +119,7 @@ class Flows:
         refused = 0
         for i, r in enumerate(records):
             if i and not i % YIELD_EVERY:  # let other requests in between
-                await asyncio.sleep(0)
+                await self._after_pairings()
             f = flowresolve.resolve(host_id, r, local, owner, peers, mine)
             if f is None:
                 refused += 1
@@ -101,6 +135,12 @@ class Flows:
                 "flows.batch", host=host_id, kept=len(stored), refused=refused, lost=batch.lost
             )
         self._publish(stored)
+
+    async def _after_pairings(self) -> None:
+        """Let the pairings being answered go first (for up to `PAIRING_FIRST_S`)."""
+        await asyncio.sleep(0)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._pairings.idle(), PAIRING_FIRST_S)
 
     async def _pace(self, n: int) -> None:
         """Wait for the batch's turn (`[server.flows] max_records_per_s`), or refuse

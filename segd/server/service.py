@@ -21,7 +21,7 @@ from segd.server.admin import Admin
 from segd.server.agents import Agents
 from segd.server.compiler import Compiler
 from segd.server.core import Clock, Core, HostAuth, new_id, sha256_hex
-from segd.server.flows import Flows
+from segd.server.flows import Flows, InFlight
 from segd.server.flowstore import FlowStore
 from segd.server.metrics import ServerMetrics
 from segd.server.modes import Modes
@@ -61,7 +61,8 @@ class Service(Core):
         self.admin = Admin(self, self.data_dir)
         self.agents = Agents(self)
         self.modes = Modes(self)
-        self.flows = Flows(self, flow_store, cfg.flows)
+        self.pairings = InFlight()  # pairing requests being answered (flows wait for them)
+        self.flows = Flows(self, flow_store, cfg.flows, self.pairings)
         self.metrics = ServerMetrics(self)
         self.unpaired = UnpairedSeen()  # addresses of containers refused a pairing
         self.on_applied = self.metrics.applied

@@ -328,3 +328,20 @@ async def test_flow_reports_beyond_the_pace_are_answered_busy(
     assert (status, answer["error"]) == (503, "busy")
     assert len((await api.ok("GET", "/v1/flows?limit=1000"))["flows"]) == 20
     assert (api.svc.flows.deferred, api.svc.flows.lost) == (1, 0)
+
+
+async def test_pairings_being_answered_go_before_flow_ingest(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    a, _b, _db, _web = await _shop(api, make_agent)
+    pairing = api.svc.pairings.one()
+    pairing.__enter__()  # a pairing being answered
+    try:
+        sent = asyncio.create_task(report(a, [rec(DB, "10.0.0.3")]))
+        for _ in range(20):  # well within PAIRING_FIRST_S
+            await asyncio.sleep(0.001)
+        assert not sent.done() and api.svc.flows.ingested == 0
+    finally:
+        pairing.__exit__(None, None, None)
+    assert (await sent)[0] == 204
+    assert api.svc.flows.ingested == 1
