@@ -338,6 +338,13 @@ async def test_pairings_being_answered_go_before_flow_ingest(
     pairing.__enter__()  # a pairing being answered
     try:
         sent = asyncio.create_task(report(a, [rec(DB, "10.0.0.3")]))
+        pacer = api.svc.flows._pacer
+        assert pacer is not None
+        for _ in range(200):  # until the batch is in (the pacer booked it)
+            if pacer._tokens < pacer.burst:
+                break
+            await asyncio.sleep(0.001)
+        assert pacer._tokens < pacer.burst
         for _ in range(20):  # well within PAIRING_FIRST_S
             await asyncio.sleep(0.001)
         assert not sent.done() and api.svc.flows.ingested == 0
