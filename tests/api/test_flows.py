@@ -231,6 +231,10 @@ async def test_flow_queries_filter_and_page(api: Admin, make_agent: MakeAgent) -
         "limit=0",
         "limit=1001",
         "cursor=garbage",
+        "cursor=1.5_99999999999999999999",
+        "cursor=inf_1",
+        "cursor=nan_1",
+        "cursor=1.5_-1",
         "colour=red",
     ],
 )
