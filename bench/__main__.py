@@ -25,6 +25,7 @@ MODULES = {
     "apply": "bench.apply_cost",
     "footprint": "bench.footprint",
     "flood": "bench.flood",
+    "ingest": "bench.ingest",
     "flows": "bench.flows",
 }
 DOCKER = {"enforce", "footprint"}

@@ -161,6 +161,25 @@ class MeshConfig(_Strict):
             )
 
 
+class FlowsConfig(_Strict):
+    """The server's flow store (`segd.server.flowstore`)."""
+
+    retention_days: int = 7  # flows older than this are deleted; 0 keeps every flow
+    rollup_after_hours: int = 24  # older flows are summed per hour; 0: never
+    max_stream_clients: int = 64  # `GET /v1/flows/stream` connections at once
+    max_records_per_s: int = 5000  # flow records taken in a second; 0: no limit
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.retention_days <= 3650:
+            raise ValueError("retention_days: must be between 0 (keep all) and 3650")
+        if not 0 <= self.rollup_after_hours <= 24 * 3650:
+            raise ValueError("rollup_after_hours: must be between 0 (never) and 87600")
+        if not 1 <= self.max_stream_clients <= 10_000:
+            raise ValueError("max_stream_clients: must be between 1 and 10000")
+        if not 0 <= self.max_records_per_s <= 10_000_000:
+            raise ValueError("max_records_per_s: must be between 0 (no limit) and 10000000")
+
+
 class ServerConfig(_Strict):
     listen: str = DEFAULT_SERVER_LISTEN
     data_dir: str = "/var/lib/segd/server"
@@ -175,6 +194,7 @@ class ServerConfig(_Strict):
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
     connections: ConnectionLimits = msgspec.field(default_factory=ConnectionLimits)
     mesh: MeshConfig = msgspec.field(default_factory=MeshConfig)
+    flows: FlowsConfig = msgspec.field(default_factory=FlowsConfig)
 
     def __post_init__(self) -> None:
         _check("listen", parse_listen, self.listen)

@@ -120,6 +120,20 @@ class Profile(msgspec.Struct, frozen=True):
     visibility: VisibilityLevel = "blocked"
 
 
+class ProfileModeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`PUT /v1/profiles/{name}/mode`: the profile's mode and (when given) its
+    visibility level; its workloads without a mode of their own follow."""
+
+    mode: Mode
+    visibility: VisibilityLevel | msgspec.UnsetType = msgspec.UNSET
+
+
+class WorkloadModeIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`PUT /v1/workloads/{id}/mode`: the workload's own mode; null: its profile's."""
+
+    mode: Mode | None
+
+
 class KeyIssueIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     profile: str
     # absent: the profile's; null: unlimited
@@ -439,3 +453,21 @@ class Flow(msgspec.Struct, frozen=True):
 class FlowPage(msgspec.Struct, frozen=True):
     flows: list[Flow]
     next: str = ""  # cursor for the next page; empty at the end
+
+
+class Explanation(msgspec.Struct, frozen=True, omit_defaults=True):
+    """`GET /v1/explain`: what the dataplane does with `src` -> `dst` on a port,
+    worked out from the server's model. `reason` is a code (`rule`, `no_rule`,
+    `locked_label`, `src_unpaired`, `dst_unpaired`, `mode_idle`, `mode_visibility`,
+    `host_local`, `same_workload`); `message` says it in words, `steps` the checks
+    made on each side, in order."""
+
+    verdict: Verdict
+    reason: str
+    message: str
+    src: FlowEnd
+    dst: FlowEnd
+    proto: FlowProto
+    port: int
+    rule_id: str = ""  # the rule that allows it (both sides, when both are workloads)
+    steps: list[str] = []

@@ -25,7 +25,7 @@ from typing import Any, NoReturn, TypeVar
 import msgspec
 
 from segd import files, wire
-from segd.ctl import render
+from segd.ctl import render, visibility
 from segd.ctl.client import (
     ENV_CA,
     ApiClient,
@@ -124,6 +124,8 @@ def profile_add(api: ApiClient, a: argparse.Namespace) -> None:
         on_mismatch=a.on_mismatch,
         enabled=not a.disabled,
         description=a.description,
+        mode=a.mode,
+        visibility=a.visibility,
     )
     raw = api.call("POST", "/v1/profiles", body)
     _show(raw, a, lambda r: _decode(r, wire.Profile).name)
@@ -139,6 +141,7 @@ def _profiles_table(raw: bytes) -> str:
             render.format_lifespan(p.lifespan_s),
             p.on_mismatch,
             "yes" if p.enabled else "no",
+            f"{p.mode}/{p.visibility}",
             p.description,
         )
         for p in _decode(raw, list[wire.Profile])
@@ -152,6 +155,7 @@ def _profiles_table(raw: bytes) -> str:
             "LIFESPAN",
             "ON_MISMATCH",
             "ENABLED",
+            "MODE",
             "DESCRIPTION",
         ),
         rows,
@@ -246,14 +250,16 @@ def _workloads_table(raw: bytes) -> str:
                 render.labels_text(w.labels),
                 ",".join(w.ips),
                 render.when(w.paired_at),
+                w.mode,
                 "-",
             )
         )
         rows.extend(
-            ("-", w.host_id, s.container_id[:12], s.name, "-", "-", "-", w.id) for s in w.sidecars
+            ("-", w.host_id, s.container_id[:12], s.name, "-", "-", "-", "-", w.id)
+            for s in w.sidecars
         )
     return render.table(
-        ("ID", "HOST", "CONTAINER", "NAME", "LABELS", "IPS", "PAIRED", "SHARES"), rows
+        ("ID", "HOST", "CONTAINER", "NAME", "LABELS", "IPS", "PAIRED", "MODE", "SHARES"), rows
     )
 
 
@@ -460,6 +466,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--on-mismatch", choices=("deny", "default"), default="deny")
     v.add_argument("--description", default="")
     v.add_argument("--disabled", action="store_true", help="create it disabled")
+    v.add_argument(
+        "--mode",
+        choices=visibility.MODES,
+        default="full",
+        help="full enforces; visibility reports what it would drop; idle: no table",
+    )
+    v.add_argument(
+        "--visibility", choices=visibility.LEVELS, default="blocked", help="what agents report"
+    )
     verb(prof, "list", profile_list, "list pairing profiles", json=True)
     verb(prof, "rm", profile_rm, "remove a profile and its keys").add_argument("name")
     v = verb(prof, "revoke", profile_revoke, "revoke every key of a profile")
@@ -484,6 +499,7 @@ def _parser() -> argparse.ArgumentParser:
     verb(
         wl, "unpair", workload_unpair, "unpair a workload; its container stays isolated"
     ).add_argument("id")
+    visibility.add_verbs(group, verb, {"profile": prof, "workload": wl, "top": groups})
     host = group("host", "agent hosts")
     verb(host, "list", host_list, "list hosts", json=True)
     verb(host, "revoke", host_revoke, "revoke a host's agent").add_argument("id")

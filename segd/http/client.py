@@ -16,6 +16,7 @@ import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -73,6 +74,26 @@ class Client:
                 self._ssl = ssl.create_default_context(cafile=ca_file or None)
             except (OSError, ssl.SSLError) as e:
                 raise ClientError(f"cannot load CA file {ca_file}: {e}") from None
+
+    def lines(self, path: str, query: dict[str, str | int] | None = None) -> Iterator[bytes]:
+        """GET a streamed answer (server-sent events, JSON lines) line by line, as
+        it comes; the connection is closed when the caller stops iterating."""
+        url = self.server + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        req = urllib.request.Request(url, method="GET")  # noqa: S310 - http(s) only
+        req.add_header("Authorization", f"Bearer {self._token}")
+        p = self.peer
+        try:
+            with urllib.request.urlopen(req, timeout=self._timeout, context=self._ssl) as resp:  # noqa: S310
+                yield from resp
+        except urllib.error.HTTPError as e:
+            raise _answered(e, p) from None
+        except urllib.error.URLError as e:
+            reason = getattr(e.reason, "strerror", None) or str(e.reason)
+            raise ClientError(f"cannot reach {p.reach} at {self.server}: {reason}") from None
+        except (TimeoutError, OSError) as e:
+            raise ClientError(f"{p.name} at {self.server}: {e}") from None
 
     def call(
         self,

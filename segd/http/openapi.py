@@ -188,7 +188,7 @@ def _operation(
     if r.response is not None:
         responses[str(r.status)] = {
             "description": "OK",
-            "content": {"application/json": {"schema": ref[id(r.response)]}},
+            "content": {getattr(r, "media", "application/json"): {"schema": ref[id(r.response)]}},
         }
     if r.response is None or may_be_empty:
         responses["204"] = {"description": "No content"}

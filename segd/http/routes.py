@@ -71,6 +71,8 @@ class Route(Generic[C]):
     response: Any = None  # a msgspec-describable type, or None for 204
     status: int = 200
     query: tuple[Param, ...] = ()
+    max_body: int | None = None  # this route's body limit, if not the app's
+    media: str = "application/json"  # of the answer
 
 
 class Body:
@@ -102,7 +104,7 @@ def adapt(
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            body = Body(request, max_body)
+            body = Body(request, route.max_body or max_body)
             ctx = await authenticate(request, route, body)
             no_unknown(request, allowed)
             raw = await body.raw()

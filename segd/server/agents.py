@@ -393,6 +393,8 @@ def _new(
         ips=pin.ips,
         key_id=claims.kid,
         paired_at=now,
+        mode=prof.mode if prof else "full",
+        visibility=prof.visibility if prof else "blocked",
     )
     tx.insert_workload(w)
     reason = "profile_labels_applied" if decision.defaulted else ""

@@ -12,20 +12,26 @@ first (`guard`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from typing import Any
 
 from aiohttp import web
 
 import segd
 from segd import crypto, wire
-from segd.errors import Forbidden, Unauthorized, Unavailable
+from segd.errors import Forbidden, InvalidInput, SegdError, Unauthorized, Unavailable
 from segd.http import routes
 from segd.http.params import float_param, int_param
 from segd.http.routes import Body, Param
 from segd.ratelimit import source_of
+from segd.server import flowhttp, flowquery, validate
 from segd.server.auth import NonceCache, require_admin, verify_agent
+from segd.server.explainer import explain_request
+from segd.server.flowhttp import MAX_FLOW_BODY
+from segd.server.metrics import CONTENT_TYPE
 from segd.server.refusals import clip
 from segd.server.service import Service
+from segd.server.unpaired import Refused
 
 
 class Runtime:
@@ -97,6 +103,14 @@ async def revoke_profile(c: Call) -> list[wire.PairingKey]:
     )
 
 
+async def set_profile_mode(c: Call) -> wire.Profile:
+    return await c.ctx.svc.modes.set_profile_mode(c.arg("name"), c.body_as(wire.ProfileModeIn))
+
+
+async def set_workload_mode(c: Call) -> wire.Workload:
+    return await c.ctx.svc.modes.set_workload_mode(c.arg("id"), c.body_as(wire.WorkloadModeIn))
+
+
 async def issue_key(c: Call) -> wire.KeyIssued:
     return await c.ctx.svc.admin.issue_key(c.body_as(wire.KeyIssueIn))
 
@@ -144,7 +158,25 @@ async def register(c: Call) -> wire.Registered:
 
 
 async def pair(c: Call) -> wire.PairResult:
-    return await c.ctx.svc.agents.pair(c.ctx.host_id, c.body_as(wire.PairIn))
+    svc, pin = c.ctx.svc, c.body_as(wire.PairIn)
+    try:
+        with svc.pairings.one():
+            out = await svc.agents.pair(c.ctx.host_id, pin)
+    except SegdError as e:
+        svc.metrics.paired("denied" if e.status < 500 else "failed", e.code)
+        if isinstance(e, Forbidden):  # refused: its agent isolates it
+            svc.unpaired.refused(_ips(pin), Refused(c.ctx.host_id, pin.container_id, e.code))
+        raise
+    svc.metrics.paired("ok", "")
+    svc.unpaired.paired(_ips(pin))
+    return out
+
+
+def _ips(pin: wire.PairIn) -> list[str]:
+    try:
+        return validate.ips(pin.ips)
+    except InvalidInput:
+        return []
 
 
 async def unpair(c: Call) -> None:
@@ -170,6 +202,50 @@ async def sidecars(c: Call) -> None:
     await c.ctx.svc.agents.sidecars(c.ctx.host_id, c.body_as(wire.SidecarsIn))
 
 
+async def report_flows(c: Call) -> None:
+    await c.ctx.svc.flows.ingest(c.ctx.host_id, c.body_as(wire.FlowBatchIn))
+
+
+async def list_flows(c: Call) -> wire.FlowPage:
+    svc = c.ctx.svc
+    flt = flowquery.parse(c.request.query, svc.dims)
+    limit = int_param(c.request, "limit", 100, 1, MAX_FLOWS)
+    return await svc.flows.page(flt, limit, c.request.query.get("cursor", ""))
+
+
+async def export_flows(c: Call) -> web.StreamResponse:
+    return await flowhttp.export(c.request, c.ctx.svc)
+
+
+async def stream_flows(c: Call) -> web.StreamResponse:
+    return await flowhttp.stream(c.request, c.ctx.svc)
+
+
+async def explain(c: Call) -> wire.Explanation:
+    q = c.request.query
+    for name in ("src", "dst", "port"):
+        if not q.get(name):
+            raise InvalidInput(f"query parameter {name!r} is required")
+    port = q["port"] + (f"/{q['proto']}" if q.get("proto") else "")
+    return await explain_request(c.ctx.svc, c.ctx.svc.unpaired, q["src"], q["dst"], port)
+
+
+async def metrics(c: Call) -> web.Response:
+    body = c.ctx.svc.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+MAX_FLOWS = 1000
+_FLOW_FILTER = (
+    Param("since", "number", "only flows last seen at or after (seconds since the epoch)"),
+    Param("until", "number", "only flows last seen at or before (seconds since the epoch)"),
+    Param("src", "string", "source labels the flow's source has, e.g. role=web,app=shop"),
+    Param("dst", "string", "destination labels the flow's destination has"),
+    Param("workload", "string", "only flows with this workload at either end"),
+    Param("port", "integer", "only flows to this (server) port"),
+    Param("verdict", "string", "allowed, blocked or potentially_blocked"),
+    Param("rule", "string", "only flows attributed to this rule id"),
+)
 _LIMIT = Param("limit", "integer", f"how many entries (1-{MAX_AUDIT}, default 100)")
 _AFTER = Param("after", "integer", "only entries with a larger id, oldest first")
 
@@ -191,6 +267,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/profiles/{name}/revoke", revoke_profile,
           "Revoke every key of a profile (with unpair, also unpair what they paired)",
           body=wire.RevokeIn, response=list[wire.PairingKey]),
+    Route("PUT", "/v1/profiles/{name}/mode", set_profile_mode,
+          "Set a profile's enforcement mode (and visibility level); its workloads without "
+          "a mode of their own follow, without restarting", body=wire.ProfileModeIn,
+          response=wire.Profile),
     Route("POST", "/v1/keys", issue_key, "Issue a pairing key", body=wire.KeyIssueIn,
           response=wire.KeyIssued, status=201),
     Route("GET", "/v1/keys", list_keys, "List pairing keys", response=list[wire.PairingKey],
@@ -204,6 +284,9 @@ ROUTES: tuple[Route, ...] = (
           query=(Param("host", "string", "only the workloads of this host"),)),
     Route("DELETE", "/v1/workloads/{id}", unpair_workload,
           "Unpair a workload on every host; its container does not pair again"),
+    Route("PUT", "/v1/workloads/{id}/mode", set_workload_mode,
+          "Set a workload's own enforcement mode (null: its profile's)",
+          body=wire.WorkloadModeIn, response=wire.Workload),
     Route("GET", "/v1/hosts", list_hosts, "List agent hosts", response=list[wire.Host]),
     Route("POST", "/v1/hosts/{id}/revoke", revoke_host,
           "Revoke a host: refuse its agent and drop its workloads", response=wire.Host),
@@ -235,6 +318,32 @@ ROUTES: tuple[Route, ...] = (
     Route("PUT", "/v1/agent/sidecars", sidecars,
           "Replace the host's list of containers in another container's network namespace",
           "agent", body=wire.SidecarsIn),
+    Route("POST", "/v1/agent/flows", report_flows,
+          "Report the host's containers' flows since the last batch, and how many the agent "
+          "lost; a record for a workload not on this host is refused (counted, not kept)",
+          "agent", body=wire.FlowBatchIn, max_body=MAX_FLOW_BODY),
+    Route("GET", "/v1/flows", list_flows, "Flows, newest first, a page at a time",
+          response=wire.FlowPage,
+          query=(*_FLOW_FILTER,
+                 Param("limit", "integer", f"flows per page (1-{MAX_FLOWS}, default 100)"),
+                 Param("cursor", "string", "the `next` of the page before"))),
+    Route("GET", "/v1/flows/export", export_flows,
+          "Every matching flow, newest first, as JSON lines (one Flow a line)",
+          response=wire.Flow, query=_FLOW_FILTER, media="application/x-ndjson"),
+    Route("GET", "/v1/flows/stream", stream_flows,
+          "Flows as they are reported, as server-sent events (`flow`: a Flow; `lost`: "
+          "how many this stream missed)", response=wire.Flow, query=_FLOW_FILTER,
+          media="text/event-stream"),
+    Route("GET", "/v1/explain", explain,
+          "What the dataplane does with a connection from src to dst on a port, and why",
+          response=wire.Explanation,
+          query=(Param("src", "string", "workload id, container name or address"),
+                 Param("dst", "string", "workload id, container name or address"),
+                 Param("port", "string", "PORT, PORT/tcp, PORT/udp or icmp"),
+                 Param("proto", "string", "tcp (default) or udp, when port has none"))),
+    Route("GET", "/metrics", metrics,
+          "Prometheus metrics (text format); no token needed from a loopback address",
+          "metrics", response=str, media="text/plain"),
 )
 # fmt: on
 
@@ -254,7 +363,9 @@ async def authenticate(request: web.Request, route: Route, body: Body) -> Caller
         source = source_of(request.remote)
         svc.guard.admit(source, what, svc.clock())
         return Caller(svc, source=source)
-    if route.auth == "admin":
+    if route.auth == "metrics" and _loopback(request) and not request.headers.get("Authorization"):
+        return Caller(svc)
+    if route.auth in ("admin", "metrics"):
         try:
             require_admin(svc, request)
         except Unauthorized as e:
@@ -269,6 +380,13 @@ async def authenticate(request: web.Request, route: Route, body: Body) -> Caller
         raise svc.guard.refused(source_of(request.remote), e, sample, svc.clock()) from None
     await svc.agents.touch(host_id)
     return Caller(svc, host_id=host_id)
+
+
+def _loopback(request: web.Request) -> bool:
+    try:
+        return ipaddress.ip_address((request.remote or "").split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def add_routes(app: web.Application) -> None:

@@ -70,6 +70,7 @@ def build_app(cfg: ServerConfig, *, clock: Clock = time.time) -> web.Application
     async def on_shutdown(app: web.Application) -> None:
         if holder.svc is not None:
             holder.svc.hub.close()
+            holder.svc.flows.close()
 
     app.cleanup_ctx.append(service_ctx)
     app.on_shutdown.append(on_shutdown)

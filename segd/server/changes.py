@@ -24,6 +24,12 @@ class WorkloadReaddressed(msgspec.Struct, frozen=True, tag=True):
     workload: wire.Workload
 
 
+class WorkloadModeSet(msgspec.Struct, frozen=True, tag=True):
+    """The same workload with another mode or visibility level in effect."""
+
+    workload: wire.Workload
+
+
 class WorkloadRemoved(msgspec.Struct, frozen=True, tag=True):
     workload_id: str
 
@@ -61,6 +67,7 @@ Change = (
     WorkloadAdded
     | WorkloadReaddressed
     | WorkloadRemoved
+    | WorkloadModeSet
     | RulesSet
     | HostAdded
     | HostMeshJoined

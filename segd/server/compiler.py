@@ -42,6 +42,7 @@ import bisect
 import hashlib
 import itertools
 import math
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
@@ -388,6 +389,46 @@ class Compiler:
                 view.mesh = None
                 view.digest = ""
 
+    def set_mode(self, w: Workload) -> set[str]:
+        """The workload `w.id` with `w`'s mode and visibility: only its own policy
+        changes, so only its host is affected."""
+        old = self._workloads.get(w.id)
+        if old is None:
+            return set()
+        self._workloads[w.id] = msgspec.structs.replace(
+            old, mode=w.mode, mode_override=w.mode_override, visibility=w.visibility
+        )
+        if (old.mode, old.visibility) == (w.mode, w.visibility):
+            return set()
+        self._policies.pop(w.id, None)
+        rows = self._rows.get(old.host_id)
+        if rows is not None:
+            matched = self._matched[w.id]
+            rows.remove(w.id, matched)
+            rows.insert(self._policy(w.id), matched)
+        self._drop_view(old.host_id)
+        return {old.host_id}
+
+    def workload(self, workload_id: str) -> Workload | None:
+        return self._workloads.get(workload_id)
+
+    def workloads(self) -> list[Workload]:
+        """Every workload, in id order."""
+        return [self._workloads[k] for k in sorted(self._workloads)]
+
+    def host_workloads(self, host_id: str) -> list[Workload]:
+        """The host's workloads, in id order."""
+        return [self._workloads[k] for k in sorted(self._by_host.get(host_id, ()))]
+
+    def owners_of(self, ip: str, host_id: str) -> list[Workload]:
+        """The workloads holding address `ip` as seen from the host `host_id`: its
+        holder in the mesh, else its holder on that host (normally at most one)."""
+        keys = self._ip_owners.get(("", ip)) or self._ip_owners.get((host_id, ip)) or ()
+        return [self._workloads[k] for k in sorted(keys)]
+
+    def rules(self) -> list[Rule]:
+        return [cr.rule for cr in self._rules.values()]
+
     def remove_workload(self, workload_id: str) -> set[str]:
         """Remove a workload; return the hosts whose instructions may change."""
         w = self._workloads.pop(workload_id, None)
@@ -682,6 +723,10 @@ class Compiler:
             ips=sorted(w.ips),
             inbound=prof.inbound,
             outbound=prof.outbound,
+            # Interned: `omit_defaults` leaves a field out only when it *is* the
+            # default object, and a string read from the store is an equal copy.
+            mode=sys.intern(w.mode),  # type: ignore[arg-type]
+            visibility=sys.intern(w.visibility),  # type: ignore[arg-type]
         )
         digest = hashlib.sha256(_ENCODER.encode(policy)).digest()
         pol = self._policies[wid] = _Policy(policy, digest)

@@ -12,6 +12,7 @@ the agent operations (`agents`) are built over this core.
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -22,6 +23,7 @@ from segd.config import ServerConfig
 from segd.errors import Forbidden, Unauthorized
 from segd.server import admintoken, mesh
 from segd.server.changes import (
+    Change,
     Commit,
     HostAdded,
     HostMeshJoined,
@@ -29,6 +31,7 @@ from segd.server.changes import (
     HostsRecompiled,
     RulesSet,
     WorkloadAdded,
+    WorkloadModeSet,
     WorkloadReaddressed,
     WorkloadRemoved,
 )
@@ -47,6 +50,10 @@ sha256_hex = admintoken.sha256_hex
 class HostAuth(msgspec.Struct, frozen=True):
     verify_key: nacl.signing.VerifyKey
     revoked: bool
+
+
+def _ignore(seconds: float, hosts: int) -> None:
+    pass
 
 
 def new_id(prefix: str, nbytes: int = 6) -> str:
@@ -74,6 +81,8 @@ class Core:
         self.hub = self.pub.hub
         self.server_keys = {self.pub.key_id: key.verify_key}
         self.hosts: dict[str, HostAuth] = {}
+        # Told how long each applied commit took and how many hosts it published.
+        self.on_applied: Callable[[float, int], None] = _ignore
 
     def check_host(self, host_id: str) -> HostAuth:
         """The host's agent key; refuses unknown (401) and revoked (403) hosts."""
@@ -92,29 +101,32 @@ class Core:
 
     def apply(self, commit: Commit) -> None:
         """Apply a durable commit's changes, then publish the hosts they changed."""
-        c = self.compiler
+        started = time.perf_counter()
         affected: set[str] = set()
         forced: set[str] = set()
         for change in commit.changes:
-            match change:
-                case WorkloadAdded(w) | WorkloadReaddressed(w):
-                    affected |= c.add_workload(w)
-                case WorkloadRemoved(wid):
-                    affected |= c.remove_workload(wid)
-                case RulesSet(rules):
-                    affected |= c.set_rules(rules)
-                case HostAdded() | HostMeshJoined() | HostRevoked():
-                    affected |= self._apply_host(change)
-                case HostsRecompiled(host_ids):
-                    forced.update(host_ids)
+            if isinstance(change, HostsRecompiled):
+                forced.update(change.host_ids)
+            else:
+                affected |= self._apply(change)
         changed = self.pub.publish(affected, commit.generation, force=forced)
         if changed:
             self.store.persist_versions(changed)
             _log.debug("instructions.published", generation=commit.generation, hosts=len(changed))
+        self.on_applied(time.perf_counter() - started, len(changed))
 
-    def _apply_host(self, change: HostAdded | HostMeshJoined | HostRevoked) -> set[str]:
-        """A host's change; returns the hosts whose instructions it may change."""
+    def _apply(self, change: Change) -> set[str]:
+        """Apply one change; the hosts whose instructions it may change."""
+        c = self.compiler
         match change:
+            case WorkloadAdded(w) | WorkloadReaddressed(w):
+                return c.add_workload(w)
+            case WorkloadModeSet(w):
+                return c.set_mode(w)
+            case WorkloadRemoved(wid):
+                return c.remove_workload(wid)
+            case RulesSet(rules):
+                return c.set_rules(rules)
             case HostAdded(host_id, public_key):
                 self.hosts[host_id] = HostAuth(crypto.verify_key_from_b64(public_key), False)
                 self.pub.add_host(host_id)
@@ -128,3 +140,4 @@ class Core:
                 self.pub.drop_host(host_id)
                 # Its peers drop it in this same commit.
                 return self.compiler.set_mesh_host(host_id, None)
+        return set()

@@ -1,8 +1,9 @@
-"""The server's background chores: refusal summaries and audit retention.
+"""The server's background chores: refusal summaries, audit and flow retention.
 
 `run(svc)` writes the summaries of refused requests whose window has ended
 (every `TICK_S`) and deletes audit entries older than `audit_retention_days`
-(at start, then every `PRUNE_EVERY_S`). Pruning goes in batches of
+(at start, then every `PRUNE_EVERY_S`), when it also sums and deletes old flows
+(`Flows.housekeep`, `[server.flows]`). Pruning goes in batches of
 `PRUNE_BATCH` rows, each one writer of the group-committed store, so the
 writers that arrive meanwhile go on between batches instead of waiting for the
 whole backlog. A failing chore is logged and tried again on the next round.
@@ -34,6 +35,7 @@ async def run(svc: Service) -> None:
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + PRUNE_EVERY_S
                 await prune_audit(svc)
+                await svc.flows.housekeep()
         except SegdError as e:
             _log.warning("housekeeping.failed", error=e.message)
         except Exception:  # a bug in one round must not end the chores for good

@@ -234,4 +234,19 @@ MIGRATIONS: list[str] = [
     ALTER TABLE workload_ips_new RENAME TO workload_ips;
     CREATE INDEX workload_ips_workload ON workload_ips(workload_id);
     """,
+    # 7: enforcement modes and visibility levels: a profile's, and each workload's in
+    # effect (its own `mode_override` when set, else its profile's), kept up to date
+    # by the writes that change them.
+    """
+    ALTER TABLE profiles ADD COLUMN mode TEXT NOT NULL DEFAULT 'full'
+        CHECK (mode IN ('full', 'visibility', 'idle'));
+    ALTER TABLE profiles ADD COLUMN visibility TEXT NOT NULL DEFAULT 'blocked'
+        CHECK (visibility IN ('off', 'blocked', 'blocked+allowed', 'enhanced'));
+    ALTER TABLE workloads ADD COLUMN mode TEXT NOT NULL DEFAULT 'full'
+        CHECK (mode IN ('full', 'visibility', 'idle'));
+    ALTER TABLE workloads ADD COLUMN mode_override TEXT
+        CHECK (mode_override IS NULL OR mode_override IN ('full', 'visibility', 'idle'));
+    ALTER TABLE workloads ADD COLUMN visibility TEXT NOT NULL DEFAULT 'blocked'
+        CHECK (visibility IN ('off', 'blocked', 'blocked+allowed', 'enhanced'));
+    """,
 ]

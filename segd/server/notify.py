@@ -16,6 +16,7 @@ class Hub:
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = {}
         self._closed = False
+        self.waiting = 0  # long-polls waiting now
 
     def wake(self, host_id: str) -> None:
         ev = self._events.pop(host_id, None)
@@ -32,11 +33,14 @@ class Hub:
             if self._closed or remaining <= 0:
                 return False
             ev = self._events.setdefault(host_id, asyncio.Event())
+            self.waiting += 1
             try:
                 async with asyncio.timeout(remaining):
                     await ev.wait()
             except TimeoutError:
                 return False
+            finally:
+                self.waiting -= 1
         return True
 
     def close(self) -> None:

@@ -32,6 +32,10 @@ _SECURITY = {
             f"{crypto.HDR_TS} and {crypto.HDR_NONCE}"
         ),
     },
+    "metrics": {
+        **kit.ADMIN_SECURITY,
+        "description": "the admin token; none is needed from a loopback address",
+    },
 }
 
 
@@ -113,7 +117,10 @@ def server_constraints(dimensions: Sequence[str] | None = None) -> Constraints:
 QUERY: Mapping[str, dict[str, Any]] = {
     "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
     "after": {"type": "integer", "minimum": 0, "maximum": 2**62},
-    "since": {"type": "integer", "minimum": 0, "maximum": 2**62},
+    # a version (instructions, an integer) or a time (flows, seconds since the epoch)
+    "since": {"type": "number", "minimum": 0, "maximum": 2**62},
+    "until": {"type": "number", "minimum": 0, "maximum": 2**62},
+    "port": {"type": "integer", "minimum": 0, "maximum": 65535},
     "wait": {"type": "number", "minimum": 0},
 }
 
@@ -134,7 +141,7 @@ def build(
     dimensions: Sequence[str] | None = None,
     constraints: Constraints | None = None,
 ) -> dict[str, Any]:
-    return kit.build(
+    doc = kit.build(
         routes,
         title=title,
         constraints=server_constraints(dimensions) if constraints is None else constraints,
@@ -143,6 +150,11 @@ def build(
         security=_SECURITY,
         no_content=("/v1/agent/instructions",),
     )
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            if op.get("security") == [{"metrics": []}]:
+                op["security"].append({})  # none needed from a loopback address
+    return doc
 
 
 def document(routes: Iterable[Operation], **options: Any) -> bytes:

@@ -21,9 +21,14 @@ from segd.server.admin import Admin
 from segd.server.agents import Agents
 from segd.server.compiler import Compiler
 from segd.server.core import Clock, Core, HostAuth, new_id, sha256_hex
+from segd.server.flows import Flows, InFlight
+from segd.server.flowstore import FlowStore
+from segd.server.metrics import ServerMetrics
+from segd.server.modes import Modes
 from segd.server.publish import Publisher
 from segd.server.replay import ReplayMarks
 from segd.server.store import Store
+from segd.server.unpaired import UnpairedSeen
 
 __all__ = ["Clock", "HostAuth", "Service", "new_id", "sha256_hex"]
 
@@ -31,6 +36,7 @@ _log = log.get("segd.server")
 
 SIGNING_KEY_FILE = "server.key"
 DB_FILE = "segd.db"
+FLOWS_DB_FILE = "flows.db"  # the flow store, apart from the store that pairs
 
 
 def _make_data_dir(data: Path) -> None:
@@ -43,23 +49,38 @@ class Service(Core):
     """The running server: the core, `admin` and `agents`."""
 
     def __init__(
-        self, cfg: ServerConfig, store: Store, key: nacl.signing.SigningKey, clock: Clock
+        self,
+        cfg: ServerConfig,
+        store: Store,
+        key: nacl.signing.SigningKey,
+        clock: Clock,
+        flow_store: FlowStore,
     ) -> None:
         super().__init__(cfg, store, key, clock)
         self.data_dir = Path(cfg.data_dir)
         self.admin = Admin(self, self.data_dir)
         self.agents = Agents(self)
+        self.modes = Modes(self)
+        self.pairings = InFlight()  # pairing requests being answered (flows wait for them)
+        self.flows = Flows(self, flow_store, cfg.flows, self.pairings)
+        self.metrics = ServerMetrics(self)
+        self.unpaired = UnpairedSeen()  # addresses of containers refused a pairing
+        self.on_applied = self.metrics.applied
 
     @classmethod
     async def open(cls, cfg: ServerConfig, clock: Clock = time.time) -> Service:
         data = Path(cfg.data_dir)
         _make_data_dir(data)
         store = await Store.open(data / DB_FILE)  # takes the data dir's lock
+        flow_store: FlowStore | None = None
         try:
             key = crypto.load_or_create_signing_key(data / SIGNING_KEY_FILE)
-            svc = cls(cfg, store, key, clock)
+            flow_store = await FlowStore.open(data / FLOWS_DB_FILE)
+            svc = cls(cfg, store, key, clock, flow_store)
             await svc._load()
         except BaseException:
+            if flow_store is not None:
+                await flow_store.close()
             await store.close()
             raise
         return svc
@@ -108,4 +129,7 @@ class Service(Core):
 
     async def close(self) -> None:
         self.hub.close()
-        await self.store.close()
+        try:
+            await self.flows.store.close()
+        finally:
+            await self.store.close()

@@ -83,6 +83,8 @@ def _profile(r: sqlite3.Row) -> wire.Profile:
         enabled=bool(r["enabled"]),
         description=r["description"],
         created_at=r["created_at"],
+        mode=r["mode"],
+        visibility=r["visibility"],
     )
 
 
@@ -109,6 +111,9 @@ def _workload(r: sqlite3.Row) -> wire.Workload:
         ips=_strings.decode(r["ips"]),
         key_id=r["key_id"],
         paired_at=r["paired_at"],
+        mode=r["mode"],
+        mode_override=r["mode_override"],
+        visibility=r["visibility"],
     )
 
 
@@ -248,7 +253,8 @@ class Tx:
     def insert_profile(self, p: wire.Profile) -> None:
         self._exec(
             "INSERT INTO profiles (id, name, labels, locked, max_uses, lifespan_s, on_mismatch,"
-            " enabled, description, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " enabled, description, created_at, mode, visibility)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 p.id,
                 p.name,
@@ -260,6 +266,8 @@ class Tx:
                 int(p.enabled),
                 p.description,
                 p.created_at,
+                p.mode,
+                p.visibility,
             ),
         )
 
@@ -393,7 +401,7 @@ class Tx:
     def insert_workload(self, w: wire.Workload) -> None:
         self._exec(
             "INSERT INTO workloads (id, host_id, container_id, name, labels, ips, key_id,"
-            " paired_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " paired_at, mode, mode_override, visibility) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 w.id,
                 w.host_id,
@@ -403,6 +411,9 @@ class Tx:
                 _j(w.ips),
                 w.key_id,
                 w.paired_at,
+                w.mode,
+                w.mode_override,
+                w.visibility,
             ),
         )
         self._insert_ips(w)
@@ -427,6 +438,36 @@ class Tx:
             return False
         self._changes.append(ch.WorkloadRemoved(workload_id))
         return True
+
+    # ---- modes (see `segd.server.modes`) -------------------------------------------
+
+    def set_profile_mode(
+        self, profile_id: str, mode: wire.Mode, visibility: wire.VisibilityLevel
+    ) -> list[wire.Workload]:
+        """Set a profile's mode and visibility and put them in effect on the workloads
+        its keys paired (those with a mode of their own keep it); return those whose
+        mode or visibility changed, as they are now."""
+        self._exec(
+            "UPDATE profiles SET mode = ?, visibility = ? WHERE id = ?",
+            (mode, visibility, profile_id),
+        )
+        rows = self._all(
+            "UPDATE workloads SET mode = coalesce(mode_override, ?), visibility = ?"
+            " WHERE key_id IN (SELECT key_id FROM keys WHERE profile_id = ?)"
+            " AND (mode != coalesce(mode_override, ?) OR visibility != ?) RETURNING *",
+            (mode, visibility, profile_id, mode, visibility),
+        )
+        out = sorted((_workload(r) for r in rows), key=lambda w: w.id)
+        self._changes.extend(ch.WorkloadModeSet(w) for w in out)
+        return out
+
+    def set_workload_mode(self, w: wire.Workload) -> None:
+        """Write `w`'s mode, own mode and visibility (`w` is the workload, changed)."""
+        self._exec(
+            "UPDATE workloads SET mode = ?, mode_override = ?, visibility = ? WHERE id = ?",
+            (w.mode, w.mode_override, w.visibility, w.id),
+        )
+        self._changes.append(ch.WorkloadModeSet(w))
 
     def set_sidecars(self, host_id: str, sidecars: Iterable[wire.SidecarIn]) -> None:
         """Replace the host's sidecars (containers sharing another's namespace)."""
@@ -716,6 +757,15 @@ class Store:
             else w
             for w in out
         ]
+
+    async def locked_dimensions(self) -> dict[str, list[str]]:
+        """Per workload, the dimensions its profile locks (a workload whose profile
+        is gone has none)."""
+        rows = await self._all(
+            "SELECT w.id, p.locked FROM workloads w JOIN keys k ON k.key_id = w.key_id"
+            " JOIN profiles p ON p.id = k.profile_id"
+        )
+        return {r["id"]: _strings.decode(r["locked"]) for r in rows}
 
     async def hosts(self) -> list[wire.Host]:
         return [_host(r) for r in await self._all(_HOST_SELECT + " ORDER BY registered_at, id")]

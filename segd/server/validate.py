@@ -160,6 +160,8 @@ def profile(pin: wire.ProfileIn, dims: Iterable[str], profile_id: str, now: floa
         enabled=pin.enabled,
         description=text("description", pin.description, MAX_DESCRIPTION),
         created_at=now,
+        mode=pin.mode,
+        visibility=pin.visibility,
     )
 
 

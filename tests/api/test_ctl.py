@@ -178,10 +178,27 @@ def test_every_verb(ctl: Ctl, live_server: LiveServer) -> None:
     assert w["sidecars"] == [{"container_id": "5eaf00d", "name": "proxy"}]
     header, main, side = ctl.ok("workload", "list").splitlines()
     assert header.split() == [
-        *("ID", "HOST", "CONTAINER", "NAME", "LABELS", "IPS", "PAIRED", "SHARES")
+        *("ID", "HOST", "CONTAINER", "NAME", "LABELS", "IPS", "PAIRED", "MODE", "SHARES")
     ]
-    assert "10.0.0.5" in main and main.split()[-1] == "-"
-    assert side.split() == ["-", host_id, "5eaf00d", "proxy", "-", "-", "-", w["id"]]
+    assert "10.0.0.5" in main and main.split()[-2:] == ["full", "-"]
+    assert side.split() == ["-", host_id, "5eaf00d", "proxy", "-", "-", "-", "-", w["id"]]
+    # modes
+    assert "mode visibility, visibility enhanced" in ctl.ok(
+        "profile", "set-mode", "db", "visibility", "--visibility", "enhanced"
+    )
+    assert ctl.json("profile", "set-mode", "db", "full")["visibility"] == "enhanced"
+    assert "mode idle (its own)" in ctl.ok("workload", "set-mode", w["id"], "idle")
+    assert ctl.ok("workload", "list").splitlines()[1].split()[-2] == "idle"
+    assert ctl.json("workload", "set-mode", w["id"], "inherit")["mode"] == "full"
+    # explain (db to an address outside segd)
+    said = ctl.ok("explain", w["id"], "192.0.2.1", "443")
+    assert said.startswith("app=shop,role=db (10.0.0.5) -> external 192.0.2.1 443/tcp: blocked")
+    assert ctl.json("explain", "10.0.0.5", "192.0.2.1", "53/udp")["reason"] == "no_rule"
+    # flows
+    assert ctl.json("flow", "list") == []
+    assert ctl.ok("flow", "list").split() == [
+        *("LAST_SEEN", "SRC", "DST", "PORT", "VERDICT", "RULE", "CONNS", "REPORTED_BY")
+    ]
     assert host_id in ctl.ok("host", "list")
     assert [h["workloads"] for h in ctl.json("host", "list")] == [1]
     assert "revoked" in ctl.ok("host", "revoke", host_id)

@@ -61,6 +61,13 @@ async def test_upgraded_store_keeps_its_data_and_readmits_paired_containers(
     assert (key["key_id"], key["max_uses"], key["uses"]) == (KEY_ID, 1, 1)
     [prof] = await api.ok("GET", "/v1/profiles")
     assert (prof["name"], prof["max_uses"], prof["locked"]) == ("db", 1, ["role"])
+    # profiles and workloads from before modes are in full mode, reporting what is blocked
+    assert (prof["mode"], prof["visibility"]) == ("full", "blocked")
+    [w] = await api.ok("GET", "/v1/workloads")
+    assert (w["mode"], w["mode_override"], w["visibility"]) == ("full", None, "blocked")
+    w = await api.ok("PUT", f"/v1/workloads/{w['id']}/mode", {"mode": "idle"})
+    assert (w["mode"], w["mode_override"]) == ("idle", "idle")
+    await api.ok("PUT", f"/v1/workloads/{w['id']}/mode", {"mode": None})
     server_keys = {api.svc.pub.key_id: crypto.b64e(bytes(api.svc.signing_key.verify_key))}
     agent = Agent(api.client, HOST_ID, agent_key, clock, server_keys)
     # c1 restarts: paired again without a use; a new container finds the key used up

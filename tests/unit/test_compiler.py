@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
+import msgspec
 import pytest
 
 from segd import policy
@@ -13,7 +14,7 @@ from segd.server.compiler import (
     content_digest,
     encode_instructions,
 )
-from segd.wire import Instructions, Mesh, MeshPeer, Rule, Workload
+from segd.wire import Allow, Instructions, Mesh, MeshPeer, Rule, Workload
 
 # Workload addresses in these tests are mesh addresses (unique in the fleet, seen
 # by every host) unless a test says otherwise; host-local ones are in 172.17/16.
@@ -501,3 +502,41 @@ def test_ip_peers_compile_to_one_constant_set_of_blocks() -> None:
     assert c.encode(i) == encode_instructions(i)
     # nobody matches a block: other hosts are not affected by its rule
     assert c.add_workload(wl("o1", "B", "role=other", "10.0.0.3")) == {"B"}
+
+
+def test_set_mode_changes_only_that_workloads_policy_and_host() -> None:
+    rules = [rule("r1", ["role=db"], ["role=web"], "tcp/5432")]
+    web = wl("w1", "h1", "role=web", "10.0.0.1")
+    db = wl("w2", "h2", "role=db", "10.0.0.2")
+    c = Compiler(rules, [web, db])
+    before = {h: c.host_digest(h) for h in ("h1", "h2")}
+    encoded = c.encode(c.compile_host("h2", 1))
+    assert b'"mode"' not in encoded  # full is the default: left out
+    changed = msgspec.structs.replace(db, mode="visibility", visibility="enhanced")
+    assert c.set_mode(changed) == {"h2"}
+    assert c.host_digest("h1") == before["h1"]
+    assert c.host_digest("h2") != before["h2"]
+    [pol] = c.compile_host("h2", 2).workloads
+    assert (pol.mode, pol.visibility, pol.inbound) == ("visibility", "enhanced", [
+        Allow(rule_id="r1", peer=policy.set_name({"role": "web"}), services=[
+            policy.Service("tcp", 5432, 5432)])
+    ])  # fmt: skip
+    instr = c.compile_host("h2", 2)
+    assert c.encode(instr) == encode_instructions(instr)
+    assert c.set_mode(changed) == set()  # no change, no host
+    assert c.set_mode(msgspec.structs.replace(db, id="w_gone")) == set()
+    # a fresh compiler from the same workloads compiles the same
+    fresh = Compiler(rules, [web, changed])
+    assert fresh.host_digest("h2") == c.host_digest("h2")
+
+
+def test_default_mode_read_from_the_store_is_left_out_of_the_policy() -> None:
+    """A mode string read from SQLite is an equal copy of "full", not the default
+    object itself, which `omit_defaults` would still encode."""
+    stored = "".join(["fu", "ll"])
+    w = msgspec.structs.replace(wl("w1", "h1", "role=web", "10.0.0.1"), mode=stored)
+    c = Compiler([], [w])
+    instr = c.compile_host("h1", 1)
+    encoded = c.encode(instr)
+    assert b'"mode"' not in encoded
+    assert encoded == encode_instructions(msgspec.json.decode(encoded, type=Instructions))
