@@ -96,16 +96,19 @@ def resolve(
         addr = str(ipaddress.ip_address(t))
     except ValueError:
         raise NotFound(f"{field}: no workload, container name or address {t!r}") from None
+    return _by_address(addr, workloads, field) or refused(addr) or addr
+
+
+def _by_address(addr: str, workloads: Sequence[wire.Workload], field: str) -> wire.Workload | None:
+    """The workload holding `addr`; InvalidInput when it is host-local on several hosts."""
     owners = [w for w in workloads if addr in w.ips]
-    if len({w.host_id for w in owners}) > 1:  # host-local on several hosts
+    if len({w.host_id for w in owners}) > 1:
         hosts = ", ".join(sorted({w.host_id for w in owners}))
         raise InvalidInput(
             f"{field}: {addr} is a host-local address on several hosts ({hosts}): give a"
             " workload id or a container name"
         )
-    if owners:
-        return owners[0]
-    return refused(addr) or addr
+    return owners[0] if owners else None
 
 
 def _address(end: End, peer: End) -> str:
