@@ -8,8 +8,21 @@ from segd.firewall import gate
 from segd.firewall.gate import GateEntry
 from segd.firewall.plan import Plan
 
+ND = (
+    "{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert,"
+    " mld-listener-report, mld-listener-done, mld2-listener-report }"
+)
+
 
 def _drops(port: str, side: str) -> list[str]:
+    if side == "saddr":  # every source a port sends, in a bridge subnet or not
+        return [
+            '\t\tiifname "veth*" iifname . ip saddr != @allowed4 drop',
+            '\t\tiifname "veth*" ip6 saddr != { ::, fe80::/10 }'
+            " iifname . ip6 saddr != @allowed6 drop",
+            '\t\tiifname "veth*" ip6 saddr { ::, fe80::/10 } meta l4proto != ipv6-icmp drop',
+            f'\t\tiifname "veth*" ip6 saddr {{ ::, fe80::/10 }} icmpv6 type != {ND} drop',
+        ]
     return [
         f'\t\t{port} "veth*" ip {side} @subnets4 {port} . ip {side} != @allowed4 drop',
         f'\t\t{port} "veth*" ip6 {side} @subnets6 {port} . ip6 {side} != @allowed6 drop',
