@@ -35,6 +35,9 @@ DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
 TOOLS = ("ip", "nsenter", "unshare", "bash", "dockerd", "docker", "busybox")
 
 
+WIREGUARD_DIR = "/run/wireguard"
+
+
 @dataclass
 class BedHost:
     """One simulated host: a network namespace with its own `dockerd`, a long-lived
@@ -353,7 +356,9 @@ def _start_host(p: HostPlan, owned: list[subprocess.Popen[bytes]]) -> BedHost:
             tail = p.dockerd_log.read_text(errors="replace")[-2000:]
             raise BedError(f"dockerd of {p.name} did not come up:\n{tail}")
         time.sleep(0.05)
-    return BedHost(p, holder.pid)
+    host = BedHost(p, holder.pid)
+    host.private_dir(WIREGUARD_DIR, "1m")  # wireguard-go's sockets: one set per host
+    return host
 
 
 def _spawn(
