@@ -92,19 +92,31 @@ class MeshAgent:
             self._want = mesh
             self._kick.set()
 
-    async def run(self) -> None:
+    async def prepare(self) -> bool:
+        """The key pair and the WireGuard to run; False when there is none (logged)."""
         self.keys = await asyncio.to_thread(keys.load_or_create, self.state_dir)
         has_kernel = await asyncio.to_thread(kernel_has_wireguard)
         try:
             path = choose(self.cfg.wireguard, has_kernel, wireguard_go())
         except NoWireGuard as e:
             _log.error("mesh.unavailable", reason=str(e))
-            return  # fail closed: no routes, the pool stays unreachable
+            return False  # fail closed: no routes, the pool stays unreachable
         _log.info("mesh.wireguard", path=path)
         self.link = WireGuardLink(plan.IFNAME, path)
+        return True
+
+    async def run(self) -> None:
+        if not await self.prepare():
+            return
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._join())
             tg.create_task(self._apply_loop())
+
+    async def apply(self, mesh: wire.Mesh) -> plan.Desired | None:
+        """Apply `mesh` now (after `prepare`); what the kernel holds."""
+        self._want = mesh
+        await self._apply()
+        return self._applied
 
     async def _join(self) -> None:
         assert self.keys is not None
