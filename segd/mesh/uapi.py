@@ -41,19 +41,65 @@ class UapiError(Exception):
 
 def set_request(private_key: bytes, listen_port: int, peers: list[Peer]) -> bytes:
     """The whole device: its key, port and exactly `peers` (replace_peers)."""
+    _check(private_key, listen_port)
+    lines = ["set=1", f"private_key={private_key.hex()}", f"listen_port={listen_port}"]
+    lines.append("replace_peers=true")
+    for p in sorted(peers):
+        lines += _peer_lines(p)
+    return _encode(lines)
+
+
+def update_request(
+    have: Device, private_key: bytes, listen_port: int, peers: list[Peer]
+) -> bytes | None:
+    """The same end state as `set_request` from what the device has now, touching
+    only what differs: peers that stay keep their sessions (a `replace_peers`
+    drops every session, and a re-handshake can take seconds), and the port is
+    not rebound when it is already right. None when nothing differs."""
+    _check(private_key, listen_port)
+    want = {p.public_key: p for p in peers}
+    current = {p.public_key: p for p in have.peers}
+    lines = ["set=1"]
+    if have.private_key != private_key:
+        lines.append(f"private_key={private_key.hex()}")
+    if have.listen_port != listen_port:
+        lines.append(f"listen_port={listen_port}")
+    for key in sorted(set(current) - set(want)):
+        lines += [f"public_key={key.hex()}", "remove=true"]
+    for key, p in sorted(want.items()):
+        old = current.get(key)
+        if old is not None and (old.endpoint, old.allowed_ips, old.keepalive_s) == (
+            p.endpoint,
+            p.allowed_ips,
+            p.keepalive_s,
+        ):
+            continue
+        lines += _peer_lines(p)
+    if len(lines) == 1:
+        return None
+    return _encode(lines)
+
+
+def _check(private_key: bytes, listen_port: int) -> None:
     if len(private_key) != 32:
         raise InvalidInput("private key must be 32 bytes")
     if not 0 <= listen_port <= 65535:
         raise InvalidInput(f"listen port {listen_port} out of range")
-    lines = ["set=1", f"private_key={private_key.hex()}", f"listen_port={listen_port}"]
-    lines.append("replace_peers=true")
-    for p in sorted(peers):
-        if len(p.public_key) != 32:
-            raise InvalidInput("peer public key must be 32 bytes")
-        lines += [f"public_key={p.public_key.hex()}", f"endpoint={p.endpoint}"]
-        lines.append(f"persistent_keepalive_interval={p.keepalive_s}")
-        lines.append("replace_allowed_ips=true")
-        lines += [f"allowed_ip={a}" for a in p.allowed_ips]
+
+
+def _peer_lines(p: Peer) -> list[str]:
+    if len(p.public_key) != 32:
+        raise InvalidInput("peer public key must be 32 bytes")
+    return [
+        f"public_key={p.public_key.hex()}",
+        f"endpoint={p.endpoint}",
+        f"persistent_keepalive_interval={p.keepalive_s}",
+        "replace_allowed_ips=true",
+        *(f"allowed_ip={a}" for a in p.allowed_ips),
+    ]
+
+
+def _encode(lines: list[str]) -> bytes:
     for line in lines:
         if "\n" in line or "=" not in line:
             raise InvalidInput(f"invalid UAPI line {line!r}")

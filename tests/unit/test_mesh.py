@@ -351,3 +351,26 @@ def test_a_named_bridge_is_adopted_by_its_name() -> None:
 def test_a_network_that_does_not_fit_is_not_adopted(over: dict[str, object], why: str) -> None:
     with pytest.raises(InvalidInput, match=why):
         network.adopt(inspected(**over), "10.213.1.0/24")
+
+
+def test_update_touches_only_what_differs() -> None:
+    stays = Peer(K2.public, "10.250.0.12:51820", ("10.213.2.0/24",))
+    moved = Peer(K3.public, "10.250.0.13:51820", ("10.213.3.0/24",))
+    gone = Peer(K1.public, "10.250.0.11:51820", ("10.213.1.0/24",))
+    old = Peer(K3.public, "10.250.0.99:51820", ("10.213.3.0/24",))
+    have = uapi.Device(K1.private, 51820, (stays, old, gone))
+    got = uapi.update_request(have, K1.private, 51820, [stays, moved])
+    assert (
+        got
+        == (
+            f"set=1\npublic_key={K1.public.hex()}\nremove=true\n"
+            f"public_key={K3.public.hex()}\nendpoint=10.250.0.13:51820\n"
+            "persistent_keepalive_interval=25\nreplace_allowed_ips=true\n"
+            "allowed_ip=10.213.3.0/24\n\n"
+        ).encode()
+    )
+    same = uapi.Device(K1.private, 51820, (stays,))
+    assert uapi.update_request(same, K1.private, 51820, [stays]) is None
+    assert uapi.update_request(uapi.Device(K2.private, 1, ()), K1.private, 51820, []) == (
+        f"set=1\nprivate_key={K1.private.hex()}\nlisten_port=51820\n\n".encode()
+    )

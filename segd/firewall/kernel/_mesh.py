@@ -116,9 +116,15 @@ class WireGuardLink:
     # ---- configuration ----------------------------------------------------------------
 
     def configure(self, private_key: bytes, listen_port: int, peers: list[Peer]) -> None:
-        """Key, port and exactly these peers (replace_peers)."""
+        """Key, port and exactly these peers (what differs from the device only)."""
         if self.path == "userspace":
-            uapi.check_errno(self._uapi(uapi.set_request(private_key, listen_port, peers)))
+            have = self.device()
+            if have is None:
+                req: bytes | None = uapi.set_request(private_key, listen_port, peers)
+            else:  # peers that stay keep their sessions
+                req = uapi.update_request(have, private_key, listen_port, peers)
+            if req is not None:
+                uapi.check_errno(self._uapi(req))
             return
         self._configure_kernel(private_key, listen_port, peers)
 
