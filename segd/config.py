@@ -7,6 +7,7 @@ with the file, the key and the reason before anything starts.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
@@ -122,6 +123,33 @@ class ConnectionLimits(_Strict):
             raise ValueError("body_timeout_s: must be between 0.5 and 3600")
 
 
+MAX_HOST_PREFIX_V4 = 30  # a host's subnet holds at least a gateway and one container
+
+
+class MeshConfig(_Strict):
+    """The segd mesh: the pool each mesh host gets its own subnet from (empty: no mesh)."""
+
+    pool: str = ""
+    host_prefix: int = 24
+
+    def __post_init__(self) -> None:
+        if not self.pool:
+            if not 1 <= self.host_prefix <= MAX_HOST_PREFIX_V4:
+                raise ValueError(f"host_prefix: must be between 1 and {MAX_HOST_PREFIX_V4}")
+            return
+        try:
+            net = ipaddress.ip_network(self.pool, strict=True)
+        except ValueError as e:
+            raise ValueError(f"pool: {e} (expected an IPv4 CIDR such as 10.213.0.0/16)") from None
+        if net.version != 4:
+            raise ValueError("pool: only an IPv4 pool is supported")
+        if not net.prefixlen <= self.host_prefix <= MAX_HOST_PREFIX_V4:
+            raise ValueError(
+                f"host_prefix: must be between the pool's prefix length ({net.prefixlen})"
+                f" and {MAX_HOST_PREFIX_V4}"
+            )
+
+
 class ServerConfig(_Strict):
     listen: str = DEFAULT_SERVER_LISTEN
     data_dir: str = "/var/lib/segd/server"
@@ -135,6 +163,7 @@ class ServerConfig(_Strict):
     audit_retention_days: int = 90  # 0: keep every entry
     tls: TLSConfig = msgspec.field(default_factory=TLSConfig)
     connections: ConnectionLimits = msgspec.field(default_factory=ConnectionLimits)
+    mesh: MeshConfig = msgspec.field(default_factory=MeshConfig)
 
     def __post_init__(self) -> None:
         _check("listen", parse_listen, self.listen)

@@ -4,7 +4,13 @@ A workload carries at most one value per label dimension. A label set used in a
 rule is a *selector*: a workload matches it when it has every label in it (subset
 match), so `{}` matches every workload. A rule lets its consumers reach its
 providers on its services; everything else is dropped. `"any"` on either side
-means any address at all, workload or not.
+means any address at all, workload or not. A side may also name address blocks
+(`ip:` peers, CIDRs): traffic from or to those addresses, whoever they are.
+
+Rule option `encrypted`: the rule's remote peers are admitted only by their
+mesh addresses (their traffic crosses hosts only through the segd mesh);
+peers on the same host are admitted whatever their address. Such a rule has
+no `any` side and no address blocks.
 
 Pure values and functions only: no I/O.
 """
@@ -12,6 +18,7 @@ Pure values and functions only: no I/O.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -26,7 +33,9 @@ DIMENSION_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}\Z")
 # Values are short identifiers. They never reach a ruleset (sets are named by a
 # digest), but a strict alphabet keeps audit logs, tables and shells boring.
 VALUE_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,62})\Z")
-RULE_OPTIONS = frozenset({"log"})
+RULE_OPTIONS = frozenset({"log", "encrypted"})
+ENCRYPTED = "encrypted"
+IP_PREFIX = "ip:"  # `--provider ip:CIDR` on the command line
 
 Labels = dict[str, str]
 Selectors = list[Labels] | Literal["any"]
@@ -122,6 +131,41 @@ def set_name(selector: Mapping[str, str]) -> str:
     """A stable nftables-safe identifier for a selector's membership set."""
     digest = hashlib.sha256(canonical(selector).encode()).hexdigest()
     return "ls_" + digest[:16]
+
+
+def parse_block(text: str) -> str:
+    """One address block, `203.0.113.0/24` or `2001:db8::/32` (a bare address is
+    its /32 or /128). Strict: host bits must be zero (`10.0.0.1/24` is refused,
+    not rounded). Returns the canonical text."""
+    t = text.strip()
+    if not t.isascii() or "%" in t:
+        raise InvalidInput(f"invalid address block {text[:64]!r}: expected a CIDR")
+    try:
+        net = ipaddress.ip_network(t, strict=True)
+    except ValueError as e:
+        raise InvalidInput(f"invalid address block {text[:64]!r}: {e}") from None
+    return str(net)
+
+
+def parse_blocks(texts: Iterable[str]) -> list[str]:
+    """Validated blocks in canonical text, deduplicated, IPv4 first, in order."""
+    nets = {ipaddress.ip_network(parse_block(t)) for t in texts}
+    return [str(n) for n in sorted(nets, key=lambda n: (n.version, n))]
+
+
+def sorted_blocks(blocks: Iterable[str]) -> list[str]:
+    """The set elements for `blocks`: overlapping and adjacent blocks merged (an
+    interval set refuses overlaps), IPv4 first, in order."""
+    nets = [ipaddress.ip_network(b) for b in blocks]
+    v4 = ipaddress.collapse_addresses(n for n in nets if n.version == 4)
+    v6 = ipaddress.collapse_addresses(n for n in nets if n.version == 6)
+    return [str(n) for n in (*v4, *v6)]
+
+
+def ip_set_name(blocks: Iterable[str]) -> str:
+    """A stable nftables-safe identifier for the set of a rule side's blocks."""
+    digest = hashlib.sha256(",".join(sorted_blocks(blocks)).encode()).hexdigest()
+    return "ip_" + digest[:16]
 
 
 def parse_service(text: str) -> Service:

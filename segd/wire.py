@@ -20,6 +20,7 @@ MAX_CODE_LIFESPAN_S = 30 * 86400
 MAX_SERVICES = 64
 MAX_IPS = 16
 MAX_PAIRING_KEY = 4096
+MAX_BLOCKS = 64
 
 MaxUses = Annotated[int, msgspec.Meta(ge=1, le=MAX_USES)]
 Lifespan = Annotated[int, msgspec.Meta(ge=1, le=MAX_LIFESPAN_S)]
@@ -41,12 +42,27 @@ class Health(msgspec.Struct, frozen=True, omit_defaults=True):
 # ---- policy (admin API) -------------------------------------------------------------
 
 
+IpBlocks = Annotated[
+    list[str],
+    msgspec.Meta(
+        max_length=MAX_BLOCKS,
+        description="address blocks (CIDR, IPv4 or IPv6, host bits zero) on this side",
+    ),
+]
+
+
 class RuleIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A rule: `consumers` may reach `providers` on `services`. A side is label
+    sets, address blocks (`*_ips`), or both; or `any`. With blocks, its label
+    sets may be an empty list."""
+
     providers: Selectors
     consumers: Selectors
     services: Annotated[list[str], msgspec.Meta(min_length=1, max_length=MAX_SERVICES)]
     options: list[str] = []
     description: str = ""
+    provider_ips: IpBlocks = []
+    consumer_ips: IpBlocks = []
 
 
 class Rule(msgspec.Struct, frozen=True):
@@ -57,6 +73,8 @@ class Rule(msgspec.Struct, frozen=True):
     options: list[str] = []
     description: str = ""
     created_at: float = 0.0
+    provider_ips: list[str] = []
+    consumer_ips: list[str] = []
 
 
 OnMismatch = Literal["deny", "default"]

@@ -32,7 +32,7 @@ import msgspec
 
 from segd import crypto, log, wire
 from segd.errors import Forbidden, InvalidInput, SegdError, Unauthorized
-from segd.server import pairing, tokens, validate
+from segd.server import mesh, pairing, tokens, validate
 from segd.server.core import Core, new_id, sha256_hex
 from segd.server.refusals import clip
 from segd.server.store import Tx
@@ -215,6 +215,49 @@ class Agents:
             )
         _log.warning("agent.reported", host=host_id, kind=rep.event, container=rep.container_id)
 
+    async def join_mesh(self, host_id: str, jin: wire.MeshJoinIn) -> wire.MeshJoined:
+        """Give the host its subnet of the pool (the one it has when it joined
+        before) and record its WireGuard key and endpoint; the hosts it exchanges
+        traffic with learn them with the commit."""
+        core = self._core
+        pool = core.pool
+        if not pool.enabled:
+            raise SegdError(
+                "the server has no mesh: set [server.mesh] pool",
+                code="mesh_not_configured",
+                status=409,
+            )
+        key = mesh.public_key(jin.public_key)
+        endpoint = mesh.endpoint(jin.endpoint)
+        now = core.clock()
+        async with core.store.write() as tx:
+            _check_live(tx, host_id)
+            holder = tx.mesh_key_holder(key)
+            if holder is not None and holder != host_id:
+                raise SegdError(
+                    "this WireGuard public key is another host's",
+                    code="mesh_key_in_use",
+                    status=409,
+                )
+            old = tx.host_mesh(host_id)
+            subnet = old.subnet if old is not None and pool.holds(old.subnet) else None
+            if subnet is None:
+                subnet = pool.allocate(tx.mesh_subnets())
+            if subnet is None:
+                raise SegdError(
+                    f"the mesh pool {pool.text} has no free /{pool.host_prefix} left",
+                    code="mesh_pool_exhausted",
+                    status=409,
+                )
+            peer = wire.MeshPeer(host_id=host_id, public_key=key, endpoint=endpoint, subnet=subnet)
+            if peer != old:
+                tx.join_mesh(peer)
+                tx.audit(
+                    now, "host.mesh_joined", "ok", host_id=host_id, detail=f"{subnet} {endpoint}"
+                )
+        _log.info("host.mesh_joined", host=host_id, subnet=subnet, endpoint=endpoint)
+        return wire.MeshJoined(subnet=subnet, pool=pool.text)
+
     async def touch(self, host_id: str) -> None:
         """Record that the host's agent was seen (at most once a minute; best effort)."""
         now = self._core.clock()
@@ -226,6 +269,24 @@ class Agents:
                 tx.touch_host(host_id, now)
         except SegdError as e:
             _log.warning("host.touch_failed", host=host_id, error=e.message)
+
+
+NOT_IN_SUBNET = "address_not_in_host_subnet"
+
+
+def _check_mesh_addresses(tx: Tx, host_id: str, ips: list[str]) -> None:
+    """Refuse a mesh address (inside the pool) outside the host's own subnet: a
+    host pairs mesh addresses of its own subnet only."""
+    mesh_ips = [ip for ip in ips if tx.scope_of(host_id, ip) == mesh.MESH_SCOPE]
+    if not mesh_ips:
+        return
+    own = tx.host_mesh(host_id)
+    for ip in sorted(mesh_ips):
+        if own is None or not mesh.in_subnet(ip, own.subnet):
+            where = f"its subnet {own.subnet}" if own else "no subnet: it has not joined the mesh"
+            raise pairing.Denied(
+                NOT_IN_SUBNET, f"address {ip} is in the mesh pool but the host has {where}"
+            )
 
 
 def _check_workload_key(
@@ -265,7 +326,12 @@ def _pair_again(
     if w.ips == pin.ips:
         tx.audit(now, "workload.paired", "ok", "already_paired", key_id=w.key_id, **audit)
         return w, None
-    held = {ip: o for ip, o in (tx.ip_holders(pin.ips)).items() if o != w.id}
+    try:
+        _check_mesh_addresses(tx, w.host_id, pin.ips)
+    except pairing.Denied as e:
+        tx.audit(now, "workload.readdressed", "denied", e.code, detail=e.message, **audit)
+        return w, e
+    held = {ip: o for ip, o in (tx.ip_holders(w.host_id, pin.ips)).items() if o != w.id}
     if held:
         err = pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
         tx.audit(now, "workload.readdressed", "denied", err.code, detail=err.message, **audit)
@@ -303,7 +369,8 @@ def _new(
     decision = pairing.decide(
         claims, key, prof, pin.requested_labels, core.dims, now, readmit=readmit
     )
-    held = tx.ip_holders(pin.ips)
+    _check_mesh_addresses(tx, host_id, pin.ips)
+    held = tx.ip_holders(host_id, pin.ips)
     if held:
         raise pairing.Denied(pairing.IP_IN_USE, f"address {min(held)} is held by another workload")
     if not readmit:

@@ -158,6 +158,10 @@ async def instructions(c: Call) -> web.Response | None:
     return None if body is None else web.Response(body=body, content_type="application/json")
 
 
+async def join_mesh(c: Call) -> wire.MeshJoined:
+    return await c.ctx.svc.agents.join_mesh(c.ctx.host_id, c.body_as(wire.MeshJoinIn))
+
+
 async def report(c: Call) -> None:
     await c.ctx.svc.agents.report(c.ctx.host_id, c.body_as(wire.AgentReport))
 
@@ -222,6 +226,10 @@ ROUTES: tuple[Route, ...] = (
           "agent", response=wire.SignedInstructions,
           query=(Param("since", "integer", "the version the agent holds (default 0)"),
                  Param("wait", "number", "seconds to wait for a newer version (capped)"))),
+    Route("PUT", "/v1/agent/mesh", join_mesh,
+          "Join the segd mesh: the host's subnet of the pool (kept across joins), and its "
+          "WireGuard public key and endpoint for the hosts it exchanges traffic with",
+          "agent", body=wire.MeshJoinIn, response=wire.MeshJoined),
     Route("POST", "/v1/agent/report", report, "Report an event to audit (e.g. tampering)",
           "agent", body=wire.AgentReport),
     Route("PUT", "/v1/agent/sidecars", sidecars,

@@ -39,6 +39,12 @@ class HostAdded(msgspec.Struct, frozen=True, tag=True):
     public_key: str
 
 
+class HostMeshJoined(msgspec.Struct, frozen=True, tag=True):
+    """A host joined the mesh, or joined again with a new key or endpoint."""
+
+    peer: wire.MeshPeer
+
+
 class HostRevoked(msgspec.Struct, frozen=True, tag=True):
     host_id: str
 
@@ -57,6 +63,7 @@ Change = (
     | WorkloadRemoved
     | RulesSet
     | HostAdded
+    | HostMeshJoined
     | HostRevoked
     | HostsRecompiled
 )

@@ -17,6 +17,22 @@ those parts; `host_digest` hashes the digests of the parts, so telling whether a
 host changed does not re-encode its instructions, and `encode` re-encodes only
 the parts that changed.
 
+Address scopes (`segd.server.mesh`): an address inside the mesh pool is a mesh
+address, every other one is host-local. A set on host H holds the mesh
+addresses of every member and the host-local addresses of H's own members
+only: another host's host-local address means nothing on H (Docker's default
+bridges overlap across hosts). A set is shared by every host with no
+host-local member of it; a host with one has its own copy (`name@host`). A
+workload with no mesh address changes its own host's instructions only.
+
+The mesh part of a mesh host's instructions names the other mesh hosts with
+workloads (with mesh addresses) in the sets it references, or every other
+mesh host when one of its workloads allows any address; the relation is
+symmetric, so both ends of a rule have each other as peers.
+
+A rule side may also name address blocks (`ip:` peers): one constant set of
+CIDRs per side (`policy.ip_set_name`), held like any other set.
+
 Pure: no I/O.
 """
 
@@ -24,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import ipaddress
 import itertools
 import math
 from collections import Counter
@@ -33,7 +50,7 @@ import msgspec
 
 from segd import policy
 from segd.policy import Labels, Service
-from segd.wire import Allow, Instructions, Rule, Workload, WorkloadPolicy
+from segd.wire import Allow, Instructions, Mesh, MeshPeer, Rule, Workload, WorkloadPolicy
 
 _ENCODER = msgspec.json.Encoder(order="deterministic")
 
@@ -62,6 +79,7 @@ class _Profile(msgspec.Struct, frozen=True):
     outbound: list[Allow]
     referenced: frozenset[str]  # sets its allows name as peers
     relevant: frozenset[str]  # rule ids
+    any_peer: bool  # an allow of any address
 
 
 class _Policy(msgspec.Struct, frozen=True):
@@ -122,6 +140,7 @@ class _HostPart(msgspec.Struct, frozen=True):
     refs: tuple[str, ...]  # sorted names of the sets it references
     rules: list[Rule]
     digest: bytes  # of the host id, its workloads' policies and its rules
+    any_peer: bool  # a workload allows any address
 
 
 class _HostView:
@@ -132,6 +151,8 @@ class _HostView:
 
     __slots__ = (
         "digest",
+        "keys",
+        "mesh",
         "part",
         "positions",
         "rules_json",
@@ -143,9 +164,14 @@ class _HostView:
     )
 
     def __init__(
-        self, part: _HostPart, sets: dict[str, list[str]], set_digests: list[bytes]
+        self,
+        part: _HostPart,
+        keys: dict[str, str],
+        sets: dict[str, list[str]],
+        set_digests: list[bytes],
     ) -> None:
         self.part = part
+        self.keys = keys  # set name -> the key of the copy the host holds
         self.sets = sets
         self.set_digests = set_digests
         self.positions = {name: i for i, name in enumerate(part.refs)}
@@ -154,12 +180,23 @@ class _HostView:
         self.digest = ""
         self.workloads_json = b""
         self.rules_json = b""
+        self.mesh: tuple[Mesh | None, bytes] | None = None  # and its digest; None: not made
 
 
 class Compiler:
     """In-memory incremental compiler. Feed it rules and workloads; ask for hosts."""
 
-    def __init__(self, rules: Iterable[Rule] = (), workloads: Iterable[Workload] = ()) -> None:
+    def __init__(
+        self,
+        rules: Iterable[Rule] = (),
+        workloads: Iterable[Workload] = (),
+        *,
+        pool: str = "",
+        mesh: Iterable[MeshPeer] = (),
+    ) -> None:
+        self._pool = pool
+        self._pool_net = ipaddress.ip_network(pool) if pool else None
+        self._mesh: dict[str, MeshPeer] = {p.host_id: p for p in mesh}  # joined, not revoked
         self._rules: dict[str, _CompiledRule] = {}
         self._selectors: dict[str, Labels] = {}  # set name -> selector labels
         self._by_items: dict[frozenset[tuple[str, str]], str] = {}  # selector labels -> name
@@ -170,9 +207,15 @@ class Compiler:
         self._any_cons: set[str] = set()
         self._workloads: dict[str, Workload] = {}
         self._by_host: dict[str, set[str]] = {}
-        self._ip_owners: dict[str, set[str]] = {}  # address -> workload ids holding it
+        self._scoped: dict[str, tuple[list[str], list[str]]] = {}  # id -> (mesh, local) ips
+        # (scope, address) -> workload ids holding it; scope "" (mesh) or a host id
+        self._ip_owners: dict[tuple[str, str], set[str]] = {}
         self._members: dict[str, set[str]] = {}  # set name -> workload ids
         self._member_hosts: dict[str, Counter[str]] = {}  # set name -> host -> count
+        # set name -> host -> members with a mesh address / with a host-local address
+        self._mesh_hosts: dict[str, Counter[str]] = {}
+        self._local_hosts: dict[str, Counter[str]] = {}
+        self._ip_sets: dict[str, list[str]] = {}  # ip set name -> its blocks
         self._matched: dict[str, frozenset[str]] = {}  # workload id -> set names it matches
         # Derived parts, rebuilt on demand.
         self._profiles: dict[frozenset[str], _Profile] = {}
@@ -180,9 +223,12 @@ class Compiler:
         self._rule_digests: dict[str, bytes] = {}
         self._rows: dict[str, _HostRows] = {}
         self._views: dict[str, _HostView] = {}
-        self._holders: dict[str, set[str]] = {}  # set name -> hosts whose views hold it
-        self._set_ips: dict[str, list[str]] = {}  # set name -> sorted addresses (never mutated)
-        self._set_digests: dict[str, tuple[bytes, bytes]] = {}  # set name -> (JSON, digest)
+        # Sets by key: the set name for the copy shared by hosts with no host-local
+        # member, `name@host` for a host's own copy.
+        self._holders: dict[str, set[str]] = {}  # set key -> hosts whose views hold it
+        self._copies: dict[str, set[str]] = {}  # set name -> hosts with a copy built
+        self._set_ips: dict[str, list[str]] = {}  # set key -> sorted addresses (never mutated)
+        self._set_digests: dict[str, tuple[bytes, bytes]] = {}  # set key -> (JSON, digest)
         self._previous_set_json: dict[str, tuple[list[str], bytes]] = {}  # the list before
         self.set_rules(rules)
         for w in workloads:
@@ -200,9 +246,14 @@ class Compiler:
         self._cons_rules.clear()
         self._any_prov.clear()
         self._any_cons.clear()
+        self._ip_sets.clear()
         for r in rules:
-            prov = self._index_side(r.id, r.providers, self._prov_rules, self._any_prov)
-            cons = self._index_side(r.id, r.consumers, self._cons_rules, self._any_cons)
+            prov = self._index_side(
+                r.id, r.providers, r.provider_ips, self._prov_rules, self._any_prov
+            )
+            cons = self._index_side(
+                r.id, r.consumers, r.consumer_ips, self._cons_rules, self._any_cons
+            )
             self._rules[r.id] = _CompiledRule(r, prov, cons, policy.parse_services(r.services))
             self._rule_digests[r.id] = _digest(b"rule", r)
         self._longest = max((len(s) for s in self._selectors.values()), default=0)
@@ -211,22 +262,25 @@ class Compiler:
         self._rows.clear()
         self._views.clear()
         self._holders.clear()
+        self._copies.clear()
         self._set_ips.clear()
         self._set_digests.clear()
         self._previous_set_json.clear()
         self._members = {name: set() for name in self._selectors}
         self._member_hosts = {name: Counter() for name in self._selectors}
+        self._mesh_hosts = {name: Counter() for name in self._selectors}
+        self._local_hosts = {name: Counter() for name in self._selectors}
         for wid, w in self._workloads.items():
             self._matched[wid] = self._match(w.labels)
             for name in self._matched[wid]:
-                self._members[name].add(wid)
-                self._member_hosts[name][w.host_id] += 1
-        return self.hosts()
+                self._join(name, w)
+        return self.hosts() | set(self._mesh)
 
     def _index_side(
         self,
         rule_id: str,
         side: policy.Selectors,
+        blocks: list[str],
         index: dict[str, set[str]],
         any_rules: set[str],
     ) -> tuple[str, ...] | None:
@@ -239,6 +293,10 @@ class Compiler:
             self._selectors[name] = dict(sel)
             self._by_items[frozenset(sel.items())] = name
             index.setdefault(name, set()).add(rule_id)
+            names.append(name)
+        if blocks:
+            name = policy.ip_set_name(blocks)
+            self._ip_sets[name] = policy.sorted_blocks(blocks)
             names.append(name)
         return tuple(sorted(set(names)))
 
@@ -265,19 +323,78 @@ class Compiler:
             affected |= self.remove_workload(w.id)
         self._workloads[w.id] = w
         self._by_host.setdefault(w.host_id, set()).add(w.id)
-        for ip in w.ips:
-            self._ip_owners.setdefault(ip, set()).add(w.id)
+        mesh_ips, local_ips = self._scoped[w.id] = self._split(w.ips)
+        for ip in mesh_ips:
+            self._ip_owners.setdefault(("", ip), set()).add(w.id)
+        for ip in local_ips:
+            self._ip_owners.setdefault((w.host_id, ip), set()).add(w.id)
         matched = self._match(w.labels)
         self._matched[w.id] = matched
         for name in matched:
-            self._members[name].add(w.id)
-            self._member_hosts[name][w.host_id] += 1
+            self._join(name, w)
             self._member_changed(name, w, joined=True)
         rows = self._rows.get(w.host_id)
         if rows is not None:
             rows.insert(self._policy(w.id), matched)
         self._drop_view(w.host_id)
+        if not mesh_ips:  # host-local addresses only: no other host sees it
+            return affected | {w.host_id}
         return affected | self._affected_by(w.host_id, matched)
+
+    def _split(self, ips: Iterable[str]) -> tuple[list[str], list[str]]:
+        """(mesh addresses, host-local addresses)."""
+        mesh: list[str] = []
+        local: list[str] = []
+        for ip in ips:
+            (mesh if self._is_mesh(ip) else local).append(ip)
+        return mesh, local
+
+    def _is_mesh(self, ip: str) -> bool:
+        if self._pool_net is None:
+            return False
+        try:
+            return ipaddress.ip_address(ip) in self._pool_net
+        except ValueError:
+            return False
+
+    def _join(self, name: str, w: Workload) -> None:
+        """Count `w` (now in `_workloads`) as a member of the set `name`."""
+        self._members[name].add(w.id)
+        self._member_hosts[name][w.host_id] += 1
+        mesh_ips, local_ips = self._scoped[w.id]
+        if mesh_ips:
+            self._mesh_hosts[name][w.host_id] += 1
+            if self._mesh_hosts[name][w.host_id] == 1:
+                self._peers_changed(name)
+        if local_ips:
+            self._local_hosts[name][w.host_id] += 1
+
+    def _leave(self, name: str, w: Workload) -> None:
+        """Count `w` out of the set `name` (its members no longer have it)."""
+        _decrement(self._member_hosts[name], w.host_id)
+        mesh_ips, local_ips = self._scoped[w.id]
+        if mesh_ips and _decrement(self._mesh_hosts[name], w.host_id):
+            self._peers_changed(name)
+        if local_ips and _decrement(self._local_hosts[name], w.host_id):
+            # The host's own copy goes (its view is dropped with this change).
+            key = f"{name}@{w.host_id}"
+            self._set_ips.pop(key, None)
+            self._set_digests.pop(key, None)
+            self._previous_set_json.pop(key, None)
+            copies = self._copies.get(name)
+            if copies is not None:
+                copies.discard(w.host_id)
+
+    def _peers_changed(self, name: str) -> None:
+        """A host gained its first or lost its last mesh member of `name`: the mesh
+        peers of the hosts holding the set may change."""
+        if not self._mesh:
+            return
+        for key in (name, *(f"{name}@{h}" for h in self._copies.get(name, ()))):
+            for h in self._holders.get(key, ()):
+                view = self._views[h]
+                view.mesh = None
+                view.digest = ""
 
     def remove_workload(self, workload_id: str) -> set[str]:
         """Remove a workload; return the hosts whose instructions may change."""
@@ -292,12 +409,11 @@ class Compiler:
         matched = self._matched.pop(workload_id, frozenset())
         for name in matched:
             self._members[name].discard(workload_id)
-            counter = self._member_hosts[name]
-            counter[w.host_id] -= 1
-            if counter[w.host_id] <= 0:
-                del counter[w.host_id]
             self._member_changed(name, w, joined=False)
+            self._leave(name, w)
+        mesh_ips, _ = self._scoped[workload_id]
         self._disown_ips(w)
+        del self._scoped[workload_id]
         self._policies.pop(workload_id, None)
         rows = self._rows.get(w.host_id)
         if rows is not None:
@@ -305,29 +421,43 @@ class Compiler:
             if not rows.wids:
                 del self._rows[w.host_id]
         self._drop_view(w.host_id)
+        if not mesh_ips:
+            return {w.host_id}
         return self._affected_by(w.host_id, matched) | {w.host_id}
 
     def _disown_ips(self, w: Workload) -> None:
         """Forget that `w` holds its addresses (an address may have other holders)."""
-        for ip in w.ips:
-            owners = self._ip_owners.get(ip)
+        mesh_ips, local_ips = self._scoped[w.id]
+        for scoped in [*(("", ip) for ip in mesh_ips), *((w.host_id, ip) for ip in local_ips)]:
+            owners = self._ip_owners.get(scoped)
             if owners is not None:
                 owners.discard(w.id)
                 if not owners:
-                    del self._ip_owners[ip]
+                    del self._ip_owners[scoped]
 
     def _member_changed(self, name: str, w: Workload, *, joined: bool) -> None:
-        """Keep the set's cached address list current (a new list, never an edit)
-        and note it on the views of the hosts that hold it."""
-        ips = self._set_ips.get(name)
-        if ips is None:  # never built, so nobody holds it yet
-            return
+        """Keep the cached address lists of the set's copies current (new lists,
+        never edits) and note them on the views of the hosts that hold them."""
         # An address stays in the set while another member holds it too.
         members = self._members[name]
-        moved = [
-            ip for ip in w.ips if not any(o in members for o in self._ip_owners[ip] if o != w.id)
-        ]
-        if not moved:
+        mesh_ips, local_ips = self._scoped[w.id]
+
+        def moved(ips: list[str], scope: str) -> list[str]:
+            return [
+                ip
+                for ip in ips
+                if not any(o in members for o in self._ip_owners[(scope, ip)] if o != w.id)
+            ]
+
+        if mesh_ips and (gone := moved(mesh_ips, "")):
+            for key in (name, *(f"{name}@{h}" for h in self._copies.get(name, ()))):
+                self._edit_set(key, name, gone, joined=joined)
+        if local_ips and (gone := moved(local_ips, w.host_id)):
+            self._edit_set(f"{name}@{w.host_id}", name, gone, joined=joined)
+
+    def _edit_set(self, key: str, name: str, moved: list[str], *, joined: bool) -> None:
+        ips = self._set_ips.get(key)
+        if ips is None:  # never built, so nobody holds it yet
             return
         new = list(ips)
         for ip in moved:
@@ -337,11 +467,11 @@ class Compiler:
                 new.insert(i, ip)
             elif not joined and present:
                 del new[i]
-        self._set_ips[name] = new
-        encoded = self._set_digests.pop(name, None)
+        self._set_ips[key] = new
+        encoded = self._set_digests.pop(key, None)
         if encoded is not None:  # instructions compiled before may still be encoded
-            self._previous_set_json[name] = (ips, encoded[0])
-        for h in self._holders.get(name, ()):
+            self._previous_set_json[key] = (ips, encoded[0])
+        for h in self._holders.get(key, ()):
             view = self._views[h]
             view.stale.add(name)
             view.stale_digests.add(name)
@@ -366,13 +496,29 @@ class Compiler:
         if side is None:
             return True
         for name in side:
-            out.update(self._member_hosts[name])
+            out.update(self._member_hosts.get(name, ()))
         return False
 
     # ---- outputs ----------------------------------------------------------------
 
     def hosts(self) -> set[str]:
         return set(self._by_host)
+
+    def set_mesh_host(self, host_id: str, peer: MeshPeer | None) -> set[str]:
+        """A host joined the mesh (or again, with a new key or endpoint), or left it
+        (`None`: revoked). Returns the hosts whose instructions may change: every
+        mesh host (whose peers it may be) and itself."""
+        before = self._mesh.get(host_id)
+        if peer is None:
+            self._mesh.pop(host_id, None)
+        else:
+            self._mesh[host_id] = peer
+        if before == peer:
+            return set()
+        for view in self._views.values():
+            view.mesh = None
+            view.digest = ""
+        return set(self._mesh) | {host_id}
 
     def compile_host(self, host_id: str, version: int) -> Instructions:
         """The management instructions of one host: its workloads' allows, the
@@ -381,7 +527,7 @@ class Compiler:
         if view.stale:
             sets = dict(view.sets)
             for name in view.stale:
-                sets[name] = self._set_list(name)
+                sets[name] = self._set_list(view.keys[name])
             view.sets = sets
             view.stale.clear()
         part = view.part
@@ -391,6 +537,7 @@ class Compiler:
             workloads=part.workloads,
             sets=view.sets,
             rules=part.rules,
+            mesh=self._mesh_part(host_id, view)[0],
         )
 
     def host_digest(self, host_id: str) -> str:
@@ -399,12 +546,29 @@ class Compiler:
         view = self._view(host_id)
         if not view.digest:
             for name in view.stale_digests:
-                view.set_digests[view.positions[name]] = self._set_digest(name)
+                view.set_digests[view.positions[name]] = self._set_digest(view.keys[name])
             view.stale_digests.clear()
             h = hashlib.sha256(view.part.digest)
             h.update(b"".join(view.set_digests))
+            h.update(self._mesh_part(host_id, view)[1])
             view.digest = h.hexdigest()
         return view.digest
+
+    def _mesh_part(self, host_id: str, view: _HostView) -> tuple[Mesh | None, bytes]:
+        """The host's mesh part and its digest (b"" when it is not in the mesh)."""
+        if view.mesh is None:
+            own = self._mesh.get(host_id)
+            if own is None:
+                view.mesh = (None, b"")
+            else:
+                if view.part.any_peer:
+                    hosts: Iterable[str] = self._mesh
+                else:
+                    hosts = {h for n in view.part.refs for h in self._mesh_hosts.get(n, ())}
+                peers = sorted(self._mesh[h] for h in hosts if h != host_id and h in self._mesh)
+                mesh = Mesh(pool=self._pool, subnet=own.subnet, peers=peers)
+                view.mesh = (mesh, _digest(b"mesh", mesh))
+        return view.mesh
 
     def compile_all(self, versions: Mapping[str, int] | None = None) -> dict[str, Instructions]:
         versions = versions or {}
@@ -424,9 +588,11 @@ class Compiler:
         else:
             pieces.append(_ENCODER.encode(instr.workloads))
         pieces.append(b',"sets":{')
+        keys = view.keys if view is not None else {}
         for i, name in enumerate(sorted(instr.sets)):
-            key = _ENCODER.encode(name)
-            pieces += (b"," if i else b"", key, b":", self._set_json(name, instr.sets[name]))
+            text = _ENCODER.encode(name)
+            ips = instr.sets[name]
+            pieces += (b"," if i else b"", text, b":", self._set_json(keys.get(name, name), ips))
         pieces.append(b'},"rules":')
         if view is not None and instr.rules is view.part.rules:
             if not view.rules_json:
@@ -439,10 +605,10 @@ class Compiler:
         pieces.append(b"}")
         return b"".join(pieces)
 
-    def _set_json(self, name: str, ips: list[str]) -> bytes:
-        if self._set_ips.get(name) is ips:
-            return self._set_encoded(name)[0]
-        previous = self._previous_set_json.get(name)
+    def _set_json(self, key: str, ips: list[str]) -> bytes:
+        if self._set_ips.get(key) is ips or self._ip_sets.get(key) is ips:
+            return self._set_encoded(key)[0]
+        previous = self._previous_set_json.get(key)
         if previous is not None and previous[0] is ips:
             return previous[1]
         return _ENCODER.encode(ips)
@@ -454,23 +620,30 @@ class Compiler:
         if view is not None:
             return view
         part = self._host_part(host_id)
+        keys = {name: self._key(name, host_id) for name in part.refs}
         view = self._views[host_id] = _HostView(
             part,
-            {name: self._set_list(name) for name in part.refs},
-            [self._set_digest(name) for name in part.refs],
+            keys,
+            {name: self._set_list(key) for name, key in keys.items()},
+            [self._set_digest(key) for key in keys.values()],
         )
-        for name in part.refs:
-            self._holders.setdefault(name, set()).add(host_id)
+        for key in keys.values():
+            self._holders.setdefault(key, set()).add(host_id)
         return view
+
+    def _key(self, name: str, host_id: str) -> str:
+        """The key of the copy of set `name` that `host_id` holds."""
+        local = self._local_hosts.get(name)
+        return f"{name}@{host_id}" if local and local.get(host_id) else name
 
     def _drop_view(self, host_id: str) -> None:
         view = self._views.pop(host_id, None)
         if view is not None:
-            for name in view.part.refs:
-                holders = self._holders[name]
+            for key in view.keys.values():
+                holders = self._holders[key]
                 holders.discard(host_id)
                 if not holders:
-                    del self._holders[name]
+                    del self._holders[key]
 
     def _host_part(self, host_id: str) -> _HostPart:
         rows = self._rows.get(host_id)
@@ -480,10 +653,12 @@ class Compiler:
                 rows.insert(self._policies.get(wid) or self._policy(wid), self._matched[wid])
         referenced: set[str] = set()
         relevant: set[str] = set()
+        any_peer = False
         for m in rows.matched:
             prof = self._profile(m)
             referenced |= prof.referenced
             relevant |= prof.relevant
+            any_peer |= prof.any_peer
         rule_ids = sorted(relevant)
         rules = [self._rules[rid].rule for rid in rule_ids]
         # Lengths first, then fixed-size digests: no two contents hash the same bytes.
@@ -497,6 +672,7 @@ class Compiler:
             refs=tuple(sorted(referenced)),
             rules=rules,
             digest=h.digest(),
+            any_peer=any_peer,
         )
 
     def _policy(self, wid: str) -> _Policy:
@@ -528,8 +704,9 @@ class Compiler:
             referenced: set[str] = set()
             inbound = self._allows(sorted(as_prov), provider_side=True, referenced=referenced)
             outbound = self._allows(sorted(as_cons), provider_side=False, referenced=referenced)
+            any_peer = any(a.peer is None for a in (*inbound, *outbound))
             prof = self._profiles[matched] = _Profile(
-                inbound, outbound, frozenset(referenced), frozenset(as_prov | as_cons)
+                inbound, outbound, frozenset(referenced), frozenset(as_prov | as_cons), any_peer
             )
         return prof
 
@@ -548,25 +725,48 @@ class Compiler:
                 out.append(Allow(rule_id=rid, peer=name, services=cr.services))
         return out
 
-    def _set_list(self, name: str) -> list[str]:
-        ips = self._set_ips.get(name)
+    def _set_list(self, key: str) -> list[str]:
+        """The sorted addresses of a set copy: the mesh addresses of every member,
+        and for a host's own copy its members' host-local addresses too."""
+        ips = self._set_ips.get(key)
         if ips is None:
-            w = self._workloads
-            ips = self._set_ips[name] = sorted({ip for m in self._members[name] for ip in w[m].ips})
+            blocks = self._ip_sets.get(key)
+            if blocks is not None:
+                return blocks
+            name, _, host = key.partition("@")
+            scoped = self._scoped
+            out = {ip for m in self._members[name] for ip in scoped[m][0]}
+            if host:
+                w = self._workloads
+                out.update(
+                    ip for m in self._members[name] if w[m].host_id == host for ip in scoped[m][1]
+                )
+                self._copies.setdefault(name, set()).add(host)
+            ips = self._set_ips[key] = sorted(out)
         return ips
 
-    def _set_digest(self, name: str) -> bytes:
-        return self._set_encoded(name)[1]
+    def _set_digest(self, key: str) -> bytes:
+        return self._set_encoded(key)[1]
 
-    def _set_encoded(self, name: str) -> tuple[bytes, bytes]:
-        """The set's address list as JSON, and the digest of its name and that JSON."""
-        out = self._set_digests.get(name)
+    def _set_encoded(self, key: str) -> tuple[bytes, bytes]:
+        """The copy's address list as JSON, and the digest of the set's name and
+        that JSON (copies with the same addresses have the same digest)."""
+        out = self._set_digests.get(key)
         if out is None:
-            data = _ENCODER.encode(self._set_list(name))
-            h = hashlib.sha256(name.encode() + b"\0")
+            data = _ENCODER.encode(self._set_list(key))
+            h = hashlib.sha256(key.partition("@")[0].encode() + b"\0")
             h.update(data)
-            out = self._set_digests[name] = (data, h.digest())
+            out = self._set_digests[key] = (data, h.digest())
         return out
+
+
+def _decrement(counter: Counter[str], key: str) -> bool:
+    """Count one less of `key`; True when none is left."""
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+        return True
+    return False
 
 
 def _digest(kind: bytes, value: object) -> bytes:

@@ -20,10 +20,11 @@ import nacl.signing
 from segd import crypto, log
 from segd.config import ServerConfig
 from segd.errors import Forbidden, Unauthorized
-from segd.server import admintoken
+from segd.server import admintoken, mesh
 from segd.server.changes import (
     Commit,
     HostAdded,
+    HostMeshJoined,
     HostRevoked,
     HostsRecompiled,
     RulesSet,
@@ -66,7 +67,9 @@ class Core:
         self.marks = ReplayMarks(self.started_at, {})
         self.guard = Guard(cfg)
         self.signing_key = key
-        self.compiler = Compiler()
+        self.pool = mesh.Pool(cfg.mesh)
+        store.scope_of = self.pool.scope_of
+        self.compiler = Compiler(pool=self.pool.text)
         self.pub = Publisher(key, self.compiler)
         self.hub = self.pub.hub
         self.server_keys = {self.pub.key_id: key.verify_key}
@@ -100,18 +103,28 @@ class Core:
                     affected |= c.remove_workload(wid)
                 case RulesSet(rules):
                     affected |= c.set_rules(rules)
-                case HostAdded(host_id, public_key):
-                    self.hosts[host_id] = HostAuth(crypto.verify_key_from_b64(public_key), False)
-                    self.pub.add_host(host_id)
-                    affected.add(host_id)
-                case HostRevoked(host_id):
-                    auth = self.hosts.get(host_id)
-                    if auth is not None:
-                        self.hosts[host_id] = HostAuth(auth.verify_key, True)
-                    self.pub.drop_host(host_id)
+                case HostAdded() | HostMeshJoined() | HostRevoked():
+                    affected |= self._apply_host(change)
                 case HostsRecompiled(host_ids):
                     forced.update(host_ids)
         changed = self.pub.publish(affected, commit.generation, force=forced)
         if changed:
             self.store.persist_versions(changed)
             _log.debug("instructions.published", generation=commit.generation, hosts=len(changed))
+
+    def _apply_host(self, change: HostAdded | HostMeshJoined | HostRevoked) -> set[str]:
+        """A host's change; returns the hosts whose instructions it may change."""
+        match change:
+            case HostAdded(host_id, public_key):
+                self.hosts[host_id] = HostAuth(crypto.verify_key_from_b64(public_key), False)
+                self.pub.add_host(host_id)
+                return {host_id}
+            case HostMeshJoined(peer):
+                return self.compiler.set_mesh_host(peer.host_id, peer)
+            case HostRevoked(host_id):
+                auth = self.hosts.get(host_id)
+                if auth is not None:
+                    self.hosts[host_id] = HostAuth(auth.verify_key, True)
+                self.pub.drop_host(host_id)
+                # Its peers drop it in this same commit.
+                return self.compiler.set_mesh_host(host_id, None)

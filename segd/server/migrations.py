@@ -206,4 +206,32 @@ MIGRATIONS: list[str] = [
         SELECT coalesce(max(instructions_version), 0), coalesce(max(instructions_version), 0)
         FROM hosts;
     """,
+    # 6: the segd mesh and address scopes. A mesh host's subnet (from the pool;
+    # kept when it joins again and while it is revoked, so never given twice), its
+    # WireGuard public key and endpoint. A workload address is unique in its
+    # scope: '' for mesh addresses (the fleet), the host id for host-local ones
+    # (every address paired before had no mesh: host-local).
+    """
+    ALTER TABLE hosts ADD COLUMN mesh_subnet TEXT NOT NULL DEFAULT '';
+    ALTER TABLE hosts ADD COLUMN mesh_public_key TEXT NOT NULL DEFAULT '';
+    ALTER TABLE hosts ADD COLUMN mesh_endpoint TEXT NOT NULL DEFAULT '';
+    CREATE UNIQUE INDEX hosts_mesh_subnet ON hosts(mesh_subnet) WHERE mesh_subnet != '';
+    CREATE UNIQUE INDEX hosts_mesh_key ON hosts(mesh_public_key) WHERE mesh_public_key != '';
+    -- a rule side's address blocks (ip: peers)
+    ALTER TABLE rules ADD COLUMN provider_ips TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE rules ADD COLUMN consumer_ips TEXT NOT NULL DEFAULT '[]';
+
+    CREATE TABLE workload_ips_new (
+        scope       TEXT NOT NULL,
+        ip          TEXT NOT NULL,
+        workload_id TEXT NOT NULL REFERENCES workloads(id) ON DELETE CASCADE,
+        PRIMARY KEY (scope, ip)
+    );
+    INSERT INTO workload_ips_new (scope, ip, workload_id)
+        SELECT w.host_id, i.ip, i.workload_id FROM workload_ips i
+        JOIN workloads w ON w.id = i.workload_id;
+    DROP TABLE workload_ips;
+    ALTER TABLE workload_ips_new RENAME TO workload_ips;
+    CREATE INDEX workload_ips_workload ON workload_ips(workload_id);
+    """,
 ]

@@ -71,7 +71,9 @@ class Service(Core):
         next generation."""
         store = self.store
         workloads = await store.workloads()
-        self.compiler = Compiler(await store.rules(), workloads)
+        self.compiler = Compiler(
+            await store.rules(), workloads, pool=self.pool.text, mesh=await store.mesh_peers()
+        )
         self.pub = Publisher(self.signing_key, self.compiler)
         self.hub = self.pub.hub
         self.hosts = {

@@ -63,6 +63,8 @@ def _rule(r: sqlite3.Row) -> wire.Rule:
         options=_strings.decode(r["options"]),
         description=r["description"],
         created_at=r["created_at"],
+        provider_ips=_strings.decode(r["provider_ips"]),
+        consumer_ips=_strings.decode(r["consumer_ips"]),
     )
 
 
@@ -107,6 +109,12 @@ def _workload(r: sqlite3.Row) -> wire.Workload:
     )
 
 
+def _mesh_state(r: sqlite3.Row) -> wire.MeshState:
+    if not r["mesh_subnet"]:
+        return "off"
+    return "revoked" if r["revoked"] else "up"
+
+
 def _host(r: sqlite3.Row) -> wire.Host:
     return wire.Host(
         id=r["id"],
@@ -117,6 +125,10 @@ def _host(r: sqlite3.Row) -> wire.Host:
         instructions_version=r["instructions_version"],
         revoked=bool(r["revoked"]),
         workloads=r["n_workloads"],
+        subnet=r["mesh_subnet"],
+        endpoint=r["mesh_endpoint"],
+        mesh_public_key=r["mesh_public_key"],
+        mesh=_mesh_state(r),
     )
 
 
@@ -144,6 +156,14 @@ _HOST_SELECT = (
 )
 
 
+ScopeOf = Callable[[str, str], str]  # (host id, address) -> the scope it is unique in
+
+
+def host_local(host_id: str, ip: str) -> str:
+    """Without a mesh every address is host-local: unique on its host."""
+    return host_id
+
+
 class Tx:
     """One writer's part of a write transaction; only valid inside `Store.write()`.
 
@@ -152,9 +172,12 @@ class Tx:
     once the transaction is durable; a writer whose body fails leaves none.
     """
 
-    def __init__(self, conn: sqlite3.Connection, changes: list[ch.Change]) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, changes: list[ch.Change], scope_of: ScopeOf = host_local
+    ) -> None:
         self._c = conn
         self._changes = changes
+        self.scope_of = scope_of
 
     def _one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self._c.execute(sql, tuple(params)).fetchone()
@@ -171,7 +194,7 @@ class Tx:
     def insert_rule(self, r: wire.Rule) -> None:
         self._exec(
             "INSERT INTO rules (id, providers, consumers, services, options, description,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " created_at, provider_ips, consumer_ips) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.id,
                 _j(r.providers),
@@ -180,6 +203,8 @@ class Tx:
                 _j(r.options),
                 r.description,
                 r.created_at,
+                _j(r.provider_ips),
+                _j(r.consumer_ips),
             ),
         )
         self._changes.append(ch.RulesSet(self.rules()))
@@ -328,14 +353,15 @@ class Tx:
         rows = self._all("SELECT * FROM workloads WHERE host_id = ? ORDER BY id", (host_id,))
         return [_workload(r) for r in rows]
 
-    def ip_holders(self, ips: Iterable[str]) -> dict[str, str]:
-        """Which of `ips` are held, and by which workload id."""
-        ips = list(ips)
-        if not ips:
+    def ip_holders(self, host_id: str, ips: Iterable[str]) -> dict[str, str]:
+        """Which of `ips` (of a workload on `host_id`) are held in their scope, and
+        by which workload id."""
+        scoped = [(self.scope_of(host_id, ip), ip) for ip in ips]
+        if not scoped:
             return {}
-        marks = ",".join("?" * len(ips))  # placeholders only: the values are bound
-        sql = f"SELECT ip, workload_id FROM workload_ips WHERE ip IN ({marks})"  # noqa: S608
-        rows = self._all(sql, ips)
+        marks = ",".join("(?, ?)" for _ in scoped)  # placeholders only: the values are bound
+        sql = f"SELECT ip, workload_id FROM workload_ips WHERE (scope, ip) IN (VALUES {marks})"  # noqa: S608
+        rows = self._all(sql, [v for pair in scoped for v in pair])
         return {r["ip"]: r["workload_id"] for r in rows}
 
     def insert_workload(self, w: wire.Workload) -> None:
@@ -353,20 +379,20 @@ class Tx:
                 w.paired_at,
             ),
         )
-        self._insert_ips(w.id, w.ips)
+        self._insert_ips(w)
         self._changes.append(ch.WorkloadAdded(w))
 
-    def _insert_ips(self, workload_id: str, ips: Iterable[str]) -> None:
+    def _insert_ips(self, w: wire.Workload) -> None:
         self._c.executemany(
-            "INSERT INTO workload_ips (ip, workload_id) VALUES (?, ?)",
-            [(ip, workload_id) for ip in ips],
+            "INSERT INTO workload_ips (scope, ip, workload_id) VALUES (?, ?, ?)",
+            [(self.scope_of(w.host_id, ip), ip, w.id) for ip in w.ips],
         )
 
     def readdress_workload(self, w: wire.Workload) -> None:
         """Give the workload `w.id` the addresses `w.ips` (`w` is it, readdressed)."""
         self._exec("DELETE FROM workload_ips WHERE workload_id = ?", (w.id,))
         self._exec("UPDATE workloads SET ips = ? WHERE id = ?", (_j(w.ips), w.id))
-        self._insert_ips(w.id, w.ips)
+        self._insert_ips(w)
         self._changes.append(ch.WorkloadReaddressed(w))
 
     def delete_workload(self, workload_id: str) -> bool:
@@ -424,6 +450,32 @@ class Tx:
         self._exec("DELETE FROM held_containers WHERE host_id = ?", (host_id,))
         self._changes.append(ch.HostRevoked(host_id))
         return True
+
+    def mesh_subnets(self) -> set[str]:
+        """Every subnet given to a host, revoked hosts' too."""
+        return {r[0] for r in self._all("SELECT mesh_subnet FROM hosts WHERE mesh_subnet != ''")}
+
+    def host_mesh(self, host_id: str) -> wire.MeshPeer | None:
+        """The host's part of the mesh (subnet, key, endpoint); None if it never joined."""
+        row = self._one(
+            "SELECT mesh_subnet, mesh_public_key, mesh_endpoint FROM hosts WHERE id = ?",
+            (host_id,),
+        )
+        if row is None or not row["mesh_subnet"]:
+            return None
+        return wire.MeshPeer(host_id, row["mesh_public_key"], row["mesh_endpoint"], row[0])
+
+    def mesh_key_holder(self, public_key: str) -> str | None:
+        row = self._one("SELECT id FROM hosts WHERE mesh_public_key = ?", (public_key,))
+        return str(row["id"]) if row else None
+
+    def join_mesh(self, peer: wire.MeshPeer) -> None:
+        """Record the host's subnet, WireGuard key and endpoint (its peers follow)."""
+        self._exec(
+            "UPDATE hosts SET mesh_subnet = ?, mesh_public_key = ?, mesh_endpoint = ? WHERE id = ?",
+            (peer.subnet, peer.public_key, peer.endpoint, peer.host_id),
+        )
+        self._changes.append(ch.HostMeshJoined(peer))
 
     def touch_host(self, host_id: str, now: float) -> None:
         self._exec("UPDATE hosts SET last_seen = ? WHERE id = ?", (now, host_id))
@@ -496,6 +548,9 @@ class Store:
         # `generation` after a crash, when some were not (see `persist_versions`).
         self.versions_through: int = row[1]
         self._follower: Callable[[ch.Commit], None] | None = None
+        # The scope each workload address is unique in (the server sets it from
+        # its mesh pool).
+        self.scope_of: ScopeOf = host_local
         self._due: dict[str, tuple[int, str]] = {}  # host versions to persist
         self._writing: dict[str, tuple[int, str]] = {}  # those in the sealed transaction
         self._commits = GroupCommit(writer, _Sealer(self))
@@ -568,7 +623,7 @@ class Store:
         """One writer's part of a (group-committed) write transaction: returns once
         it is durable; rolled back, its change records dropped, when the body raises."""
         async with self._commits.write() as changes:
-            yield Tx(self._w, changes)
+            yield Tx(self._w, changes, self.scope_of)
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:
@@ -633,6 +688,14 @@ class Store:
     async def host(self, host_id: str) -> wire.Host | None:
         rows = await self._all(_HOST_SELECT + " WHERE h.id = ?", (host_id,))
         return _host(rows[0]) if rows else None
+
+    async def mesh_peers(self) -> list[wire.MeshPeer]:
+        """The hosts in the mesh now (joined, not revoked)."""
+        rows = await self._all(
+            "SELECT id, mesh_public_key, mesh_endpoint, mesh_subnet FROM hosts"
+            " WHERE mesh_subnet != '' AND revoked = 0 ORDER BY id"
+        )
+        return [wire.MeshPeer(r[0], r[1], r[2], r[3]) for r in rows]
 
     async def host_digests(self) -> dict[str, tuple[int, str]]:
         rows = await self._all("SELECT id, instructions_version, instructions_digest FROM hosts")

@@ -69,11 +69,16 @@ def max_uses(value: int | None) -> int | None:
     return None if value is None else bounded("max_uses", value, 1, MAX_USES)
 
 
-def selectors(field: str, value: policy.Selectors, dims: Iterable[str]) -> policy.Selectors:
+def selectors(
+    field: str, value: policy.Selectors, dims: Iterable[str], *, with_blocks: bool = False
+) -> policy.Selectors:
+    """A rule side's label sets; an empty list only beside address blocks."""
     if value == "any":
+        if with_blocks:
+            raise InvalidInput(f"{field}: 'any' cannot be combined with address blocks")
         return "any"
-    if not value:
-        raise InvalidInput(f"{field}: at least one label set (or 'any') is required")
+    if not value and not with_blocks:
+        raise InvalidInput(f"{field}: at least one label set, address block, or 'any' is required")
     if len(value) > MAX_SELECTORS:
         raise InvalidInput(f"{field}: at most {MAX_SELECTORS} label sets")
     out: list[policy.Labels] = []
@@ -99,15 +104,39 @@ def rule(rin: wire.RuleIn, dims: Iterable[str], rule_id: str, now: float) -> wir
     except InvalidInput as e:
         field = "options" if "option" in e.message else "services"
         raise InvalidInput(f"{field}: {e.message}") from None
-    return wire.Rule(
+    provider_ips = blocks("provider_ips", rin.provider_ips)
+    consumer_ips = blocks("consumer_ips", rin.consumer_ips)
+    out = wire.Rule(
         id=rule_id,
-        providers=selectors("providers", rin.providers, dims),
-        consumers=selectors("consumers", rin.consumers, dims),
+        providers=selectors("providers", rin.providers, dims, with_blocks=bool(provider_ips)),
+        consumers=selectors("consumers", rin.consumers, dims, with_blocks=bool(consumer_ips)),
         services=services,
         options=options,
         description=text("description", rin.description, MAX_DESCRIPTION),
         created_at=now,
+        provider_ips=provider_ips,
+        consumer_ips=consumer_ips,
     )
+    if policy.ENCRYPTED in options:
+        if provider_ips or consumer_ips:
+            raise InvalidInput(
+                "options: an encrypted rule cannot have address blocks (ip: peers): their"
+                " traffic does not come through the mesh"
+            )
+        if "any" in (out.providers, out.consumers):
+            raise InvalidInput(
+                "options: an encrypted rule cannot have 'any' on a side: it would admit"
+                " addresses outside the mesh"
+            )
+    return out
+
+
+def blocks(field: str, value: list[str]) -> list[str]:
+    """A rule side's address blocks, canonical (strict CIDR: host bits zero)."""
+    try:
+        return policy.parse_blocks(value)
+    except InvalidInput as e:
+        raise InvalidInput(f"{field}: {e.message}") from None
 
 
 def profile(pin: wire.ProfileIn, dims: Iterable[str], profile_id: str, now: float) -> wire.Profile:

@@ -10,7 +10,10 @@ and registered agents that sign their requests.
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
 import json
+import os
 import socket
 import threading
 import time
@@ -25,11 +28,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, get_port_socket
 
 from segd import crypto, wire
-from segd.config import ADMIN_TOKEN_FILE, ConnectionLimits, ServerConfig
+from segd.config import ADMIN_TOKEN_FILE, ConnectionLimits, MeshConfig, ServerConfig
 from segd.http.connections import gate
 from segd.http.listener import ListenerRunner
 from segd.server.app import ServerRunner, build_app, service_of
 from segd.server.service import Service
+
+# The test servers' mesh pool: 10.0.0.0/8 addresses outside it are host-local.
+MESH_POOL = "10.200.0.0/16"
 
 AiohttpClient = Callable[[web.Application | TestServer], Awaitable[TestClient[Any, Any]]]
 
@@ -137,6 +143,21 @@ class Agent:
         self.key = key
         self.clock = clock
         self.server_keys = server_keys
+        self.subnet = ""  # once it joined the mesh
+
+    async def join_mesh(self, endpoint: str = "192.0.2.1:51820", key: str = "") -> str:
+        """Join the mesh (with a fresh WireGuard key unless given); returns the subnet."""
+        key = key or base64.b64encode(os.urandom(32)).decode()
+        body = {"public_key": key, "endpoint": endpoint}
+        status, res = await self.request("PUT", "/v1/agent/mesh", body)
+        assert status == 200, res
+        self.subnet = str(res["subnet"])
+        return self.subnet
+
+    def ip(self, n: int) -> str:
+        """The `n`th address of the host's mesh subnet."""
+        assert self.subnet, "join the mesh first"
+        return str(ipaddress.ip_network(self.subnet)[n])
 
     def sign(
         self, method: str, path_qs: str, body: bytes = b"", *, at: float | None = None
@@ -218,7 +239,10 @@ def clock() -> Clock:
 @pytest.fixture
 def server_cfg(tmp_path: Path) -> ServerConfig:
     return ServerConfig(
-        data_dir=str(tmp_path / "server"), longpoll_timeout_s=5.0, request_skew_s=60.0
+        data_dir=str(tmp_path / "server"),
+        longpoll_timeout_s=5.0,
+        request_skew_s=60.0,
+        mesh=MeshConfig(pool=MESH_POOL),
     )
 
 

@@ -33,13 +33,15 @@ async def test_failed_commit_undoes_the_compiler_change(
     db_key = await api.setup_policy(profile="db", labels={"role": "db"})
     web_key = await api.setup_policy(profile="web", labels={"role": "web"})
     a, b = await make_agent("a"), await make_agent("b")
-    _, on_b = await b.pair("web1", web_key, ["10.0.0.2"])
+    await a.join_mesh()
+    await b.join_mesh()
+    _, on_b = await b.pair("web1", web_key, [b.ip(2)])
     before_b = await b.paired(on_b)
     before = await api.snapshot()
 
     # The pairing is decided and written, then its commit fails.
     _sql(server_cfg, FAIL_VERSIONS)
-    status, body = await a.pair("db1", db_key, ["10.0.0.1"])
+    status, body = await a.pair("db1", db_key, [a.ip(1)])
     assert status >= 400 and set(body) == {"error", "message"}
     assert await api.snapshot() == before  # no workload, no use, no version
     assert (await b.instructions(since=before_b.version))[0] == 204
@@ -48,12 +50,12 @@ async def test_failed_commit_undoes_the_compiler_change(
 
     _sql(server_cfg, "DROP TRIGGER fail_versions;")
     # B's next recompile must not see the workload that failed to pair.
-    _, res = await b.pair("web2", web_key, ["10.0.0.3"])
+    _, res = await b.pair("web2", web_key, [b.ip(3)])
     assert (await b.paired(res)).sets == before_b.sets
-    status, res = await a.pair("db1", db_key, ["10.0.0.1"])
+    status, res = await a.pair("db1", db_key, [a.ip(1)])
     assert status == 200, res
     status, signed = await b.instructions(since=before_b.version + 1)
-    assert status == 200 and ["10.0.0.1"] in b.open(signed).sets.values()
+    assert status == 200 and [a.ip(1)] in b.open(signed).sets.values()
 
 
 async def test_failed_rule_change_is_undone(

@@ -216,10 +216,15 @@ async def _shop(api: Admin, make_agent: MakeAgent) -> tuple[Agent, Agent, str, s
     web = await api.setup_policy(profile="web", labels={"role": "web"})
     db = await api.setup_policy(profile="db", labels={"role": "db"})
     a, b = await make_agent("a"), await make_agent("b")
-    assert (await a.pair("web1", web, ["10.0.0.1"]))[0] == 200
-    assert (await a.pair("web2", web, ["10.0.0.2"]))[0] == 200
-    assert (await b.pair("db1", db, ["10.0.0.3"]))[0] == 200
+    await a.join_mesh()  # 10.200.0.0/24
+    await b.join_mesh()  # 10.200.1.0/24
+    assert (await a.pair("web1", web, [WEB1]))[0] == 200
+    assert (await a.pair("web2", web, [WEB2]))[0] == 200
+    assert (await b.pair("db1", db, ["10.200.1.3"]))[0] == 200
     return a, b, web, db
+
+
+WEB1, WEB2 = "10.200.0.1", "10.200.0.2"  # mesh addresses, seen on every host
 
 
 async def _latest(agent: Agent) -> Any:
@@ -238,15 +243,15 @@ async def test_one_workload_could_not_be_unpaired(api: Admin, make_agent: MakeAg
     ia, ib = await _latest(a), await _latest(b)
     assert ia.version == ib.version > max(before.values())  # one commit, one generation
     assert [w.container_id for w in ia.workloads] == ["web2"]
-    assert "10.0.0.1" not in {ip for ips in ib.sets.values() for ip in ips}
-    assert "10.0.0.2" in {ip for ips in ib.sets.values() for ip in ips}
+    assert WEB1 not in {ip for ips in ib.sets.values() for ip in ips}
+    assert WEB2 in {ip for ips in ib.sets.values() for ip in ips}
     assert set(await _workloads(api)) == {"web2", "db1"}
     # the agent keeps it isolated: its pairing again (and after a restart) is refused
     for _ in range(2):
-        status, body = await a.pair("web1", web, ["10.0.0.1"])
+        status, body = await a.pair("web1", web, [WEB1])
         assert (status, body["error"]) == (403, "unpaired_by_admin")
         assert (await a.unpair("web1"))[0] == 204
-    assert (await a.pair("web1-new", web, ["10.0.0.1"]))[0] == 200
+    assert (await a.pair("web1-new", web, [WEB1]))[0] == 200
     assert ("ok", "unpaired_by_admin", "web1") in await _audit(api, "workload.unpaired")
     status, body = await api.call("DELETE", f"/v1/workloads/{wid}")
     assert (status, body["error"]) == (404, "not_found")
@@ -260,7 +265,8 @@ async def test_revoking_a_key_left_what_it_paired_in_place(
     web_key = next(k["key_id"] for k in await api.ok("GET", "/v1/keys") if k["profile"] == "web")
     # a second host runs a container with the same key
     c = await make_agent("c")
-    assert (await c.pair("web3", web, ["10.0.0.4"]))[0] == 200
+    await c.join_mesh()
+    assert (await c.pair("web3", web, [c.ip(4)]))[0] == 200
     path = f"/v1/keys/{web_key}/revoke" if scope == "key" else "/v1/profiles/web/revoke"
     before = {h.host_id: h.version for h in (await _latest(a), await _latest(b))}
     await api.ok("POST", path, {"unpair": True})
@@ -269,7 +275,7 @@ async def test_revoking_a_key_left_what_it_paired_in_place(
     assert ia.workloads == [] and ic.workloads == []
     # both changed in the one commit: both at its generation
     assert ia.version == ib.version > max(before.values())
-    assert not {ip for ips in ib.sets.values() for ip in ips} & {"10.0.0.1", "10.0.0.2"}
+    assert not {ip for ips in ib.sets.values() for ip in ips} & {WEB1, WEB2}
     reason = f"{scope}_revoked"
     unpaired = await _audit(api, "workload.unpaired")
     assert sorted(unpaired) == [("ok", reason, c) for c in ("web1", "web2", "web3")]

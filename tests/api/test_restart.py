@@ -26,8 +26,10 @@ async def test_restart_keeps_state_keys_and_tokens(
     db_key = await api.setup_policy(profile="db", labels={"role": "db"}, max_uses=3)
     web_key = await api.setup_policy(profile="web", labels={"role": "web"})
     a, b = await make_agent("a"), await make_agent("b")
-    assert (await a.pair("db1", db_key, ["10.0.0.1"]))[0] == 200
-    assert (await b.pair("web1", web_key, ["10.0.0.2"]))[0] == 200
+    await a.join_mesh()
+    await b.join_mesh()
+    assert (await a.pair("db1", db_key, [a.ip(1)]))[0] == 200
+    assert (await b.pair("web1", web_key, [b.ip(2)]))[0] == 200
     _, signed_b = await b.instructions()
     before = await api.snapshot()
     key_id = api.svc.pub.key_id
@@ -47,11 +49,11 @@ async def test_restart_keeps_state_keys_and_tokens(
     assert status == 200 and again == signed_b
 
     # A key issued before the restart still pairs, and the peers are updated.
-    status, res = await a.pair("db2", db_key, ["10.0.0.3"])
+    status, res = await a.pair("db2", db_key, [a.ip(3)])
     assert status == 200, res
     status, signed = await b.instructions(since=version_b)
     assert status == 200
-    assert sorted(next(iter(b.open(signed).sets.values()))) == ["10.0.0.1", "10.0.0.3"]
+    assert sorted(next(iter(b.open(signed).sets.values()))) == [a.ip(1), a.ip(3)]
     [key] = await api2.ok("GET", "/v1/keys?profile=db")
     assert key["uses"] == 2
     # Agents registered before the restart are still known; new ones register too.

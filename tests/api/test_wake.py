@@ -18,8 +18,10 @@ async def test_pairing_wakes_affected_hosts_only(api: Admin, make_agent: MakeAge
     web_key = await api.setup_policy(profile="web", labels={"role": "web"})
     other_key = await api.setup_policy(profile="other", labels={"role": "batch"})
     a, b, c = await make_agent("a"), await make_agent("b"), await make_agent("c")
-    _, on_b = await b.pair("web1", web_key, ["10.0.0.2"])
-    _, on_c = await c.pair("batch1", other_key, ["10.0.0.3"])
+    for agent in (a, b, c):  # mesh addresses: every host may see them
+        await agent.join_mesh()
+    _, on_b = await b.pair("web1", web_key, [b.ip(2)])
+    _, on_c = await c.pair("batch1", other_key, [c.ip(3)])
     vb = (await b.paired(on_b)).version
     vc = (await c.paired(on_c)).version
 
@@ -28,14 +30,14 @@ async def test_pairing_wakes_affected_hosts_only(api: Admin, make_agent: MakeAge
     await asyncio.sleep(0.1)  # both long-polls are parked
     assert not wait_b.done() and not wait_c.done()
 
-    status, res = await a.pair("db1", db_key, ["10.0.0.1"])
+    status, res = await a.pair("db1", db_key, [a.ip(1)])
     assert status == 200, res
 
     status_b, signed_b = await asyncio.wait_for(wait_b, 2)
     assert status_b == 200
     ib = b.open(signed_b)
     assert ib.version == res["version"] > vb  # the generation of that one commit
-    assert ["10.0.0.1"] in ib.sets.values()  # B's web workload may now reach the new db
+    assert [a.ip(1)] in ib.sets.values()  # B's web workload may now reach the new db
 
     assert not wait_c.done()  # still parked after B was woken
     status_c, body_c = await wait_c

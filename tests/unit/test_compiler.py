@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 
 import pytest
 
@@ -13,6 +14,14 @@ from segd.server.compiler import (
     encode_instructions,
 )
 from segd.wire import Instructions, Rule, Workload
+
+# Workload addresses in these tests are mesh addresses (unique in the fleet, seen
+# by every host) unless a test says otherwise; host-local ones are in 172.17/16.
+POOL = "10.0.0.0/8"
+
+
+def compiler(rules: Iterable[Rule] = (), workloads: Iterable[Workload] = ()) -> Compiler:
+    return Compiler(rules, workloads, pool=POOL)
 
 
 def rule(rid: str, prov: object, cons: object, *services: str) -> Rule:
@@ -44,7 +53,7 @@ R_WEB_DB = rule("r1", ["role=db"], ["role=web"], "tcp/5432")
 
 
 def shop() -> Compiler:
-    return Compiler(
+    return compiler(
         [R_WEB_DB],
         [
             wl("w1", "A", "role=web", "10.0.0.1"),
@@ -93,7 +102,7 @@ def test_unrelated_host_gets_no_rules_and_no_membership() -> None:
 def test_any_sides(
     prov: object, cons: object, host: str, inbound_peers: list[object], outbound_peers: list[object]
 ) -> None:
-    c = Compiler(
+    c = compiler(
         [rule("r1", prov, cons, "tcp/80")],
         [
             wl("w1", "A", "role=web", "10.0.0.1"),
@@ -107,7 +116,7 @@ def test_any_sides(
 
 
 def test_self_rule_gives_both_directions() -> None:
-    c = Compiler(
+    c = compiler(
         [rule("r1", ["role=web"], ["role=web"], "tcp/80")], [wl("w1", "A", "role=web", "10.0.0.1")]
     )
     [p] = c.compile_host("A", 1).workloads
@@ -115,7 +124,7 @@ def test_self_rule_gives_both_directions() -> None:
 
 
 def test_subset_selector_membership() -> None:
-    c = Compiler(
+    c = compiler(
         [rule("r1", ["role=db,env=prod"], ["role=web"], "tcp/5432")],
         [
             wl("w1", "A", "role=web,env=dev", "10.0.0.1"),
@@ -135,12 +144,12 @@ def test_compile_is_deterministic_regardless_of_input_order() -> None:
         rule(f"r{i}", [f"role=r{i}"], [f"role=r{(i + 1) % 5}"], f"tcp/{1000 + i}") for i in range(5)
     ]
     wls = [wl(f"w{i}", f"H{i % 3}", f"role=r{i % 5}", f"10.0.1.{i}") for i in range(30)]
-    a = Compiler(rules, wls).compile_all()
+    a = compiler(rules, wls).compile_all()
     rnd = random.Random(7)
     rules2, wls2 = rules[:], wls[:]
     rnd.shuffle(rules2)
     rnd.shuffle(wls2)
-    b = Compiler(rules2, wls2).compile_all()
+    b = compiler(rules2, wls2).compile_all()
     assert {h: encode_instructions(i) for h, i in a.items()} == {
         h: encode_instructions(i) for h, i in b.items()
     }
@@ -151,17 +160,17 @@ def test_incremental_equals_full() -> None:
         rule(f"r{i}", [f"role=r{i}"], [f"role=r{(i + 1) % 5}"], f"tcp/{1000 + i}") for i in range(5)
     ]
     wls = [wl(f"w{i}", f"H{i % 4}", f"role=r{i % 5}", f"10.0.1.{i}") for i in range(40)]
-    inc = Compiler(rules)
+    inc = compiler(rules)
     for w in wls:
         inc.add_workload(w)
     for w in wls[::3]:
         inc.remove_workload(w.id)
-    full = Compiler(rules, [w for i, w in enumerate(wls) if i % 3 != 0])
+    full = compiler(rules, [w for i, w in enumerate(wls) if i % 3 != 0])
     assert inc.compile_all() == full.compile_all()
 
 
 def test_affected_hosts_pairing_on_a_wakes_b_not_c() -> None:
-    c = Compiler(
+    c = compiler(
         [rule("r1", ["role=db"], ["role=web"], "tcp/5432")],
         [wl("w1", "B", "role=web", "10.0.0.1"), wl("o1", "C", "role=other", "10.0.0.3")],
     )
@@ -174,7 +183,7 @@ def test_affected_is_superset_of_changed() -> None:
     rules = [
         rule(f"r{i}", [f"role=r{i}"], [f"role=r{(i + 2) % 6}"], f"tcp/{1000 + i}") for i in range(6)
     ]
-    c = Compiler(rules)
+    c = compiler(rules)
     rnd = random.Random(3)
     live: list[str] = []
     for step in range(120):
@@ -251,7 +260,7 @@ def _apply(c: Compiler, op: str, arg: object) -> set[str]:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_incremental_with_cached_parts_equals_a_fresh_compile(seed: int) -> None:
-    c = Compiler()
+    c = compiler()
     rules: list[Rule] = []
     live: dict[str, Workload] = {}
     for step, (op, arg) in enumerate(_random_ops(seed, 150)):
@@ -265,7 +274,7 @@ def test_incremental_with_cached_parts_equals_a_fresh_compile(seed: int) -> None
         else:
             assert isinstance(arg, Workload)
             live[arg.id] = arg
-        fresh = Compiler(rules, live.values())
+        fresh = compiler(rules, live.values())
         assert c.compile_all() == fresh.compile_all(), step
         for h in fresh.hosts():
             assert c.host_digest(h) == fresh.host_digest(h), step
@@ -275,7 +284,7 @@ def test_incremental_with_cached_parts_equals_a_fresh_compile(seed: int) -> None
 
 @pytest.mark.parametrize("seed", range(4))
 def test_host_digest_changes_exactly_when_the_content_does(seed: int) -> None:
-    c = Compiler()
+    c = compiler()
     seen: dict[str, str] = {}  # content digest -> host digest
     for op, arg in _random_ops(seed, 120):
         _apply(c, op, arg)
@@ -287,7 +296,7 @@ def test_host_digest_changes_exactly_when_the_content_does(seed: int) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_encoding_reusing_parts_gives_the_same_bytes(seed: int) -> None:
-    c = Compiler()
+    c = compiler()
     kept: list[tuple[bytes, Instructions]] = []  # older versions, encoded again later
     for step, (op, arg) in enumerate(_random_ops(seed, 120)):
         _apply(c, op, arg)
@@ -300,7 +309,7 @@ def test_encoding_reusing_parts_gives_the_same_bytes(seed: int) -> None:
 
 
 def test_compiled_instructions_are_never_edited_by_later_changes() -> None:
-    c = Compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1")])
+    c = compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1")])
     c.add_workload(wl("d1", "B", "role=db", "10.0.0.2"))
     snapshot = c.compile_host("A", 1)
     frozen = encode_instructions(snapshot)
@@ -312,7 +321,7 @@ def test_compiled_instructions_are_never_edited_by_later_changes() -> None:
 
 
 def test_shared_address_stays_in_a_set_until_its_last_holder_leaves() -> None:
-    c = Compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1")])
+    c = compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1")])
     c.add_workload(wl("d1", "B", "role=db", "10.0.0.9"))
     assert c.compile_host("A", 1).sets == {DB: ["10.0.0.9"]}
     c.add_workload(wl("d2", "C", "role=db", "10.0.0.9"))
@@ -332,7 +341,7 @@ def test_selector_index_matches_like_a_scan_with_many_dimensions() -> None:
         Rule(id=f"r{i}", providers=[s], consumers="any", services=["tcp/1"])
         for i, s in enumerate(selectors)
     ]
-    c = Compiler(rules)
+    c = compiler(rules)
     for i in range(60):
         labels = {d: rnd.choice("xy") for d in rnd.sample(dims, rnd.randint(0, 12))}
         w = Workload(

@@ -11,12 +11,12 @@ import nacl.signing
 from segd import crypto, wire
 from segd.server.compiler import Compiler, encode_instructions
 from segd.server.publish import Publisher
-from tests.unit.test_compiler import R_WEB_DB, wl
+from tests.unit.test_compiler import R_WEB_DB, compiler, wl
 
 
 def publisher() -> tuple[Publisher, Compiler, nacl.signing.SigningKey]:
     key = nacl.signing.SigningKey.generate()
-    c = Compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1")])
+    c = compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1")])
     pub = Publisher(key, c)
     stale = pub.load({"A": (0, ""), "B": (0, "")})
     assert stale == ["A", "B"]  # nothing persisted matches
