@@ -121,7 +121,11 @@ class MeshAgent:
     async def _join(self) -> None:
         assert self.keys is not None
         public = self.keys.public_b64
-        endpoint = self.cfg.endpoint or f"{default_address()}:{self.cfg.listen_port}"
+        try:
+            endpoint = self.cfg.endpoint or f"{default_address()}:{self.cfg.listen_port}"
+        except OSError as e:
+            _log.error("mesh.no_endpoint", reason=f"no default route ({e.strerror}): set endpoint")
+            return
         try:
             joined = await self._retry(lambda: self.client.join_mesh(public, endpoint), "mesh.join")
         except Denied as e:

@@ -142,6 +142,7 @@ class BedHost:
         workdir: Path | None = None,
         options: Mapping[str, TomlValue] | None = None,
         log_level: str = "debug",
+        mesh: Mapping[str, TomlValue] | None = None,
     ) -> BedAgent:
         """An agent for this host (not started): config written to `workdir` (default
         the host's run directory), docker_url = this host's engine."""
@@ -157,6 +158,7 @@ class BedHost:
                 activation_code=activation_code,
                 options=options,
                 log_level=log_level,
+                mesh=mesh,
             )
         )
         self.agents.append(handle)
@@ -170,9 +172,10 @@ class BedHost:
         workdir: Path | None = None,
         options: Mapping[str, TomlValue] | None = None,
         wait: bool = True,
+        mesh: Mapping[str, TomlValue] | None = None,
     ) -> BedAgent:
         """`agent(...)` and start it (with `wait`, until its first sync)."""
-        handle = self.agent(server, activation_code, workdir=workdir, options=options)
+        handle = self.agent(server, activation_code, workdir=workdir, options=options, mesh=mesh)
         handle.start(wait=wait)
         return handle
 

@@ -1,0 +1,187 @@
+"""The fleet on the test bed: one server with a mesh pool, one agent per simulated
+host with `[agent.mesh] enabled`, the shop spread over three hosts (web on host 1,
+api on host 2, db on host 3) on the `segd` network, real packets."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from segd.bed import IMAGE, Bed, BedAgent, BedHost
+from tests.e2e.stack import Stack, wait_for
+from tests.kernel.test_firewall_gate import _RAW
+
+pytestmark = pytest.mark.bed
+
+BED_HOSTS = 3
+POOL = "10.213.0.0/16"
+PORTS = (8080, 5432)
+SERVE = "httpd -p 5432 -h /www && httpd -p 8080 -h /www && exec sleep 100000"
+ROLES = {"web": 1, "api": 2, "db": 3}  # role -> host
+ALLOWED = {("web", "api", 8080), ("api", "db", 5432)}
+
+T = TypeVar("T")
+
+
+def _each(bed: Bed, fn: Callable[[BedHost], T]) -> list[T]:
+    with ThreadPoolExecutor(len(bed.hosts)) as pool:
+        return list(pool.map(fn, bed.hosts))
+
+
+@dataclass
+class Shop:
+    bed: Bed
+    stack: Stack
+    agents: dict[int, BedAgent]
+    addr: dict[str, str]  # role -> its mesh address
+
+    def host(self, role: str) -> BedHost:
+        return self.bed.host(ROLES[role])
+
+    def matrix(self) -> dict[tuple[str, str, int], bool]:
+        """Every ordered pair of tiers, both ports: True = connected."""
+
+        def one(src: str) -> dict[tuple[str, str, int], bool]:
+            targets = [(self.addr[d], p) for d in ROLES if d != src for p in PORTS]
+            got = self.host(src).probe(src, targets, wait=2)
+            by_addr = {a: r for r, a in self.addr.items()}
+            return {(src, by_addr[ip], port): ok for (ip, port), ok in got.items()}
+
+        out: dict[tuple[str, str, int], bool] = {}
+        with ThreadPoolExecutor(len(ROLES)) as pool:
+            for part in pool.map(one, ROLES):
+                out.update(part)
+        return out
+
+
+EXPECTED = {(s, d, p): (s, d, p) in ALLOWED for s in ROLES for d in ROLES if s != d for p in PORTS}
+
+
+def mesh_applied(agent: BedAgent, peers: int) -> bool:
+    return any(
+        e.get("event") == "mesh.applied" and int(e.get("peers", -1)) >= peers for e in agent.logs()
+    )
+
+
+@pytest.fixture(scope="module")
+def shop(bed: Bed) -> Iterator[Shop]:
+    with tempfile.TemporaryDirectory(prefix="segd-fleet-") as tmp:
+        root = Path(tmp)
+        stack = Stack(root, listen_host=bed.root_address)
+        agents: dict[int, BedAgent] = {}
+        try:
+            stack.start_server(f'[server.mesh]\npool = "{POOL}"\nhost_prefix = 24\n')
+            stack.rule({"role": "api"}, {"role": "web"}, "tcp/8080")
+            stack.rule({"role": "db"}, {"role": "api"}, "tcp/5432")
+            keys = {role: stack.key({"role": role}) for role in ROLES}
+
+            def start(h: BedHost) -> BedAgent:
+                code = stack.api("POST", "/v1/activation-codes", {})["code"]
+                return h.start_agent(
+                    stack.url,
+                    code,
+                    workdir=root / h.name,
+                    options={"reconcile_interval_s": 2.0, "backoff_max_s": 2.0},
+                    mesh={"enabled": True, "wireguard": "userspace"},
+                )
+
+            for h, a in zip(bed.hosts, _each(bed, start), strict=True):
+                agents[h.index] = a
+            for a in agents.values():
+                a.wait_for(functools.partial(mesh_applied, a, 0), 30, "the mesh applied")
+
+            addr: dict[str, str] = {}
+            for role, i in ROLES.items():
+                h = bed.host(i)
+                h.docker(
+                    "run", "-d", "--name", role, "--network", "segd",
+                    "--label", f"segd.pairing-key={keys[role]}", IMAGE, "sh", "-c", SERVE,
+                )  # fmt: skip
+                addr[role] = h.docker(
+                    "inspect", "-f", "{{.NetworkSettings.Networks.segd.IPAddress}}", role
+                )
+            s = Shop(bed, stack, agents, addr)
+            wait_for(lambda: s.matrix() == EXPECTED, 60, "the shop matrix", interval=0.5)
+            yield s
+        finally:
+            for h in bed.hosts:
+                for role in ROLES:
+                    h.docker("rm", "-f", role, check=False)
+            for a in agents.values():
+                a.stop()
+            stack.close()
+
+
+def test_the_shop_spread_over_three_hosts_matches_the_policy(shop: Shop) -> None:
+    """Every ordered pair of tiers, two ports, across hosts, through the mesh."""
+    assert shop.matrix() == EXPECTED
+    hosts = {h["hostname"]: h for h in shop.stack.api("GET", "/v1/hosts")}
+    assert all(h["mesh"] == "up" and h["subnet"] for h in hosts.values()), hosts
+    # Each container's address is inside its own host's subnet.
+    for role, i in ROLES.items():
+        subnet = hosts[shop.bed.host(i).name]["subnet"]
+        assert shop.addr[role].rsplit(".", 1)[0] == subnet.rsplit(".", 1)[0], (role, subnet)
+
+
+def _wg_tx(h: BedHost) -> int:
+    link = json.loads(h.run("ip", "-j", "-s", "link", "show", "segd-wg").stdout)
+    return int(link[0]["stats64"]["tx"]["packets"])
+
+
+def test_a_container_cannot_send_as_a_workload_of_another_host(shop: Shop) -> None:
+    """api (host 2, Docker's default CAP_NET_RAW) sends raw frames as web's address
+    (host 1): host 2's gate drops them before they reach the mesh; the same frames
+    with api's own address do leave through it."""
+    h2 = shop.host("api")
+    sandbox = h2.docker("inspect", "-f", "{{.NetworkSettings.SandboxKey}}", "api")
+    bridge = json.loads(h2.docker("network", "inspect", "segd"))[0]
+    gateway = bridge["IPAM"]["Config"][0]["Gateway"]
+    neigh = h2.run("nsenter", f"--net={sandbox}", "ip", "neigh", "show", gateway).stdout.split()
+    if "lladdr" not in neigh:
+        h2.run("nsenter", f"--net={sandbox}", "busybox", "ping", "-c", "1", "-W", "1", gateway)
+        neigh = h2.run("nsenter", f"--net={sandbox}", "ip", "neigh", "show", gateway).stdout.split()
+    mac = neigh[neigh.index("lladdr") + 1]
+
+    def flood(src: str) -> int:
+        before = _wg_tx(h2)
+        args = ("eth0", mac, src, shop.addr["db"], "9000", "0.3")
+        out = h2.run("nsenter", f"--net={sandbox}", sys.executable, "-c", _RAW, *args)
+        assert int(out.stdout) > 100
+        return _wg_tx(h2) - before
+
+    assert flood(shop.addr["web"]) < 5
+    assert flood(shop.addr["api"]) > 100
+
+
+def test_an_agent_killed_keeps_the_mesh_up_and_its_containers_reachable(shop: Shop) -> None:
+    a2 = shop.agents[2]
+    assert a2.kill() == -9
+    assert shop.matrix() == EXPECTED
+    a2.start()
+    a2.wait_for(lambda: a2.count("mesh.applied") > 0, 30, "the mesh applied again")
+    assert shop.matrix() == EXPECTED
+
+
+def test_with_the_server_down_traffic_keeps_flowing_on_the_last_instructions(
+    shop: Shop,
+) -> None:
+    assert shop.stack.server is not None
+    shop.stack.server.stop()
+    try:
+        assert shop.matrix() == EXPECTED
+        a1 = shop.agents[1]
+        a1.stop()
+        a1.start(wait=False)  # restarted with the server away: the last instructions
+        a1.wait_for(lambda: a1.count("instructions.loaded") > 0, 30, "instructions loaded")
+        assert shop.matrix() == EXPECTED
+    finally:
+        shop.stack.server.start()
