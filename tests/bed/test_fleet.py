@@ -185,3 +185,31 @@ def test_with_the_server_down_traffic_keeps_flowing_on_the_last_instructions(
         assert shop.matrix() == EXPECTED
     finally:
         shop.stack.server.start()
+
+
+def test_turning_the_mesh_off_removes_what_segd_added(shop: Shop) -> None:
+    """Last: host 3's agent restarted with `enabled = false` takes away its accept in
+    DOCKER-USER, its mesh table, the interface and the pool's route."""
+    h3, a3 = shop.bed.host(3), shop.agents[3]
+
+    def traces() -> list[str]:
+        out = []
+        if "segd-mesh" in h3.run("iptables", "-w", "-S", "DOCKER-USER").stdout:
+            out.append("DOCKER-USER")
+        if "segd_mesh" in h3.run("nft", "list", "tables").stdout:
+            out.append("table")
+        if h3.run("ip", "link", "show", "segd-wg", check=False).returncode == 0:
+            out.append("interface")
+        if f"unreachable {POOL}" in h3.run("ip", "route", "show").stdout:
+            out.append("route")
+        return out
+
+    assert traces() == ["DOCKER-USER", "table", "interface", "route"]
+    a3.stop()
+    a3.config.write_text(a3.config.read_text().replace("enabled = true", "enabled = false"))
+    a3.start()
+    a3.wait_for(lambda: a3.count("mesh.removed") > 0, 30, "the mesh removed")
+    assert traces() == []
+    assert not shop.host("api").probe("api", [(shop.addr["db"], 5432)], wait=2)[
+        (shop.addr["db"], 5432)
+    ]
