@@ -8,6 +8,7 @@ import functools
 import json
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,9 +26,11 @@ pytestmark = pytest.mark.bed
 BED_HOSTS = 3
 POOL = "10.213.0.0/16"
 PORTS = (8080, 5432)
+SERVER_CONFIG = f'[server.mesh]\npool = "{POOL}"\nhost_prefix = 24\n'
 SERVE = "httpd -p 5432 -h /www && httpd -p 8080 -h /www && exec sleep 100000"
 ROLES = {"web": 1, "api": 2, "db": 3}  # role -> host
 ALLOWED = {("web", "api", 8080), ("api", "db", 5432)}
+LOCAL = {"lapi": "api", "ldb": "db"}  # containers on Docker's default bridge -> role
 
 T = TypeVar("T")
 
@@ -43,6 +46,7 @@ class Shop:
     stack: Stack
     agents: dict[int, BedAgent]
     addr: dict[str, str]  # role -> its mesh address
+    keys: dict[str, str]  # role -> pairing key
 
     def host(self, role: str) -> BedHost:
         return self.bed.host(ROLES[role])
@@ -79,7 +83,7 @@ def shop(bed: Bed) -> Iterator[Shop]:
         stack = Stack(root, listen_host=bed.root_address)
         agents: dict[int, BedAgent] = {}
         try:
-            stack.start_server(f'[server.mesh]\npool = "{POOL}"\nhost_prefix = 24\n')
+            stack.start_server(SERVER_CONFIG)
             stack.rule({"role": "api"}, {"role": "web"}, "tcp/8080")
             stack.rule({"role": "db"}, {"role": "api"}, "tcp/5432")
             keys = {role: stack.key({"role": role}) for role in ROLES}
@@ -109,13 +113,13 @@ def shop(bed: Bed) -> Iterator[Shop]:
                 addr[role] = h.docker(
                     "inspect", "-f", "{{.NetworkSettings.Networks.segd.IPAddress}}", role
                 )
-            s = Shop(bed, stack, agents, addr)
+            s = Shop(bed, stack, agents, addr, keys)
             wait_for(lambda: s.matrix() == EXPECTED, 60, "the shop matrix", interval=0.5)
             yield s
         finally:
             for h in bed.hosts:
-                for role in ROLES:
-                    h.docker("rm", "-f", role, check=False)
+                for name in [*ROLES, *LOCAL, *(f"{r}1" for r in ROLES)]:
+                    h.docker("rm", "-f", name, check=False)
             for a in agents.values():
                 a.stop()
             stack.close()
@@ -130,6 +134,52 @@ def test_the_shop_spread_over_three_hosts_matches_the_policy(shop: Shop) -> None
     for role, i in ROLES.items():
         subnet = hosts[shop.bed.host(i).name]["subnet"]
         assert shop.addr[role].rsplit(".", 1)[0] == subnet.rsplit(".", 1)[0], (role, subnet)
+
+
+def _run(h: BedHost, name: str, key: str, network: str = "segd") -> str:
+    h.docker(
+        "run", "-d", "--name", name, "--network", network,
+        "--label", f"segd.pairing-key={key}", IMAGE, "sh", "-c", SERVE,
+    )  # fmt: skip
+    fmt = f"{{{{.NetworkSettings.Networks.{network}.IPAddress}}}}"
+    return h.docker("inspect", "-f", fmt, name)
+
+
+def _matrix(h: BedHost, addr: dict[str, str]) -> dict[tuple[str, str, int], bool]:
+    """Every ordered pair of the named containers on host h, both ports."""
+    out = {}
+    for src in addr:
+        got = h.probe(src, [(addr[d], p) for d in addr if d != src for p in PORTS], wait=2)
+        by_addr = {a: n for n, a in addr.items()}
+        out.update({(src, by_addr[ip], port): ok for (ip, port), ok in got.items()})
+    return out
+
+
+def test_all_three_tiers_on_one_host_match_the_policy_too(shop: Shop) -> None:
+    h1 = shop.bed.host(1)
+    addr = {f"{r}1": _run(h1, f"{r}1", shop.keys[r]) for r in ROLES}
+    want = {(f"{s}1", f"{d}1", p): ok for (s, d, p), ok in EXPECTED.items()}
+    wait_for(lambda: _matrix(h1, addr) == want, 30, "the one-host matrix", interval=0.5)
+    assert shop.matrix() == EXPECTED  # the spread shop is as it was
+
+
+def test_default_bridge_containers_with_the_same_addresses_pair_on_every_host(
+    shop: Shop,
+) -> None:
+    """Docker's default bridge is 172.17.0.0/16 on every host: api and db there get
+    the same addresses on each host, pair (no `ip_in_use`) and enforce on their own."""
+    addrs = {h.index: {n: _run(h, n, shop.keys[r], "bridge") for n, r in LOCAL.items()}
+             for h in shop.bed.hosts}  # fmt: skip
+    assert len({json.dumps(a, sort_keys=True) for a in addrs.values()}) == 1, addrs
+    want = {
+        (s, d, p): (LOCAL[s], LOCAL[d], p) in ALLOWED for s in LOCAL for d in LOCAL if s != d
+        for p in PORTS
+    }  # fmt: skip
+    for h in shop.bed.hosts:
+        wait_for(lambda h=h: _matrix(h, addrs[h.index]) == want, 30, f"{h.name}'s pair")
+    paired = [w for w in shop.stack.workloads() if w["ips"] and w["ips"][0].startswith("172.17.")]
+    assert len(paired) == 2 * BED_HOSTS, paired
+    assert shop.matrix() == EXPECTED
 
 
 def _wg_tx(h: BedHost) -> int:
@@ -184,7 +234,22 @@ def test_with_the_server_down_traffic_keeps_flowing_on_the_last_instructions(
         a1.wait_for(lambda: a1.count("instructions.loaded") > 0, 30, "instructions loaded")
         assert shop.matrix() == EXPECTED
     finally:
-        shop.stack.server.start()
+        shop.stack.start_server(SERVER_CONFIG)  # same port and data
+
+
+def test_a_revoked_host_is_cut_off_from_the_others(shop: Shop) -> None:
+    h3 = next(h for h in shop.stack.api("GET", "/v1/hosts") if h["hostname"] == "segd-bed-h3")
+    target = (shop.addr["db"], 5432)
+    assert shop.host("api").probe("api", [target], wait=2)[target]
+    t0 = time.monotonic()
+    shop.stack.api("POST", f"/v1/hosts/{h3['id']}/revoke")
+    wait_for(
+        lambda: not shop.host("api").probe("api", [target], wait=1)[target], 10, "host 3 cut off"
+    )
+    print(f"host 3 cut off after {time.monotonic() - t0:.2f} s")
+    assert shop.host("web").probe("web", [(shop.addr["api"], 8080)], wait=2)[
+        (shop.addr["api"], 8080)
+    ]
 
 
 def test_turning_the_mesh_off_removes_what_segd_added(shop: Shop) -> None:
