@@ -69,12 +69,16 @@ def _show(raw: bytes, args: argparse.Namespace, render_text: Callable[[bytes], s
 
 
 def rule_add(api: ApiClient, a: argparse.Namespace) -> None:
+    providers, provider_ips = render.parse_side(a.provider)
+    consumers, consumer_ips = render.parse_side(a.consumer)
     body = wire.RuleIn(
-        providers=render.parse_selectors(a.provider),
-        consumers=render.parse_selectors(a.consumer),
+        providers=providers,
+        consumers=consumers,
         services=a.service,
         options=a.option or [],
         description=a.description,
+        provider_ips=provider_ips,
+        consumer_ips=consumer_ips,
     )
     raw = api.call("POST", "/v1/rules", body)
     _show(raw, a, lambda r: _decode(r, wire.Rule).id)
@@ -84,8 +88,8 @@ def _rules_table(raw: bytes) -> str:
     rows = [
         (
             r.id,
-            render.selectors_text(r.providers),
-            render.selectors_text(r.consumers),
+            render.selectors_text(r.providers, r.provider_ips),
+            render.selectors_text(r.consumers, r.consumer_ips),
             ",".join(r.services),
             ",".join(r.options),
             r.description,
@@ -271,10 +275,33 @@ def _hosts_table(raw: bytes) -> str:
             h.instructions_version,
             render.when(h.last_seen),
             "revoked" if h.revoked else "active",
+            h.mesh,
+            h.subnet or "-",
+            h.endpoint or "-",
+            _short_key(h.mesh_public_key),
         )
         for h in _decode(raw, list[wire.Host])
     ]
-    return render.table(("ID", "HOSTNAME", "WORKLOADS", "VERSION", "LAST_SEEN", "STATE"), rows)
+    return render.table(
+        (
+            "ID",
+            "HOSTNAME",
+            "WORKLOADS",
+            "VERSION",
+            "LAST_SEEN",
+            "STATE",
+            "MESH",
+            "SUBNET",
+            "ENDPOINT",
+            "WG_KEY",
+        ),
+        rows,
+    )
+
+
+def _short_key(key: str) -> str:
+    """A WireGuard public key's first characters, as `wg show` users know them."""
+    return f"{key[:8]}…" if key else "-"
 
 
 def host_list(api: ApiClient, a: argparse.Namespace) -> None:
@@ -399,12 +426,22 @@ def _parser() -> argparse.ArgumentParser:
 
     rule = group("rule", "allow rules")
     v = verb(rule, "add", rule_add, "add a rule", json=True)
-    v.add_argument("--provider", action="append", required=True, metavar="LABELS|any")
-    v.add_argument("--consumer", action="append", required=True, metavar="LABELS|any")
+    side_help = "a label set, ip:CIDR (IPv4 or IPv6), or any; repeatable"
+    v.add_argument(
+        "--provider", action="append", required=True, metavar="LABELS|ip:CIDR|any", help=side_help
+    )
+    v.add_argument(
+        "--consumer", action="append", required=True, metavar="LABELS|ip:CIDR|any", help=side_help
+    )
     v.add_argument(
         "--service", action="append", required=True, metavar="tcp/PORT|udp/PORT|tcp/LO-HI|icmp"
     )
-    v.add_argument("--option", action="append", metavar="OPTION", help="e.g. log")
+    v.add_argument(
+        "--option",
+        action="append",
+        metavar="OPTION",
+        help="log (log its accepts) or encrypted (remote peers only through the segd mesh)",
+    )
     v.add_argument("--description", default="")
     verb(rule, "list", rule_list, "list rules", json=True)
     verb(rule, "rm", rule_rm, "remove a rule").add_argument("id")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 from segd.ctl.client import CtlError
-from segd.policy import Selectors
+from segd.policy import IP_PREFIX, Selectors
 
 _LIFESPAN_RE = re.compile(r"^(\d+)([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -71,14 +71,29 @@ def parse_selectors(texts: Sequence[str]) -> Selectors:
     return [parse_labels(t) for t in items]
 
 
+def parse_side(texts: Sequence[str]) -> tuple[Selectors, list[str]]:
+    """Repeated `--provider`/`--consumer` values: label sets and `ip:CIDR` address
+    blocks (the server validates them), or `any` alone."""
+    items = [t.strip() for t in texts]
+    blocks = [t[len(IP_PREFIX) :].strip() for t in items if t.startswith(IP_PREFIX)]
+    labels = [t for t in items if not t.startswith(IP_PREFIX)]
+    if blocks and "any" in labels:
+        raise CtlError("'any' cannot be combined with ip: address blocks", 2)
+    if any(not b for b in blocks):
+        raise CtlError("ip: needs an address block, e.g. ip:203.0.113.0/24", 2)
+    return (parse_selectors(labels) if labels else []), blocks
+
+
 def labels_text(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={labels[k]}" for k in sorted(labels)) or "-"
 
 
-def selectors_text(sel: object) -> str:
+def selectors_text(sel: object, blocks: Sequence[str] = ()) -> str:
+    """A rule side: its label sets and address blocks (`ip:CIDR`), or `any`."""
     if sel == "any" or not isinstance(sel, list):
         return "any"
-    return " | ".join(labels_text(s) for s in sel) or "-"
+    parts = [labels_text(s) for s in sel] + [f"{IP_PREFIX}{b}" for b in blocks]
+    return " | ".join(parts) or "-"
 
 
 def when(t: float) -> str:

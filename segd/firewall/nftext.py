@@ -1,6 +1,7 @@
 """nftables text shared by the container table and the host gate (pure).
 
-Addresses are validated here (`check_addr`, `split_addrs`); set, element,
+Addresses and address blocks are validated here (`check_addr`, `split_addrs`,
+`check_block`, `split_blocks`); set, element,
 chain and table text is built here; and so is the one way segd replaces a
 whole table without a gap (`replace_txs`). Callers validate their own names
 before they reach these functions.
@@ -50,6 +51,33 @@ def check_addr(text: object) -> Addr:
     if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
         raise ValueError(f"invalid IP address {text!r}: scoped addresses are not allowed")
     return addr
+
+
+def check_block(text: object) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """One IPv4 or IPv6 address block in CIDR form, host bits zero."""
+    if not isinstance(text, str) or "/" not in text or not text.isascii() or "%" in text:
+        raise ValueError(f"invalid address block {text!r}")
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise ValueError(f"invalid address block {text!r}") from None
+
+
+def split_blocks(texts: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Validate address blocks; return (ipv4, ipv6) texts, overlapping and adjacent
+    blocks merged (an interval set refuses overlapping elements), sorted."""
+    v4: list[ipaddress.IPv4Network] = []
+    v6: list[ipaddress.IPv6Network] = []
+    for t in texts:
+        net = check_block(t)
+        if isinstance(net, ipaddress.IPv4Network):
+            v4.append(net)
+        else:
+            v6.append(net)
+    return (
+        [str(n) for n in ipaddress.collapse_addresses(v4)],
+        [str(n) for n in ipaddress.collapse_addresses(v6)],
+    )
 
 
 def split_addrs(texts: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -102,9 +130,10 @@ def drop_table(table: Table) -> str:
     return "\n".join(drop_table_lines(table)) + "\n"
 
 
-def drop_set(table: Table, name: str, typ: str) -> list[str]:
+def drop_set(table: Table, name: str, typ: str, interval: bool = False) -> list[str]:
     """Remove the set `name` whether or not it exists; its rules must be gone first."""
-    return [f"add set {table} {name} {{ type {typ}; }}", f"delete set {table} {name}"]
+    flags = " flags interval;" if interval else ""
+    return [f"add set {table} {name} {{ type {typ};{flags} }}", f"delete set {table} {name}"]
 
 
 def element_lines(verb: str, table: Table, name: str, elements: Sequence[str]) -> list[str]:

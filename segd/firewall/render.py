@@ -2,7 +2,8 @@
 
 One container network namespace holds one table, `inet segd`: a pair of named
 sets (`<set>_v4`, `<set>_v6`) per peer label set the workload's allows refer
-to, and `input`/`output` chains with policy drop. Loopback, established and
+to (`ls_…`: addresses) or per rule side's address blocks (`ip_…`: CIDRs, in
+sets with `flags interval`), and `input`/`output` chains with policy drop. Loopback, established and
 related traffic and IPv6 neighbour discovery are always accepted; every other
 accept comes from one rule and one service, and carries the rule id as a
 comment. A peer joining or leaving is a set element change, never a rule
@@ -47,7 +48,8 @@ TABLE = "segd"
 CONTAINER = Table("inet", TABLE)
 """The table segd keeps in every enforced container's namespace."""
 
-SET_NAME_RE = re.compile(r"^ls_[0-9a-f]{16}\Z")
+SET_NAME_RE = re.compile(r"^(ls|ip)_[0-9a-f]{16}\Z")
+BLOCKS_PREFIX = "ip_"  # a set of address blocks (ip: peers), not of workload addresses
 RULE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 
 Direction = Literal["in", "out"]
@@ -64,6 +66,20 @@ def check_set_name(name: object) -> str:
     if not isinstance(name, str) or not SET_NAME_RE.match(name):
         raise ValueError(f"invalid set name {name!r}")
     return name
+
+
+def is_blocks(name: str) -> bool:
+    return name.startswith(BLOCKS_PREFIX)
+
+
+def split_set(name: str, elements: Iterable[str]) -> tuple[list[str], list[str]]:
+    """A set's (ipv4, ipv6) elements: addresses, or CIDR blocks for an `ip_` set."""
+    return nftext.split_blocks(elements) if is_blocks(name) else split_addrs(elements)
+
+
+def check_set(name: str, elements: Iterable[str]) -> None:
+    """Raise ValueError when a set from the instructions cannot be rendered."""
+    split_set(check_set_name(name), elements)
 
 
 def check_rule_id(rule_id: object) -> str:
@@ -97,7 +113,7 @@ def _service_matches(svc: Service) -> tuple[str, str]:
 class _Shape(NamedTuple):
     """A whole `inet segd` table: its sets (name, type, elements) and its chains' rules."""
 
-    sets: list[tuple[str, str, list[str]]]
+    sets: list[tuple[str, str, list[str], bool]]  # name, type, elements, interval
     input: list[str]
     output: list[str]
 
@@ -151,10 +167,11 @@ def _workload_shape(
     policy: WorkloadPolicy, sets: Mapping[str, Sequence[str]], logged: frozenset[str]
 ) -> _Shape:
     """A referenced set missing from `sets` is empty (fail closed)."""
-    peer_sets: list[tuple[str, str, list[str]]] = []
+    peer_sets: list[tuple[str, str, list[str], bool]] = []
     for name in sorted(referenced_sets(policy)):
-        v4, v6 = split_addrs(sets.get(name, ()))
-        peer_sets += [(f"{name}_v4", "ipv4_addr", v4), (f"{name}_v6", "ipv6_addr", v6)]
+        v4, v6 = split_set(name, sets.get(name, ()))
+        iv = is_blocks(name)
+        peer_sets += [(f"{name}_v4", "ipv4_addr", v4, iv), (f"{name}_v6", "ipv6_addr", v6, iv)]
 
     def chain_rules(allows: Sequence[Allow], direction: Direction) -> list[str]:
         rules: list[str] = []
@@ -183,8 +200,8 @@ def _head(hook: str) -> str:
 def _body(shape: _Shape, *, with_contents: bool = True) -> list[str]:
     """The `table { ... }` body; without contents: the sets and chains, empty."""
     body: list[str] = []
-    for name, typ, elements in shape.sets:
-        body += nftext.set_block(name, typ, elements if with_contents else [])
+    for name, typ, elements, interval in shape.sets:
+        body += nftext.set_block(name, typ, elements if with_contents else [], interval)
     for hook, rules in (("input", shape.input), ("output", shape.output)):
         body += nftext.chain_block(hook, _head(hook), rules if with_contents else [])
     return body
@@ -193,13 +210,13 @@ def _body(shape: _Shape, *, with_contents: bool = True) -> list[str]:
 def _in_place(shape: _Shape, was: Iterable[str]) -> str:
     """One transaction that makes an `inet segd` table holding the peer sets `was`
     (or absent, or holding fewer) exactly `shape`."""
-    kept = {name for name, _, _ in shape.sets}
+    kept = {name for name, _, _, _ in shape.sets}
     lines = [f"flush table {CONTAINER}", *nftext.drop_table_lines(nftext.shadow_of(CONTAINER))]
     for peer in sorted({check_set_name(n) for n in was}):
         for fam, typ in _FAMILIES:
             if f"{peer}_{fam}" not in kept:
-                lines += nftext.drop_set(CONTAINER, f"{peer}_{fam}", typ)
-    for name, _, elements in shape.sets:
+                lines += nftext.drop_set(CONTAINER, f"{peer}_{fam}", typ, is_blocks(peer))
+    for name, _, elements, _ in shape.sets:
         lines += nftext.refill(CONTAINER, name, elements)
     lines += nftext.rule_lines(CONTAINER, "input", shape.input)
     lines += nftext.rule_lines(CONTAINER, "output", shape.output)
@@ -271,8 +288,8 @@ def render_set_delta(
     dels: list[str] = []
     adds: list[str] = []
     for name in sorted({check_set_name(n) for n in referenced}):
-        old4, old6 = split_addrs(old.get(name, ()))
-        new4, new6 = split_addrs(new.get(name, ()))
+        old4, old6 = split_set(name, old.get(name, ()))
+        new4, new6 = split_set(name, new.get(name, ()))
         for fam, before, after in (("v4", old4, new4), ("v6", old6, new6)):
             keep_after, keep_before = set(after), set(before)
             gone = [a for a in before if a not in keep_after]

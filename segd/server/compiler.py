@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import ipaddress
 import itertools
 import math
 from collections import Counter
@@ -50,6 +49,7 @@ import msgspec
 
 from segd import policy
 from segd.policy import Labels, Service
+from segd.server.mesh import matcher as mesh_matcher
 from segd.wire import Allow, Instructions, Mesh, MeshPeer, Rule, Workload, WorkloadPolicy
 
 _ENCODER = msgspec.json.Encoder(order="deterministic")
@@ -195,7 +195,7 @@ class Compiler:
         mesh: Iterable[MeshPeer] = (),
     ) -> None:
         self._pool = pool
-        self._pool_net = ipaddress.ip_network(pool) if pool else None
+        self._is_mesh = mesh_matcher(pool)
         self._mesh: dict[str, MeshPeer] = {p.host_id: p for p in mesh}  # joined, not revoked
         self._rules: dict[str, _CompiledRule] = {}
         self._selectors: dict[str, Labels] = {}  # set name -> selector labels
@@ -349,14 +349,6 @@ class Compiler:
             (mesh if self._is_mesh(ip) else local).append(ip)
         return mesh, local
 
-    def _is_mesh(self, ip: str) -> bool:
-        if self._pool_net is None:
-            return False
-        try:
-            return ipaddress.ip_address(ip) in self._pool_net
-        except ValueError:
-            return False
-
     def _join(self, name: str, w: Workload) -> None:
         """Count `w` (now in `_workloads`) as a member of the set `name`."""
         self._members[name].add(w.id)
@@ -438,6 +430,8 @@ class Compiler:
     def _member_changed(self, name: str, w: Workload, *, joined: bool) -> None:
         """Keep the cached address lists of the set's copies current (new lists,
         never edits) and note them on the views of the hosts that hold them."""
+        if name not in self._set_ips and not self._copies.get(name):
+            return  # never built, so nobody holds it yet
         # An address stays in the set while another member holds it too.
         members = self._members[name]
         mesh_ips, local_ips = self._scoped[w.id]

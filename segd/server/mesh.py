@@ -18,7 +18,8 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-from collections.abc import Collection
+import socket
+from collections.abc import Callable, Collection
 
 from segd.config import MeshConfig
 from segd.errors import InvalidInput
@@ -29,6 +30,25 @@ WG_KEY_BYTES = 32
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def matcher(pool: str) -> Callable[[str], bool]:
+    """A fast test of whether an address text is inside `pool` (an IPv4 CIDR, or
+    "" for none): one C call and a mask, not an `ipaddress` object per address.
+    Anything but a plain dotted-quad IPv4 address is outside."""
+    if not pool:
+        return lambda ip: False
+    net = ipaddress.IPv4Network(pool)
+    mask, base = int(net.netmask), int(net.network_address)
+    pton, af = socket.inet_pton, socket.AF_INET
+
+    def inside(ip: str) -> bool:
+        try:
+            return int.from_bytes(pton(af, ip), "big") & mask == base
+        except (OSError, ValueError, TypeError):
+            return False
+
+    return inside
+
+
 class Pool:
     """The mesh pool, or none (`enabled` False: every address is host-local)."""
 
@@ -36,6 +56,7 @@ class Pool:
         self.text = cfg.pool
         self.host_prefix = cfg.host_prefix
         self.net: Network | None = ipaddress.ip_network(cfg.pool) if cfg.pool else None
+        self._inside = matcher(cfg.pool)
 
     @property
     def enabled(self) -> bool:
@@ -43,12 +64,7 @@ class Pool:
 
     def is_mesh(self, ip: str) -> bool:
         """Whether the address is inside the pool (an unparsable one is not)."""
-        if self.net is None:
-            return False
-        try:
-            return ipaddress.ip_address(ip) in self.net
-        except ValueError:
-            return False
+        return self._inside(ip)
 
     def scope_of(self, host_id: str, ip: str) -> str:
         """The scope an address is unique in: the fleet for mesh, else its host."""

@@ -37,10 +37,11 @@ _SECURITY = {
 
 def selectors(dimensions: Sequence[str] | None = None) -> dict[str, Any]:
     return {
+        "description": "label sets (empty only beside address blocks), or 'any'",
         "anyOf": [
             {
                 "type": "array",
-                "minItems": 1,
+                "minItems": 0,
                 "maxItems": validate.MAX_SELECTORS,
                 "items": labels(dimensions),
             },
@@ -53,6 +54,18 @@ CONTAINER_ID = named(validate.CONTAINER_ID_RE)
 # 32 bytes of base64url without padding: 43 characters, the last one with its
 # two unused low bits clear (the decoder refuses non-canonical text).
 PUBLIC_KEY = {"type": "string", "pattern": "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$"}
+# A WireGuard key: 32 bytes of standard base64, padded, canonical (not all zero).
+WG_PUBLIC_KEY = {"type": "string", "pattern": "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"}
+ENDPOINT = {
+    "type": "string",
+    "maxLength": 64,
+    "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[0-9.]+):[0-9]{1,5}$",
+    "description": "IP:PORT of the host's WireGuard interface, IPv6 as [IP]:PORT",
+}
+BLOCKS = {
+    "type": "array",
+    "items": {"type": "string", "pattern": "^[0-9A-Fa-f:.]+(/[0-9]{1,3})?$"},
+}
 
 
 def server_constraints(dimensions: Sequence[str] | None = None) -> Constraints:
@@ -64,7 +77,10 @@ def server_constraints(dimensions: Sequence[str] | None = None) -> Constraints:
             "consumers": selectors(dimensions),
             "options": {"type": "array", "items": {"enum": sorted(policy.RULE_OPTIONS)}},
             "description": text(validate.MAX_DESCRIPTION),
+            "provider_ips": BLOCKS,
+            "consumer_ips": BLOCKS,
         },
+        "MeshJoinIn": {"public_key": WG_PUBLIC_KEY, "endpoint": ENDPOINT},
         "ProfileIn": {
             "name": named(validate.NAME_RE),
             "labels": dims,

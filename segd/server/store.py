@@ -359,8 +359,10 @@ class Tx:
         scoped = [(self.scope_of(host_id, ip), ip) for ip in ips]
         if not scoped:
             return {}
-        marks = ",".join("(?, ?)" for _ in scoped)  # placeholders only: the values are bound
-        sql = f"SELECT ip, workload_id FROM workload_ips WHERE (scope, ip) IN (VALUES {marks})"  # noqa: S608
+        # Placeholders only (the values are bound); an OR of key lookups, which
+        # uses the primary key (a row-value IN scans the table).
+        marks = " OR ".join("(scope = ? AND ip = ?)" for _ in scoped)
+        sql = f"SELECT ip, workload_id FROM workload_ips WHERE {marks}"  # noqa: S608
         rows = self._all(sql, [v for pair in scoped for v in pair])
         return {r["ip"]: r["workload_id"] for r in rows}
 

@@ -363,7 +363,9 @@ def start_live_server(data_dir: Path, **settings: Any) -> LiveServer:
 def live_server(tmp_path: Path) -> Iterator[LiveServer]:
     """A real server; its data dir sits where `segd ctl` looks for an allinone one
     (`<tmp>/allinone/server`), so tests can set SEGD_DATA_DIR=<tmp>/allinone."""
-    server = start_live_server(tmp_path / "allinone" / "server", longpoll_timeout_s=2.0)
+    server = start_live_server(
+        tmp_path / "allinone" / "server", longpoll_timeout_s=2.0, mesh=MeshConfig(pool=MESH_POOL)
+    )
     try:
         yield server
     finally:

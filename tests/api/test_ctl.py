@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import logging
@@ -424,3 +425,77 @@ def test_agent_text_with_control_and_bidi_characters_is_escaped_in_ctl_tables(
     assert all(line.isprintable() for line in out.splitlines()), out
     assert out.count("\n") == 2  # header and one row: the newline in the text is escaped
     assert "\\u202e" in out and "\\x1b" in out and "\\x9b" in out and "\\x7f" in out
+
+
+def _agent_joins(server: LiveServer, code: str, wg_key: str) -> str:
+    """Register an agent with `code` and join the mesh; return the host id."""
+    key = nacl.signing.SigningKey.generate()
+    reg = _post(
+        server.url + "/v1/agent/register",
+        {
+            "activation_code": code,
+            "public_key": crypto.b64e(bytes(key.verify_key)),
+            "hostname": "n",
+        },
+    )
+    body = {"public_key": wg_key, "endpoint": "192.0.2.7:51820"}
+    data = json.dumps(body).encode()
+    headers = crypto.sign_request(key, reg["host_id"], "PUT", "/v1/agent/mesh", data, time.time())
+    assert _post(server.url + "/v1/agent/mesh", body, headers, method="PUT")["subnet"]
+    return str(reg["host_id"])
+
+
+def test_fleet_verbs_ip_peers_encrypted_and_the_mesh_columns(
+    ctl: Ctl, live_server: LiveServer
+) -> None:
+    rid = ctl.ok(
+        "rule", "add", "--provider", "role=db", "--consumer", "ip:203.0.113.0/24",
+        "--consumer", "role=web", "--consumer", "ip:2001:db8::/32", "--service", "tcp/5432",
+    ).strip()  # fmt: skip
+    only_ips = ctl.json(
+        "rule", "add", "--provider", "ip:198.51.100.7", "--consumer", "role=web",
+        "--service", "tcp/443",
+    )  # fmt: skip
+    assert (only_ips["providers"], only_ips["provider_ips"]) == ([], ["198.51.100.7/32"])
+    enc = ctl.json(
+        "rule", "add", "--provider", "role=db", "--consumer", "role=web", "--service", "tcp/1",
+        "--option", "encrypted",
+    )  # fmt: skip
+    assert enc["options"] == ["encrypted"]
+    [mixed, _, _] = ctl.json("rule", "list")
+    assert (mixed["id"], mixed["consumers"], mixed["consumer_ips"]) == (
+        rid,
+        [{"role": "web"}],
+        ["203.0.113.0/24", "2001:db8::/32"],
+    )
+    table = ctl.ok("rule", "list")
+    assert "role=web | ip:203.0.113.0/24 | ip:2001:db8::/32" in table
+    assert "ip:198.51.100.7/32" in table and "encrypted" in table
+    before = ctl.json("rule", "list")
+    for argv, needle in [
+        (("--consumer", "ip:10.0.0.1/8"), "host bits set"),
+        (("--consumer", "ip:nope"), "invalid address block"),
+        (("--consumer", "ip:"), "ip: needs an address block"),
+        (("--consumer", "any", "--consumer", "ip:10.0.0.0/8"), "'any' cannot be combined"),
+        (("--consumer", "ip:10.0.0.0/8", "--option", "encrypted"), "encrypted rule cannot"),
+        (("--consumer", "any", "--option", "encrypted"), "encrypted rule cannot"),
+    ]:
+        code, out, err = ctl.run(
+            "rule", "add", "--provider", "role=db", *argv, "--service", "tcp/1"
+        )  # fmt: skip
+        assert code != 0 and out == "" and err.count("\n") == 1 and needle in err, (argv, err)
+    assert ctl.json("rule", "list") == before
+    # hosts: mesh state, subnet, endpoint and the WireGuard key (short; whole in --json)
+    wg_key = base64.b64encode(b"w" * 32).decode()
+    host_id = _agent_joins(live_server, ctl.ok("agent", "activation-code").strip(), wg_key)
+    header, row = ctl.ok("host", "list").splitlines()
+    assert header.split()[-4:] == ["MESH", "SUBNET", "ENDPOINT", "WG_KEY"]
+    assert row.split()[-4:] == ["up", "10.200.0.0/24", "192.0.2.7:51820", wg_key[:8] + "…"]
+    [h] = ctl.json("host", "list")
+    assert (h["id"], h["mesh"], h["subnet"], h["endpoint"], h["mesh_public_key"]) == (
+        host_id,
+        "up",
+        "10.200.0.0/24",
+        "192.0.2.7:51820",
+        wg_key,
+    )

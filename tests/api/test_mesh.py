@@ -290,3 +290,101 @@ async def test_a_host_not_in_the_mesh_gets_no_mesh_part(api: Admin, make_agent: 
     assert (await a.paired(res)).mesh is None
     status, signed = await a.instructions(since=0)
     assert b'"mesh"' not in msgspec.json.encode(a.open(signed))
+
+
+# ---- ip: peers and the encrypted option ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"consumers": [], "consumer_ips": []}, "at least one label set, address block"),
+        ({"consumers": [], "consumer_ips": ["10.0.0.1/8"]}, "host bits set"),
+        ({"consumers": [], "consumer_ips": ["10.0.0.0/8/8"]}, "consumer_ips"),
+        ({"consumers": [], "consumer_ips": ["10.0.0.0/٨"]}, "consumer_ips"),
+        ({"consumers": [], "consumer_ips": ["fe80::/64%eth0"]}, "consumer_ips"),
+        ({"consumers": [], "consumer_ips": [f"10.{i}.0.0/16" for i in range(65)]}, "length"),
+        ({"consumers": "any", "consumer_ips": ["10.0.0.0/8"]}, "'any' cannot be combined"),
+        ({"consumer_ips": ["10.0.0.0/8"], "options": ["encrypted"]}, "encrypted rule cannot"),
+        ({"provider_ips": ["10.0.0.0/8"], "options": ["encrypted"]}, "encrypted rule cannot"),
+        ({"consumers": "any", "options": ["encrypted"]}, "encrypted rule cannot"),
+        ({"consumers": [{"role": "web"}], "options": ["secret"]}, "unknown rule option"),
+    ],
+)
+async def test_bad_ip_peers_and_encrypted_rules_are_refused(
+    api: Admin, body: dict[str, Any], needle: str
+) -> None:
+    rule = {"providers": [{"role": "db"}], "consumers": [{"role": "web"}], "services": ["tcp/1"]}
+    status, res = await api.call("POST", "/v1/rules", {**rule, **body})
+    assert (status, res["error"]) == (400, "invalid_input"), res
+    assert needle in res["message"]
+    assert await api.ok("GET", "/v1/rules") == []
+
+
+async def test_ip_peers_reach_the_hosts_of_the_other_side(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    rule = await api.ok(
+        "POST",
+        "/v1/rules",
+        {
+            "providers": [{"role": "db"}],
+            "consumers": [],
+            "consumer_ips": ["203.0.113.0/24", "2001:DB8::/32", "203.0.113.0/24"],
+            "services": ["tcp/5432"],
+        },
+        status=201,
+    )
+    assert rule["consumer_ips"] == ["203.0.113.0/24", "2001:db8::/32"]  # canonical, once
+    assert rule["consumers"] == []
+    db = await api.setup_policy(profile="db", labels={"role": "db"})
+    a = await make_agent("a")
+    status, res = await a.pair("db1", db, ["172.17.0.2"])
+    assert status == 200
+    instr = await a.paired(res)
+    name = policy.ip_set_name(rule["consumer_ips"])
+    assert instr.sets == {name: ["203.0.113.0/24", "2001:db8::/32"]}
+    [p] = instr.workloads
+    assert [(x.rule_id, x.peer) for x in p.inbound] == [(rule["id"], name)]
+    assert instr.rules[0].consumer_ips == rule["consumer_ips"]
+
+
+async def test_an_encrypted_rule_admits_remote_peers_by_mesh_address_only(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    await api.ok("POST", "/v1/rules", {**RULE, "options": ["encrypted"]}, status=201)
+    db = await api.setup_policy(profile="db", labels={"role": "db"})
+    web = await api.setup_policy(profile="web", labels={"role": "web"})
+    a, b = await make_agent("a"), await make_agent("b")
+    await a.join_mesh()
+    await b.join_mesh()
+    assert (await a.pair("web-local", web, ["172.17.0.3"]))[0] == 200  # same host as db
+    assert (await b.pair("web-remote", web, ["172.17.0.4", b.ip(4)]))[0] == 200
+    status, res = await a.pair("db1", db, ["172.17.0.2", a.ip(2)])
+    assert status == 200
+    instr = await a.paired(res)
+    # same-host peer by any address; the remote one by its mesh address only
+    assert instr.sets[WEB] == sorted([b.ip(4), "172.17.0.3"])
+    assert instr.rules[0].options == ["encrypted"]
+    assert instr.mesh is not None and [p.host_id for p in instr.mesh.peers] == [b.host_id]
+
+
+async def test_the_address_check_looks_up_the_key_not_the_table(api: Admin) -> None:
+    """The pairing path's `ip_holders` is a key lookup per address in its scope
+    (a row-value IN over the scoped addresses scanned every held address)."""
+    store = api.svc.store
+    seen: list[tuple[str, list[Any]]] = []
+    async with store.write() as tx:
+        real = tx._all
+
+        def spy(sql: str, params: Any = ()) -> Any:
+            seen.append((sql, list(params)))
+            return real(sql, params)
+
+        tx._all = spy  # type: ignore[method-assign]
+        assert tx.ip_holders("h_1", ["10.0.0.1", "10.200.0.7", "fd00::1"]) == {}
+    [(sql, params)] = seen
+    plan = store._w.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+    details = " ".join(str(row[-1]) for row in plan)
+    assert "SEARCH workload_ips USING" in details and "SCAN workload_ips" not in details
+    assert params == ["h_1", "10.0.0.1", "", "10.200.0.7", "h_1", "fd00::1"]

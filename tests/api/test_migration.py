@@ -74,3 +74,37 @@ async def test_upgraded_store_keeps_its_data_and_readmits_paired_containers(
     await api.ok("POST", "/v1/keys", {"profile": "db", "max_uses": None}, status=201)
     await api.ok("DELETE", "/v1/profiles/db", status=204)
     assert await api.ok("GET", "/v1/keys") == []
+
+
+async def test_upgraded_addresses_are_host_local_and_rules_have_no_blocks(
+    aiohttp_client: AiohttpClient, tmp_path: Path, clock: Clock
+) -> None:
+    """Addresses paired before address scopes are host-local: another host may
+    pair the same one, its own host may not."""
+    from tests.api.conftest import register_agent
+
+    agent_key = nacl.signing.SigningKey.generate()
+    cfg = ServerConfig(data_dir=str(tmp_path / "server"))
+    token = _first_schema_store(Path(cfg.data_dir), agent_key.verify_key)
+    conn = sqlite.open_migrated(Path(cfg.data_dir) / "segd.db", MIGRATIONS[:5])
+    conn.execute(
+        "INSERT INTO rules VALUES ('r_1', ?, ?, ?, '[]', '', 1)",
+        ('[{"role":"db"}]', '"any"', '["tcp/1"]'),
+    )
+    conn.commit()
+    conn.close()
+    api = await start_admin(aiohttp_client, cfg, clock)
+    [rule] = await api.ok("GET", "/v1/rules")
+    assert (rule["provider_ips"], rule["consumer_ips"]) == ([], [])
+    [host] = await api.ok("GET", "/v1/hosts")
+    assert (host["mesh"], host["subnet"]) == ("off", "")
+    await api.ok("POST", "/v1/profiles/db/revoke", {})  # the old key is used up anyway
+    await api.ok("POST", "/v1/profiles", {"name": "db2", "labels": {"role": "db"}}, status=201)
+    new = (await api.ok("POST", "/v1/keys", {"profile": "db2"}, status=201))["token"]
+    other = await register_agent(api, clock, "other")
+    assert (await other.pair("c1", new, ["10.0.0.1"]))[0] == 200
+    server_keys = {api.svc.pub.key_id: crypto.b64e(bytes(api.svc.signing_key.verify_key))}
+    agent = Agent(api.client, HOST_ID, agent_key, clock, server_keys)
+    status, body = await agent.pair("c2", new, ["10.0.0.1"])
+    assert (status, body["error"]) == (403, "ip_in_use")
+    assert token

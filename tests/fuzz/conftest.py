@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from segd.config import ServerConfig
-from tests.api.conftest import Admin, Clock, api, clock, make_agent  # noqa: F401 (fixtures)
+from segd.config import MeshConfig, ServerConfig
+from tests.api.conftest import (  # noqa: F401 (fixtures)
+    MESH_POOL,
+    Admin,
+    Clock,
+    api,
+    clock,
+    make_agent,
+)
 from tests.fuzz.harness import FUZZ_BURST, LONGPOLL_S, Env, populate
 
 
@@ -19,6 +26,7 @@ def server_cfg(tmp_path: Path) -> ServerConfig:
         longpoll_timeout_s=LONGPOLL_S,
         request_skew_s=60.0,
         rate_limit_burst=FUZZ_BURST,
+        mesh=MeshConfig(pool=MESH_POOL),  # the mesh join route does more than refuse
     )
 
 

@@ -717,8 +717,8 @@ async def exchange(env: Env, req: Request) -> tuple[int, bytes]:
 # ---- what segd may write into a ruleset ----------------------------------------------
 
 _ID = r"[A-Za-z0-9_-]{1,64}"
-_SET = r"ls_[0-9a-f]{16}_v[46]"
-_ADDR = r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-f:.]*:[0-9a-f:.]*)"
+_SET = r"(?:ls|ip)_[0-9a-f]{16}_v[46]"  # ip_: address blocks, in interval sets
+_ADDR = r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-f:.]*:[0-9a-f:.]*)(?:/[0-9]{1,3})?"
 _MATCH = r"(?:(?:tcp|udp) dport [0-9]{1,5}(?:-[0-9]{1,5})?|meta l4proto (?:icmp|ipv6-icmp))"
 _TAIL = rf'(?:log prefix "segd:(?P<lid>{_ID}) " )?accept comment "(?P<cid>{_ID})"'
 _ELEMENTS = rf"\{{ {_ADDR}(?:, {_ADDR})* \}}"
@@ -740,6 +740,7 @@ GRAMMAR = [
         r"\}",
         rf"\tset {_SET} \{{",
         r"\t\ttype ipv[46]_addr",
+        r"\t\tflags interval",
         rf"\t\telements = {_ELEMENTS}",
         r"\t\}",
         r"\tchain (?:input|output) \{",
@@ -747,7 +748,7 @@ GRAMMAR = [
         *(rf"\t\t{rule}" for rule in _RULES),
         *(rf"add rule inet segd (?:input|output) {rule}" for rule in _RULES),
         rf"(?:add|delete) element inet segd {_SET} {_ELEMENTS}",
-        rf"add set inet segd {_SET} \{{ type ipv[46]_addr; \}}",
+        rf"add set inet segd {_SET} \{{ type ipv[46]_addr;(?: flags interval;)? \}}",
         rf"(?:delete|flush) set inet segd {_SET}",
     )
 ]
@@ -770,10 +771,15 @@ def assert_script_grammar(script: str) -> None:
         assert m is not None, f"line outside segd's grammar: {line!r}"
         if m.groupdict().get("lid") is not None:
             assert m["lid"] == m["cid"], line
+        blocks = " ip_" in line or line.startswith("\t\telements")
         for addr in re.findall(r"(?<=[{,] )[^ ,}]+", line):
             if addr.startswith("nd-") or line.startswith("add set "):
                 continue
-            ipaddress.ip_address(addr)
+            if "/" in addr:  # a block: only in a set of blocks, host bits zero
+                assert blocks, line
+                ipaddress.ip_network(addr, strict=True)
+            else:
+                ipaddress.ip_address(addr)
         for port in re.findall(r"dport ([0-9]+)(?:-([0-9]+))?", line):
             lo, hi = int(port[0]), int(port[1] or port[0])
             assert 1 <= lo <= hi <= 65535, line

@@ -125,6 +125,8 @@ POOL: dict[type, list[Any]] = {
 BAD_VALUES: dict[str, list[Any]] = {
     "server.listen": ["", "nope", "host:0", "host:65536", "[::1]", ":80", "h:80\n", "h:٨٠"],
     "server.data_dir": ["", "a\x00b"],
+    "server.mesh.pool": ["x", "10.0.0.1/16", "10.0.0.0/33", "fd00::/64", " 10.0.0.0/16", "a\x00b"],
+    "server.mesh.host_prefix": [0, 31, -1, 33],
     "server.max_body_bytes": [0, 1023, 16 * 1024 * 1024 + 1, -1],
     "server.request_skew_s": [0.0, 0.5, 3601.0, math.nan, math.inf],
     "server.request_future_skew_s": [-1.0, -0.001, 30.5, math.nan, math.inf],

@@ -7,6 +7,7 @@ the wire reaches nft unescaped.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import msgspec
@@ -15,12 +16,17 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from segd.firewall import render
-from segd.policy import set_name
+from segd.policy import ip_set_name, set_name
 from segd.wire import WorkloadPolicy
 from tests.fuzz import strategies as fz
 from tests.fuzz.harness import assert_plan_grammar
 
-SETS = [set_name({"role": "db"}), set_name({"role": "web"}), set_name({})]
+SETS = [
+    set_name({"role": "db"}),
+    set_name({"role": "web"}),
+    set_name({}),
+    ip_set_name(["203.0.113.0/24"]),  # a set of address blocks
+]
 NFT_SYNTAX = [
     "} ; flush ruleset",
     "ls_0000000000000000 ; flush ruleset",
@@ -52,6 +58,17 @@ addresses = st.one_of(
     st.ip_addresses().map(str),
     st.sampled_from(fz.ODD_IPS),
     st.sampled_from(["10.0.0.1 }", "10.0.0.1, 10.0.0.2", "10.0.0.1\n", "::1%lo", "10.0.0.1/8"]),
+    st.builds(
+        lambda a, n: str(ipaddress.ip_network(f"{a}/{n}", strict=False)),
+        st.ip_addresses(v=4),
+        st.integers(0, 32),
+    ),
+    st.builds(
+        lambda a, n: str(ipaddress.ip_network(f"{a}/{n}", strict=False)),
+        st.ip_addresses(v=6),
+        st.integers(0, 128),
+    ),
+    st.sampled_from(["10.0.0.0/8", "::/0", "10.0.0.0/8 }", "10.0.0.0/8, 1.2.3.4", "0.0.0.0/0"]),
     fz.near(st.ip_addresses().map(str)),
     fz.text,
 )

@@ -446,3 +446,35 @@ async def test_a_large_ruleset_applies_whole(pair: Pair) -> None:
     assert listing is not None
     assert len(re.findall(r"10\.213\.\d+\.\d+", listing)) == 200
     assert listing.count(" accept comment ") == 4 * 20  # per chain: v4 and v6 rule each
+
+
+BLOCKS = "ip_00000000000000cc"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_a_set_of_address_blocks_admits_exactly_its_blocks(backend: str, pair: Pair) -> None:
+    """ip: peers: an interval set of CIDRs (overlapping ones merged), rewritten in
+    place to a table without it and back."""
+    a, b = pair.a, pair.b
+    b.serve(tcp=[5432])
+    ns = NsRef("b", b.path)
+    pol = policy([Allow("ext", BLOCKS, [tcp(5432)])])
+    sets = {BLOCKS: ["10.213.0.0/31", "10.213.0.0/32", "fd10:213::/127", "192.0.2.0/24"]}
+    probes = {
+        Probe(pair.b4, 5432, src=pair.a4): "ok",  # .1 is in 10.213.0.0/31
+        Probe(pair.b6, 5432, src=pair.a6): "ok",
+        Probe(pair.b4, 5432, src=pair.a4_other): "timeout",  # .3 is not
+        Probe(pair.b6, 5432, src=pair.a6_other): "timeout",
+    }
+    async with Firewall(backend) as fw:  # type: ignore[arg-type]
+        await fw.apply(ns, render.render_workload(pol, sets))
+        assert "flags interval" in b.nft("list", "set", "inet", "segd", f"{BLOCKS}_v4")
+        assert dict(zip(probes, a.probe(list(probes)), strict=True)) == probes
+        other = policy([Allow("db", PEERS, [tcp(5432)])])
+        await fw.apply(ns, render.render_workload(other, {PEERS: [pair.a4_other]}, was={BLOCKS}))
+        assert "ip_" not in b.nft("list", "table", "inet", "segd")
+        flipped = [Probe(pair.b4, 5432, src=pair.a4), Probe(pair.b4, 5432, src=pair.a4_other)]
+        assert a.probe(flipped) == ["timeout", "ok"]
+        await fw.apply(ns, render.render_workload(pol, sets, was={PEERS}))
+        assert dict(zip(probes, a.probe(list(probes)), strict=True)) == probes
+        assert render.render_set_delta(sets, sets, {BLOCKS}) is None

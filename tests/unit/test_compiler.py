@@ -13,7 +13,7 @@ from segd.server.compiler import (
     content_digest,
     encode_instructions,
 )
-from segd.wire import Instructions, Rule, Workload
+from segd.wire import Instructions, Mesh, MeshPeer, Rule, Workload
 
 # Workload addresses in these tests are mesh addresses (unique in the fleet, seen
 # by every host) unless a test says otherwise; host-local ones are in 172.17/16.
@@ -214,8 +214,9 @@ def test_content_digest_ignores_version() -> None:
 
 
 def _random_ops(seed: int, steps: int) -> list[tuple[str, object]]:
-    """Adds (some replacing a live workload, some sharing an address), removals and
-    rule-set changes, over selectors of one to three labels."""
+    """Adds (some replacing a live workload, some sharing an address, mesh and
+    host-local addresses), removals, rule-set changes over selectors of one to
+    three labels, and hosts joining and leaving the mesh."""
     rnd = random.Random(seed)
     roles, apps, envs = ["web", "api", "db"], ["a", "b"], ["prod", "dev"]
 
@@ -235,13 +236,18 @@ def _random_ops(seed: int, steps: int) -> list[tuple[str, object]]:
         x = rnd.random()
         if x < 0.05:
             ops.append(("rules", rules()))
+        elif x < 0.1:
+            n = rnd.randrange(5)
+            ops.append(("mesh", (f"H{n}", peer(f"H{n}", n) if rnd.random() < 0.7 else None)))
         elif x < 0.3 and live:
             ops.append(("remove", live.pop(rnd.randrange(len(live)))))
         else:
             wid = rnd.choice(live) if live and rnd.random() < 0.1 else f"w{step}"
             if wid not in live:
                 live.append(wid)
-            ip = f"10.2.0.{rnd.randrange(1, 40)}"  # addresses repeat across workloads
+            # addresses repeat across workloads; mesh ones and host-local ones
+            net = "10.2.0" if rnd.random() < 0.6 else "172.17.0"
+            ip = f"{net}.{rnd.randrange(1, 40)}"
             labels = f"role={rnd.choice(roles)},app={rnd.choice(apps)},env={rnd.choice(envs)}"
             ops.append(("add", wl(wid, f"H{rnd.randrange(5)}", labels, ip)))
     return ops
@@ -254,6 +260,9 @@ def _apply(c: Compiler, op: str, arg: object) -> set[str]:
     if op == "remove":
         assert isinstance(arg, str)
         return c.remove_workload(arg)
+    if op == "mesh":
+        assert isinstance(arg, tuple)
+        return c.set_mesh_host(*arg)
     assert isinstance(arg, Workload)
     return c.add_workload(arg)
 
@@ -263,6 +272,7 @@ def test_incremental_with_cached_parts_equals_a_fresh_compile(seed: int) -> None
     c = compiler()
     rules: list[Rule] = []
     live: dict[str, Workload] = {}
+    mesh: dict[str, MeshPeer] = {}
     for step, (op, arg) in enumerate(_random_ops(seed, 150)):
         before = {h: c.host_digest(h) for h in c.hosts()}
         affected = _apply(c, op, arg)
@@ -271,10 +281,17 @@ def test_incremental_with_cached_parts_equals_a_fresh_compile(seed: int) -> None
             rules = arg
         elif op == "remove":
             live.pop(str(arg), None)
+        elif op == "mesh":
+            assert isinstance(arg, tuple)
+            host, joined = arg
+            if joined is None:
+                mesh.pop(host, None)
+            else:
+                mesh[host] = joined
         else:
             assert isinstance(arg, Workload)
             live[arg.id] = arg
-        fresh = compiler(rules, live.values())
+        fresh = Compiler(rules, live.values(), pool=POOL, mesh=mesh.values())
         assert c.compile_all() == fresh.compile_all(), step
         for h in fresh.hosts():
             assert c.host_digest(h) == fresh.host_digest(h), step
@@ -353,3 +370,134 @@ def test_selector_index_matches_like_a_scan_with_many_dimensions() -> None:
         got = {a.rule_id for a in p.inbound}
         want = {r.id for r, s in zip(rules, selectors, strict=True) if policy.matches(labels, s)}
         assert got == want
+
+
+# ---- address scopes, the mesh part, ip: peers ------------------------------------------
+
+
+def peer(host: str, n: int) -> MeshPeer:
+    return MeshPeer(host, f"key-{host}", f"192.0.2.{n}:51820", f"10.9.{n}.0/24")
+
+
+def test_host_local_addresses_are_in_their_own_hosts_sets_only() -> None:
+    c = compiler(
+        [R_WEB_DB],
+        [
+            wl("w1", "A", "role=web", "172.17.0.2"),
+            wl("w2", "B", "role=web", "172.17.0.2", "10.9.1.2"),  # same docker0 address
+            wl("d1", "A", "role=db", "172.17.0.3"),
+            wl("d2", "B", "role=db", "172.17.0.4", "10.9.1.4"),
+            wl("d3", "C", "role=db", "10.9.2.5"),
+        ],
+    )
+    a, b = c.compile_host("A", 1), c.compile_host("B", 1)
+    assert a.sets == {DB: ["10.9.1.4", "10.9.2.5", "172.17.0.3"], WEB: ["10.9.1.2", "172.17.0.2"]}
+    assert b.sets == {DB: ["10.9.1.4", "10.9.2.5", "172.17.0.4"], WEB: ["10.9.1.2", "172.17.0.2"]}
+    # C has no host-local member: it holds the shared copy (mesh addresses only)
+    assert c.compile_host("C", 1).sets == {WEB: ["10.9.1.2"]}
+
+
+def test_a_host_local_pairing_affects_its_own_host_only() -> None:
+    c = compiler([R_WEB_DB], [wl("w1", "A", "role=web", "10.9.0.2")])
+    assert c.add_workload(wl("d1", "B", "role=db", "172.17.0.2")) == {"B"}
+    assert c.compile_host("A", 1).sets == {DB: []}
+    assert c.add_workload(wl("d2", "B", "role=db", "10.9.1.2")) == {"A", "B"}
+    assert c.compile_host("A", 1).sets == {DB: ["10.9.1.2"]}
+    assert c.remove_workload("d1") == {"B"}
+    assert c.compile_host("B", 2).sets == {WEB: ["10.9.0.2"]}
+
+
+def test_without_a_pool_every_address_is_host_local() -> None:
+    c = Compiler(
+        [R_WEB_DB], [wl("w1", "A", "role=web", "10.0.0.1"), wl("d1", "B", "role=db", "10.0.0.1")]
+    )
+    assert c.compile_host("A", 1).sets == {DB: []}
+    assert c.compile_host("B", 1).sets == {WEB: []}
+
+
+def test_mesh_peers_are_the_hosts_with_members_of_the_sets_held() -> None:
+    c = Compiler(
+        [R_WEB_DB],
+        [
+            wl("w1", "A", "role=web", "10.9.0.2"),
+            wl("d1", "B", "role=db", "10.9.1.2"),
+            wl("d2", "C", "role=db", "172.17.0.2"),  # host-local only: no mesh traffic
+            wl("o1", "D", "role=other", "10.9.3.2"),
+        ],
+        pool="10.9.0.0/16",
+        mesh=[peer("A", 0), peer("B", 1), peer("C", 2), peer("D", 3)],
+    )
+    mesh = {h: c.compile_host(h, 1).mesh for h in "ABCD"}
+    assert all(m is not None and m.pool == "10.9.0.0/16" for m in mesh.values())
+    assert mesh["A"] == Mesh("10.9.0.0/16", "10.9.0.0/24", [peer("B", 1)])
+    assert mesh["B"] == Mesh("10.9.0.0/16", "10.9.1.0/24", [peer("A", 0)])
+    assert mesh["C"] == Mesh("10.9.0.0/16", "10.9.2.0/24", [peer("A", 0)])
+    assert mesh["D"] == Mesh("10.9.0.0/16", "10.9.3.0/24", [])
+    # a host not in the mesh gets no mesh part; one leaving is dropped by its peers
+    assert c.set_mesh_host("B", None) == {"A", "C", "D", "B"}
+    assert c.compile_host("A", 2).mesh == Mesh("10.9.0.0/16", "10.9.0.0/24", [])
+    assert c.compile_host("B", 2).mesh is None
+    assert c.set_mesh_host("B", peer("B", 1)) == {"A", "B", "C", "D"}
+    assert c.set_mesh_host("B", peer("B", 1)) == set()  # no change
+
+
+def test_any_makes_every_mesh_host_a_peer() -> None:
+    c = Compiler(
+        [rule("r1", ["role=db"], "any", "tcp/5432")],
+        [wl("d1", "A", "role=db", "10.9.0.2")],
+        pool="10.9.0.0/16",
+        mesh=[peer("A", 0), peer("B", 1), peer("C", 2)],
+    )
+    mesh = c.compile_host("A", 1).mesh
+    assert mesh is not None and [p.host_id for p in mesh.peers] == ["B", "C"]
+
+
+def test_mesh_part_changes_the_digest_and_wakes_the_peers() -> None:
+    c = Compiler(
+        [R_WEB_DB],
+        [wl("w1", "A", "role=web", "10.9.0.2"), wl("o1", "C", "role=other", "10.9.2.2")],
+        pool="10.9.0.0/16",
+        mesh=[peer("A", 0), peer("C", 2)],
+    )
+    before = {h: c.host_digest(h) for h in "AC"}
+    c.set_mesh_host("B", peer("B", 1))
+    assert {h: c.host_digest(h) for h in "AC"} == before  # B has no workload yet
+    affected = c.add_workload(wl("d1", "B", "role=db", "10.9.1.2"))
+    assert affected == {"A", "B"}
+    assert c.host_digest("A") != before["A"] and c.host_digest("C") == before["C"]
+    mesh = c.compile_host("A", 2).mesh
+    assert mesh is not None and mesh.peers == [peer("B", 1)]
+    moved = MeshPeer("B", "key-new", "192.0.2.99:51820", "10.9.1.0/24")
+    digest = c.host_digest("A")
+    c.set_mesh_host("B", moved)
+    assert c.host_digest("A") != digest
+    mesh = c.compile_host("A", 3).mesh
+    assert mesh is not None and mesh.peers == [moved]
+
+
+def test_ip_peers_compile_to_one_constant_set_of_blocks() -> None:
+    r = Rule(
+        id="r1",
+        providers=[{"role": "db"}],
+        consumers=[],
+        services=["tcp/5432"],
+        consumer_ips=["203.0.113.0/24", "2001:db8::/32", "203.0.113.0/25"],
+    )
+    mixed = Rule(
+        id="r2",
+        providers=[],
+        consumers=[{"role": "db"}],
+        services=["tcp/443"],
+        provider_ips=["198.51.100.0/24"],
+    )
+    c = compiler([r, mixed], [wl("d1", "A", "role=db", "10.0.0.2")])
+    ext = policy.ip_set_name(r.consumer_ips)
+    out = policy.ip_set_name(mixed.provider_ips)
+    i = c.compile_host("A", 1)
+    assert i.sets == {ext: ["203.0.113.0/24", "2001:db8::/32"], out: ["198.51.100.0/24"]}
+    [p] = i.workloads
+    assert [(a.rule_id, a.peer) for a in p.inbound] == [("r1", ext)]
+    assert [(a.rule_id, a.peer) for a in p.outbound] == [("r2", out)]
+    assert c.encode(i) == encode_instructions(i)
+    # nobody matches a block: other hosts are not affected by its rule
+    assert c.add_workload(wl("o1", "B", "role=other", "10.0.0.3")) == {"B"}

@@ -93,3 +93,31 @@ def test_syntax_error_and_missing_file(tmp_path: Path) -> None:
         config.load(p)
     with pytest.raises(config.ConfigError, match="cannot read file"):
         config.load(tmp_path / "missing.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ('[server.mesh]\npool = "10.213.0.1/16"', "server.mesh.pool", "host bits set"),
+        ('[server.mesh]\npool = "nope"', "server.mesh.pool", "IPv4 CIDR"),
+        ('[server.mesh]\npool = "fd00::/48"', "server.mesh.pool", "only an IPv4 pool"),
+        ('[server.mesh]\npool = "10.0.0.0/16"\nhost_prefix = 8', "server.mesh.host_prefix", "(16)"),
+        ('[server.mesh]\npool = "10.0.0.0/16"\nhost_prefix = 31', "server.mesh.host_prefix", "30"),
+        ("[server.mesh]\nhost_prefix = 0", "server.mesh.host_prefix", "between 1 and 30"),
+        ('[server.mesh]\nhost_prefix = "24"', "server.mesh.host_prefix", "Expected `int`"),
+    ],
+)
+def test_bad_mesh_config_names_file_key_reason(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(p)
+    assert (e.value.path, e.value.key) == (str(p), key)
+    assert reason in e.value.reason
+
+
+def test_a_mesh_pool_and_prefix_load() -> None:
+    cfg = config.decode({"server": {"mesh": {"pool": "10.213.0.0/16", "host_prefix": 26}}})
+    assert (cfg.server.mesh.pool, cfg.server.mesh.host_prefix) == ("10.213.0.0/16", 26)

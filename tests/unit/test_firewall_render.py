@@ -591,3 +591,68 @@ def test_log_rules_from_instruction_rules() -> None:
         Rule("r2", "any", "any", ["tcp/2"]),
     ]
     assert render.log_rules(rules) == frozenset({"r1"})
+
+
+# ---- address blocks (ip: peers) --------------------------------------------------------
+
+EXT = "ip_0000000000000e71"
+
+
+def test_a_set_of_address_blocks_is_an_interval_set() -> None:
+    p = pol(inbound=[Allow("r1", EXT, [TCP5432])])
+    blocks = {EXT: ["203.0.113.0/24", "2001:db8::/32", "198.51.100.7/32"]}
+    text = render.workload_script(p, blocks)
+    assert (
+        _t(
+            """
+        set ip_0000000000000e71_v4 {
+            type ipv4_addr
+            flags interval
+            elements = { 198.51.100.7/32, 203.0.113.0/24 }
+        }
+        set ip_0000000000000e71_v6 {
+            type ipv6_addr
+            flags interval
+            elements = { 2001:db8::/32 }
+        }
+        """
+        ).replace("\n", "\n\t")
+        in "\t" + text
+    )
+    assert f"ip saddr @{EXT}_v4 tcp dport 5432 accept" in text
+    in_place = render.render_workload(p, blocks, was=[EXT]).txs[0]
+    assert f"add element inet segd {EXT}_v4 {{ 198.51.100.7/32, 203.0.113.0/24 }}" in in_place
+    # a set of addresses stays a plain set
+    assert "flags interval" not in render.workload_script(
+        pol(inbound=[Allow("r1", DB, [TCP5432])]), {DB: ["10.0.0.1"]}
+    )
+
+
+def test_overlapping_blocks_are_merged_for_the_interval_set() -> None:
+    p = pol(inbound=[Allow("r1", EXT, [TCP5432])])
+    text = render.workload_script(p, {EXT: ["10.0.0.0/8", "10.1.0.0/16", "12.0.0.0/8"]})
+    assert "elements = { 10.0.0.0/8, 12.0.0.0/8 }" in text
+
+
+def test_an_interval_set_no_longer_referenced_is_dropped_as_one() -> None:
+    text = render.render_workload(pol(inbound=[Allow("r1", DB, [TCP5432])]), {}, was=[EXT]).txs[0]
+    assert f"add set inet segd {EXT}_v4 {{ type ipv4_addr; flags interval; }}" in text
+    assert f"delete set inet segd {EXT}_v4" in text
+
+
+@pytest.mark.parametrize(
+    "block",
+    ["10.0.0.1/8", "10.0.0.1", "10.0.0.0/33", "fe80::/10%eth0", "x/8", "", "10.0.0.0/8 }"],
+)
+def test_bad_blocks_are_refused(block: str) -> None:
+    with pytest.raises(ValueError, match="invalid address block"):
+        render.render_workload(pol(inbound=[Allow("r1", EXT, [TCP5432])]), {EXT: [block]})
+    with pytest.raises(ValueError, match="invalid address block"):
+        render.check_set(EXT, [block])
+
+
+def test_a_block_in_a_set_of_addresses_is_refused() -> None:
+    with pytest.raises(ValueError, match="invalid IP address"):
+        render.check_set(DB, ["10.0.0.0/8"])
+    render.check_set(DB, ["10.0.0.1"])
+    render.check_set(EXT, ["10.0.0.0/8"])
