@@ -195,8 +195,9 @@ class MeshAgent:
             return
         if d is not None:
             dev = await asyncio.to_thread(link.device)
-            have = None if dev is None else {(p.public_key, p.allowed_ips) for p in dev.peers}
-            if have == {(p.public_key, p.allowed_ips) for p in d.peers}:
+            # The peers' keys: what a restarted or emptied interface loses.
+            have = None if dev is None else {p.public_key for p in dev.peers}
+            if have == {p.public_key for p in d.peers}:
                 return
             _log.warning("mesh.drift", interface=link.ifname, present=dev is not None)
             self._applied = None

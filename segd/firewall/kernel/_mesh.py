@@ -187,6 +187,7 @@ class WireGuardLink:
                         "endpoint_addr": host.strip("[]"),
                         "endpoint_port": int(port),
                         "persistent_keepalive": p.keepalive_s,
+                        "replace_allowed_ips": True,
                         "allowed_ips": list(p.allowed_ips),
                     },
                 )
