@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install and start what segd's data plane needs on a Debian host:
-# nftables (libnftables), Docker Engine, busybox-static, systemd (for unit checks).
+# nftables (libnftables), Docker Engine, busybox-static, systemd (for unit checks),
+# tcpdump (fleet tests), wireguard-go when the kernel has no WireGuard (the segd mesh).
 # Idempotent: installs only what is missing, starts dockerd only when it is not running.
 set -euo pipefail
 
@@ -19,6 +20,13 @@ dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 dpkg -s iproute2 >/dev/null 2>&1 || need+=(iproute2)
 dpkg -s util-linux >/dev/null 2>&1 || need+=(util-linux)
 dpkg -s systemd >/dev/null 2>&1 || need+=(systemd)
+dpkg -s tcpdump >/dev/null 2>&1 || need+=(tcpdump)
+# The segd mesh: the kernel's WireGuard when it has one, else wireguard-go.
+if ip link add segd-wgprobe type wireguard >/dev/null 2>&1; then
+    ip link del segd-wgprobe
+else
+    command -v wireguard-go >/dev/null 2>&1 || need+=(wireguard-go)
+fi
 if [ "${#need[@]}" -gt 0 ]; then
     log "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

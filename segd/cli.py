@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
             m.add_argument("--server", metavar="URL", help="segmentation server URL")
     sub.add_parser("ctl", help="admin client (see `segd ctl --help`)", add_help=False)
     sub.add_parser("version", help="print the version")
+    pre = sub.add_parser("preflight", help="what the agent would use on this machine")
+    pre.add_argument("--config", metavar="FILE", help="TOML config file")
     demo = sub.add_parser("demo", help="run the live demo (see `make demo`)")
     demo.add_argument("--data-dir", metavar="DIR", default="")
     demo.add_argument(
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "version":
         print(f"segd {__version__}")
         return 0
+    if args.mode == "preflight":
+        return _preflight(args.config)
     if args.mode == "demo":
         from segd.demo import demo_main
 
@@ -157,6 +161,17 @@ def main(argv: list[str] | None = None) -> int:
             print(e.code, file=sys.stderr)
             return 1
         raise
+
+
+def _preflight(path: str | None) -> int:
+    """`segd preflight`: what the agent would use here; 1 when it lacks something."""
+    try:
+        cfg = config.load(path) if path else config.Config()
+    except config.ConfigError as e:
+        return _fail(str(e), 2)
+    lines, ok = preflight.agent_report(cfg.agent)
+    print("\n".join(lines))
+    return 0 if ok else 1
 
 
 def _configure(args: argparse.Namespace) -> config.Config:

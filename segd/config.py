@@ -18,6 +18,7 @@ import msgspec
 
 from segd import contract
 from segd.errors import InvalidInput
+from segd.mesh.plan import parse_endpoint
 from segd.policy import DEFAULT_DIMENSIONS, validate_dimensions
 
 DEFAULT_SERVER_LISTEN = "127.0.0.1:7400"
@@ -216,6 +217,30 @@ class ServerConfig(_Strict):
             raise ValueError(f"dimensions: {e.message}") from None
 
 
+class AgentMeshConfig(_Strict):
+    """`[agent.mesh]`: this host in the segd mesh (WireGuard between Docker hosts)."""
+
+    enabled: bool = False
+    endpoint: str = ""  # "IP:PORT" other hosts reach us at; "": default-route address
+    network: str = "segd"  # the Docker network containers join with --network segd
+    wireguard: Literal["auto", "kernel", "userspace"] = "auto"
+    listen_port: int = 51820
+
+    def __post_init__(self) -> None:
+        if self.endpoint:
+            try:
+                parse_endpoint(self.endpoint)
+            except InvalidInput as e:
+                raise ValueError(f"endpoint: {e.message}") from None
+        if not contract.NAME_RE.match(self.network):
+            raise ValueError(
+                "network: use letters, digits, '_', '.', '-', starting with a letter or digit"
+                " (max 63)"
+            )
+        if not 1 <= self.listen_port <= 65535:
+            raise ValueError("listen_port: must be between 1 and 65535")
+
+
 class AgentConfig(_Strict):
     server: str = "http://" + DEFAULT_SERVER_LISTEN
     state_dir: str = "/var/lib/segd/agent"
@@ -228,6 +253,7 @@ class AgentConfig(_Strict):
     backoff_max_s: float = 30.0
     flow_interval_s: float = 15.0
     metrics_listen: str = ""  # "" = off; loopback only
+    mesh: AgentMeshConfig = msgspec.field(default_factory=AgentMeshConfig)
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):

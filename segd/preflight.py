@@ -1,5 +1,7 @@
 """Checks that need the machine, run after the config parses and before a
-mode creates anything: TLS files load, and the listen address is free.
+mode creates anything: TLS files load, the listen address is free, and an
+agent in the segd mesh has the WireGuard it is set to use. `agent_report` is
+`segd preflight`: what the agent would use on this machine.
 
 A failure is a ConfigError naming the file and the key, like any config error.
 """
@@ -59,9 +61,36 @@ def check(cfg: config.Config, mode: str, path: str, *, listen: str = "") -> None
     elif mode == "orchestrator":
         _tls(path, "orchestrator", cfg.orchestrator.tls)
         _free(path or "command line", "orchestrator.listen", cfg.orchestrator.listen)
-    elif mode == "agent" and cfg.agent.server_ca:
+    elif mode == "agent" and cfg.agent.mesh.enabled:
+        _wireguard(path, cfg.agent.mesh)
+    if mode == "agent" and cfg.agent.server_ca:
         try:
             ssl.create_default_context(cafile=cfg.agent.server_ca)
         except (OSError, ssl.SSLError) as e:
             reason = f"cannot load CA file: {e}".replace("\n", " ")
             raise config.ConfigError(path, "agent.server_ca", reason) from None
+
+
+def _wireguard(path: str, mesh: config.AgentMeshConfig) -> None:
+    from segd.firewall.kernel import kernel_has_wireguard, wireguard_go
+    from segd.mesh.choice import NoWireGuard, choose
+
+    try:
+        choose(mesh.wireguard, kernel_has_wireguard(), wireguard_go())
+    except NoWireGuard as e:
+        raise config.ConfigError(path, "agent.mesh.wireguard", str(e)) from None
+
+
+def agent_report(agent: config.AgentConfig) -> tuple[list[str], bool]:
+    """One line per thing the agent needs (enforcement; WireGuard for the mesh);
+    False when something it needs is missing."""
+    from segd.firewall.kernel import kernel_has_wireguard, unavailable, wireguard_go
+    from segd.mesh.choice import describe
+
+    problem = unavailable()
+    lines = [f"enforcement: {'ok' if problem is None else 'no: ' + problem}"]
+    wg = describe(agent.mesh.wireguard, kernel_has_wireguard(), wireguard_go())
+    state = "enabled" if agent.mesh.enabled else "disabled"
+    lines.append(f"mesh: {state}; wireguard = {agent.mesh.wireguard!r} -> {wg}")
+    ok = problem is None and not (agent.mesh.enabled and wg.startswith("none"))
+    return lines, ok

@@ -9,6 +9,10 @@ nothing is left to do. A version of the instructions touches only the
 containers it changed; versions that arrive while the kernel is busy are
 applied together.
 
+With `[agent.mesh] enabled`, `mesh.MeshAgent` joins the segd mesh and keeps
+the host's WireGuard interface, routes and mesh table equal to the mesh part
+of each accepted version.
+
 A container that joined another's network namespace is never enforced or
 paired on its own, and nothing is ever applied in the host's namespace
 (`sharing`). What each container's namespace should hold is in `reconcile`.
@@ -51,6 +55,7 @@ from segd.agent.flows import Directory
 from segd.agent.host import Host, Report, RoleChange
 from segd.agent.hostlock import host_lock_path
 from segd.agent.link import ServerLink
+from segd.agent.mesh import MeshAgent, turn_off
 from segd.agent.metrics import AgentMetrics, MetricsListener
 from segd.agent.ops import (
     ApplyTable,
@@ -127,6 +132,11 @@ class Agent:
         self.enforcer = Enforcer(
             self.host, Executor(self.kernel), self._report, observe=self._observe
         )
+        self.mesh: MeshAgent | None = None
+        if cfg.mesh.enabled:
+            self.mesh = MeshAgent(
+                cfg.mesh, cfg.state_dir, self.client, self.docker, self.kernel, self.link.retry
+            )
         self.ident: Identity | None = None
         self.ready = asyncio.Event()  # the first full reconcile is done
         self._host_lock = host_lock
@@ -162,9 +172,15 @@ class Agent:
             self._saved_version = loaded[1].version
             self._accepted = loaded[0].payload
             _log.info("instructions.loaded", version=loaded[1].version)
+            if self.mesh is not None:
+                self.mesh.want(loaded[1].mesh)  # the mesh again, with or without the server
+        if self.mesh is None:
+            await turn_off(self.cfg.state_dir, self.kernel)
         if self._metrics_listener is not None:
             await self._metrics_listener.start()
         async with asyncio.TaskGroup() as tg:
+            if self.mesh is not None:
+                tg.create_task(self.mesh.run())
             tg.create_task(self.reporter.run())
             tg.create_task(self.enforcer.run())
             tg.create_task(self.docker.watch(self._on_docker, self._resync))
@@ -296,6 +312,8 @@ class Agent:
             return
         self._fold(InstructionsAccepted(instr))
         self._accepted = signed.payload
+        if self.mesh is not None:
+            self.mesh.want(instr.mesh)
         _log.info("instructions.accepted", version=instr.version, workloads=len(instr.workloads))
         self._spawn(self._save(signed, instr.version))
         if self.ready.is_set():
@@ -366,6 +384,8 @@ class Agent:
             try:
                 await self._resync()
                 await self.enforcer.check_drift()
+                if self.mesh is not None:
+                    await self.mesh.check()
             except Exception as e:  # keep reconciling whatever one round hit
                 _log.error("reconcile.failed", error=repr(e))
             _log.debug("agent.stats", **self.footprint())

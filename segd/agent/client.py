@@ -19,6 +19,8 @@ from segd.wire import (
     AgentReport,
     Error,
     FlowBatchIn,
+    MeshJoined,
+    MeshJoinIn,
     PairIn,
     Registered,
     RegisterIn,
@@ -151,6 +153,12 @@ class ServerClient:
         """Replace the host's list of sidecars on the server."""
         body = msgspec.json.encode(SidecarsIn(sidecars=items))
         await self._request("PUT", "/v1/agent/sidecars", body)
+
+    async def join_mesh(self, public_key: str, endpoint: str) -> MeshJoined:
+        """Join the segd mesh (again): the host's subnet and the pool."""
+        body = msgspec.json.encode(MeshJoinIn(public_key=public_key, endpoint=endpoint))
+        _, data = await self._request("PUT", "/v1/agent/mesh", body)
+        return msgspec.json.decode(data, type=MeshJoined)
 
     async def report(self, event: str, container_id: str = "", detail: str = "") -> None:
         body = msgspec.json.encode(

@@ -128,6 +128,19 @@ class DockerWatcher:
         nets = await self._client().networks.list()
         return bridge_subnets(nets)
 
+    async def network(self, name: str) -> dict[str, Any] | None:
+        """A network's inspect document, or None when there is none of that name."""
+        try:
+            net = await self._client().networks.get(name)
+            return dict(await net.show())
+        except aiodocker.DockerError as e:
+            if e.status == 404:
+                return None
+            raise
+
+    async def create_network(self, body: dict[str, Any]) -> None:
+        await self._client().networks.create(body)
+
     async def watch(self, on_event: EventHandler, on_resync: ResyncHandler) -> None:
         """Run forever: subscribe, resync, deliver events; reconnect on loss."""
         backoff = Backoff(self._backoff_max)

@@ -35,6 +35,9 @@ DOCKER = "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
 TOOLS = ("ip", "nsenter", "unshare", "bash", "dockerd", "docker", "busybox")
 
 
+WIREGUARD_DIR = "/run/wireguard"
+
+
 @dataclass
 class BedHost:
     """One simulated host: a network namespace with its own `dockerd`, a long-lived
@@ -139,6 +142,7 @@ class BedHost:
         workdir: Path | None = None,
         options: Mapping[str, TomlValue] | None = None,
         log_level: str = "debug",
+        mesh: Mapping[str, TomlValue] | None = None,
     ) -> BedAgent:
         """An agent for this host (not started): config written to `workdir` (default
         the host's run directory), docker_url = this host's engine."""
@@ -154,6 +158,7 @@ class BedHost:
                 activation_code=activation_code,
                 options=options,
                 log_level=log_level,
+                mesh=mesh,
             )
         )
         self.agents.append(handle)
@@ -167,9 +172,10 @@ class BedHost:
         workdir: Path | None = None,
         options: Mapping[str, TomlValue] | None = None,
         wait: bool = True,
+        mesh: Mapping[str, TomlValue] | None = None,
     ) -> BedAgent:
         """`agent(...)` and start it (with `wait`, until its first sync)."""
-        handle = self.agent(server, activation_code, workdir=workdir, options=options)
+        handle = self.agent(server, activation_code, workdir=workdir, options=options, mesh=mesh)
         handle.start(wait=wait)
         return handle
 
@@ -353,7 +359,9 @@ def _start_host(p: HostPlan, owned: list[subprocess.Popen[bytes]]) -> BedHost:
             tail = p.dockerd_log.read_text(errors="replace")[-2000:]
             raise BedError(f"dockerd of {p.name} did not come up:\n{tail}")
         time.sleep(0.05)
-    return BedHost(p, holder.pid)
+    host = BedHost(p, holder.pid)
+    host.private_dir(WIREGUARD_DIR, "1m")  # wireguard-go's sockets: one set per host
+    return host
 
 
 def _spawn(

@@ -232,8 +232,10 @@ def agent_config(
     activation_code: str = "",
     options: Mapping[str, TomlValue] | None = None,
     log_level: str = "debug",
+    mesh: Mapping[str, TomlValue] | None = None,
 ) -> str:
-    """A `segd agent` config file for one host (options: more `[agent]` keys)."""
+    """A `segd agent` config file for one host (options: more `[agent]` keys; mesh:
+    `[agent.mesh]` keys)."""
     agent: dict[str, TomlValue] = {
         "server": server,
         "state_dir": state_dir,
@@ -245,6 +247,8 @@ def agent_config(
     agent.update(options or {})
     lines = ["[log]", f"level = {_toml(log_level)}", 'format = "json"', "", "[agent]"]
     lines += [f"{k} = {_toml(v)}" for k, v in agent.items()]
+    if mesh:
+        lines += ["", "[agent.mesh]", *(f"{k} = {_toml(v)}" for k, v in mesh.items())]
     return "\n".join(lines) + "\n"
 
 

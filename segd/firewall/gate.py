@@ -3,10 +3,16 @@
 A container's process runs a few milliseconds before Docker reports it, and a
 container with CAP_NET_ADMIN can flush its own table, so rules inside the
 container's namespace are not enough. The gate is one table in the host
-namespace, `bridge segd_gate`: frames whose IP source (coming in from a `veth*`
-bridge port) or destination (going out to a `veth*` port) lies in a Docker
-bridge subnet (`subnets4`/`subnets6`) are dropped unless the pair (that port,
-that address) is in `allowed4`/`allowed6` (`type ifname . ipv4_addr`). An
+namespace, `bridge segd_gate`: a frame coming in from a `veth*` bridge port is
+dropped unless the pair (that port, its IP source) is in `allowed4`/`allowed6`
+(`type ifname . ipv4_addr`), whatever the source (so a container with
+CAP_NET_RAW cannot send as a workload of another host, or of a remote subnet
+the mesh routes); a frame going out to a `veth*` port whose destination lies in
+a Docker bridge subnet (`subnets4`/`subnets6`) is dropped unless (that port,
+that destination) is admitted. IPv6 neighbour discovery and MLD from the
+unspecified or a link-local source pass unbound (a container needs them before
+it is admitted; no policy set holds such an address); anything else from those
+sources is dropped. An
 entry is the host-side veth name and an address of the container behind it
 (`kernel.Firewall.ports` finds the name). The agent adds a container's entries only
 after its own table is in place. The table is plain kernel state: it keeps
@@ -153,15 +159,34 @@ def _sets(a4: list[str], a6: list[str], s4: list[str], s6: list[str]) -> list[st
     ]
 
 
+LINK_LOCAL6 = "{ ::, fe80::/10 }"
+"""IPv6 sources a port may use without an entry, for neighbour discovery and MLD only."""
+ND_TYPES = (
+    "{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert,"
+    " mld-listener-report, mld-listener-done, mld2-listener-report }"
+)
+
+
 def _drops(direction: str) -> list[str]:
     """Each drop follows a rate-limited log of the same match: a frame from a
     container's port (`in`) is what that container sent (`out` in its flow
     records), a frame to one (`out`) what it would have received (`in`)."""
-    port, side = ("iifname", "saddr") if direction == "in" else ("oifname", "daddr")
     logged = nflog.limited("out" if direction == "in" else "in", "blocked")
+    if direction == "in":
+        # Every source a port sends is bound to it, inside the bridge subnets or not.
+        matches = [
+            f'iifname "{PORTS}" iifname . ip saddr != @allowed4',
+            f'iifname "{PORTS}" ip6 saddr != {LINK_LOCAL6} iifname . ip6 saddr != @allowed6',
+            f'iifname "{PORTS}" ip6 saddr {LINK_LOCAL6} meta l4proto != ipv6-icmp',
+            f'iifname "{PORTS}" ip6 saddr {LINK_LOCAL6} icmpv6 type != {ND_TYPES}',
+        ]
+    else:
+        matches = [
+            f'oifname "{PORTS}" ip daddr @subnets4 oifname . ip daddr != @allowed4',
+            f'oifname "{PORTS}" ip6 daddr @subnets6 oifname . ip6 daddr != @allowed6',
+        ]
     rules: list[str] = []
-    for ip, fam in (("ip", "4"), ("ip6", "6")):
-        match = f'{port} "{PORTS}" {ip} {side} @subnets{fam} {port} . {ip} {side} != @allowed{fam}'
+    for match in matches:
         rules += [f"{match} {logged}", f"{match} drop"]
     return rules
 

@@ -11,7 +11,6 @@ renderer that starts writing something new fails here first.
 from __future__ import annotations
 
 import copy
-import ipaddress
 import re
 from dataclasses import dataclass, field
 
@@ -263,14 +262,14 @@ def _matches(t: NftTable, m: re.Match[str], peer: str, proto: str, port: int) ->
 
 
 def gate_admits(t: NftTable | None, port: str, ip: str) -> bool:
-    """Whether the host gate lets frames from/to `ip` through bridge port `port`."""
+    """Whether the host gate lets frames from `ip` through bridge port `port`.
+
+    Every source a port sends is bound to it, inside a bridge subnet or not; a
+    connection has frames from both ends, so each end must be admitted.
+    """
     if t is None:
         return True
-    subnets = t.sets.get("subnets4")
     allowed = t.sets.get("allowed4")
-    if subnets is None or allowed is None:
+    if allowed is None:
         return True
-    inside = any(
-        ipaddress.ip_address(ip) in ipaddress.ip_network(n, strict=False) for n in subnets.elements
-    )
-    return not inside or f'"{port}" . {ip}' in allowed.elements
+    return f'"{port}" . {ip}' in allowed.elements

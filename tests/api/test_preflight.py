@@ -49,3 +49,39 @@ def test_unreadable_agent_ca_is_refused(tmp_path: Path) -> None:
     )
     assert p.returncode == 2
     assert "agent.server_ca" in p.stderr and str(cfg) in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("setting", "kernel", "go", "refused"),
+    [
+        ("kernel", False, "/usr/bin/wireguard-go", True),
+        ("userspace", True, None, True),
+        ("auto", False, None, True),
+        ("auto", False, "/usr/bin/wireguard-go", False),
+    ],
+)
+def test_an_agent_in_the_mesh_without_its_wireguard_is_refused_before_it_starts(
+    setting: str, kernel: bool, go: str | None, refused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import segd.firewall.kernel as fw
+    from segd import config, preflight
+
+    monkeypatch.setattr(fw, "kernel_has_wireguard", lambda: kernel)
+    monkeypatch.setattr(fw, "wireguard_go", lambda: go)
+    cfg = config.decode({"agent": {"mesh": {"enabled": True, "wireguard": setting}}})
+    if refused:
+        with pytest.raises(config.ConfigError, match=r"agent\.mesh\.wireguard"):
+            preflight.check(cfg, "agent", "segd.toml")
+    else:
+        preflight.check(cfg, "agent", "segd.toml")
+    lines, ok = preflight.agent_report(cfg.agent)
+    assert ok is (not refused) or "enforcement: no" in lines[0]
+    assert lines[1].startswith(f"mesh: enabled; wireguard = '{setting}' -> ")
+
+
+def test_preflight_says_which_wireguard_the_agent_would_use() -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "segd", "preflight"], capture_output=True, text=True, timeout=60
+    )
+    assert p.stdout.splitlines()[0].startswith("enforcement: ")
+    assert p.stdout.splitlines()[1].startswith("mesh: disabled; wireguard = 'auto' -> ")

@@ -133,16 +133,18 @@ class Stack:
         env.pop("NOTIFY_SOCKET", None)
         return env
 
-    def start_server(self) -> None:
+    def start_server(self, config: str = "") -> None:
+        """Start the server; `config`: TOML for its config file (e.g. `[server.mesh]`)."""
         self.port = self.port or free_port()
         data = self.root / "server"
+        argv = [sys.executable, "-m", "segd", "server"]
+        if config:
+            (self.root / "server.toml").write_text(config)
+            argv += ["--config", str(self.root / "server.toml")]
         self.server = Proc(
             "server",
             [
-                sys.executable,
-                "-m",
-                "segd",
-                "server",
+                *argv,
                 "--data-dir",
                 str(data),
                 "--listen",

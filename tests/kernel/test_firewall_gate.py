@@ -390,14 +390,27 @@ async def test_entries_from_ports_admit_the_containers(bridge_lab: BridgeLab) ->
         assert all(reach(paths(lab)).values())
 
 
-async def test_gate_subnets_scope_the_gate(bridge_lab: BridgeLab) -> None:
+async def test_gate_subnets_scope_the_guarded_destinations(bridge_lab: BridgeLab) -> None:
+    """Sources are bound everywhere; the subnets say which destinations are guarded:
+    the host's frames to an unadmitted container pass while its subnet is not one."""
     lab = bridge_lab
+    lab.gw.pin_neighbour(lab.c2_6, lab.c2.mac("eth0"), lab.bridge)
+    counts = {lab.c2_4: lab.c2.count_input(9005), lab.c2_6: lab.c2.count_input(9006)}
+
+    def flood() -> dict[str, int]:
+        before = {ip: count() for ip, count in counts.items()}
+        for ip, port in ((lab.c2_4, 9005), (lab.c2_6, 9006)):
+            assert lab.gw.flood_udp(ip, port, 0.3).wait(timeout=30) == 0
+        return {ip: count() - before[ip] for ip, count in counts.items()}
+
     async with Firewall(gate_ns=lab.gw.path) as fw:
         await rebuild(fw, [], ["10.213.200.0/24"])  # not the lab's bridge
-        assert lab.c1.ping(lab.c2_4)
+        got = flood()
+        assert all(n > 0 for n in got.values()), got
         await fw.gate_apply(gate.render_gate_subnets([*lab.subnets, "10.213.200.0/24"]))
+        got = flood()
+        assert got == dict.fromkeys(counts, 0), got
         assert not lab.c1.ping(lab.c2_4)
-        assert not lab.c1.ping(lab.c2_6)
         listing = await fw.gate_list()
         assert listing is not None and "10.213.1.0/24" in listing
 
@@ -450,3 +463,86 @@ async def test_gate_rebuild_drops_a_leftover_shadow(
     lab.forget_neighbours()
     got = reach(paths(lab))
     assert all(got.values()), got
+
+
+_RAW = r"""
+import ipaddress, socket, struct, sys, time
+dev, dst_mac, src, dst, port, seconds = sys.argv[1:7]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((dev, 0))
+src_mac = s.getsockname()[4]
+a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+udp_len = 8 + 1
+def csum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+if a.version == 4:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 1, 0, 64, 17, 0, a.packed, b.packed)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    udp = struct.pack("!HHHH", 40000, int(port), udp_len, 0) + b"x"
+    frame = bytes.fromhex(dst_mac.replace(":", "")) + src_mac + b"\x08\x00" + ip + udp
+else:
+    udp = struct.pack("!HHHH", 40000, int(port), udp_len, 0) + b"x"
+    pseudo = a.packed + b.packed + struct.pack("!I3xB", udp_len, 17)
+    udp = udp[:6] + struct.pack("!H", csum(pseudo + udp) or 0xFFFF) + udp[8:]
+    ip = struct.pack("!IHBB16s16s", 6 << 28, udp_len, 17, 64, a.packed, b.packed)
+    frame = bytes.fromhex(dst_mac.replace(":", "")) + src_mac + b"\x86\xdd" + ip + udp
+end, n = time.monotonic() + float(seconds), 0
+while time.monotonic() < end:
+    s.send(frame)
+    n += 1
+print(n, flush=True)
+"""
+"""Raw Ethernet frames (CAP_NET_RAW, no address of its own needed) with any IP source."""
+
+
+@pytest.mark.parametrize("fam", ["4", "6"])
+async def test_gate_drops_a_spoofed_address_outside_every_bridge_subnet(
+    fam: str, bridge_lab: BridgeLab, make_netns: MakeNetns
+) -> None:
+    """Spoofing: `x`, an enforced container on veth3, sends frames whose source is
+    an address outside every local bridge subnet (a workload on another host):
+    to a peer (forward), to the bridge address (input) and routed outside (input).
+    The gate used to bind only addresses inside the bridge subnets."""
+    lab = bridge_lab
+    x = make_netns("x")
+    own = "10.213.1.13" if fam == "4" else "fd10:213:1::13"
+    attach(lab, x, "veth3", (own,))
+    spoofed = "10.213.7.7" if fam == "4" else "fd10:213:7::7"
+    c2, gw, far = (lab.c2_4, lab.gw4, lab.out4) if fam == "4" else (lab.c2_6, lab.gw6, lab.out6)
+    bridge_mac, c2_mac = lab.gw.mac(lab.bridge), lab.c2.mac("eth0")
+    lab.gw.pin_neighbour(far, lab.out.mac("dn0"), "up0")  # nothing answers for the spoofer
+    counters = {
+        "x->c2 (forward)": lab.c2.count_input(9001),
+        "x->bridge (input)": lab.gw.count_input(9002),
+        "x->outside (input, routed)": lab.out.count_input(9003),
+    }
+    targets = ((c2_mac, c2, 9001), (bridge_mac, gw, 9002), (bridge_mac, far, 9003))
+
+    def flood() -> dict[str, int]:
+        before = {k: count() for k, count in counters.items()}
+        floods = [
+            x.spawn(sys.executable, "-c", _RAW, "eth0", mac, spoofed, dst, str(port), "0.3")
+            for mac, dst, port in targets
+        ]
+        for f in floods:
+            f.wait(timeout=30)
+            assert f.stdout is not None and int(f.stdout.read()) > 100
+        return {k: count() - before[k] for k, count in counters.items()}
+
+    got = flood()
+    assert all(n > 0 for n in got.values()), got  # the lab forwards them without a gate
+
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        await rebuild(fw, [*lab.entries, ("veth3", own)], lab.subnets)
+        got = flood()
+        assert got == dict.fromkeys(counters, 0), got
+
+        # Control: the same frames pass once (veth3, that address) is admitted.
+        await admit(fw, [("veth3", spoofed)])
+        got = flood()
+        assert all(n > 0 for n in got.values()), got

@@ -8,14 +8,29 @@ from segd.firewall import gate
 from segd.firewall.gate import GateEntry
 from segd.firewall.plan import Plan
 
+ND = (
+    "{ nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert,"
+    " mld-listener-report, mld-listener-done, mld2-listener-report }"
+)
+
 
 def _drops(port: str, side: str) -> list[str]:
     """Each drop after a rate-limited log of the same match, as the container sees it."""
     seen = "out" if port == "iifname" else "in"
     log = f'limit rate 100/second burst 200 packets log group 7 prefix "segd:{seen}:b"'
-    m4 = f'{port} "veth*" ip {side} @subnets4 {port} . ip {side} != @allowed4'
-    m6 = f'{port} "veth*" ip6 {side} @subnets6 {port} . ip6 {side} != @allowed6'
-    return [f"\t\t{m4} {log}", f"\t\t{m4} drop", f"\t\t{m6} {log}", f"\t\t{m6} drop"]
+    if side == "saddr":  # every source a port sends, in a bridge subnet or not
+        matches = [
+            'iifname "veth*" iifname . ip saddr != @allowed4',
+            'iifname "veth*" ip6 saddr != { ::, fe80::/10 } iifname . ip6 saddr != @allowed6',
+            'iifname "veth*" ip6 saddr { ::, fe80::/10 } meta l4proto != ipv6-icmp',
+            f'iifname "veth*" ip6 saddr {{ ::, fe80::/10 }} icmpv6 type != {ND}',
+        ]
+    else:
+        matches = [
+            f'{port} "veth*" ip {side} @subnets4 {port} . ip {side} != @allowed4',
+            f'{port} "veth*" ip6 {side} @subnets6 {port} . ip6 {side} != @allowed6',
+        ]
+    return [line for m in matches for line in (f"\t\t{m} {log}", f"\t\t{m} drop")]
 
 
 def _chain(hook: str, lines: list[str]) -> list[str]:
@@ -114,7 +129,10 @@ def test_render_gate_rewrites_in_place_with_the_replace_as_fallback() -> None:
     entries, subnets = [("veth1", "172.17.0.2"), ("veth1", "fd00::2")], ["172.17.0.0/16"]
     plan = gate.render_gate(entries, subnets)
     declared = expected_gate().split("table bridge segd_gate {\n")[1]
-    declared = "\n".join(line for line in declared.splitlines() if "@allowed" not in line)
+    rule_line = ("drop", "log group")
+    declared = "\n".join(
+        line for line in declared.splitlines() if not any(w in line for w in rule_line)
+    )
     in_place = (
         "table bridge segd_gate {\n" + declared + "\nflush table bridge segd_gate\n"
         "add table bridge segd_gate_shadow\ndelete table bridge segd_gate_shadow\n"

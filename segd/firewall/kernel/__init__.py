@@ -8,6 +8,9 @@ Everything that needs root goes through here, as a few verbs on `Firewall`:
 - `ports(ns)`: a namespace's addresses and the bridge ports behind them;
 - `forget(ns)`: free what is kept for a namespace (and close its log reader);
 
+the segd mesh's interface, routes and `DOCKER-USER` accepts (`_mesh`:
+`WireGuardLink`, `apply_routes`, `docker_user`, ...);
+
 and two functions for a process about to do kernel work: `unavailable()`
 says why it cannot (or None), `take_host_lock()` makes it the host's only
 agent.
@@ -61,6 +64,16 @@ from segd.firewall.kernel._errors import (
     WorkerBroken,
 )
 from segd.firewall.kernel._host import BackendName, take_host_lock, unavailable
+from segd.firewall.kernel._mesh import (
+    MeshError,
+    WireGuardLink,
+    apply_routes,
+    docker_user,
+    kernel_has_wireguard,
+    link_exists,
+    remove_pool_route,
+    wireguard_go,
+)
 from segd.firewall.kernel._nflog import Reader
 from segd.firewall.kernel._nft import LibNft, NftBackend, NsenterNft
 from segd.firewall.kernel._ports import read_ports
@@ -74,16 +87,24 @@ __all__ = [
     "Firewall",
     "HostNamespace",
     "LogPacket",
+    "MeshError",
     "NamespaceGone",
     "NetnsError",
     "NftError",
     "NsId",
     "NsRef",
     "OnLog",
+    "WireGuardLink",
     "WorkerBroken",
+    "apply_routes",
+    "docker_user",
+    "kernel_has_wireguard",
+    "link_exists",
+    "remove_pool_route",
     "stat_ns",
     "take_host_lock",
     "unavailable",
+    "wireguard_go",
 ]
 
 log = logging.get(__name__)
