@@ -5,7 +5,9 @@ api on host 2, db on host 3) on the `segd` network, real packets."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
+import socket
 import sys
 import tempfile
 import time
@@ -125,7 +127,7 @@ def shop(bed: Bed) -> Iterator[Shop]:
             yield s
         finally:
             for h in bed.hosts:
-                for name in [*ROLES, *LOCAL, *(f"{r}1" for r in ROLES)]:
+                for name in [*ROLES, *LOCAL, *(f"{r}1" for r in ROLES), "pub", "api2"]:
                     h.docker("rm", "-f", name, check=False)
             for a in agents.values():
                 a.stop()
@@ -222,13 +224,65 @@ def test_a_container_cannot_send_as_a_workload_of_another_host(shop: Shop) -> No
     assert flood(shop.addr["api"]) > 100
 
 
+def _reaches(address: str, port: int, timeout: float = 2.0) -> bool:
+    """A TCP connection from the root namespace (outside every simulated host)."""
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def test_a_published_port_is_reachable_from_an_ip_block_a_rule_allows(shop: Shop) -> None:
+    """`docker run -p` on host 3: the host DNATs and keeps the client's address (the
+    root namespace, on the underlay), which only an `ip:` rule peer admits; a port
+    no rule allows stays closed."""
+    h3 = shop.host("db")
+    h3.docker(
+        "run", "-d", "--name", "pub", "-p", "15432:5432", "-p", "18080:8080",
+        "--label", f"segd.pairing-key={shop.keys['db']}", IMAGE, "sh", "-c", SERVE,
+    )  # fmt: skip
+
+    def paired() -> bool:
+        return any(w["name"].lstrip("/") == "pub" for w in shop.stack.workloads())
+
+    wait_for(paired, 30, "pub paired")
+    assert not _reaches(h3.address, 15432)  # no rule admits the underlay yet
+    underlay = str(ipaddress.ip_network(f"{shop.bed.root_address}/24", strict=False))
+    rule = shop.stack.api(
+        "POST",
+        "/v1/rules",
+        {
+            "providers": [{"role": "db"}],
+            "consumers": [],
+            "consumer_ips": [underlay],
+            "services": ["tcp/5432"],
+        },
+    )
+    try:
+        wait_for(lambda: _reaches(h3.address, 15432), 30, "the published port open", interval=0.5)
+        assert not _reaches(h3.address, 18080)  # published, but no rule allows it
+        assert shop.matrix() == EXPECTED
+    finally:
+        shop.stack.api("DELETE", f"/v1/rules/{rule['id']}")
+        h3.docker("rm", "-f", "pub", check=False)
+
+
 def test_an_agent_killed_keeps_the_mesh_up_and_its_containers_reachable(shop: Shop) -> None:
-    a2 = shop.agents[2]
+    """Host 2's agent SIGKILLed: its enforced containers stay enforced and reachable
+    through the mesh; a container started meanwhile stays isolated until it returns."""
+    a2, h2 = shop.agents[2], shop.host("api")
     assert a2.kill() == -9
     assert shop.matrix() == EXPECTED
+    late = _run(h2, "api2", shop.keys["api"])
+    target = (late, 8080)  # web -> api tcp/8080 is allowed, once api2 is enforced
+    for _ in range(3):
+        assert not shop.host("web").probe("web", [target], wait=2)[target]
     a2.start()
     a2.wait_for(lambda: a2.count("mesh.applied") > 0, 30, "the mesh applied again")
+    wait_for(lambda: shop.host("web").probe("web", [target], wait=2)[target], 30, "api2 enforced")
     assert shop.matrix() == EXPECTED
+    h2.docker("rm", "-f", "api2", check=False)
 
 
 def test_with_the_server_down_traffic_keeps_flowing_on_the_last_instructions(
