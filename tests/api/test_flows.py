@@ -26,6 +26,9 @@ from tests.api.conftest import (
 DB = "d" * 64
 WEB = "e" * 64
 GHOST = "f" * 64  # a container that never paired
+# Mesh addresses (known on every host): host a's subnet is the pool's first, b's the next.
+DB_IP = "10.200.0.2"
+WEB_IP = "10.200.1.3"
 
 
 def rec(container: str, peer: str, **over: Any) -> dict[str, Any]:
@@ -46,7 +49,8 @@ def rec(container: str, peer: str, **over: Any) -> dict[str, Any]:
 
 
 async def _shop(api: Admin, make_agent: MakeAgent) -> tuple[Agent, Agent, str, str]:
-    """db (10.0.0.2) on host a, web (10.0.0.3) on host b; web may reach db on 5432."""
+    """db (DB_IP) on host a, web (WEB_IP) on host b, both in the mesh; web may reach db
+    on 5432."""
     db_token = await api.setup_policy(profile="db", labels={"role": "db", "app": "shop"})
     web_token = await api.setup_policy(profile="web", labels={"role": "web", "app": "shop"})
     await api.ok(
@@ -61,9 +65,12 @@ async def _shop(api: Admin, make_agent: MakeAgent) -> tuple[Agent, Agent, str, s
     )
     a = await make_agent("host-a")
     b = await make_agent("host-b")
-    status, db = await a.pair(DB, db_token, ["10.0.0.2"])
+    await a.join_mesh()
+    await b.join_mesh()
+    assert (a.ip(2), b.ip(3)) == (DB_IP, WEB_IP)
+    status, db = await a.pair(DB, db_token, [DB_IP])
     assert status == 200, db
-    status, web = await b.pair(WEB, web_token, ["10.0.0.3"])
+    status, web = await b.pair(WEB, web_token, [WEB_IP])
     assert status == 200, web
     return a, b, db["workload_id"], web["workload_id"]
 
@@ -72,32 +79,49 @@ async def report(agent: Agent, records: list[dict[str, Any]], lost: int = 0) -> 
     return await agent.request("POST", "/v1/agent/flows", {"records": records, "lost": lost})
 
 
+async def test_another_hosts_host_local_address_is_external_not_its_workload(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    """172.17.0.3 on host b's default bridge means nothing on host a: a flow host a
+    reports with that peer is external; the same peer reported by b is b's workload."""
+    a, b, _, _ = await _shop(api, make_agent)
+    web_token = await api.setup_policy(profile="web2", labels={"role": "web", "app": "shop"})
+    status, local = await b.pair("c" * 64, web_token, ["172.17.0.3"])
+    assert status == 200, local
+    assert (await report(a, [rec(DB, "172.17.0.3")]))[0] == 204
+    assert (await report(b, [rec(WEB, "172.17.0.3", direction="out", port=80)]))[0] == 204
+    flows = (await api.ok("GET", "/v1/flows"))["flows"]
+    by = {f["reported_by"]: f for f in flows}
+    assert by[a.host_id]["src"] == {"ip": "172.17.0.3", "kind": "external"}
+    assert by[b.host_id]["dst"]["workload_id"] == local["workload_id"]
+
+
 async def test_flows_are_resolved_by_the_servers_model(api: Admin, make_agent: MakeAgent) -> None:
     a, b, db, web = await _shop(api, make_agent)
     rule = (await api.ok("GET", "/v1/rules"))[0]["id"]
     status, _ = await report(
         a,
         [
-            rec(DB, "10.0.0.3", verdict="allowed", rule_id=rule, packets=10, bytes=900),
+            rec(DB, WEB_IP, verdict="allowed", rule_id=rule, packets=10, bytes=900),
             rec(DB, "192.0.2.9", port=5432),  # someone outside
         ],
     )
     assert status == 204
-    status, _ = await report(b, [rec(GHOST, "10.0.0.2", direction="out")], lost=7)
+    status, _ = await report(b, [rec(GHOST, DB_IP, direction="out")], lost=7)
     assert status == 204
     page = await api.ok("GET", "/v1/flows")
     assert page["next"] == ""
     by = {(f["src"]["ip"], f["reported_by"]): f for f in page["flows"]}
-    allowed = by[("10.0.0.3", a.host_id)]
+    allowed = by[(WEB_IP, a.host_id)]
     assert allowed["src"] == {
-        "ip": "10.0.0.3",
+        "ip": WEB_IP,
         "kind": "workload",
         "workload_id": web,
         "labels": {"app": "shop", "role": "web"},
         "host_id": b.host_id,
         "container_id": WEB,
     }
-    assert allowed["dst"]["workload_id"] == db and allowed["dst"]["ip"] == "10.0.0.2"
+    assert allowed["dst"]["workload_id"] == db and allowed["dst"]["ip"] == DB_IP
     assert (allowed["verdict"], allowed["rule_id"], allowed["port"]) == ("allowed", rule, 5432)
     assert (allowed["packets"], allowed["bytes"], allowed["connections"]) == (10, 900, 3)
     outside = by[("192.0.2.9", a.host_id)]
@@ -121,10 +145,10 @@ async def test_a_host_reports_only_its_own_containers(api: Admin, make_agent: Ma
     status, _ = await report(
         a,
         [
-            rec(WEB, "10.0.0.2", workload_id=web),
-            rec(DB, "10.0.0.3", workload_id=web),
-            rec(GHOST, "10.0.0.3", workload_id=db),
-            rec(DB, "10.0.0.3", workload_id=db),  # its own: kept
+            rec(WEB, DB_IP, workload_id=web),
+            rec(DB, WEB_IP, workload_id=web),
+            rec(GHOST, WEB_IP, workload_id=db),
+            rec(DB, WEB_IP, workload_id=db),  # its own: kept
         ],
     )
     assert status == 204
@@ -137,26 +161,26 @@ async def test_a_host_reports_only_its_own_containers(api: Admin, make_agent: Ma
 @pytest.mark.parametrize(
     "bad",
     [
-        {"records": [rec("-nope", "10.0.0.3")]},
+        {"records": [rec("-nope", WEB_IP)]},
         {"records": [rec(DB, "not-an-ip")]},
-        {"records": [rec(DB, "10.0.0.3", port=70000)]},
-        {"records": [rec(DB, "10.0.0.3", verdict="dropped")]},
-        {"records": [rec(DB, "10.0.0.3", first_seen=10.0, last_seen=5.0)]},
-        {"records": [rec(DB, "10.0.0.3", last_seen=time.time() + 3600)]},
-        {"records": [rec(DB, "10.0.0.3", connections=-1)]},
-        {"records": [rec(DB, "10.0.0.3", bytes=2**63)]},
-        {"records": [rec(DB, "10.0.0.3", packets=2**64 - 1)]},
-        {"records": [rec(DB, "10.0.0.3", rule_id="r" * 65)]},
-        {"records": [rec(DB, "10.0.0.3", extra=1)]},
+        {"records": [rec(DB, WEB_IP, port=70000)]},
+        {"records": [rec(DB, WEB_IP, verdict="dropped")]},
+        {"records": [rec(DB, WEB_IP, first_seen=10.0, last_seen=5.0)]},
+        {"records": [rec(DB, WEB_IP, last_seen=time.time() + 3600)]},
+        {"records": [rec(DB, WEB_IP, connections=-1)]},
+        {"records": [rec(DB, WEB_IP, bytes=2**63)]},
+        {"records": [rec(DB, WEB_IP, packets=2**64 - 1)]},
+        {"records": [rec(DB, WEB_IP, rule_id="r" * 65)]},
+        {"records": [rec(DB, WEB_IP, extra=1)]},
         {"records": [], "lost": -1},
-        {"records": [rec(DB, "10.0.0.3")] * 5001},
+        {"records": [rec(DB, WEB_IP)] * 5001},
     ],
 )
 async def test_a_bad_batch_is_refused_whole(
     api: Admin, make_agent: MakeAgent, bad: dict[str, Any]
 ) -> None:
     a, _b, _db, _web = await _shop(api, make_agent)
-    good = rec(DB, "10.0.0.3")
+    good = rec(DB, WEB_IP)
     body = {"records": [good, *bad["records"]], "lost": bad.get("lost", 3)}
     status, answer = await a.request("POST", "/v1/agent/flows", body)
     assert status in (400, 413), answer
@@ -167,7 +191,7 @@ async def test_a_bad_batch_is_refused_whole(
 
 async def test_flow_reports_need_an_agent_signature(api: Admin, make_agent: MakeAgent) -> None:
     await _shop(api, make_agent)
-    got, _ = await api.call("POST", "/v1/agent/flows", {"records": [rec(DB, "10.0.0.3")]})
+    got, _ = await api.call("POST", "/v1/agent/flows", {"records": [rec(DB, WEB_IP)]})
     assert got == 401
     assert (await api.ok("GET", "/v1/flows"))["flows"] == []
 
@@ -178,7 +202,7 @@ async def test_flow_queries_filter_and_page(api: Admin, make_agent: MakeAgent) -
     records = [
         rec(
             DB,
-            "10.0.0.3",
+            WEB_IP,
             verdict="allowed",
             first_seen=now - 200,
             last_seen=now - 100 + i,
@@ -187,7 +211,7 @@ async def test_flow_queries_filter_and_page(api: Admin, make_agent: MakeAgent) -
         for i in range(5)
     ] + [rec(DB, "192.0.2.1", port=22, last_seen=now - 3000, first_seen=now - 3001)]
     assert (await report(a, records))[0] == 204
-    assert (await report(b, [rec(WEB, "10.0.0.2", direction="out", port=80)]))[0] == 204
+    assert (await report(b, [rec(WEB, DB_IP, direction="out", port=80)]))[0] == 204
 
     async def ids(query: str) -> list[int]:
         out = []
@@ -249,7 +273,7 @@ async def test_bad_flow_queries_are_refused(api: Admin, query: str) -> None:
 
 async def test_flow_export_is_json_lines(api: Admin, make_agent: MakeAgent) -> None:
     a, _b, _db, _web = await _shop(api, make_agent)
-    assert (await report(a, [rec(DB, "10.0.0.3", port=p) for p in range(1, 6)]))[0] == 204
+    assert (await report(a, [rec(DB, WEB_IP, port=p) for p in range(1, 6)]))[0] == 204
     hdrs = {"Authorization": f"Bearer {api.token}"}
     async with api.client.get("/v1/flows/export?port=3", headers=hdrs) as r:
         assert r.status == 200 and r.content_type == "application/x-ndjson"
@@ -278,7 +302,7 @@ async def test_flow_stream_sends_new_matching_flows(api: Admin, make_agent: Make
         assert r.status == 200 and r.content_type == "text/event-stream"
         assert await asyncio.wait_for(r.content.readline(), 5) == b": segd flows\n"
         assert api.svc.flows.streams == 1
-        await report(a, [rec(DB, "10.0.0.3", verdict="allowed"), rec(DB, "10.0.0.9", port=1)])
+        await report(a, [rec(DB, WEB_IP, verdict="allowed"), rec(DB, "10.0.0.9", port=1)])
         [(kind, flow)] = await _events(r, 1)
         assert kind == "flow" and (flow["src"]["ip"], flow["port"]) == ("10.0.0.9", 1)
     for _ in range(50):
@@ -292,7 +316,7 @@ async def test_a_slow_stream_is_told_what_it_lost(api: Admin, make_agent: MakeAg
     a, _b, _db, _web = await _shop(api, make_agent)
     sub = api.svc.flows.subscribe(FlowFilter())
     try:
-        many = [rec(DB, "10.0.0.3", port=1 + i % 1000) for i in range(STREAM_QUEUE + 10)]
+        many = [rec(DB, WEB_IP, port=1 + i % 1000) for i in range(STREAM_QUEUE + 10)]
         assert (await report(a, many))[0] == 204
         assert sub.queue.qsize() == STREAM_QUEUE
         assert sub.take_dropped() == 10
@@ -308,11 +332,11 @@ async def test_flow_retention_and_hourly_rollup(
     hour = (now // 3600) * 3600
     old = hour - 2 * 86400  # two days ago: rolled up (default 24 h)
     records = [
-        rec(DB, "10.0.0.3", first_seen=old + i, last_seen=old + 60 + i, packets=1, bytes=10)
+        rec(DB, WEB_IP, first_seen=old + i, last_seen=old + 60 + i, packets=1, bytes=10)
         for i in range(4)
-    ] + [rec(DB, "10.0.0.3", first_seen=old + 4000, last_seen=old + 4000)]  # the next hour
-    records.append(rec(DB, "10.0.0.3", first_seen=now - 10 * 86400, last_seen=now - 9 * 86400))
-    records.append(rec(DB, "10.0.0.3"))  # recent: left alone
+    ] + [rec(DB, WEB_IP, first_seen=old + 4000, last_seen=old + 4000)]  # the next hour
+    records.append(rec(DB, WEB_IP, first_seen=now - 10 * 86400, last_seen=now - 9 * 86400))
+    records.append(rec(DB, WEB_IP))  # recent: left alone
     assert (await report(a, records))[0] == 204
     summed, deleted = await api.svc.flows.housekeep()
     assert deleted == 1  # past 7 days
@@ -330,8 +354,8 @@ async def test_flow_reports_beyond_the_pace_are_answered_busy(
     cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=10))
     api = await start_admin(aiohttp_client, cfg, clock)
     a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
-    assert (await report(a, [rec(DB, "10.0.0.3")] * 20))[0] == 204  # the burst: 2 s worth
-    status, answer = await report(a, [rec(DB, "10.0.0.3")] * 200, lost=4)  # 20 s away
+    assert (await report(a, [rec(DB, WEB_IP)] * 20))[0] == 204  # the burst: 2 s worth
+    status, answer = await report(a, [rec(DB, WEB_IP)] * 200, lost=4)  # 20 s away
     assert (status, answer["error"]) == (503, "busy")
     assert len((await api.ok("GET", "/v1/flows?limit=1000"))["flows"]) == 20
     assert (api.svc.flows.deferred, api.svc.flows.lost) == (1, 0)
@@ -344,7 +368,7 @@ async def test_pairings_being_answered_go_before_flow_ingest(
     pairing = api.svc.pairings.one()
     pairing.__enter__()  # a pairing being answered
     try:
-        sent = asyncio.create_task(report(a, [rec(DB, "10.0.0.3")]))
+        sent = asyncio.create_task(report(a, [rec(DB, WEB_IP)]))
         pacer = api.svc.flows._pacer
         assert pacer is not None
         for _ in range(200):  # until the batch is in (the pacer booked it)
