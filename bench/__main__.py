@@ -26,6 +26,7 @@ MODULES = {
     "footprint": "bench.footprint",
     "flood": "bench.flood",
     "ingest": "bench.ingest",
+    "flows": "bench.flows",
 }
 DOCKER = {"enforce", "footprint"}
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"

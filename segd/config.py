@@ -7,6 +7,7 @@ with the file, the key and the reason before anything starts.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from collections.abc import Callable
@@ -57,6 +58,18 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not m or not (0 < int(m.group(2)) < 65536):
         raise ValueError(f"invalid listen address {text!r}: expected HOST:PORT")
     return m.group(1).strip("[]"), int(m.group(2))
+
+
+def _loopback_listen(text: str) -> tuple[str, int]:
+    """A `HOST:PORT` whose host is a loopback address (the agent's metrics)."""
+    host, port = parse_listen(text)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{text!r}: must be a loopback address (127.0.0.1:PORT or [::1]:PORT)")
+    return host, port
 
 
 def _check(key: str, fn: Callable[[str], object], value: str) -> None:
@@ -185,6 +198,8 @@ class AgentConfig(_Strict):
     isolate_unkeyed: bool = True
     server_ca: str = ""
     backoff_max_s: float = 30.0
+    flow_interval_s: float = 15.0
+    metrics_listen: str = ""  # "" = off; loopback only
 
     def __post_init__(self) -> None:
         if not self.server.startswith(("http://", "https://")):
@@ -200,6 +215,10 @@ class AgentConfig(_Strict):
             raise ValueError("reconcile_interval_s: must be between 0.5 and 3600")
         if not 0.1 <= self.backoff_max_s <= 600:
             raise ValueError("backoff_max_s: must be between 0.1 and 600")
+        if not 15 <= self.flow_interval_s <= 60:
+            raise ValueError("flow_interval_s: must be between 15 and 60")
+        if self.metrics_listen:
+            _check("metrics_listen", _loopback_listen, self.metrics_listen)
 
 
 class OrchestratorConfig(_Strict):

@@ -12,11 +12,16 @@ applied together.
 A container that joined another's network namespace is never enforced or
 paired on its own, and nothing is ever applied in the host's namespace
 (`sharing`). What each container's namespace should hold is in `reconcile`.
+
+What containers' tables log comes back from the kernel module to the flow
+reporter (`reporter`), which sends flow records every interval on its own
+task; the agent's metrics (`metrics`) are served on an opt-in loopback listener.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Coroutine
@@ -42,9 +47,22 @@ from segd.agent.events import (
     SubnetsSeen,
 )
 from segd.agent.executor import Executor, Kernel
+from segd.agent.flows import Directory
 from segd.agent.host import Host, Report, RoleChange
 from segd.agent.hostlock import host_lock_path
 from segd.agent.link import ServerLink
+from segd.agent.metrics import AgentMetrics, MetricsListener
+from segd.agent.ops import (
+    ApplyTable,
+    Failed,
+    GateChange,
+    GateRebuild,
+    GateSubnets,
+    LookupPorts,
+    Op,
+    Result,
+)
+from segd.agent.reporter import FlowReporter
 from segd.agent.sharing import NsId
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
 from segd.config import AgentConfig
@@ -86,12 +104,29 @@ class Agent:
         self.cfg = cfg
         self.state = StateDir(cfg.state_dir)
         self.activation_code = activation_code or cfg.activation_code
-        self.kernel: Kernel = firewall if firewall is not None else Firewall()
         self.docker = docker or DockerWatcher(cfg.docker_url)
         self.client = ServerClient(cfg.server, self.state.signing_key(), ca_file=cfg.server_ca)
         self.link = ServerLink(self.client, cfg.backoff_max_s)
         self.host = Host(isolate_unkeyed=cfg.isolate_unkeyed)
-        self.enforcer = Enforcer(self.host, Executor(self.kernel), self._report)
+        self.metrics = AgentMetrics()
+        self.flows = FlowReporter(
+            self.client,
+            lambda: Directory.of(self.host.instr),
+            self.metrics,
+            interval=cfg.flow_interval_s,
+            backoff_max=cfg.backoff_max_s,
+            owner=self._owner_of,
+        )
+        self.kernel: Kernel = (
+            firewall if firewall is not None else Firewall(on_log=self.flows.on_log)
+        )
+        self.metrics.watch(self.host, lambda: getattr(self.kernel, "log_readers", 0))
+        self._metrics_listener = (
+            MetricsListener(self.metrics, cfg.metrics_listen) if cfg.metrics_listen else None
+        )
+        self.enforcer = Enforcer(
+            self.host, Executor(self.kernel), self._report, observe=self._observe
+        )
         self.ident: Identity | None = None
         self.ready = asyncio.Event()  # the first full reconcile is done
         self._host_lock = host_lock
@@ -127,7 +162,10 @@ class Agent:
             self._saved_version = loaded[1].version
             self._accepted = loaded[0].payload
             _log.info("instructions.loaded", version=loaded[1].version)
+        if self._metrics_listener is not None:
+            await self._metrics_listener.start()
         async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.flows.run())
             tg.create_task(self.enforcer.run())
             tg.create_task(self.docker.watch(self._on_docker, self._resync))
             tg.create_task(self.link.poll(lambda: self.host.version, self._on_polled))
@@ -140,7 +178,11 @@ class Agent:
             for t in still:
                 t.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.flows.flush(), drain)  # what the interval holds
         await self.link.close(drain)
+        if self._metrics_listener is not None:
+            await self._metrics_listener.close()
         await self.docker.close()
         await self.kernel.close()
         _log.info("agent.stopped")
@@ -183,6 +225,7 @@ class Agent:
         self.enforcer.kick()
 
     async def _on_docker(self, ev: DockerEvent) -> None:
+        self.metrics.docker_events.labels(type(ev).__name__).inc()
         match ev:
             case ContainerStarted(cid) | ContainerNetworksChanged(cid):
                 # After the first sync, every start is seen: a container first seen
@@ -327,7 +370,28 @@ class Agent:
                 _log.error("reconcile.failed", error=repr(e))
             _log.debug("agent.stats", **self.footprint())
 
+    def _owner_of(self, ip: str) -> str | None:
+        """The running container that has address `ip` (the gate's logs name none)."""
+        for cid, info in self.host.containers.items():
+            if ip in info.ips and self.host.owner(cid):
+                return cid
+        return None
+
+    def _observe(self, op: Op, res: Result, seconds: float) -> None:
+        """Metrics of one kernel operation."""
+        if isinstance(op, ApplyTable) and op.plan is not None and not isinstance(res, Failed):
+            self.metrics.apply_seconds.observe(seconds)
+        if isinstance(res, Failed) and not res.gone:
+            match op:
+                case ApplyTable():
+                    self.metrics.apply_failures.labels("apply").inc()
+                case LookupPorts():
+                    self.metrics.apply_failures.labels("ports").inc()
+                case GateChange() | GateRebuild() | GateSubnets():
+                    self.metrics.apply_failures.labels("gate").inc()
+
     def _report(self, r: Report) -> None:
+        self.metrics.drift_repairs.labels("table" if r.container else "gate").inc()
         if r.container:
             cid, present = r.container[:12], r.table_present
             _log.warning("tamper.detected", container=cid, table_present=present)

@@ -18,6 +18,7 @@ from segd import crypto
 from segd.wire import (
     AgentReport,
     Error,
+    FlowBatchIn,
     PairIn,
     Registered,
     RegisterIn,
@@ -156,6 +157,10 @@ class ServerClient:
             AgentReport(event=event, container_id=container_id, detail=detail)
         )
         await self._request("POST", "/v1/agent/report", body)
+
+    async def flows(self, batch: FlowBatchIn) -> None:
+        """Send flow records (`POST /v1/agent/flows`)."""
+        await self._request("POST", "/v1/agent/flows", msgspec.json.encode(batch))
 
     async def instructions(self, since: int, wait: float) -> SignedInstructions | None:
         """Long-poll: new signed instructions after `since`, or None on timeout."""

@@ -29,6 +29,7 @@ from segd.agent.ops import (
     ListTable,
     LookupPorts,
     Op,
+    Result,
     container_of,
     containers_of,
 )
@@ -39,8 +40,15 @@ MAX_STEPS = 10_000  # per batch: a safety stop (each step makes progress or ends
 
 
 class Enforcer:
-    def __init__(self, host: Host, executor: Executor, report: Callable[[Report], None]) -> None:
+    def __init__(
+        self,
+        host: Host,
+        executor: Executor,
+        report: Callable[[Report], None],
+        observe: Callable[[Op, Result, float], None] | None = None,
+    ) -> None:
         self.host = host
+        self._observe = observe
         self.executor = executor
         self._report = report
         self._kick = asyncio.Event()
@@ -113,6 +121,8 @@ class Enforcer:
     async def _exec(self, op: Op, failed: set[str], touched: dict[str, float]) -> None:
         t0 = time.perf_counter()
         res = await self.executor.run(op)
+        if self._observe is not None:
+            self._observe(op, res, time.perf_counter() - t0)
         for report in self.host.absorb(res, failed):
             self._report(report)
         if isinstance(res, Failed):

@@ -365,7 +365,8 @@ class Host:
 
 def affected(old: Instructions | None, new: Instructions) -> set[str]:
     """Containers whose table may differ between two instructions: their policy's
-    allows changed, a set it refers to changed, or the logging of one of its rules."""
+    allows, mode or visibility level changed, a set it refers to changed, or the
+    logging of one of its rules."""
     new_w = {w.container_id: w for w in new.workloads}
     if old is None:
         return set(new_w)
@@ -376,6 +377,9 @@ def affected(old: Instructions | None, new: Instructions) -> set[str]:
     for cid in old_w.keys() | new_w.keys():
         a, b = old_w.get(cid), new_w.get(cid)
         if a is None or b is None or a.inbound != b.inbound or a.outbound != b.outbound:
+            out.add(cid)
+            continue
+        if a.mode != b.mode or a.visibility != b.visibility:
             out.add(cid)
             continue
         allows = [*b.inbound, *b.outbound]

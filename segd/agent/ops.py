@@ -15,10 +15,11 @@ import msgspec
 
 from segd.firewall.gate import GateEntry
 from segd.firewall.plan import Plan
-from segd.wire import Allow
+from segd.wire import Allow, Mode, VisibilityLevel
 
 Kind = Literal["workload", "isolated", "exempt"]
-"""What one container's namespace should hold (see `segd.agent.agent`)."""
+"""What one container's namespace should hold (see `segd.agent.reconcile`); a
+paired workload in mode `idle` is `exempt`: no table, admitted by the gate."""
 
 
 class Ns(msgspec.Struct, frozen=True):
@@ -41,6 +42,8 @@ class Structure(msgspec.Struct, frozen=True):
     inbound: tuple[Allow, ...]
     outbound: tuple[Allow, ...]
     logged: frozenset[str]  # ids of the policy's rules whose accepts are logged
+    mode: Mode = "full"  # a mode switch rewrites the table (no container restart)
+    level: VisibilityLevel = "off"
 
 
 class WorkloadTable(msgspec.Struct, frozen=True, tag="workload"):

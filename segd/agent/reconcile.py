@@ -6,7 +6,13 @@ Per container the desired state is one of:
   its addresses admitted by the host gate;
 * `isolated`  — keyed but not (yet) paired, denied, or unkeyed while
   `isolate_unkeyed` is on: an isolation table, and never in the gate;
-* `exempt`    — unkeyed with `isolate_unkeyed = false`: no table, admitted by the gate.
+* `exempt`    — unkeyed with `isolate_unkeyed = false`, or paired in mode `idle`:
+  no table, admitted by the gate.
+
+Modes (`full`, `visibility`, `idle`) and visibility levels come with a paired
+workload's policy, so they relax nothing for a container that is not paired:
+keyed-but-unpaired, refused and (with `isolate_unkeyed`) unkeyed containers
+are isolated whatever mode their profile would have.
 
 `step(host, batch, failed)` compares that with what is enforced, for the
 containers of `batch`, and returns the next kernel operations (`ops`); the
@@ -87,6 +93,8 @@ def desired(host: Host, cid: str) -> Desired | None:
         return None
     ns = Ns(key=cid, path=info.netns_path)
     pol = host.workloads.get(cid)
+    if pol is not None and pol.mode == "idle":
+        return Desired("exempt", ns, pol)
     if pol is not None:
         try:
             render.check_policy(pol)
@@ -101,6 +109,8 @@ def desired(host: Host, cid: str) -> Desired | None:
             inbound=tuple(pol.inbound),
             outbound=tuple(pol.outbound),
             logged=host.logged & {a.rule_id for a in allows},
+            mode=pol.mode,
+            level=pol.visibility,
         )
         table = WorkloadTable(structure, {n: sets.get(n, []) for n in names})
         return Desired("workload", ns, pol, table)

@@ -10,7 +10,8 @@ that address) is in `allowed4`/`allowed6` (`type ifname . ipv4_addr`). An
 entry is the host-side veth name and an address of the container behind it
 (`kernel.Firewall.ports` finds the name). The agent adds a container's entries only
 after its own table is in place. The table is plain kernel state: it keeps
-failing closed while the agent is down.
+failing closed while the agent is down. What it drops is logged first,
+rate-limited, to NFLOG (`nflog`), read by the agent in the gate's namespace.
 
 Binding each address to its port closes two holes an address-only gate has:
 a container with CAP_NET_ADMIN that takes an enforced peer's address, and a
@@ -65,7 +66,7 @@ import re
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from segd.firewall import nftext
+from segd.firewall import nflog, nftext
 from segd.firewall.nftext import check_addr
 from segd.firewall.plan import Plan, Table, one
 
@@ -74,6 +75,9 @@ GATE = Table("bridge", GATE_TABLE)
 PORTS = "veth*"
 PORT_RE = re.compile(r"^veth[A-Za-z0-9_.@-]{0,11}\Z")
 """A host-side bridge port the gate rules look at: `veth*`, at most 15 bytes (IFNAMSIZ - 1)."""
+
+GATE_PLANS = frozenset({"gate", "gate_replace"})
+"""Plans that build the gate whole (after them the gate's log is read)."""
 
 _Net = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -150,11 +154,16 @@ def _sets(a4: list[str], a6: list[str], s4: list[str], s6: list[str]) -> list[st
 
 
 def _drops(direction: str) -> list[str]:
+    """Each drop follows a rate-limited log of the same match: a frame from a
+    container's port (`in`) is what that container sent (`out` in its flow
+    records), a frame to one (`out`) what it would have received (`in`)."""
     port, side = ("iifname", "saddr") if direction == "in" else ("oifname", "daddr")
-    return [
-        f'{port} "{PORTS}" ip {side} @subnets4 {port} . ip {side} != @allowed4 drop',
-        f'{port} "{PORTS}" ip6 {side} @subnets6 {port} . ip6 {side} != @allowed6 drop',
-    ]
+    logged = nflog.limited("out" if direction == "in" else "in", "blocked")
+    rules: list[str] = []
+    for ip, fam in (("ip", "4"), ("ip6", "6")):
+        match = f'{port} "{PORTS}" {ip} {side} @subnets{fam} {port} . {ip} {side} != @allowed{fam}'
+        rules += [f"{match} {logged}", f"{match} drop"]
+    return rules
 
 
 _HOOKS = (("forward", ("in", "out")), ("input", ("in",)), ("output", ("out",)))

@@ -8,6 +8,14 @@ accept comes from one rule and one service, and carries the rule id as a
 comment. A peer joining or leaving is a set element change, never a rule
 rewrite.
 
+What the table logs goes to NFLOG (`nflog`): accepts of rules with the option
+`log` (and of every rule at visibility level `blocked+allowed` or `enhanced`),
+and, rate-limited, what each chain's policy drops (any level but `off`). In
+mode `visibility` a chain ends with an accept: what the policy would drop is
+logged as potentially blocked and let through. Mode `idle` has no table (the
+reconciler removes it); unpaired containers get the isolation table whatever
+any mode says, which logs what it drops (rate-limited) at every level.
+
 A whole table is applied one of two ways (`render_workload`, `render_isolation`):
 
 - `was` known (the peer sets the table holds now, from the caller's last
@@ -37,7 +45,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal, NamedTuple
 
-from segd.firewall import nftext
+from segd.firewall import nflog, nftext
 from segd.firewall.nftext import split_addrs
 from segd.firewall.plan import Plan, Table, one
 from segd.policy import Service
@@ -105,7 +113,7 @@ class _Shape(NamedTuple):
 def allow_rules(allow: Allow, direction: Direction, log: bool) -> list[str]:
     """The rule lines for one allow, one per service and address family."""
     rule_id = check_rule_id(allow.rule_id)
-    tail = f'log prefix "segd:{rule_id} " accept' if log else "accept"
+    tail = f"{nflog.statement(direction, 'allowed', rule_id)} accept" if log else "accept"
     tail += f' comment "{rule_id}"'
     side = "saddr" if direction == "in" else "daddr"
     peer = None if allow.peer is None else check_set_name(allow.peer)
@@ -137,6 +145,21 @@ def check_policy(policy: WorkloadPolicy) -> None:
         allow_rules(allow, "in", log=False)
 
 
+def logs_accepts(policy: WorkloadPolicy) -> bool:
+    """Whether the workload's visibility level asks for every accept to be logged."""
+    return policy.visibility in ("blocked+allowed", "enhanced")
+
+
+def _tail(policy: WorkloadPolicy, direction: Direction) -> list[str]:
+    """What ends a chain before its policy drop: in `visibility` mode, what would
+    be dropped is logged as potentially blocked and accepted; in `full` mode it is
+    logged as blocked (both rate-limited; nothing at level `off`)."""
+    watching = policy.visibility != "off"
+    if policy.mode == "visibility":
+        return [*([nflog.limited(direction, "potentially_blocked")] if watching else []), "accept"]
+    return [nflog.limited(direction, "blocked")] if watching else []
+
+
 def log_rules(rules: Iterable[Rule]) -> frozenset[str]:
     """Ids of the rules whose accepts should be logged (rule option `log`)."""
     return frozenset(r.id for r in rules if "log" in r.options)
@@ -156,11 +179,13 @@ def _workload_shape(
         v4, v6 = split_addrs(sets.get(name, ()))
         peer_sets += [(f"{name}_v4", "ipv4_addr", v4), (f"{name}_v6", "ipv6_addr", v6)]
 
+    every = logs_accepts(policy)
+
     def chain_rules(allows: Sequence[Allow], direction: Direction) -> list[str]:
         rules: list[str] = []
         for allow in sorted(allows, key=_allow_order):
-            rules += allow_rules(allow, direction, allow.rule_id in logged)
-        return rules
+            rules += allow_rules(allow, direction, every or allow.rule_id in logged)
+        return rules + _tail(policy, direction)
 
     base = ["ct state established,related accept", "ct state invalid drop"]
     return _Shape(
@@ -170,7 +195,16 @@ def _workload_shape(
     )
 
 
-_ISOLATION = _Shape([], ['iif "lo" accept'], ['oif "lo" accept'])
+_ISOLATION = _Shape(
+    [],
+    ['iif "lo" accept', nflog.limited("in", "blocked")],
+    ['oif "lo" accept', nflog.limited("out", "blocked")],
+)
+"""Everything but loopback dropped, and logged (rate-limited): an unpaired
+container's attempts are reported as blocked, from a container with no workload."""
+
+LOGGING_PLANS = frozenset({"workload", "workload_replace", "isolation", "isolation_replace"})
+"""Plans whose table may log: the kernel module reads the namespace's NFLOG group after them."""
 
 
 # ---- text and plans ------------------------------------------------------------------

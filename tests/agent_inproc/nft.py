@@ -227,7 +227,7 @@ def _statement(work: dict[str, NftTable], line: str) -> None:  # noqa: C901 - on
 _RULE = re.compile(
     r"^(?:(?P<fam>ip6?) (?P<side>saddr|daddr) @(?P<set>\w+) )?"
     r"(?:(?P<proto>tcp|udp) dport (?P<lo>\d+)(?:-(?P<hi>\d+))?|meta l4proto (?P<l4>[\w-]+))"
-    r"(?: log prefix \"[^\"]*\")? accept(?: comment \"[^\"]*\")?$"
+    r"(?: log (?:group \d+ )?prefix \"[^\"]*\")? accept(?: comment \"[^\"]*\")?$"
 )
 
 
@@ -240,22 +240,26 @@ def accepts(t: NftTable | None, chain: str, peer: str, proto: str, port: int) ->
     if c is None:
         return True
     for rule in c.rules:
+        if rule == "accept":
+            return True  # the tail of a chain in visibility mode
         m = _RULE.match(rule)
-        if m is None:
-            continue  # loopback, conntrack state, neighbour discovery
-        if m["set"] is not None:
-            s = t.sets.get(m["set"])
-            if m["fam"] != "ip" or s is None or peer not in s.elements:
-                continue
-        if m["l4"] is not None:
-            if m["l4"] == proto:
-                return True
-            continue
-        lo = int(m["lo"])
-        hi = int(m["hi"] or lo)
-        if m["proto"] == proto and lo <= port <= hi:
+        if m is not None and _matches(t, m, peer, proto, port):
             return True
     return "policy accept" in c.head
+
+
+def _matches(t: NftTable, m: re.Match[str], peer: str, proto: str, port: int) -> bool:
+    """Whether an accept rule matches (other rules: loopback, conntrack state,
+    neighbour discovery, logging drops, never match)."""
+    if m["set"] is not None:
+        s = t.sets.get(m["set"])
+        if m["fam"] != "ip" or s is None or peer not in s.elements:
+            return False
+    if m["l4"] is not None:
+        return bool(m["l4"] == proto)
+    lo = int(m["lo"])
+    hi = int(m["hi"] or lo)
+    return m["proto"] == proto and lo <= port <= hi
 
 
 def gate_admits(t: NftTable | None, port: str, ip: str) -> bool:

@@ -60,6 +60,7 @@ FIGURES: dict[str, dict[str, bool]] = {
         "flood.audit_rows": True,
         "flood.store_growth": True,
     },
+    "flows": {"flows.cpu_per_1k": True, "flows.read_share": True},
     "footprint": {
         "footprint.idle.rss": True,
         "footprint.churn.rss_peak": True,
@@ -138,6 +139,14 @@ def test_apply(tmp_path: Path, kernel_ready: None) -> None:
     assert details["backend"] == "libnftables"
     before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "segd-bench-" not in before  # its namespace is gone
+
+
+@pytest.mark.kernel
+def test_flows(tmp_path: Path, kernel_ready: None) -> None:
+    details, figs = run_bench("flows", tmp_path)
+    assert figs["flows.cpu_per_1k"]["value"] > 0 and figs["flows.cpu_per_1k"]["baseline"] > 0
+    assert details["segd"]["read"] > 0 and details["segd"]["records"] == 1000
+    assert 0 < figs["flows.read_share"]["value"] <= 1
 
 
 @pytest.mark.docker

@@ -165,15 +165,24 @@ class Stack:
                 raise AssertionError("server exited:\n" + tail) from None
             return False
 
-    def start_agent(self, *, interval: float = 2.0, isolate_unkeyed: bool = True) -> None:
+    def start_agent(
+        self,
+        *,
+        interval: float = 2.0,
+        isolate_unkeyed: bool = True,
+        server: str = "",
+        extra: str = "",
+    ) -> None:
+        """`server`: the URL the agent talks to (default the server's own);
+        `extra`: more `[agent]` lines."""
         state = self.root / "agent"
         cfg = self.root / "agent.toml"
         cfg.write_text(
             '[log]\nlevel = "debug"\nformat = "json"\n\n[agent]\n'
-            f'server = "{self.url}"\nstate_dir = "{state}"\n'
+            f'server = "{server or self.url}"\nstate_dir = "{state}"\n'
             f"reconcile_interval_s = {interval}\n"
             f"isolate_unkeyed = {'true' if isolate_unkeyed else 'false'}\n"
-            "backoff_max_s = 2.0\n"
+            "backoff_max_s = 2.0\n" + extra
         )
         argv = [sys.executable, "-m", "segd", "agent", "--config", str(cfg)]
         env = self._env()

@@ -720,7 +720,10 @@ _ID = r"[A-Za-z0-9_-]{1,64}"
 _SET = r"ls_[0-9a-f]{16}_v[46]"
 _ADDR = r"(?:[0-9]{1,3}(?:\.[0-9]{1,3}){3}|[0-9a-f:.]*:[0-9a-f:.]*)"
 _MATCH = r"(?:(?:tcp|udp) dport [0-9]{1,5}(?:-[0-9]{1,5})?|meta l4proto (?:icmp|ipv6-icmp))"
-_TAIL = rf'(?:log prefix "segd:(?P<lid>{_ID}) " )?accept comment "(?P<cid>{_ID})"'
+_TAIL = (
+    rf'(?:log group 7 prefix "segd:(?:in|out):a:(?P<lid>{_ID})" )?'
+    rf'accept comment "(?P<cid>{_ID})"'
+)
 _ELEMENTS = rf"\{{ {_ADDR}(?:, {_ADDR})* \}}"
 _RULES = [
     r'(?:iif|oif) "lo" accept',
@@ -729,6 +732,8 @@ _RULES = [
     r"icmpv6 type \{ nd-neighbor-solicit, nd-neighbor-advert, "
     r"nd-router-(?:advert|solicit) \} accept",
     rf"(?:(?:ip|ip6) (?:saddr|daddr) @{_SET} )?{_MATCH} {_TAIL}",
+    r'limit rate 100/second burst 200 packets log group 7 prefix "segd:(?:in|out):[bp]"',
+    r"accept",  # the tail of a chain in visibility mode
 ]
 GRAMMAR = [
     re.compile(line + r"\Z")

@@ -150,6 +150,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "agent.server_ca": ["a\x00b"],
     "agent.reconcile_interval_s": [0.0, 0.4, 3601.0, math.nan],
     "agent.backoff_max_s": [0.0, 0.05, 601.0, math.inf],
+    "agent.flow_interval_s": [0.0, 14.9, 60.5, math.nan, math.inf],
+    "agent.metrics_listen": ["x", "0.0.0.0:9464", "10.0.0.1:9464", "[::]:9464", "127.0.0.1:0"],
     "orchestrator.listen": ["", "x", "[::1]:99999"],
     "orchestrator.data_dir": ["", "a\x00b"],
     "orchestrator.max_body_bytes": [1, 16 * 1024 * 1024 + 1],

@@ -68,6 +68,8 @@ policies = st.fixed_dictionaries(
         "ips": st.lists(addresses, max_size=3),
         "inbound": st.lists(allows, max_size=3),
         "outbound": st.lists(allows, max_size=3),
+        "mode": st.sampled_from(["full", "visibility", "idle", "Full", ""]),
+        "visibility": st.sampled_from(["off", "blocked", "blocked+allowed", "enhanced", "all"]),
     }
 )
 set_maps = st.dictionaries(

@@ -39,7 +39,7 @@ from segd.agent.ops import (
     WorkloadTable,
 )
 from segd.policy import Service
-from segd.wire import Allow, Instructions, Rule, WorkloadPolicy
+from segd.wire import Allow, Instructions, Mode, Rule, VisibilityLevel, WorkloadPolicy
 
 WEB_SET = "ls_0000000000000eb0"
 DB_SET = "ls_00000000000000db"
@@ -589,3 +589,60 @@ def test_in_place_once_its_table_and_gate_entry_are_there_even_with_sets_behind(
     h.on(instructions(2, *V1.instructions.workloads, web=(), db=("db",)))
     assert reconcile.in_place(h, "db", run.failed)  # a set change to come: still in place
     assert not reconcile.in_place(h, "web", run.failed)  # its table is still to come
+
+
+# ---- modes and visibility levels -----------------------------------------------------
+
+
+def moded(pol: WorkloadPolicy, mode: Mode, level: VisibilityLevel = "blocked") -> WorkloadPolicy:
+    return msgspec.structs.replace(pol, mode=mode, visibility=level)
+
+
+def test_a_mode_switch_rewrites_the_table_in_place_and_keeps_the_gate_entry() -> None:
+    h = synced(seen("web"), seen("db"), V1)
+    web, db = V1.instructions.workloads
+    h.on(instructions(2, web, moded(db, "visibility"), web=("web",), db=("db",)))
+    assert Run(h).flat() == ["apply db workload workload"]
+    table = h.enforced["db"].table
+    assert isinstance(table, WorkloadTable) and table.structure.mode == "visibility"
+    assert h.enforced["db"].gated == {("vethdb", "172.17.0.3")}
+    h.on(instructions(3, web, moded(db, "full"), web=("web",), db=("db",)))
+    assert Run(h).flat() == ["apply db workload workload"]  # back: blocked again
+
+
+def test_a_level_change_rewrites_the_table() -> None:
+    h = synced(seen("web"), seen("db"), V1)
+    web, db = V1.instructions.workloads
+    h.on(instructions(2, web, moded(db, "full", "enhanced"), web=("web",), db=("db",)))
+    assert Run(h).flat() == ["apply db workload workload"]
+
+
+def test_an_idle_workload_has_no_table_and_is_admitted() -> None:
+    h = synced(seen("web"), seen("db"), V1)
+    web, db = V1.instructions.workloads
+    h.on(instructions(2, web, moded(db, "idle"), web=("web",), db=("db",)))
+    # out of the gate while its table goes (the kind changes), admitted again without it
+    assert Run(h).flat() == ["gate remove db", "apply db exempt removal", "gate add db"]
+    assert h.enforced["db"].gated == {("vethdb", "172.17.0.3")}
+    h.on(instructions(3, web, db, web=("web",), db=("db",)))
+    assert Run(h).flat() == ["gate remove db", "apply db workload workload", "gate add db"]
+
+
+@pytest.mark.parametrize("mode", ["full", "visibility", "idle"])
+def test_modes_relax_nothing_for_containers_that_are_not_paired(
+    mode: Mode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused, an unkeyed and a keyed-but-unpaired container stay isolated and
+    out of the gate whatever mode the paired workloads on the host are in."""
+    monkeypatch.setitem(BOX, "other", (201, "172.17.0.11"))
+    monkeypatch.setitem(BOX, "forged", (202, "172.17.0.12"))
+    web, db = V1.instructions.workloads
+    h = synced(seen("web"), seen("db"), instructions(1, moded(web, mode), moded(db, mode)))
+    h.on(seen("cache", key="", started=True))
+    h.on(seen("other", started=True))
+    h.on(seen("forged", started=True))
+    h.on(PairingRefused("forged", "invalid_key: bad signature"))
+    Run(h).steps()
+    for cid in ("cache", "other", "forged"):
+        assert isinstance(h.enforced[cid].table, IsolationTable), cid
+        assert h.enforced[cid].gated == frozenset(), cid

@@ -69,6 +69,8 @@ def test_example_documents_every_key() -> None:
         ),
         ('[agent]\nserver = "ftp://x"', "agent.server", "http:// or https://"),
         ("[agent]\nreconcile_interval_s = 0", "agent.reconcile_interval_s", "between"),
+        ("[agent]\nflow_interval_s = 5", "agent.flow_interval_s", "between 15 and 60"),
+        ('[agent]\nmetrics_listen = "0.0.0.0:9464"', "agent.metrics_listen", "loopback"),
         ('[agent]\nisolate_unkeyed = "yes"', "agent.isolate_unkeyed", "Expected `bool`"),
         ('[log]\nlevel = "loud"', "log.level", "Invalid enum value"),
         ('[orchestrator]\nlisten = "[::1]:99999"', "orchestrator.listen", "invalid listen"),

@@ -10,10 +10,12 @@ from segd.firewall.plan import Plan
 
 
 def _drops(port: str, side: str) -> list[str]:
-    return [
-        f'\t\t{port} "veth*" ip {side} @subnets4 {port} . ip {side} != @allowed4 drop',
-        f'\t\t{port} "veth*" ip6 {side} @subnets6 {port} . ip6 {side} != @allowed6 drop',
-    ]
+    """Each drop after a rate-limited log of the same match, as the container sees it."""
+    seen = "out" if port == "iifname" else "in"
+    log = f'limit rate 100/second burst 200 packets log group 7 prefix "segd:{seen}:b"'
+    m4 = f'{port} "veth*" ip {side} @subnets4 {port} . ip {side} != @allowed4'
+    m6 = f'{port} "veth*" ip6 {side} @subnets6 {port} . ip6 {side} != @allowed6'
+    return [f"\t\t{m4} {log}", f"\t\t{m4} drop", f"\t\t{m6} {log}", f"\t\t{m6} drop"]
 
 
 def _chain(hook: str, lines: list[str]) -> list[str]:
@@ -112,7 +114,7 @@ def test_render_gate_rewrites_in_place_with_the_replace_as_fallback() -> None:
     entries, subnets = [("veth1", "172.17.0.2"), ("veth1", "fd00::2")], ["172.17.0.0/16"]
     plan = gate.render_gate(entries, subnets)
     declared = expected_gate().split("table bridge segd_gate {\n")[1]
-    declared = "\n".join(line for line in declared.splitlines() if "drop" not in line)
+    declared = "\n".join(line for line in declared.splitlines() if "@allowed" not in line)
     in_place = (
         "table bridge segd_gate {\n" + declared + "\nflush table bridge segd_gate\n"
         "add table bridge segd_gate_shadow\ndelete table bridge segd_gate_shadow\n"

@@ -10,7 +10,7 @@ import pytest
 from segd.firewall import render
 from segd.firewall.plan import Plan
 from segd.policy import Service
-from segd.wire import Allow, Rule, WorkloadPolicy
+from segd.wire import Allow, Mode, Rule, VisibilityLevel, WorkloadPolicy
 
 DB = "ls_00000000000000db"
 WEB = "ls_0000000000000eb0"
@@ -31,7 +31,12 @@ def _t(text: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def pol(inbound: list[Allow] | None = None, outbound: list[Allow] | None = None) -> WorkloadPolicy:
+def pol(
+    inbound: list[Allow] | None = None,
+    outbound: list[Allow] | None = None,
+    mode: Mode = "full",
+    visibility: VisibilityLevel = "off",
+) -> WorkloadPolicy:
     return WorkloadPolicy(
         workload_id="w1",
         container_id="c1",
@@ -39,9 +44,12 @@ def pol(inbound: list[Allow] | None = None, outbound: list[Allow] | None = None)
         ips=["10.213.0.2"],
         inbound=inbound or [],
         outbound=outbound or [],
+        mode=mode,
+        visibility=visibility,
     )
 
 
+LOG_R1 = 'log group 7 prefix "segd:in:a:r1"'
 BASE = [
     "ct state established,related accept",
     "ct state invalid drop",
@@ -124,18 +132,73 @@ CASES: list[tuple[str, WorkloadPolicy, dict[str, list[str]], frozenset[str], str
         ),
     ),
     (
-        "log option logs before accepting, only for that rule",
+        "log option logs to NFLOG (works in a container namespace) before accepting, "
+        "only for that rule",
         pol(inbound=[Allow("r1", DB, [TCP5432]), Allow("r2", None, [UDP53])]),
         {DB: []},
         frozenset({"r1"}),
         table(
             sets=_sets(DB),
             inbound=f"""
-                ip saddr @{DB}_v4 tcp dport 5432 log prefix "segd:r1 " accept comment "r1"
-                ip6 saddr @{DB}_v6 tcp dport 5432 log prefix "segd:r1 " accept comment "r1"
+                ip saddr @{DB}_v4 tcp dport 5432 {LOG_R1} accept comment "r1"
+                ip6 saddr @{DB}_v6 tcp dport 5432 {LOG_R1} accept comment "r1"
                 udp dport 53 accept comment "r2"
             """,
         ),
+    ),
+    (
+        "level blocked: each chain's drops are logged, rate-limited, before the policy drop",
+        pol(inbound=[Allow("r2", None, [UDP53])], visibility="blocked"),
+        {},
+        frozenset(),
+        table(
+            inbound="""
+                udp dport 53 accept comment "r2"
+                limit rate 100/second burst 200 packets log group 7 prefix "segd:in:b"
+            """,
+            outbound="""
+                limit rate 100/second burst 200 packets log group 7 prefix "segd:out:b"
+            """,
+        ),
+    ),
+    (
+        "level blocked+allowed: every accept is logged with its rule id",
+        pol(inbound=[Allow("r2", None, [UDP53])], visibility="blocked+allowed"),
+        {},
+        frozenset(),
+        table(
+            inbound="""
+                udp dport 53 log group 7 prefix "segd:in:a:r2" accept comment "r2"
+                limit rate 100/second burst 200 packets log group 7 prefix "segd:in:b"
+            """,
+            outbound="""
+                limit rate 100/second burst 200 packets log group 7 prefix "segd:out:b"
+            """,
+        ),
+    ),
+    (
+        "visibility mode: what would be dropped is logged as potentially blocked and accepted",
+        pol(inbound=[Allow("r2", None, [UDP53])], mode="visibility", visibility="enhanced"),
+        {},
+        frozenset(),
+        table(
+            inbound="""
+                udp dport 53 log group 7 prefix "segd:in:a:r2" accept comment "r2"
+                limit rate 100/second burst 200 packets log group 7 prefix "segd:in:p"
+                accept
+            """,
+            outbound="""
+                limit rate 100/second burst 200 packets log group 7 prefix "segd:out:p"
+                accept
+            """,
+        ),
+    ),
+    (
+        "visibility mode at level off: accepts what it would drop, logs nothing",
+        pol(mode="visibility"),
+        {},
+        frozenset(),
+        table(inbound="accept", outbound="accept"),
     ),
     (
         "a referenced set missing from the instructions renders empty",
@@ -243,10 +306,12 @@ ISOLATION = _t(
         chain input {
             type filter hook input priority filter; policy drop;
             iif "lo" accept
+            limit rate 100/second burst 200 packets log group 7 prefix "segd:in:b"
         }
         chain output {
             type filter hook output priority filter; policy drop;
             oif "lo" accept
+            limit rate 100/second burst 200 packets log group 7 prefix "segd:out:b"
         }
     }
     """
@@ -389,7 +454,11 @@ IN_PLACE: list[tuple[str, WorkloadPolicy | None, dict[str, list[str]], list[str]
                 f"add set inet segd {WEB}_v6 {{ type ipv6_addr; }}",
                 f"delete set inet segd {WEB}_v6",
                 'add rule inet segd input iif "lo" accept',
+                "add rule inet segd input limit rate 100/second burst 200 packets"
+                ' log group 7 prefix "segd:in:b"',
                 'add rule inet segd output oif "lo" accept',
+                "add rule inet segd output limit rate 100/second burst 200 packets"
+                ' log group 7 prefix "segd:out:b"',
             ],
         ),
     ),

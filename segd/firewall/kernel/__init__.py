@@ -6,7 +6,7 @@ Everything that needs root goes through here, as a few verbs on `Firewall`:
   renderers `render` and `gate`) in a container's namespace / the gate's;
 - `list_table(ns)` / `gate_list()`: a table's listing, None when absent;
 - `ports(ns)`: a namespace's addresses and the bridge ports behind them;
-- `forget(ns)`: free what is kept for a namespace;
+- `forget(ns)`: free what is kept for a namespace (and close its log reader);
 
 and two functions for a process about to do kernel work: `unavailable()`
 says why it cannot (or None), `take_host_lock()` makes it the host's only
@@ -23,12 +23,25 @@ own namespace (this process's, or init's) is refused with `HostNamespace`,
 however it got there (a host-networked container, one joined to it, a pid
 reused by a host process). `ports` reads a namespace's addresses and veth
 peers over a short-lived rtnetlink socket (`_rtnl`) and keeps nothing. The
+
+With `on_log`, a container namespace that gets a table that logs (a workload's
+or an isolation table: `render.LOGGING_PLANS`) also gets an
+NFLOG reader (`_nflog`) bound to `nflog.GROUP`, made on the worker inside the
+namespace right after the table is applied, read on the event loop, and closed
+by `forget` (the container died or restarted) or `close`. A reader that cannot
+bind (a process in the container holds the group) is logged and left out:
+enforcement never waits for visibility. A reader is read for at most
+`log_budget` packets a second (segd's own rules log far fewer): a namespace
+that logs more to the group is left unread for the rest of that second, its
+excess dropped by the kernel and counted as overruns. The gate's namespace gets one too
+once the gate is built; its packets come with the key `nflog.GATE_LOG_KEY`. The
 underscored submodules are private to this package; `_ffi` is the only module
 in segd that imports ctypes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
 import time
@@ -38,7 +51,7 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 from segd import log as logging
-from segd.firewall.gate import GATE
+from segd.firewall.gate import GATE, GATE_PLANS
 from segd.firewall.kernel import _ffi, _worker
 from segd.firewall.kernel._errors import (
     HostNamespace,
@@ -48,21 +61,25 @@ from segd.firewall.kernel._errors import (
     WorkerBroken,
 )
 from segd.firewall.kernel._host import BackendName, take_host_lock, unavailable
+from segd.firewall.kernel._nflog import Reader
 from segd.firewall.kernel._nft import LibNft, NftBackend, NsenterNft
 from segd.firewall.kernel._ports import read_ports
 from segd.firewall.kernel._worker import NsId, Worker, stat_ns
+from segd.firewall.nflog import GATE_LOG_KEY, GROUP, LogPacket
 from segd.firewall.plan import Plan, Table
-from segd.firewall.render import CONTAINER
+from segd.firewall.render import CONTAINER, LOGGING_PLANS
 
 __all__ = [
     "BackendName",
     "Firewall",
     "HostNamespace",
+    "LogPacket",
     "NamespaceGone",
     "NetnsError",
     "NftError",
     "NsId",
     "NsRef",
+    "OnLog",
     "WorkerBroken",
     "stat_ns",
     "take_host_lock",
@@ -74,6 +91,10 @@ log = logging.get(__name__)
 T = TypeVar("T")
 
 _ABSENT = "No such file or directory"
+
+OnLog = Callable[[str, list[LogPacket], int], None]
+"""Called on the loop with a namespace's key, packets its table logged, and
+how many overruns its reader saw since the last call."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +132,8 @@ class Firewall:
         gate_ns: str | None = None,
         setns_fault: Callable[[int], None] | None = None,
         max_open: int = 32,
+        on_log: OnLog | None = None,
+        log_budget: int = 5000,
     ) -> None:
         if backend not in ("libnftables", "nsenter", "auto"):
             raise ValueError(f"unknown nftables backend {backend!r}")
@@ -128,6 +151,9 @@ class Firewall:
         self.max_open = max_open
         self._gate: _Session | None = None
         self._host_ns: frozenset[NsId] = frozenset()
+        self._on_log = on_log
+        self.log_budget = log_budget  # logged packets a namespace is read for, a second
+        self._readers: dict[str, tuple[NsId, Reader]] = {}  # touched on the loop only
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -142,6 +168,8 @@ class Firewall:
 
     async def close(self) -> None:
         """Free every namespace endpoint and stop the worker; kernel state stays."""
+        for key in list(self._readers):
+            self._close_reader(key)
         if self._worker is None:
             return
         try:
@@ -185,6 +213,8 @@ class Firewall:
         the plan has one), `NamespaceGone` when the namespace no longer exists.
         """
         await self._run(lambda w: _run_plan(self._session(w, ns), plan, ns.key))
+        if self._on_log is not None and plan.what in LOGGING_PLANS:
+            await self._ensure_reader(ns)
 
     async def list_table(self, ns: NsRef, table: Table = CONTAINER) -> str | None:
         """`list table` in the namespace (stateless); None when the table is absent."""
@@ -193,6 +223,7 @@ class Firewall:
 
     async def forget(self, ns: NsRef) -> None:
         """Free the namespace's endpoint (the container is gone or restarted)."""
+        self._close_reader(ns.key)
 
         def job(_w: Worker) -> None:
             s = self._sessions.pop(ns.key, None)
@@ -229,11 +260,96 @@ class Firewall:
 
         return await self._run(job)
 
+    @property
+    def log_readers(self) -> int:
+        """How many namespaces (containers', and the gate's) have an NFLOG reader open."""
+        return len(self._readers)
+
+    # ---- log readers (on the loop) ---------------------------------------------------------
+
+    async def _ensure_reader(self, ns: NsRef) -> None:
+        try:
+            nsid = _worker.stat_ns(ns.path)
+        except (NamespaceGone, OSError):
+            return
+        await self._reader(ns.key, ns.path, nsid)
+
+    async def _ensure_gate_reader(self) -> None:
+        if self._home_fd is None:
+            return
+        try:
+            path = self._gate_path
+            nsid = _worker.ns_id(os.fstat(self._home_fd)) if path is None else _worker.stat_ns(path)
+        except (NamespaceGone, OSError):
+            return
+        await self._reader(GATE_LOG_KEY, path, nsid)
+
+    async def _reader(self, key: str, path: str | None, nsid: NsId) -> None:
+        """An NFLOG reader for the namespace at `path` (None: the worker's home)."""
+        have = self._readers.get(key)
+        if have is not None and have[0] == nsid:
+            return
+        self._close_reader(key)
+
+        def job(w: Worker) -> Reader:
+            if path is None:
+                return Reader(GROUP)  # the worker is at home between jobs
+            fd, _ = _worker.open_ns(path)
+            try:
+                return w.made_in(fd, lambda: Reader(GROUP))
+            finally:
+                os.close(fd)
+
+        try:
+            reader = await self._run(job)
+        except (OSError, NetnsError) as e:
+            log.warning("firewall.log_reader_failed", ns=key or "gate", error=str(e))
+            return
+        self._readers[key] = (nsid, reader)
+        asyncio.get_running_loop().add_reader(reader.fileno(), self._drain, key, reader)
+        log.debug("firewall.log_reader", ns=key or "gate")
+
+    def _drain(self, key: str, reader: Reader) -> None:
+        lost = reader.lost
+        try:
+            packets = reader.drain()
+        except OSError as e:
+            log.warning("firewall.log_read_failed", ns=key, error=str(e))
+            self._close_reader(key)
+            return
+        if (packets or reader.lost != lost) and self._on_log is not None:
+            self._on_log(key, packets, reader.lost - lost)
+        now = time.monotonic()
+        if now - reader.window >= 1.0:
+            reader.window, reader.taken = now, 0
+        reader.taken += len(packets)
+        if reader.taken >= self.log_budget:
+            # A namespace logging more than segd's rules do (its own rules on our
+            # group) is not read for the rest of the second: the kernel drops
+            # the excess, counted as overruns.
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(reader.fileno())
+            loop.call_later(reader.window + 1.0 - now, self._resume, key, reader)
+            log.warning("firewall.log_paused", ns=key, packets=reader.taken)
+
+    def _resume(self, key: str, reader: Reader) -> None:
+        have = self._readers.get(key)
+        if have is not None and have[1] is reader:
+            asyncio.get_running_loop().add_reader(reader.fileno(), self._drain, key, reader)
+
+    def _close_reader(self, key: str) -> None:
+        have = self._readers.pop(key, None)
+        if have is not None:
+            asyncio.get_running_loop().remove_reader(have[1].fileno())
+            have[1].close()
+
     # ---- the gate's namespace -----------------------------------------------------------
 
     async def gate_apply(self, plan: Plan) -> None:
         """Run `plan` in the gate's namespace (the host's, or `gate_ns`)."""
         await self._run(lambda w: _run_plan(self._gate_session(w), plan, "gate"))
+        if self._on_log is not None and plan.what in GATE_PLANS:
+            await self._ensure_gate_reader()
 
     async def gate_list(self, table: Table = GATE) -> str | None:
         """`list table` in the gate's namespace; None when the table is absent."""

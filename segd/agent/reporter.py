@@ -1,0 +1,113 @@
+"""Flow records to the server: count logged packets, send a batch every interval.
+
+The kernel module calls `on_log` on the event loop with what a container's
+table logged; it is counted into the pure `flows.Flows` (no I/O, bounded).
+`run` closes the interval every `[agent] flow_interval_s` seconds and sends
+the queued batches as signed `POST /v1/agent/flows`. An unreachable server is
+tried again with backoff until the next interval closes (the batches stay
+queued, bounded; the oldest are dropped and counted); a batch the server
+refuses (4xx) is dropped and counted as lost. This task never waits on the
+enforcement task, nor it on this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from segd import log
+from segd.agent.client import Denied, ServerClient, ServerUnavailable
+from segd.agent.flows import Directory, Flows
+from segd.agent.metrics import AgentMetrics
+from segd.agent.retry import Backoff
+from segd.firewall import nflog
+from segd.firewall.nflog import LogPacket
+
+_log = log.get(__name__)
+
+
+class FlowReporter:
+    def __init__(
+        self,
+        client: ServerClient,
+        directory: Callable[[], Directory],
+        metrics: AgentMetrics,
+        *,
+        interval: float,
+        backoff_max: float,
+        flows: Flows | None = None,
+        owner: Callable[[str], str | None] = lambda _ip: None,
+    ) -> None:
+        self.client = client
+        self.directory = directory
+        self.metrics = metrics
+        self.interval = interval
+        self.backoff_max = backoff_max
+        self.flows = flows or Flows()
+        self.owner = owner  # the local container holding an address
+        self._lost_seen = 0
+
+    def on_log(self, container: str, packets: list[LogPacket], lost: int) -> None:
+        """Packets a container's table (or, `nflog.GATE_LOG_KEY`, the host gate)
+        logged; called on the loop by the kernel module."""
+        now = time.time()
+        by_owner: dict[str, list[LogPacket]] = {}
+        for p in packets:
+            tag = nflog.parse(p.prefix)
+            if tag is None:
+                continue
+            self.metrics.flow_packets.labels(tag.verdict).inc()
+            if tag.verdict == "blocked":
+                self.metrics.policy_drops.labels(tag.direction).inc()
+            if container == nflog.GATE_LOG_KEY:
+                # the gate's drop of a frame a container sent (`out`) or would receive
+                cid = self.owner(p.src if tag.direction == "out" else p.dst)
+                if cid is not None:
+                    by_owner.setdefault(cid, []).append(p)
+        if container != nflog.GATE_LOG_KEY:
+            self.flows.count(container, packets, now)
+        for cid, these in by_owner.items():
+            self.flows.count(cid, these, now)
+        if lost:
+            self.flows.overrun(lost)
+        self._count_lost()
+
+    def _count_lost(self) -> None:
+        if self.flows.lost_total > self._lost_seen:
+            self.metrics.flow_records_lost.inc(self.flows.lost_total - self._lost_seen)
+            self._lost_seen = self.flows.lost_total
+
+    async def run(self) -> None:
+        """Close an interval and send, forever."""
+        while True:
+            deadline = time.monotonic() + self.interval
+            await asyncio.sleep(self.interval)
+            await self.flush(deadline + self.interval)
+
+    async def flush(self, until: float | None = None) -> None:
+        """Close the interval and send every queued batch; an unreachable server
+        is tried again with backoff until `until` (monotonic; None: once)."""
+        n = self.flows.close_interval(self.directory())
+        self._count_lost()
+        if n:
+            _log.debug("flows.interval", records=n, queued=self.flows.queued)
+        backoff = Backoff(self.backoff_max)
+        while (batch := self.flows.next_batch()) is not None:
+            try:
+                await self.client.flows(batch)
+            except ServerUnavailable as e:
+                if until is None or time.monotonic() + backoff.delay >= until:
+                    _log.warning("flows.unsent", queued=self.flows.queued, error=str(e))
+                    return
+                await backoff.wait()
+                continue
+            except Denied as e:
+                _log.warning("flows.refused", records=len(batch.records), error=str(e))
+                self.flows.refused(batch)
+                self._count_lost()
+                if not batch.records:
+                    return
+                continue
+            self.flows.sent(batch)
+            self.metrics.flow_records_sent.inc(len(batch.records))

@@ -1,0 +1,283 @@
+"""What the agent reports, and enforcement modes, on the real stack: real Docker,
+real nftables, real packets. Flow batches are read off the wire between the
+agent and the server (`FlowTap`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from segd import wire
+from tests.e2e.flowtap import FlowTap
+from tests.e2e.stack import Stack, docker, free_port, wait_for
+
+pytestmark = pytest.mark.docker
+
+INTERVAL = 15  # the shortest flow interval: a record is due within two
+DUE = 2 * INTERVAL + 10
+
+
+def profile(stack: Stack, labels: dict[str, str]) -> tuple[str, str]:
+    """A pairing profile and a key for it: (profile name, key token)."""
+    name = "p-" + uuid.uuid4().hex[:8]
+    stack.api("POST", "/v1/profiles", wire.ProfileIn(name=name, labels=labels))
+    return name, str(stack.api("POST", "/v1/keys", wire.KeyIssueIn(profile=name))["token"])
+
+
+def workload_ids(stack: Stack) -> dict[str, str]:
+    return {w["container_id"]: w["id"] for w in stack.workloads()}
+
+
+def scrape(listen: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def pid(cid: str) -> str:
+    return docker("inspect", "-f", "{{.State.Pid}}", cid)
+
+
+def test_blocked_attempts_and_logged_accepts_are_reported_by_the_agent(stack: Stack) -> None:
+    """An unpaired intruder's attempt on db is a blocked record from a container
+    with no workload; the rule option `log` makes web -> db an allowed record
+    with the rule id (its NFLOG reaches the agent from the containers'
+    namespaces). The agent's metrics are scraped and parsed."""
+    stack.start_server()
+    rule_id = stack.api(
+        "POST",
+        "/v1/rules",
+        wire.RuleIn(
+            providers=[{"role": "db"}],
+            consumers=[{"role": "web"}],
+            services=["tcp/5432"],
+            options=["log"],
+        ),
+    )["id"]
+    listen = f"127.0.0.1:{free_port()}"
+    with FlowTap(stack.url) as tap:
+        stack.start_agent(
+            server=tap.url,
+            extra=f'flow_interval_s = {INTERVAL}\nmetrics_listen = "{listen}"\n',
+        )
+        web = stack.run("web", key=stack.key({"role": "web"}))
+        db = stack.run("db", key=stack.key({"role": "db"}))
+        stack.wait_paired(web, db)
+        intruder = stack.run("intruder")
+        db_ip = stack.ip(db)
+        assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
+        assert stack.probe_many(intruder, [(db_ip, 5432)]) == {(db_ip, 5432): False}
+        ids = workload_ids(stack)
+
+        allowed = tap.wait(
+            lambda r: r.container_id == db and r.verdict == "allowed",
+            DUE,
+            "allowed into db",
+        )
+        assert (allowed.direction, allowed.port, allowed.proto) == ("in", 5432, "tcp")
+        assert (allowed.rule_id, allowed.workload_id) == (rule_id, ids[db])
+        assert (allowed.peer_ip, allowed.peer_workload_id) == (stack.ip(web), ids[web])
+        assert allowed.connections >= 1
+
+        blocked = tap.wait(
+            lambda r: r.container_id == intruder and r.verdict == "blocked" and r.port == 5432,
+            DUE,
+            "blocked from the intruder",
+        )
+        assert (blocked.direction, blocked.peer_ip, blocked.workload_id) == ("out", db_ip, "")
+        assert blocked.peer_workload_id == ids[db]
+        assert tap.lost() == 0
+
+        m = scrape(listen)
+        assert m[("segd_agent_containers", (("state", "workload"),))] == 2
+        assert m[("segd_agent_containers", (("state", "isolated"),))] == 1
+        assert m[("segd_agent_gate_entries", ())] == 2
+        assert m[("segd_agent_log_readers", ())] == 4  # three containers and the gate
+        assert m[("segd_agent_policy_drops_total", (("direction", "out"),))] >= 1
+        assert m[("segd_agent_flow_records_sent_total", ())] >= 2
+        assert m[("segd_agent_flow_records_lost_total", ())] == 0
+        assert m[("segd_agent_ruleset_apply_seconds_count", ())] >= 3
+        assert m[("segd_agent_docker_events_total", (("event", "ContainerStarted"),))] >= 3
+
+
+def set_mode(stack: Stack, name: str, mode: wire.Mode) -> None:
+    stack.api("PUT", f"/v1/profiles/{name}/mode", {"mode": mode})
+
+
+def require_modes(stack: Stack) -> None:
+    """The server half of enforcement modes (profile modes compiled into the
+    instructions) is a separate part of segd; without it there is nothing to switch."""
+    paths = stack.api("GET", "/v1/openapi.json")["paths"]
+    if "/v1/profiles/{name}/mode" not in paths:
+        pytest.skip("this server build has no enforcement modes (PUT /v1/profiles/{name}/mode)")
+
+
+def isolated_everywhere(stack: Stack, outsiders: list[str], targets: list[str]) -> None:
+    """No outsider reaches any target, nor any target an outsider."""
+    for src in outsiders:
+        got = stack.probe_many(src, [(stack.ip(t), p) for t in targets for p in (5432, 80)])
+        assert not any(got.values()), got
+    for src in targets:
+        got = stack.probe_many(src, [(stack.ip(o), p) for o in outsiders for p in (5432, 80)])
+        assert not any(got.values()), got
+
+
+def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again(
+    stack: Stack,
+) -> None:
+    stack.start_server()
+    require_modes(stack)
+    stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
+    with FlowTap(stack.url) as tap:
+        stack.start_agent(server=tap.url, extra=f"flow_interval_s = {INTERVAL}\n")
+        db_profile, db_key = profile(stack, {"role": "db"})
+        other_profile, other_key = profile(stack, {"role": "other"})
+        web = stack.run("web", key=stack.key({"role": "web"}))
+        db = stack.run("db", key=db_key)
+        other = stack.run("other", key=other_key)
+        stack.wait_paired(web, db, other)
+        revoked = stack.key({"role": "db"})
+        key_id = stack.api("GET", "/v1/keys")[-1]["key_id"]
+        stack.api("POST", f"/v1/keys/{key_id}/revoke")
+        outsiders = [
+            stack.run("nokey"),
+            stack.run(
+                "forged", key=db_key[:-4] + ("AAAA" if not db_key.endswith("AAAA") else "BBBB")
+            ),
+            stack.run("revoked", key=revoked),
+        ]
+        assert stack.agent is not None
+        wait_for(lambda: stack.agent.count("pairing.denied") >= 2, 15, "two denials")
+        db_ip, pids = stack.ip(db), {c: pid(c) for c in (web, db, other)}
+        ids = workload_ids(stack)
+
+        def probe() -> bool:
+            return stack.probe_many(other, [(db_ip, 5432)])[(db_ip, 5432)]
+
+        # full: blocked, and reported as blocked by other's table (it never leaves other)
+        assert not probe()
+        r = tap.wait(
+            lambda r: r.container_id == other and r.verdict == "blocked" and r.port == 5432,
+            DUE,
+            "other -> db blocked",
+        )
+        assert (r.direction, r.peer_ip) == ("out", db_ip)
+        assert (r.workload_id, r.peer_workload_id) == (ids[other], ids[db])
+        # ... and kept by the server with both ends right
+        page = stack.api("GET", "/v1/flows?verdict=blocked&port=5432")
+        ends = {(f["src"].get("workload_id"), f["dst"].get("workload_id")) for f in page["flows"]}
+        assert (ids[other], ids[db]) in ends, page
+        isolated_everywhere(stack, outsiders, [web, db, other])
+
+        # visibility on both ends: the same probe connects, reported potentially
+        # blocked by both tables (each would have dropped it)
+        for name in (db_profile, other_profile):
+            set_mode(stack, name, "visibility")
+        wait_for(probe, 15, "other -> db to connect in visibility mode", interval=0.5)
+        for cid, direction, peer in ((other, "out", db), (db, "in", other)):
+            r = tap.wait(
+                potentially_blocked(cid), DUE, f"other -> db potentially blocked, {direction}"
+            )
+            assert (r.direction, r.peer_workload_id) == (direction, ids[peer])
+        isolated_everywhere(stack, outsiders, [web, db, other])
+
+        # idle: no table, still paired; outsiders still out
+        set_mode(stack, db_profile, "idle")
+        wait_for(lambda: _table(db) is None, 15, "db's table gone in idle mode", interval=0.3)
+        assert ids[db] in {w["id"] for w in stack.workloads()}
+        isolated_everywhere(stack, outsiders, [web, db, other])
+
+        # back to full: blocked again, no container restarted
+        for name in (db_profile, other_profile):
+            set_mode(stack, name, "full")
+        wait_for(lambda: not probe(), 15, "other -> db blocked again", interval=0.5)
+        isolated_everywhere(stack, outsiders, [web, db, other])
+        assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
+        assert {c: pid(c) for c in (web, db, other)} == pids
+
+
+def potentially_blocked(cid: str) -> Callable[[wire.FlowRecordIn], bool]:
+    def match(r: wire.FlowRecordIn) -> bool:
+        return r.container_id == cid and r.verdict == "potentially_blocked" and r.port == 5432
+
+    return match
+
+
+def _table(cid: str) -> Any:
+    p = subprocess.run(
+        ["nsenter", f"--net=/proc/{pid(cid)}/ns/net", "nft", "list", "table", "inet", "segd"],
+        capture_output=True,
+        text=True,
+    )
+    return p.stdout if p.returncode == 0 else None
+
+
+# Each datagram meets the flooder's own table (a local drop fails the send: EPERM).
+_FLOOD = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+    "refused=0\n"
+    "for _ in range(int(sys.argv[2])):\n"
+    "    try:\n"
+    "        s.sendto(b'x',(sys.argv[1],5432))\n"
+    "    except OSError:\n"
+    "        refused+=1\n"
+    "print(refused)\n"
+)
+
+
+def test_a_flood_of_denied_packets_is_aggregated_and_the_agent_keeps_enforcing(
+    stack: Stack,
+) -> None:
+    """50,000 denied datagrams from an unpaired container: a pairing started
+    meanwhile still enforces, the flood comes back as one record counting the
+    (rate-limited) logged packets, and nothing is lost."""
+    stack.start_server()
+    stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
+    listen = f"127.0.0.1:{free_port()}"
+    with FlowTap(stack.url) as tap:
+        stack.start_agent(
+            server=tap.url, extra=f'flow_interval_s = {INTERVAL}\nmetrics_listen = "{listen}"\n'
+        )
+        db = stack.run("db", key=stack.key({"role": "db"}))
+        stack.wait_paired(db)
+        flooder = stack.run("flooder")
+        wait_for(lambda: stack.agent is not None and _table(flooder), 15, "flooder isolated")
+        db_ip = stack.ip(db)
+        flood = subprocess.Popen(
+            [
+                *("nsenter", f"--net=/proc/{pid(flooder)}/ns/net", sys.executable, "-c"),
+                *(_FLOOD, db_ip, "50000"),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            web = stack.run("web", key=stack.key({"role": "web"}))
+            stack.wait_paired(web)  # the usual time, flood or not
+            assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
+        finally:
+            out, _ = flood.communicate(timeout=120)
+        assert int(out.strip()) == 50_000  # every one dropped
+        r = tap.wait(
+            lambda r: r.container_id == flooder and r.proto == "udp" and r.port == 5432,
+            DUE,
+            "the flood's record",
+        )
+        assert (r.verdict, r.direction, r.peer_ip, r.workload_id) == ("blocked", "out", db_ip, "")
+        assert 0 < r.packets < 50_000  # logged at a bounded rate, not per packet
+        m = scrape(listen)
+        assert m[("segd_agent_flow_records_lost_total", ())] == 0
+        assert tap.lost() == 0
+        assert m[("segd_agent_policy_drops_total", (("direction", "out"),))] >= r.packets
