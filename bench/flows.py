@@ -318,6 +318,14 @@ def run(size: Size) -> Section:
                 ratio="of",
             )
         )
+    figs.append(
+        figure(
+            "flows.batch_to_visible_p99",
+            "the agent's batch leaving -> its records in the API, p99",
+            round(pct(vis["after_s"], 0.99) * 1000, 1),
+            "ms",
+        )
+    )
     details: dict[str, Any] = {
         "params": p.__dict__,
         "segd": seg,
