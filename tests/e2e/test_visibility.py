@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -201,6 +202,20 @@ def explained(stack: Stack, src: str, dst: str, port: str) -> tuple[str, str]:
     return said["verdict"], said["reason"]
 
 
+def explain_agrees(stack: Stack, names: dict[str, str]) -> None:
+    """Every cell of the probe matrix of `names` (name -> container) on both
+    served ports: `explain` says it passes (allowed or potentially blocked)
+    exactly when the probe connected."""
+    by_name = {n: docker("inspect", "-f", "{{.Name}}", c).lstrip("/") for n, c in names.items()}
+    wrong = {}
+    for (src, dst, port), connected in stack.matrix(names, (5432, 80)).items():
+        query = urllib.parse.urlencode({"src": by_name[src], "dst": by_name[dst], "port": port})
+        said = stack.api("GET", f"/v1/explain?{query}")
+        if (said["verdict"] != "blocked") != connected:
+            wrong[(src, dst, port)] = (connected, said["verdict"], said["reason"])
+    assert not wrong, f"explain disagrees with the probes: {wrong}"
+
+
 def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again(
     stack: Stack,
 ) -> None:
@@ -208,8 +223,10 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
     listed as blocked (both workloads, the port) within two flow intervals;
     web -> db listed as allowed with the rule id (db's profile reports allowed
     flows too); both ends' profiles switched to `visibility`: the probe
-    connects and is listed `potentially_blocked`; back to `full`: blocked
-    again, no container restarted. `explain` says the same at every step.
+    connects and is listed `potentially_blocked`; db alone `idle` by its own
+    mode (`segd ctl workload set-mode`), then its profile's; back to `full`: blocked
+    again, no container restarted. `explain` agrees with the probe matrix of
+    the three in every mode.
     Unkeyed, forged and revoked containers stay isolated in every mode."""
     stack.start_server()
     require_modes(stack)
@@ -264,6 +281,8 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
         assert (r.direction, r.peer_ip) == ("out", db_ip)
         assert (r.workload_id, r.peer_workload_id) == (ids[other], ids[db])
         isolated_everywhere(stack, outsiders, [web, db, other])
+        shop = {"web": web, "db": db, "other": other}
+        explain_agrees(stack, shop)
 
         # visibility on both ends: the same probe connects, reported potentially
         # blocked by both tables (each would have dropped it)
@@ -282,12 +301,18 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
             )
             assert (r.direction, r.peer_workload_id) == (direction, ids[peer])
         isolated_everywhere(stack, outsiders, [web, db, other])
+        explain_agrees(stack, shop)
 
-        # idle: no table, still paired; outsiders still out
-        set_mode(stack, db_profile, "idle")
+        # idle, db's own mode: no table, still paired; outsiders still out
+        out = stack.ctl("workload", "set-mode", ids[db], "idle")
+        assert out.startswith(f"workload {ids[db]}: mode idle (its own)"), out
         wait_for(lambda: _table(db) is None, 15, "db's table gone in idle mode", interval=0.3)
         assert ids[db] in {w["id"] for w in stack.workloads()}
         isolated_everywhere(stack, outsiders, [web, db, other])
+        explain_agrees(stack, shop)
+        out = stack.ctl("workload", "set-mode", ids[db], "inherit")
+        assert out.startswith(f"workload {ids[db]}: mode visibility (its profile's)"), out
+        wait_for(lambda: _table(db) is not None, 15, "db's table back", interval=0.3)
 
         # back to full: blocked again, no container restarted
         for name in (db_profile, other_profile):
@@ -304,6 +329,7 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
         assert explained(stack, names[other], names[db], "5432/tcp") == ("blocked", "no_rule")
         isolated_everywhere(stack, outsiders, [web, db, other])
         assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
+        explain_agrees(stack, shop)
         assert {c: pid(c) for c in (web, db, other)} == pids
 
 
