@@ -109,7 +109,7 @@ class Agent:
         self.link = ServerLink(self.client, cfg.backoff_max_s)
         self.host = Host(isolate_unkeyed=cfg.isolate_unkeyed)
         self.metrics = AgentMetrics()
-        self.flows = FlowReporter(
+        self.reporter = FlowReporter(
             self.client,
             lambda: Directory.of(self.host.instr),
             self.metrics,
@@ -118,7 +118,7 @@ class Agent:
             owner=self._owner_of,
         )
         self.kernel: Kernel = (
-            firewall if firewall is not None else Firewall(on_log=self.flows.on_log)
+            firewall if firewall is not None else Firewall(on_log=self.reporter.on_log)
         )
         self.metrics.watch(self.host, lambda: getattr(self.kernel, "log_readers", 0))
         self._metrics_listener = (
@@ -165,7 +165,7 @@ class Agent:
         if self._metrics_listener is not None:
             await self._metrics_listener.start()
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self.flows.run())
+            tg.create_task(self.reporter.run())
             tg.create_task(self.enforcer.run())
             tg.create_task(self.docker.watch(self._on_docker, self._resync))
             tg.create_task(self.link.poll(lambda: self.host.version, self._on_polled))
@@ -179,7 +179,7 @@ class Agent:
                 t.cancel()
             await asyncio.gather(*still, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.flows.flush(), drain)  # what the interval holds
+            await asyncio.wait_for(self.reporter.flush(), drain)  # what the interval holds
         await self.link.close(drain)
         if self._metrics_listener is not None:
             await self._metrics_listener.close()

@@ -175,7 +175,9 @@ def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> f
     """What the gate should admit for a container: its addresses on their bridge
     ports, once its table (workload) or its exemption is in place."""
     info = host.containers.get(cid)
-    if want is None or info is None or rec.ports is None or rec.kind != want.kind:
+    if want is None or info is None or rec.ports is None:
+        return frozenset()
+    if rec.kind != want.kind and not _mode_switch(rec, want):
         return frozenset()
     if want.kind == "isolated":
         return frozenset()
@@ -183,6 +185,13 @@ def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> f
     return frozenset(
         GateEntry(ports[ip], ip) for ip in info.ips if ip in ports and PORT_RE.match(ports[ip])
     )
+
+
+def _mode_switch(rec: Enforced, want: Desired) -> bool:
+    """A paired workload going to or from mode `idle`: admitted before, during
+    and after (its table comes or goes; the gate entry stays)."""
+    kinds = {rec.kind, want.kind}
+    return want.policy is not None and kinds == {"workload", "exempt"}
 
 
 def _needs_ports(host: Host, rec: Enforced, want: Desired) -> bool:

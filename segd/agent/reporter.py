@@ -80,10 +80,11 @@ class FlowReporter:
 
     async def run(self) -> None:
         """Close an interval and send, forever."""
+        close = time.monotonic() + self.interval
         while True:
-            deadline = time.monotonic() + self.interval
-            await asyncio.sleep(self.interval)
-            await self.flush(deadline + self.interval)
+            await asyncio.sleep(max(0.0, close - time.monotonic()))
+            close = max(close + self.interval, time.monotonic())
+            await self.flush(until=close)  # retried until the next interval closes
 
     async def flush(self, until: float | None = None) -> None:
         """Close the interval and send every queued batch; an unreachable server

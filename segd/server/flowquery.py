@@ -70,7 +70,7 @@ def _port(query: Mapping[str, str]) -> int | None:
     raw = query.get("port")
     if raw is None:
         return None
-    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+    if not (raw.isascii() and raw.isdigit()) or not 0 <= int(raw) <= 65535:
         raise InvalidInput("query parameter 'port' must be a port number (0-65535)")
     return int(raw)
 

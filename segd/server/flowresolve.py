@@ -23,6 +23,7 @@ from segd.errors import InvalidInput
 from segd.server import validate
 
 MAX_ID = 64
+MAX_COUNT = 2**62  # what SQLite's integers hold, with room to sum an hour's
 FUTURE_S = 300.0  # how far ahead of the server clock a record may be stamped
 
 
@@ -56,6 +57,8 @@ def check(batch: wire.FlowBatchIn, now: float) -> list[wire.FlowRecordIn]:
             containers.add(r.container_id)
         for field in ("workload_id", "peer_workload_id", "rule_id"):
             _id(getattr(r, field), f"{where}.{field}")
+        if max(r.connections, r.packets, r.bytes) > MAX_COUNT:
+            raise InvalidInput(f"{where}: connections, packets and bytes: at most {MAX_COUNT}")
         if not (math.isfinite(r.first_seen) and math.isfinite(r.last_seen)):
             raise InvalidInput(f"{where}: first_seen and last_seen must be finite")
         if not 0 <= r.first_seen <= r.last_seen:

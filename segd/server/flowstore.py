@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -159,7 +160,7 @@ def parse_cursor(text: str) -> tuple[float, int]:
         out = float(at), int(fid)
     except ValueError:
         raise InvalidInput(f"query parameter 'cursor': invalid cursor {text[:40]!r}") from None
-    if out[0] != out[0] or out[1] < 0:  # NaN
+    if not (math.isfinite(out[0]) and 0 <= out[1] < 2**63):
         raise InvalidInput(f"query parameter 'cursor': invalid cursor {text[:40]!r}")
     return out
 

@@ -3,11 +3,16 @@ records sent in batches, and its metrics are served on a loopback listener."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from segd.agent.agent import Agent
 from segd.agent.client import Denied, ServerUnavailable
+from segd.agent.flows import Directory
+from segd.agent.metrics import AgentMetrics
+from segd.agent.reporter import FlowReporter
 from segd.firewall.nflog import GATE_LOG_KEY, LogPacket
 from segd.wire import FlowBatchIn
 from tests.agent_inproc.conftest import World, _free_port
@@ -59,11 +64,11 @@ async def test_logged_packets_become_flow_records_and_metrics_are_scraped(world:
     agent, web, db = await shop(world, metrics_listen=listen)
     sent = Capture(agent)
     ids = {w["container_id"]: w["id"] for w in await world.api("GET", "/v1/workloads")}
-    agent.flows.on_log(db.id, blocked(web, db, 80, n=3), 0)
-    agent.flows.on_log(
+    agent.reporter.on_log(db.id, blocked(web, db, 80, n=3), 0)
+    agent.reporter.on_log(
         web.id, [LogPacket("segd:out:a:r", web.ip, db.ip, "tcp", 40000, DB_PORT, 60)], 0
     )
-    await agent.flows.flush()
+    await agent.reporter.flush()
     (batch,) = sent.batches
     assert batch.lost == 0
     by_dir = {r.direction: r for r in batch.records}
@@ -103,16 +108,16 @@ async def test_an_unreachable_server_keeps_batches_and_a_refusing_one_loses_them
     agent, web, db = await shop(world)
     sent = Capture(agent)
     sent.fail = ServerUnavailable("down")
-    agent.flows.on_log(db.id, blocked(web, db, 80), 0)
-    await agent.flows.flush()
-    assert agent.flows.flows.queued == 1 and sent.batches == []
+    agent.reporter.on_log(db.id, blocked(web, db, 80), 0)
+    await agent.reporter.flush()
+    assert agent.reporter.flows.queued == 1 and sent.batches == []
     sent.fail = Denied(400, "invalid_input", "no")
-    agent.flows.on_log(db.id, blocked(web, db, 81), 2)  # and two reader overruns
-    await agent.flows.flush()
-    assert agent.flows.flows.queued == 0
+    agent.reporter.on_log(db.id, blocked(web, db, 81), 2)  # and two reader overruns
+    await agent.reporter.flush()
+    assert agent.reporter.flows.queued == 0
     assert agent.metrics.flow_records_lost._value.get() == 4  # two records, two overruns
     sent.fail = None
-    await agent.flows.flush()
+    await agent.reporter.flush()
     (batch,) = sent.batches
     assert batch.records == [] and batch.lost == 4  # never silently dropped
 
@@ -125,10 +130,10 @@ async def test_a_flood_of_denied_packets_is_aggregated_and_the_agent_keeps_enfor
     intruder = world.run("intruder")
     await world.until(lambda: world.kind(intruder) == "isolated")
     for _ in range(50_000 // 250):  # as the reader hands them over, from the loop
-        agent.flows.on_log(db.id, blocked(intruder, db, DB_PORT, n=250), 0)
+        agent.reporter.on_log(db.id, blocked(intruder, db, DB_PORT, n=250), 0)
     cache = world.run("cache", key=await world.key({"role": "cache"}))
     await world.paired(web, db, cache)  # a pairing on the host still enforces
-    await agent.flows.flush()
+    await agent.reporter.flush()
     (batch,) = sent.batches
     (record,) = batch.records
     assert (record.packets, record.peer_ip, record.container_id) == (50_000, intruder.ip, db.id)
@@ -142,7 +147,7 @@ async def test_the_gates_drops_are_attributed_to_the_container_by_its_address(
     sent = Capture(agent)
     intruder = world.run("intruder")
     await world.until(lambda: world.kind(intruder) == "isolated")
-    agent.flows.on_log(
+    agent.reporter.on_log(
         GATE_LOG_KEY,
         [
             LogPacket("segd:out:b", intruder.ip, db.ip, "tcp", 40000, DB_PORT, 60),
@@ -151,7 +156,50 @@ async def test_the_gates_drops_are_attributed_to_the_container_by_its_address(
         ],
         0,
     )
-    await agent.flows.flush()
+    await agent.reporter.flush()
     (batch,) = sent.batches
     got = {(r.container_id, r.direction, r.peer_ip, r.port) for r in batch.records}
     assert got == {(intruder.id, "out", db.ip, DB_PORT), (intruder.id, "in", "172.17.0.1", 22)}
+
+
+class FakeClient:
+    """The server's flow ingest, down for the first `down` calls."""
+
+    def __init__(self, down: int = 0) -> None:
+        self.down = down
+        self.calls = 0
+        self.batches: list[FlowBatchIn] = []
+
+    async def flows(self, batch: FlowBatchIn) -> None:
+        self.calls += 1
+        if self.calls <= self.down:
+            raise ServerUnavailable("down")
+        self.batches.append(batch)
+
+
+async def test_each_interval_is_sent_and_an_unreachable_server_is_retried_meanwhile() -> None:
+    client = FakeClient(down=3)
+    reporter = FlowReporter(
+        client,  # type: ignore[arg-type]
+        lambda: Directory({}, {}),
+        AgentMetrics(),
+        interval=0.2,
+        backoff_max=0.02,
+    )
+    task = asyncio.create_task(reporter.run())
+    try:
+        reporter.on_log("db", [LogPacket("segd:in:b", "10.0.0.1", "10.0.0.2", "udp", 1, 53, 40)], 0)
+        for _ in range(500):
+            if client.batches:
+                break
+            await asyncio.sleep(0.02)
+        (batch,) = client.batches  # sent within the interval it closed in, after retries
+        assert client.calls == 4 and [r.port for r in batch.records] == [53]
+        reporter.on_log("db", [LogPacket("segd:in:b", "10.0.0.1", "10.0.0.2", "udp", 1, 54, 40)], 0)
+        for _ in range(500):
+            if len(client.batches) == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert [r.port for r in client.batches[1].records] == [54]  # the next interval
+    finally:
+        task.cancel()

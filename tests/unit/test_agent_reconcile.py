@@ -617,15 +617,16 @@ def test_a_level_change_rewrites_the_table() -> None:
     assert Run(h).flat() == ["apply db workload workload"]
 
 
-def test_an_idle_workload_has_no_table_and_is_admitted() -> None:
+def test_an_idle_workload_has_no_table_and_stays_admitted() -> None:
     h = synced(seen("web"), seen("db"), V1)
     web, db = V1.instructions.workloads
     h.on(instructions(2, web, moded(db, "idle"), web=("web",), db=("db",)))
-    # out of the gate while its table goes (the kind changes), admitted again without it
-    assert Run(h).flat() == ["gate remove db", "apply db exempt removal", "gate add db"]
+    # admitted all along: only its table goes, and comes back
+    assert Run(h).flat() == ["apply db exempt removal"]
     assert h.enforced["db"].gated == {("vethdb", "172.17.0.3")}
     h.on(instructions(3, web, db, web=("web",), db=("db",)))
-    assert Run(h).flat() == ["gate remove db", "apply db workload workload", "gate add db"]
+    assert Run(h).flat() == ["apply db workload workload"]
+    assert h.enforced["db"].gated == {("vethdb", "172.17.0.3")}
 
 
 @pytest.mark.parametrize("mode", ["full", "visibility", "idle"])
