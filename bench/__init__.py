@@ -16,7 +16,9 @@ machine. One module per benchmark:
 - `ingest`: flow records the server keeps per second, and pairing latency
   while flows pour in;
 - `flows`: the agent's CPU per 1,000 logged packets a second (flow records),
-  against reading and parsing them alone.
+  against reading and parsing them alone; and the time from a packet to its
+  flow record in the server's API, against the time to the agent's batch
+  leaving.
 """
 
 NAMES = ("enforce", "pairing", "compile", "apply", "footprint", "flood", "ingest", "flows")

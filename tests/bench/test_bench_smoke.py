@@ -60,7 +60,13 @@ FIGURES: dict[str, dict[str, bool]] = {
         "flood.audit_rows": True,
         "flood.store_growth": True,
     },
-    "flows": {"flows.cpu_per_1k": True, "flows.read_share": True},
+    "flows": {
+        "flows.cpu_per_1k": True,
+        "flows.read_share": True,
+        "flows.visible_p50": True,
+        "flows.visible_p99": True,
+        "flows.batch_to_visible_p99": False,
+    },
     "footprint": {
         "footprint.idle.rss": True,
         "footprint.churn.rss_peak": True,
@@ -147,6 +153,12 @@ def test_flows(tmp_path: Path, kernel_ready: None) -> None:
     assert figs["flows.cpu_per_1k"]["value"] > 0 and figs["flows.cpu_per_1k"]["baseline"] > 0
     assert details["segd"]["read"] > 0 and details["segd"]["records"] == 1000
     assert 0 < figs["flows.read_share"]["value"] <= 1
+    # every probe reached the API, after the batch that carried it left the agent
+    assert details["visible"]["probes"] == details["visible"]["listed_by_get"] == 20
+    for q in ("p50", "p99"):
+        f = figs[f"flows.visible_{q}"]
+        assert f["value"] >= f["baseline"] > 0
+    assert figs["flows.batch_to_visible_p99"]["value"] >= 0
 
 
 @pytest.mark.docker

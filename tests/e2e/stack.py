@@ -227,6 +227,21 @@ class Stack:
         body = wire.RuleIn(providers=[provider], consumers=[consumer], services=list(services))
         return str(self.api("POST", "/v1/rules", body)["id"])
 
+    def ctl(self, *args: str) -> str:
+        """`segd ctl ARGS` as a process against this server; its stdout (a
+        failure fails the test with its stderr)."""
+        env = {**self._env(), "SEGD_TOKEN": self.token}
+        p = subprocess.run(
+            [sys.executable, "-m", "segd", "ctl", "--server", self.url, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        if p.returncode != 0:
+            raise AssertionError(f"segd ctl {' '.join(args)} -> {p.returncode}: {p.stderr}")
+        return p.stdout
+
     def key(
         self,
         labels: dict[str, str],

@@ -4,11 +4,15 @@ agent and the server (`FlowTap`)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
+import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -49,11 +53,54 @@ def pid(cid: str) -> str:
     return docker("inspect", "-f", "{{.State.Pid}}", cid)
 
 
-def test_blocked_attempts_and_logged_accepts_are_reported_by_the_agent(stack: Stack) -> None:
+_ALL_NETNS = Path("/proc/sys/net/netfilter/nf_log_all_netns")
+
+
+@pytest.fixture
+def kernel_log_initial_netns_only() -> Iterator[None]:
+    """`nf_log_all_netns=0` (the kernel default): kernel-log `log` statements
+    print nothing from a container's namespace; restored afterwards."""
+    before = _ALL_NETNS.read_text().strip() if _ALL_NETNS.exists() else "0"
+    if before != "0":
+        _ALL_NETNS.write_text("0\n")
+    try:
+        yield
+    finally:
+        if before != "0":
+            _ALL_NETNS.write_text(before + "\n")
+
+
+def flows(stack: Stack, *filters: str) -> list[dict[str, Any]]:
+    """What the admin sees: `segd ctl flow list FILTERS --json`."""
+    return list(json.loads(stack.ctl("flow", "list", *filters, "--json")))
+
+
+def ends(f: dict[str, Any]) -> tuple[str, str]:
+    return f["src"].get("workload_id", ""), f["dst"].get("workload_id", "")
+
+
+def listed(
+    stack: Stack, filters: tuple[str, ...], pred: Callable[[dict[str, Any]], bool], by: float
+) -> dict[str, Any]:
+    """The first flow `segd ctl flow list FILTERS` lists that `pred` accepts,
+    waiting until the monotonic time `by`."""
+    while True:
+        hits = [f for f in flows(stack, *filters) if pred(f)]
+        if hits:
+            return hits[0]
+        if time.monotonic() > by:
+            raise AssertionError(f"segd ctl flow list {filters}: none matching: {flows(stack)}")
+        time.sleep(0.5)
+
+
+def test_blocked_attempts_and_logged_accepts_are_reported_by_the_agent(
+    stack: Stack, kernel_log_initial_netns_only: None
+) -> None:
     """An unpaired intruder's attempt on db is a blocked record from a container
     with no workload; the rule option `log` makes web -> db an allowed record
     with the rule id (its NFLOG reaches the agent from the containers'
-    namespaces). The agent's metrics are scraped and parsed."""
+    namespaces, `nf_log_all_netns=0`). Both reach `segd ctl flow list`. The
+    agent's metrics are scraped and parsed."""
     stack.start_server()
     rule_id = stack.api(
         "POST",
@@ -99,6 +146,20 @@ def test_blocked_attempts_and_logged_accepts_are_reported_by_the_agent(stack: St
         assert blocked.peer_workload_id == ids[db]
         assert tap.lost() == 0
 
+        # what the admin sees: web -> db allowed under the rule, both ends
+        # workloads; the intruder's attempt blocked from an unpaired container
+        by = time.monotonic() + DUE
+        f = listed(stack, ("--rule", rule_id), lambda f: f["verdict"] == "allowed", by)
+        assert (ends(f), f["port"], f["proto"]) == ((ids[web], ids[db]), 5432, "tcp")
+        f = listed(
+            stack,
+            ("--verdict", "blocked", "--port", "5432"),
+            lambda f: f["src"]["kind"] == "unpaired",
+            by,
+        )
+        assert f["src"]["container_id"] == intruder
+        assert f["dst"]["workload_id"] == ids[db]
+
         m = scrape(listen)
         assert m[("segd_agent_containers", (("state", "workload"),))] == 2
         assert m[("segd_agent_containers", (("state", "isolated"),))] == 1
@@ -111,8 +172,10 @@ def test_blocked_attempts_and_logged_accepts_are_reported_by_the_agent(stack: St
         assert m[("segd_agent_docker_events_total", (("event", "ContainerStarted"),))] >= 3
 
 
-def set_mode(stack: Stack, name: str, mode: wire.Mode) -> None:
-    stack.api("PUT", f"/v1/profiles/{name}/mode", {"mode": mode})
+def set_mode(stack: Stack, name: str, mode: wire.Mode, *more: str) -> None:
+    """`segd ctl profile set-mode NAME MODE [MORE]`."""
+    out = stack.ctl("profile", "set-mode", name, mode, *more)
+    assert out.startswith(f"profile {name}: mode {mode}"), out
 
 
 def require_modes(stack: Stack) -> None:
@@ -133,16 +196,46 @@ def isolated_everywhere(stack: Stack, outsiders: list[str], targets: list[str]) 
         assert not any(got.values()), got
 
 
+def explained(stack: Stack, src: str, dst: str, port: str) -> tuple[str, str]:
+    """(verdict, reason) of `segd ctl explain SRC DST PORT --json`."""
+    said = json.loads(stack.ctl("explain", src, dst, port, "--json"))
+    return said["verdict"], said["reason"]
+
+
+def explain_agrees(stack: Stack, names: dict[str, str]) -> None:
+    """Every cell of the probe matrix of `names` (name -> container) on both
+    served ports: `explain` says it passes (allowed or potentially blocked)
+    exactly when the probe connected."""
+    by_name = {n: docker("inspect", "-f", "{{.Name}}", c).lstrip("/") for n, c in names.items()}
+    wrong = {}
+    for (src, dst, port), connected in stack.matrix(names, (5432, 80)).items():
+        query = urllib.parse.urlencode({"src": by_name[src], "dst": by_name[dst], "port": port})
+        said = stack.api("GET", f"/v1/explain?{query}")
+        if (said["verdict"] != "blocked") != connected:
+            wrong[(src, dst, port)] = (connected, said["verdict"], said["reason"])
+    assert not wrong, f"explain disagrees with the probes: {wrong}"
+
+
 def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again(
     stack: Stack,
 ) -> None:
+    """The acceptance loop through `segd ctl`: other -> db:5432 is blocked and
+    listed as blocked (both workloads, the port) within two flow intervals;
+    web -> db listed as allowed with the rule id (db's profile reports allowed
+    flows too); both ends' profiles switched to `visibility`: the probe
+    connects and is listed `potentially_blocked`; db alone `idle` by its own
+    mode (`segd ctl workload set-mode`), then its profile's; back to `full`: blocked
+    again, no container restarted. `explain` agrees with the probe matrix of
+    the three in every mode.
+    Unkeyed, forged and revoked containers stay isolated in every mode."""
     stack.start_server()
     require_modes(stack)
-    stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
+    rule_id = stack.rule({"role": "db"}, {"role": "web"}, "tcp/5432")
     with FlowTap(stack.url) as tap:
         stack.start_agent(server=tap.url, extra=f"flow_interval_s = {INTERVAL}\n")
         db_profile, db_key = profile(stack, {"role": "db"})
         other_profile, other_key = profile(stack, {"role": "other"})
+        set_mode(stack, db_profile, "full", "--visibility", "blocked+allowed")
         web = stack.run("web", key=stack.key({"role": "web"}))
         db = stack.run("db", key=db_key)
         other = stack.run("other", key=other_key)
@@ -161,12 +254,25 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
         wait_for(lambda: stack.agent.count("pairing.denied") >= 2, 15, "two denials")
         db_ip, pids = stack.ip(db), {c: pid(c) for c in (web, db, other)}
         ids = workload_ids(stack)
+        names = {c: docker("inspect", "-f", "{{.Name}}", c).lstrip("/") for c in (web, db, other)}
 
         def probe() -> bool:
             return stack.probe_many(other, [(db_ip, 5432)])[(db_ip, 5432)]
 
-        # full: blocked, and reported as blocked by other's table (it never leaves other)
+        def other_to_db(verdict: str) -> Callable[[dict[str, Any]], bool]:
+            return lambda f: f["verdict"] == verdict and ends(f) == (ids[other], ids[db])
+
+        # full: blocked, and listed as blocked within two intervals of the probe
+        by = time.monotonic() + 2 * INTERVAL
         assert not probe()
+        assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
+        f = listed(stack, ("--verdict", "blocked", "--port", "5432"), other_to_db("blocked"), by)
+        assert (f["port"], f["proto"], f["rule_id"]) == (5432, "tcp", "")
+        f = listed(stack, ("--verdict", "allowed", "--dst", "role=db"), lambda _f: True, by)
+        assert (ends(f), f["port"], f["rule_id"]) == ((ids[web], ids[db]), 5432, rule_id)
+        assert explained(stack, names[other], names[db], "5432/tcp") == ("blocked", "no_rule")
+        assert explained(stack, names[web], names[db], "5432/tcp") == ("allowed", "rule")
+        # other's own table reported it: it never left other
         r = tap.wait(
             lambda r: r.container_id == other and r.verdict == "blocked" and r.port == 5432,
             DUE,
@@ -174,36 +280,56 @@ def test_visibility_mode_lets_the_blocked_probe_through_and_full_blocks_it_again
         )
         assert (r.direction, r.peer_ip) == ("out", db_ip)
         assert (r.workload_id, r.peer_workload_id) == (ids[other], ids[db])
-        # ... and kept by the server with both ends right
-        page = stack.api("GET", "/v1/flows?verdict=blocked&port=5432")
-        ends = {(f["src"].get("workload_id"), f["dst"].get("workload_id")) for f in page["flows"]}
-        assert (ids[other], ids[db]) in ends, page
         isolated_everywhere(stack, outsiders, [web, db, other])
+        shop = {"web": web, "db": db, "other": other}
+        explain_agrees(stack, shop)
 
         # visibility on both ends: the same probe connects, reported potentially
         # blocked by both tables (each would have dropped it)
         for name in (db_profile, other_profile):
             set_mode(stack, name, "visibility")
         wait_for(probe, 15, "other -> db to connect in visibility mode", interval=0.5)
+        by = time.monotonic() + 2 * INTERVAL
+        listed(stack, ("--verdict", "potentially_blocked"), other_to_db("potentially_blocked"), by)
+        assert explained(stack, names[other], names[db], "5432/tcp") == (
+            "potentially_blocked",
+            "mode_visibility",
+        )
         for cid, direction, peer in ((other, "out", db), (db, "in", other)):
             r = tap.wait(
                 potentially_blocked(cid), DUE, f"other -> db potentially blocked, {direction}"
             )
             assert (r.direction, r.peer_workload_id) == (direction, ids[peer])
         isolated_everywhere(stack, outsiders, [web, db, other])
+        explain_agrees(stack, shop)
 
-        # idle: no table, still paired; outsiders still out
-        set_mode(stack, db_profile, "idle")
+        # idle, db's own mode: no table, still paired; outsiders still out
+        out = stack.ctl("workload", "set-mode", ids[db], "idle")
+        assert out.startswith(f"workload {ids[db]}: mode idle (its own)"), out
         wait_for(lambda: _table(db) is None, 15, "db's table gone in idle mode", interval=0.3)
         assert ids[db] in {w["id"] for w in stack.workloads()}
         isolated_everywhere(stack, outsiders, [web, db, other])
+        explain_agrees(stack, shop)
+        out = stack.ctl("workload", "set-mode", ids[db], "inherit")
+        assert out.startswith(f"workload {ids[db]}: mode visibility (its profile's)"), out
+        wait_for(lambda: _table(db) is not None, 15, "db's table back", interval=0.3)
 
         # back to full: blocked again, no container restarted
         for name in (db_profile, other_profile):
             set_mode(stack, name, "full")
         wait_for(lambda: not probe(), 15, "other -> db blocked again", interval=0.5)
+        again, by = time.time(), time.monotonic() + 2 * INTERVAL
+        assert not probe()
+        listed(
+            stack,
+            ("--verdict", "blocked", "--port", "5432"),
+            lambda f: other_to_db("blocked")(f) and f["last_seen"] >= again,
+            by,
+        )
+        assert explained(stack, names[other], names[db], "5432/tcp") == ("blocked", "no_rule")
         isolated_everywhere(stack, outsiders, [web, db, other])
         assert stack.probe_many(web, [(db_ip, 5432)]) == {(db_ip, 5432): True}
+        explain_agrees(stack, shop)
         assert {c: pid(c) for c in (web, db, other)} == pids
 
 
