@@ -145,28 +145,8 @@ class Demo:
         return True
 
     def policy(self) -> dict[str, str]:
-        for consumer, provider, service in RULES:
-            rule = wire.RuleIn(
-                providers=[{"role": provider, "app": "shop"}],
-                consumers=[{"role": consumer, "app": "shop"}],
-                services=[service],
-                description=f"{consumer} uses {provider}",
-            )
-            self.post("POST", "/v1/rules", rule)
-        keys = {}
-        for name, (labels, _) in TIERS.items():
-            profile = wire.ProfileIn(
-                name=f"shop-{name}",
-                labels=labels,
-                locked=["role", "app"],
-                max_uses=3,
-                lifespan_s=3600,
-                description=f"demo {name} tier",
-            )
-            self.post("POST", "/v1/profiles", profile)
-            key = wire.KeyIssueIn(profile=f"shop-{name}")
-            keys[name] = self.call(wire.KeyIssued, "POST", "/v1/keys", key).token
-        return keys
+        assert self.api is not None
+        return write_policy(self.api)
 
     def run_tiers(self, keys: dict[str, str]) -> None:
         for name, (labels, _) in TIERS.items():
@@ -286,6 +266,38 @@ class Demo:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def write_policy(api: Client, max_uses: int = 3) -> dict[str, str]:
+    """The shop's rules and one profile per tier; a pairing key per tier."""
+    for consumer, provider, service in RULES:
+        rule = wire.RuleIn(
+            providers=[{"role": provider, "app": "shop"}],
+            consumers=[{"role": consumer, "app": "shop"}],
+            services=[service],
+            description=f"{consumer} uses {provider}",
+        )
+        api.call("POST", "/v1/rules", rule)
+    keys = {}
+    for name, (labels, _) in TIERS.items():
+        profile = wire.ProfileIn(
+            name=f"shop-{name}",
+            labels=labels,
+            locked=["role", "app"],
+            max_uses=max_uses,
+            lifespan_s=3600,
+            description=f"demo {name} tier",
+        )
+        api.call("POST", "/v1/profiles", profile)
+        key = wire.KeyIssueIn(profile=f"shop-{name}")
+        keys[name] = api.get(wire.KeyIssued, "POST", "/v1/keys", key).token
+    return keys
+
+
+def say_policy() -> None:
+    _say("  policy:")
+    for consumer, provider, service in RULES:
+        _say(f"    role={consumer},app=shop  ->  role={provider},app=shop  on {service}")
+
+
 async def _remove_gate() -> None:
     async with Firewall() as fw:
         await fw.gate_apply(render_gate_removal())
@@ -329,9 +341,7 @@ def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
         demo.start()
         _say(f"  segd allinone is up at {demo.url} (data in {demo.dir})")
         keys = demo.policy()
-        _say("  policy:")
-        for consumer, provider, service in RULES:
-            _say(f"    role={consumer},app=shop  ->  role={provider},app=shop  on {service}")
+        say_policy()
         _say("  pairing keys issued for profiles shop-web, shop-api, shop-db (role and app locked)")
         demo.run_tiers(keys)
         _say("  orchestrator started web, api and db with their keys as Docker labels")
