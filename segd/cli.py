@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preflight", help="what the agent would use on this machine")
     pre.add_argument("--config", metavar="FILE", help="TOML config file")
     demo = sub.add_parser("demo", help="run the live demo (see `make demo`)")
-    demo.add_argument("--data-dir", metavar="DIR", default="")
+    demo.add_argument("--data-dir", metavar="DIR", default="", help="(the one-host demo)")
     demo.add_argument(
         "--hosts",
         metavar="N",

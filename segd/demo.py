@@ -326,6 +326,25 @@ def render_matrix(got: dict[tuple[str, str], bool], names: list[str]) -> tuple[s
     return "\n".join(lines), wrong
 
 
+def say_matrix(got: dict[tuple[str, str], bool], names: list[str], how: str, took: float) -> int:
+    """Print the live matrix and whether it matches the policy; the mismatches."""
+    table, wrong = render_matrix(got, names)
+    _say(
+        f"\n  live matrix: real TCP connects from each container to each other's "
+        f"service port{how} ({took:.1f}s)"
+    )
+    _say(table)
+    total = len(got)
+    if wrong:
+        _say(f"\n  result: MISMATCH in {wrong} of {total} pairs ('!' marks them)")
+    else:
+        _say(
+            f"\n  result: the matrix matches the policy ({total}/{total} pairs; "
+            f"{sum(got.values())} allowed, the rest dropped)"
+        )
+    return wrong
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -370,20 +389,11 @@ def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
         names = list(demo.containers)
         t0 = time.monotonic()
         got = demo.measure(ips)
-        table, wrong = render_matrix(got, names)
+        wrong = say_matrix(got, names, "", time.monotonic() - t0)
         _say(
-            f"\n  live matrix: real TCP connects from each container to each other's "
-            f"service port ({time.monotonic() - t0:.1f}s)"
+            "\n  the same shop over three simulated hosts, through a WireGuard mesh: "
+            "segd demo --hosts 3 (make demo HOSTS=3)"
         )
-        _say(table)
-        total = len(got)
-        if wrong:
-            _say(f"\n  result: MISMATCH in {wrong} of {total} pairs ('!' marks them)")
-        else:
-            _say(
-                f"\n  result: the matrix matches the policy ({total}/{total} pairs; "
-                f"{sum(got.values())} allowed, the rest dropped)"
-            )
         if wait and not wrong:
             _say(
                 f"\n  try: segd ctl --server {demo.url} --token-file "

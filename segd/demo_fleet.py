@@ -32,7 +32,7 @@ from segd.demo import (
     TIERS,
     _interrupt,
     _say,
-    render_matrix,
+    say_matrix,
     say_policy,
     write_policy,
 )
@@ -175,23 +175,10 @@ def fleet_demo_main(*, hosts: int, wait: bool = True) -> int:
         _say(f"  paired and enforced on every host; the allowed pairs connect ({took:.1f}s)")
         _hosts_table(fleet)
         _containers_table(demo, fleet)
-        names = list(demo.cids)
         t0 = time.monotonic()
         got = demo.measure()
-        table, wrong = render_matrix(got, names)
-        _say(
-            f"\n  live matrix: real TCP connects from each container to each other's "
-            f"service port, across hosts through the mesh ({time.monotonic() - t0:.1f}s)"
-        )
-        _say(table)
-        total = len(got)
-        if wrong:
-            _say(f"\n  result: MISMATCH in {wrong} of {total} pairs ('!' marks them)")
-        else:
-            _say(
-                f"\n  result: the matrix matches the policy ({total}/{total} pairs; "
-                f"{sum(got.values())} allowed, the rest dropped)"
-            )
+        how = ", across hosts through the mesh"
+        wrong = say_matrix(got, list(demo.cids), how, time.monotonic() - t0)
         if wait and not wrong:
             _say(
                 f"\n  try: segd ctl --server {fleet.url} --token-file {fleet.token_file} host list"

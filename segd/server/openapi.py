@@ -46,7 +46,7 @@ def selectors(dimensions: Sequence[str] | None = None) -> dict[str, Any]:
                 "items": labels(dimensions),
             },
             {"enum": ["any"]},
-        ]
+        ],
     }
 
 

@@ -1,0 +1,44 @@
+"""`segd demo --hosts N`: where the shop's containers go, and what is refused
+before anything starts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from segd.demo_fleet import MAX_HOSTS, placement
+
+
+def test_the_tiers_go_to_hosts_one_two_three_and_the_intruder_after_them() -> None:
+    assert placement(3) == {"web": 1, "api": 2, "db": 3, "intruder": 1}
+    assert placement(2) == {"web": 1, "api": 2, "db": 1, "intruder": 2}
+    assert placement(5) == {"web": 1, "api": 2, "db": 3, "intruder": 4}
+
+
+def test_every_placement_spreads_the_allowed_pairs_over_two_hosts() -> None:
+    for n in range(2, MAX_HOSTS + 1):
+        where = placement(n)
+        assert where["web"] != where["api"] and where["api"] != where["db"], n
+        assert set(where.values()) <= set(range(1, n + 1))
+
+
+@pytest.mark.parametrize("hosts", [0, -1, MAX_HOSTS + 1, 33])
+def test_a_host_count_out_of_range_is_refused(hosts: int) -> None:
+    with pytest.raises(ValueError, match="--hosts"):
+        placement(hosts)
+
+
+@pytest.mark.parametrize("hosts", ["0", "9", "x"])
+def test_segd_demo_refuses_a_bad_host_count_in_one_line_before_starting(hosts: str) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "segd", "demo", "--hosts", hosts, "--no-wait"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 or "usage:" in p.stderr, p.stderr
+    assert "hosts" in p.stderr
