@@ -12,7 +12,10 @@ machine. One module per benchmark:
 - `apply`: a ruleset and one set element through `Firewall`, against `nft -f`;
 - `footprint`: the agent's memory and CPU with 100 enforced containers;
 - `flood`: pairing latency while another address floods registrations, and
-  the audit rows and store growth the flood leaves.
+  the audit rows and store growth the flood leaves;
+- `fleet`: the segd mesh on the test bed (three simulated hosts): cross-host
+  time to enforce, a host joining, mesh throughput against the underlay, and
+  a host's instructions as the fleet grows (pure compiler).
 """
 
-NAMES = ("enforce", "pairing", "compile", "apply", "footprint", "flood")
+NAMES = ("enforce", "pairing", "compile", "apply", "footprint", "flood", "fleet")

@@ -25,6 +25,7 @@ MODULES = {
     "apply": "bench.apply_cost",
     "footprint": "bench.footprint",
     "flood": "bench.flood",
+    "fleet": "bench.fleet",
 }
 DOCKER = {"enforce", "footprint"}
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"
