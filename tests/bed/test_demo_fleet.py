@@ -3,6 +3,7 @@ the live cross-host matrix, and nothing left of the bed after Ctrl-C."""
 
 from __future__ import annotations
 
+import os
 import select
 import signal
 import subprocess
@@ -17,19 +18,23 @@ from tests.hostreq import bed_missing, require
 pytestmark = pytest.mark.bed
 
 
-def _read_until(p: subprocess.Popen[str], marker: str, timeout: float) -> str:
+def _read_until(p: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
+    """The demo's output until `marker` (unbuffered reads: select sees every byte)."""
     assert p.stdout is not None
-    out = ""
+    fd = p.stdout.fileno()
+    out = b""
     deadline = time.monotonic() + timeout
-    while marker not in out:
+    while marker.encode() not in out:
         left = deadline - time.monotonic()
-        if left <= 0 or p.poll() is not None:
-            raise AssertionError(f"no {marker!r} from the demo:\n{out}")
-        ready, _, _ = select.select([p.stdout], [], [], left)
+        if left <= 0:
+            raise AssertionError(f"no {marker!r} from the demo:\n{out.decode()}")
+        ready, _, _ = select.select([fd], [], [], left)
         if ready:
-            line = p.stdout.readline()
-            out += line
-    return out
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"the demo ended before {marker!r}:\n{out.decode()}")
+            out += chunk
+    return out.decode()
 
 
 def test_the_fleet_demo_shows_the_cross_host_matrix_and_cleans_up_on_ctrl_c() -> None:
@@ -38,7 +43,7 @@ def test_the_fleet_demo_shows_the_cross_host_matrix_and_cleans_up_on_ctrl_c() ->
         [sys.executable, "-m", "segd", "demo", "--hosts", "3"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
+        bufsize=0,
     )
     try:
         out = _read_until(p, "press Ctrl-C", 240)
@@ -67,7 +72,7 @@ def test_the_fleet_demo_shows_the_cross_host_matrix_and_cleans_up_on_ctrl_c() ->
         for name, (host, ip) in where.items():
             assert ip.rsplit(".", 1)[0] == subnets[host], (name, out)
         p.send_signal(signal.SIGINT)
-        rest, _ = p.communicate(timeout=120)
+        rest = p.communicate(timeout=120)[0].decode()
         assert p.returncode == 0, out + rest
         assert "cleaning up" in rest
     finally:
