@@ -156,7 +156,9 @@ def fleet_demo_main(*, hosts: int, wait: bool = True) -> int:
     except ValueError as e:
         print(f"segd demo: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Also when started with SIGINT ignored (in the background of a script).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         _say(f"segd demo: the shop over {hosts} hosts, one WireGuard mesh, labels -> nftables\n")
         fleet = demo.up()
