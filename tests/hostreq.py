@@ -57,6 +57,19 @@ def bed_missing() -> str:
     return ""
 
 
+def mesh_missing() -> str:
+    """Why segd mesh tests cannot run here ("" when they can): the kernel tier plus
+    a WireGuard (wireguard-go here: these kernels have none) and tcpdump."""
+    why = kernel_missing()
+    if why:
+        return why
+    if shutil.which("wireguard-go") is None:
+        return "the segd mesh tests need wireguard-go (make host)"
+    if shutil.which("tcpdump") is None:
+        return "the segd mesh tests need tcpdump (make host)"
+    return ""
+
+
 def require(why: str) -> None:
     """Skip (or, under CI, fail) when `why` says something is missing."""
     if not why:

@@ -19,9 +19,16 @@ import pytest
 
 from segd.bed import IMAGE, Bed, BedAgent, BedHost
 from tests.e2e.stack import Stack, wait_for
+from tests.hostreq import mesh_missing, require
 from tests.kernel.test_firewall_gate import _RAW
 
 pytestmark = pytest.mark.bed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mesh_tools() -> None:
+    require(mesh_missing())
+
 
 BED_HOSTS = 3
 POOL = "10.213.0.0/16"
@@ -189,8 +196,11 @@ def _wg_tx(h: BedHost) -> int:
 
 def test_a_container_cannot_send_as_a_workload_of_another_host(shop: Shop) -> None:
     """api (host 2, Docker's default CAP_NET_RAW) sends raw frames as web's address
-    (host 1): host 2's gate drops them before they reach the mesh; the same frames
-    with api's own address do leave through it."""
+    (host 1): host 2 drops them before they reach the mesh (two layers: the gate binds
+    every source to its bridge port, and the mesh table takes a pool source from the
+    local bridge only when it is the host's own subnet); the same frames with api's
+    own address do leave through the mesh. The gate alone is pinned by
+    tests/kernel/test_firewall_gate.py (an address outside every local subnet)."""
     h2 = shop.host("api")
     sandbox = h2.docker("inspect", "-f", "{{.NetworkSettings.SandboxKey}}", "api")
     bridge = json.loads(h2.docker("network", "inspect", "segd"))[0]

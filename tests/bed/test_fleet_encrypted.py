@@ -18,8 +18,15 @@ from segd import wire
 from segd.bed import IMAGE, Bed, BedAgent
 from tests.bed.test_mesh_dataplane import Capture, in_clear
 from tests.e2e.stack import Stack, wait_for
+from tests.hostreq import mesh_missing, require
 
 pytestmark = pytest.mark.bed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mesh_tools() -> None:
+    require(mesh_missing())
+
 
 BED_HOSTS = 2
 SERVE = "httpd -p 5432 -h /www && httpd -p 8080 -h /www && exec sleep 100000"

@@ -21,9 +21,16 @@ import pytest
 from segd.bed import IMAGE, Bed, BedHost
 from segd.bed.plan import BRIDGE
 from tests.e2e.stack import wait_for
+from tests.hostreq import mesh_missing, require
 from tests.kernel.test_firewall_gate import _RAW
 
 pytestmark = pytest.mark.bed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mesh_tools() -> None:
+    require(mesh_missing())
+
 
 BED_HOSTS = 3
 POOL = "10.213.0.0/16"

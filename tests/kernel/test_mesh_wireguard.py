@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from segd.mesh import keys
+from tests.hostreq import mesh_missing, require
 from tests.kernel.conftest import Netns, Pair
 
 pytestmark = pytest.mark.kernel
@@ -75,8 +75,7 @@ def _apply(ns: Netns, me: str, other: str, pair_: Pair, pub: dict[str, str], pri
 
 @pytest.fixture
 def mesh_pair(pair: Pair) -> Pair:
-    if shutil.which("wireguard-go") is None:
-        pytest.skip("wireguard-go is not installed (scripts/host-setup.sh)")
+    require(mesh_missing())
     for me, ns in (("a", pair.a), ("b", pair.b)):
         ns.ip("link", "add", "br0", "type", "bridge")
         ns.ip("addr", "add", f"{GATEWAYS[me]}/24", "dev", "br0")
