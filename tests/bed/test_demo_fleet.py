@@ -13,7 +13,7 @@ import time
 import pytest
 
 from segd.bed import leftovers
-from tests.hostreq import bed_missing, require
+from tests.hostreq import mesh_missing, require
 
 pytestmark = pytest.mark.bed
 
@@ -38,7 +38,7 @@ def _read_until(p: subprocess.Popen[bytes], marker: str, timeout: float) -> str:
 
 
 def test_the_fleet_demo_shows_the_cross_host_matrix_and_cleans_up_on_ctrl_c() -> None:
-    require(bed_missing())
+    require(mesh_missing())
     p = subprocess.Popen(
         [sys.executable, "-m", "segd", "demo", "--hosts", "3"],
         stdout=subprocess.PIPE,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.hostreq import bed_missing, docker_missing, kernel_missing, require
+from tests.hostreq import docker_missing, kernel_missing, mesh_missing, require
 
 
 @pytest.fixture
@@ -23,4 +23,4 @@ def docker_ready() -> None:
 
 @pytest.fixture
 def bed_ready() -> None:
-    require(bed_missing())
+    require(mesh_missing())
