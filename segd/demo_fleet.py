@@ -12,6 +12,7 @@ removes everything: containers, agents, server and the bed.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -150,12 +151,31 @@ def _containers_table(demo: FleetDemo, fleet: Fleet) -> None:
         _say(f"    {name:<9} host {demo.where[name]}  {demo.ips[name]:<13} {state}")
 
 
+def _no_wireguard() -> str:
+    """Why the agents could not run the mesh here ("" when they can)."""
+    from segd.firewall.kernel import kernel_has_wireguard, wireguard_go
+    from segd.mesh.choice import NoWireGuard, choose
+
+    if os.geteuid() != 0:
+        return "the fleet demo needs root (the test bed: namespaces, dockerd)"
+    try:
+        choose("auto", kernel_has_wireguard(), wireguard_go())
+    except NoWireGuard as e:
+        return f"{e}; run `make host`"
+    return ""
+
+
 def fleet_demo_main(*, hosts: int, wait: bool = True) -> int:
     try:
         demo = FleetDemo(hosts)
     except ValueError as e:
         print(f"segd demo: {e}", file=sys.stderr)
         return 2
+    problem = _no_wireguard()
+    if problem:
+        demo.cleanup()
+        print(f"segd demo: {problem}", file=sys.stderr)
+        return 1
     # Also when started with SIGINT ignored (in the background of a script).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
