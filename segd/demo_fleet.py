@@ -119,12 +119,16 @@ class FleetDemo:
         until(lambda: all(self.measure(allowed).values()), "the allowed pairs to connect")
 
     def cleanup(self) -> list[str]:
+        """Remove everything; what is left (empty: clean). The bed goes even when
+        stopping the processes fails: its teardown finds and kills them too."""
         left: list[str] = []
-        if self.fleet is not None:
-            self.fleet.close()
-        if self.bed is not None:
-            left = self.bed.down()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            if self.fleet is not None:
+                self.fleet.close()
+        finally:
+            if self.bed is not None:
+                left = self.bed.down()
+            shutil.rmtree(self.dir, ignore_errors=True)
         return left
 
 
@@ -216,6 +220,8 @@ def fleet_demo_main(*, hosts: int, wait: bool = True) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C: the cleanup goes on
+            signal.signal(sig, signal.SIG_IGN)
         _say("\n  cleaning up: containers, agents, segd server, the test bed")
         left = demo.cleanup()
         if left:
