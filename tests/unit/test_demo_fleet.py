@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from typing import cast
 
 import pytest
 
-from segd.demo_fleet import MAX_HOSTS, placement
+from segd.bed import Bed, BedError
+from segd.bed.fleet import Fleet
+from segd.demo_fleet import MAX_HOSTS, FleetDemo, placement
 
 
 def test_the_tiers_go_to_hosts_one_two_three_and_the_intruder_after_them() -> None:
@@ -42,3 +45,27 @@ def test_segd_demo_refuses_a_bad_host_count_in_one_line_before_starting(hosts: s
     assert p.stdout == ""
     assert len(p.stderr.strip().splitlines()) == 1 or "usage:" in p.stderr, p.stderr
     assert "hosts" in p.stderr
+
+
+class _FailingFleet:
+    def close(self) -> None:
+        raise BedError("an agent would not stop")
+
+
+class _Bed:
+    def __init__(self) -> None:
+        self.downs = 0
+
+    def down(self) -> list[str]:
+        self.downs += 1
+        return []
+
+
+def test_the_bed_goes_down_even_when_stopping_the_fleet_fails() -> None:
+    demo = FleetDemo(3)
+    bed = _Bed()
+    demo.fleet, demo.bed = cast(Fleet, _FailingFleet()), cast(Bed, bed)
+    with pytest.raises(BedError):
+        demo.cleanup()
+    assert bed.downs == 1
+    assert not demo.dir.exists()
