@@ -92,7 +92,7 @@ while time.monotonic() < deadline:
 @dataclass(frozen=True)
 class Params:
     samples: int  # pairings timed, cross-host and same-host each
-    stream_mib: int  # bytes of each stream
+    stream_mib: int  # MiB in each stream
     streams: int  # streams per path
     fleet_sizes: tuple[int, ...]  # hosts, for the instructions size
 
