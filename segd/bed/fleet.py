@@ -1,6 +1,6 @@
 """A fleet on the bed: `segd server` on the underlay with a `[server.mesh]` pool and
 one `segd agent` per simulated host in the mesh, for the fleet demo and the fleet
-benchmark (the tests build theirs from the same pieces).
+benchmark (the bed tests use their own server harness, tests/e2e/stack.py).
 
     fleet = Fleet(bed, workdir)
     fleet.start_server()
