@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+HOSTS  ?= 1
 
 .PHONY: demo test test-long test-unit lint typecheck bench host image venv clean
 
@@ -39,8 +40,9 @@ test-long: $(STAMP) host
 bench: $(STAMP) host
 	$(PY) -m bench $(BENCH_ARGS)
 
+# HOSTS=3: the shop spread over three simulated hosts in the segd mesh (the test bed).
 demo: $(STAMP) host
-	$(VENV)/bin/segd demo
+	$(VENV)/bin/segd demo --hosts $(HOSTS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

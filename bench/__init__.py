@@ -18,7 +18,12 @@ machine. One module per benchmark:
 - `flows`: the agent's CPU per 1,000 logged packets a second (flow records),
   against reading and parsing them alone; and the time from a packet to its
   flow record in the server's API, against the time to the agent's batch
-  leaving.
+  leaving;
+- `fleet`: the segd mesh on the test bed (three simulated hosts): cross-host
+  time to enforce, a host joining, mesh throughput against the underlay, and
+  a host's instructions as the fleet grows (pure compiler).
 """
 
-NAMES = ("enforce", "pairing", "compile", "apply", "footprint", "flood", "ingest", "flows")
+NAMES = (
+    "enforce", "pairing", "compile", "apply", "footprint", "flood", "ingest", "flows", "fleet",
+)  # fmt: skip

@@ -27,6 +27,7 @@ MODULES = {
     "flood": "bench.flood",
     "ingest": "bench.ingest",
     "flows": "bench.flows",
+    "fleet": "bench.fleet",
 }
 DOCKER = {"enforce", "footprint"}
 DEFAULT_JSON = Path(__file__).parent / "results" / "latest.json"

@@ -58,7 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preflight", help="what the agent would use on this machine")
     pre.add_argument("--config", metavar="FILE", help="TOML config file")
     demo = sub.add_parser("demo", help="run the live demo (see `make demo`)")
-    demo.add_argument("--data-dir", metavar="DIR", default="")
+    demo.add_argument("--data-dir", metavar="DIR", default="", help="(the one-host demo)")
+    demo.add_argument(
+        "--hosts",
+        metavar="N",
+        type=int,
+        default=1,
+        help="1: the one-host demo; 2-8: the shop spread over N simulated hosts (the test bed)",
+    )
     demo.add_argument(
         "--no-wait",
         action="store_true",
@@ -144,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "preflight":
         return _preflight(args.config)
     if args.mode == "demo":
-        from segd.demo import demo_main
-
-        return demo_main(data_dir=args.data_dir, wait=not args.no_wait)
+        return _demo(args)
     try:
         cfg = _configure(args)
     except config.ConfigError as e:
@@ -161,6 +166,16 @@ def main(argv: list[str] | None = None) -> int:
             print(e.code, file=sys.stderr)
             return 1
         raise
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.hosts != 1:
+        from segd.demo_fleet import fleet_demo_main
+
+        return fleet_demo_main(hosts=args.hosts, wait=not args.no_wait)
+    from segd.demo import demo_main
+
+    return demo_main(data_dir=args.data_dir, wait=not args.no_wait)
 
 
 def _preflight(path: str | None) -> int:

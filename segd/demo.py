@@ -145,28 +145,8 @@ class Demo:
         return True
 
     def policy(self) -> dict[str, str]:
-        for consumer, provider, service in RULES:
-            rule = wire.RuleIn(
-                providers=[{"role": provider, "app": "shop"}],
-                consumers=[{"role": consumer, "app": "shop"}],
-                services=[service],
-                description=f"{consumer} uses {provider}",
-            )
-            self.post("POST", "/v1/rules", rule)
-        keys = {}
-        for name, (labels, _) in TIERS.items():
-            profile = wire.ProfileIn(
-                name=f"shop-{name}",
-                labels=labels,
-                locked=["role", "app"],
-                max_uses=3,
-                lifespan_s=3600,
-                description=f"demo {name} tier",
-            )
-            self.post("POST", "/v1/profiles", profile)
-            key = wire.KeyIssueIn(profile=f"shop-{name}")
-            keys[name] = self.call(wire.KeyIssued, "POST", "/v1/keys", key).token
-        return keys
+        assert self.api is not None
+        return write_policy(self.api)
 
     def run_tiers(self, keys: dict[str, str]) -> None:
         for name, (labels, _) in TIERS.items():
@@ -286,6 +266,38 @@ class Demo:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def write_policy(api: Client, max_uses: int = 3) -> dict[str, str]:
+    """The shop's rules and one profile per tier; a pairing key per tier."""
+    for consumer, provider, service in RULES:
+        rule = wire.RuleIn(
+            providers=[{"role": provider, "app": "shop"}],
+            consumers=[{"role": consumer, "app": "shop"}],
+            services=[service],
+            description=f"{consumer} uses {provider}",
+        )
+        api.call("POST", "/v1/rules", rule)
+    keys = {}
+    for name, (labels, _) in TIERS.items():
+        profile = wire.ProfileIn(
+            name=f"shop-{name}",
+            labels=labels,
+            locked=["role", "app"],
+            max_uses=max_uses,
+            lifespan_s=3600,
+            description=f"demo {name} tier",
+        )
+        api.call("POST", "/v1/profiles", profile)
+        key = wire.KeyIssueIn(profile=f"shop-{name}")
+        keys[name] = api.get(wire.KeyIssued, "POST", "/v1/keys", key).token
+    return keys
+
+
+def say_policy() -> None:
+    _say("  policy:")
+    for consumer, provider, service in RULES:
+        _say(f"    role={consumer},app=shop  ->  role={provider},app=shop  on {service}")
+
+
 async def _remove_gate() -> None:
     async with Firewall() as fw:
         await fw.gate_apply(render_gate_removal())
@@ -314,6 +326,25 @@ def render_matrix(got: dict[tuple[str, str], bool], names: list[str]) -> tuple[s
     return "\n".join(lines), wrong
 
 
+def say_matrix(got: dict[tuple[str, str], bool], names: list[str], how: str, took: float) -> int:
+    """Print the live matrix and whether it matches the policy; the mismatches."""
+    table, wrong = render_matrix(got, names)
+    _say(
+        f"\n  live matrix: real TCP connects from each container to each other's "
+        f"service port{how} ({took:.1f}s)"
+    )
+    _say(table)
+    total = len(got)
+    if wrong:
+        _say(f"\n  result: MISMATCH in {wrong} of {total} pairs ('!' marks them)")
+    else:
+        _say(
+            f"\n  result: the matrix matches the policy ({total}/{total} pairs; "
+            f"{sum(got.values())} allowed, the rest dropped)"
+        )
+    return wrong
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -329,9 +360,7 @@ def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
         demo.start()
         _say(f"  segd allinone is up at {demo.url} (data in {demo.dir})")
         keys = demo.policy()
-        _say("  policy:")
-        for consumer, provider, service in RULES:
-            _say(f"    role={consumer},app=shop  ->  role={provider},app=shop  on {service}")
+        say_policy()
         _say("  pairing keys issued for profiles shop-web, shop-api, shop-db (role and app locked)")
         demo.run_tiers(keys)
         _say("  orchestrator started web, api and db with their keys as Docker labels")
@@ -360,20 +389,11 @@ def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
         names = list(demo.containers)
         t0 = time.monotonic()
         got = demo.measure(ips)
-        table, wrong = render_matrix(got, names)
+        wrong = say_matrix(got, names, "", time.monotonic() - t0)
         _say(
-            f"\n  live matrix: real TCP connects from each container to each other's "
-            f"service port ({time.monotonic() - t0:.1f}s)"
+            "\n  the same shop over three simulated hosts, through a WireGuard mesh: "
+            "segd demo --hosts 3 (make demo HOSTS=3)"
         )
-        _say(table)
-        total = len(got)
-        if wrong:
-            _say(f"\n  result: MISMATCH in {wrong} of {total} pairs ('!' marks them)")
-        else:
-            _say(
-                f"\n  result: the matrix matches the policy ({total}/{total} pairs; "
-                f"{sum(got.values())} allowed, the rest dropped)"
-            )
         if wait and not wrong:
             _say(
                 f"\n  try: segd ctl --server {demo.url} --token-file "

@@ -1,4 +1,4 @@
-"""What the benchmark smoke tests need: root, Docker and the local image, or nftables.
+"""What the benchmark smoke tests need: root, Docker and the local image, nftables, or the test bed.
 
 The checks live in tests/hostreq.py; under CI, or with SEGD_REQUIRE_DOCKER=1, a
 missing piece is a failure, not a skip.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.hostreq import docker_missing, kernel_missing, require
+from tests.hostreq import docker_missing, kernel_missing, mesh_missing, require
 
 
 @pytest.fixture
@@ -19,3 +19,8 @@ def kernel_ready() -> None:
 @pytest.fixture
 def docker_ready() -> None:
     require(docker_missing())
+
+
+@pytest.fixture
+def bed_ready() -> None:
+    require(mesh_missing())

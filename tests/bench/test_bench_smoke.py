@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from segd.bed import leftovers
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,12 +62,28 @@ FIGURES: dict[str, dict[str, bool]] = {
         "flood.audit_rows": True,
         "flood.store_growth": True,
     },
+    "ingest": {
+        "ingest.records_per_s": True,
+        "ingest.unpaced.pairing_p99": True,
+        "ingest.unpaced.pairing_rate": True,
+        "ingest.paced.pairing_p99": True,
+        "ingest.paced.pairing_rate": True,
+    },
     "flows": {
         "flows.cpu_per_1k": True,
         "flows.read_share": True,
         "flows.visible_p50": True,
         "flows.visible_p99": True,
         "flows.batch_to_visible_p99": False,
+    },
+    "fleet": {
+        "fleet.enforce.p50": True,
+        "fleet.enforce.p99": True,
+        "fleet.join": True,
+        "fleet.throughput": True,
+        "fleet.instructions.unrelated": True,
+        "fleet.instructions.related": True,
+        "fleet.instructions.peers": True,
     },
     "footprint": {
         "footprint.idle.rss": True,
@@ -138,6 +156,15 @@ def test_flood(tmp_path: Path) -> None:
 
 
 @pytest.mark.kernel
+def test_ingest(tmp_path: Path) -> None:
+    details, figs = run_bench("ingest", tmp_path)
+    assert figs["ingest.records_per_s"]["value"] > 0
+    assert details["ingest_statuses"].get("204", 0) > 0  # batches were taken
+    for name in ("unpaced", "paced"):
+        assert figs[f"ingest.{name}.pairing_rate"]["value"] > 0
+        assert figs[f"ingest.{name}.pairing_rate"]["baseline"] > 0
+
+
 def test_apply(tmp_path: Path, kernel_ready: None) -> None:
     details, figs = run_bench("apply", tmp_path)
     for f in figs.values():
@@ -193,6 +220,32 @@ def test_footprint(tmp_path: Path, docker_ready: None) -> None:
     assert figs["footprint.churn.rss_peak"]["value"] > 10
     assert details["churn_cycles"] > 0
     assert _leftovers() == []
+
+
+@pytest.mark.bed
+def test_fleet(tmp_path: Path, bed_ready: None) -> None:
+    details, figs = run_bench("fleet", tmp_path)
+    n = details["params"]["samples"]
+    for kind in ("cross_ms", "same_ms"):
+        got = details["enforce"][kind]
+        assert got["n"] == n and 0 < got["min"] <= got["max"] < 30_000, got
+    # A host joining waits for its network before its container starts.
+    join = details["join"]
+    assert 0 < join["network_s"] < join["join_s"], join
+    assert figs["fleet.join"]["baseline"] > 0
+    stream = details["stream"]
+    assert len(stream["mesh_runs"]) == len(stream["underlay_runs"]) == details["params"]["streams"]
+    assert figs["fleet.throughput"]["value"] > 0 and figs["fleet.throughput"]["baseline"] > 0
+    # Relevance: a host with an unrelated app holds no peer and the same instructions
+    # (within its own longer names) at every fleet size; the shop's api host, its two.
+    rows = details["instructions"]
+    assert [r["hosts"] for r in rows] == list(details["params"]["fleet_sizes"])
+    assert all(r["unrelated_peers"] == 0 and r["related_peers"] == 2 for r in rows), rows
+    assert len({r["related_bytes"] for r in rows}) == 1, rows
+    assert figs["fleet.instructions.unrelated"]["ratio"] < 1.1
+    assert figs["fleet.instructions.peers"]["value"] == 0
+    assert "bed_left" not in details
+    assert leftovers() == []
 
 
 def _leftovers() -> list[str]:
