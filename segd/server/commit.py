@@ -1,32 +1,22 @@
 """Group commit: many writers share one SQLite transaction and one fsync.
 
-A writer joins the open transaction (or, while the connection is busy
-committing, the next one), runs its body inside its own SAVEPOINT, and returns
-only once the whole transaction is durable: a change is acknowledged after its
-commit reached the disk, never before. A body that raises is rolled back to its
-savepoint, and the change records it made go with it; the rest of the batch
-goes on. A commit that fails fails every writer of the batch.
+A writer joins the open transaction (or, while one is being committed, the
+next one), runs its body inside its own SAVEPOINT, and returns only once the
+whole transaction is durable: a change is acknowledged after its commit, never
+before. A body that raises is rolled back to its savepoint, and the change
+records it made go with it; the rest of the batch goes on. A commit that fails
+fails every writer of the batch.
 
 Statements run on the event loop's thread: they touch SQLite's page cache and
-take microseconds. COMMIT runs on a worker thread, and nobody uses the
-connection meanwhile; writers that arrive during a commit form the next batch.
-So the batch grows with the load and a lone writer waits for one fsync, as it
-would without batching.
-
-When the owner gives a `sync` (the store runs SQLite with `synchronous=NORMAL`
-and hands in an fsync of the write-ahead log), COMMIT only writes the log, and
-the connection is free again at once: the next batch runs its bodies while the
-worker thread makes the last one durable. Batches become durable, and are
-answered, in commit order. A failed sync leaves committed data of unknown
-durability behind every later batch, so it is final: that batch, every batch
-after it and every later writer fail (`Unavailable`) until the process
-restarts and SQLite recovers the log.
+take microseconds. Only COMMIT, which waits for the disk, runs on a worker
+thread, and nobody uses the connection meanwhile; writers that arrive during a
+commit form the next batch. So the batch grows with the load and a lone writer
+waits for one fsync, as it would without batching.
 
 The owner (the store) adds the transaction's last statements when it is sealed
-(`Sealer.seal`, given the change records of every writer, in order; it returns
-what it needs to hear back) and hears whether that transaction became durable
-(`committed`, before any writer is answered, so what they read next includes
-it) or not (`aborted`).
+(`Sealer.seal`, given the change records of every writer, in order) and hears
+whether it became durable (`committed`, before any writer is answered, so what
+they read next includes it) or not (`aborted`).
 """
 
 from __future__ import annotations
@@ -36,11 +26,11 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from segd import log
 from segd.errors import Conflict, SegdError, Unavailable
-from segd.server.changes import Change
+from segd.server.changes import Change, Commit
 
 _log = log.get("segd.server.store")
 
@@ -53,20 +43,17 @@ def map_error(e: sqlite3.Error) -> SegdError:
     return Unavailable(f"store unavailable: {e}")
 
 
-S = TypeVar("S")
-
-
-class Sealer(Protocol[S]):
-    def seal(self, changes: list[Change]) -> S:
+class Sealer(Protocol):
+    def seal(self, changes: list[Change]) -> Commit | None:
         """The transaction's last statements (on the event loop, before COMMIT)."""
         ...
 
-    def committed(self, sealed: S) -> None:
-        """The sealed transaction is durable (in commit order)."""
+    def committed(self, commit: Commit | None) -> None:
+        """The sealed transaction is durable."""
         ...
 
-    def aborted(self, sealed: S | None) -> None:
-        """The sealed (or sealing: None) transaction was rolled back or is lost."""
+    def aborted(self) -> None:
+        """The sealed (or sealing) transaction was rolled back."""
         ...
 
 
@@ -88,24 +75,16 @@ class _Batch:
                 fut.set_exception(err)
 
 
-class GroupCommit(Generic[S]):
+class GroupCommit:
     """Serialised writers on one connection (opened with isolation_level=None)."""
 
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        sealer: Sealer[S],
-        sync: Callable[[], None] | None = None,
-    ) -> None:
+    def __init__(self, conn: sqlite3.Connection, sealer: Sealer) -> None:
         self._conn = conn
         self._sealer = sealer
-        self._sync = sync  # makes what COMMIT wrote durable; None: COMMIT does
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="segd-commit")
         self._open: _Batch | None = None  # the transaction writers may join
-        self._busy = False  # COMMIT has the connection (on the worker thread)
-        self._pending = 0  # batches sealed and not yet durable (or failed)
-        self._lost: SegdError | None = None  # a sync failed: nothing commits any more
-        self._idle: asyncio.Future[None] | None = None  # set when any of that changes
+        self._committing: asyncio.Future[None] | None = None  # COMMIT on the worker thread
+        self._idle: asyncio.Future[None] | None = None  # set when that commit ends
         self._body = asyncio.Lock()
         self.commits = 0  # durable transactions so far
 
@@ -138,17 +117,16 @@ class GroupCommit(Generic[S]):
         await answer
 
     async def when_idle(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `fn` on the connection once no transaction is open, committing or
-        waiting to be durable."""
+        """Run `fn` on the connection once no transaction is open or committing."""
         while True:
-            if not self._busy and self._open is not None and self._open.active == 0:
+            if self._committing is None and self._open is not None and self._open.active == 0:
                 self._start_commit(self._open)
-            if self._open is None and not self._busy and self._pending == 0:
+            if self._open is None and self._committing is None:
                 return fn(self._conn)
             await self._wait_idle()
 
     async def close(self) -> None:
-        """Let the open transaction and the commits in flight finish; stop the thread."""
+        """Let the open transaction and the commit in flight finish; stop the thread."""
         await self.when_idle(lambda _: None)
         self._thread.shutdown(wait=True)
 
@@ -156,12 +134,10 @@ class GroupCommit(Generic[S]):
 
     async def _join(self) -> _Batch:
         while True:
-            if self._lost is not None:
-                raise self._lost
             if self._open is not None:
                 self._open.active += 1
                 return self._open
-            if not self._busy:
+            if self._committing is None:
                 self._exec_mapped("BEGIN IMMEDIATE")
                 self._open = _Batch()
                 continue
@@ -179,88 +155,57 @@ class GroupCommit(Generic[S]):
             asyncio.get_running_loop().call_soon(self._maybe_commit, batch)
 
     def _maybe_commit(self, batch: _Batch) -> None:
-        if batch is self._open and batch.active == 0 and not self._busy:
+        if batch is self._open and batch.active == 0 and self._committing is None:
             self._start_commit(batch)
 
     def _start_commit(self, batch: _Batch) -> None:
-        """Seal the batch, then COMMIT (and sync) on the worker thread; the outcome
-        is handled by callbacks, so no cancellation can come between."""
+        """Seal the batch, then COMMIT on the worker thread; the outcome is handled
+        by a callback, so no cancellation can come between."""
         self._open = None
         try:
-            if self._lost is not None:
-                raise self._lost
             if batch.failed is not None:
                 raise batch.failed
             if not batch.waiting:
                 self._conn.execute("ROLLBACK")  # nothing of it was kept
                 self._set_idle()
                 return
-            sealed = self._sealer.seal(batch.changes)
+            commit = self._sealer.seal(batch.changes)
         except BaseException as e:
-            self._abort(batch, None, e, roll_back=True)
+            self._abort(batch, e)
             self._set_idle()
             if not isinstance(e, Exception):
                 raise
             return
         loop = asyncio.get_running_loop()
-        self._busy = True
-        self._pending += 1
-        fut = loop.run_in_executor(self._thread, self._commit_now, loop)
-        fut.add_done_callback(lambda f: self._committed(batch, sealed, f))
+        fut = loop.run_in_executor(self._thread, self._commit_now)
+        self._committing = fut
+        fut.add_done_callback(lambda f: self._committed(batch, commit, f))
 
-    def _commit_now(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the worker thread: COMMIT; with a `sync`, hand the connection back
-        before waiting for the disk."""
+    def _commit_now(self) -> None:
+        """On the worker thread: COMMIT, waiting for the disk."""
         self._conn.execute("COMMIT")
-        if self._sync is None:
-            return
-        loop.call_soon_threadsafe(self._released)
-        try:
-            self._sync()
-        except OSError as e:
-            raise _SyncFailed(e) from e
 
-    def _released(self) -> None:
-        """COMMIT is done; the next batch may use the connection (its writers are
-        answered after this one's)."""
-        self._busy = False
-        self._set_idle()
-
-    def _committed(self, batch: _Batch, sealed: S, fut: asyncio.Future[None]) -> None:
-        self._pending -= 1
+    def _committed(self, batch: _Batch, commit: Commit | None, fut: asyncio.Future[None]) -> None:
+        self._committing = None
         err = fut.exception()
-        # COMMIT handed the connection back before the sync; else it is this
-        # batch's still (or again: when COMMIT failed, its transaction may be open).
-        released = self._sync is not None and (err is None or isinstance(err, _SyncFailed))
-        if not released:
-            self._busy = False
-        if isinstance(err, _SyncFailed) and self._lost is None:
-            self._lost = Unavailable(
-                f"store unavailable: the write-ahead log could not be synced ({err.cause});"
-                " restart segd"
-            )
-            _log.error("store.sync_failed", error=str(err.cause))
-        if err is None and self._lost is None:
+        if err is None:
             self.commits += 1
             try:
-                self._sealer.committed(sealed)
+                self._sealer.committed(commit)
             except Exception:  # committed all the same: the writers must hear so
                 _log.exception("store.after_commit_failed")
             batch.finish(None)
         else:
-            why = self._lost or err or Unavailable("store unavailable")
-            self._abort(batch, sealed, why, roll_back=not released)
+            self._abort(batch, err)
         # The writers answered first run first: they read what this commit
         # published before the next transaction's writers change anything.
         self._set_idle()
 
-    def _abort(self, batch: _Batch, sealed: S | None, e: BaseException, *, roll_back: bool) -> None:
-        """Fail the batch's writers; `roll_back` when the connection's transaction
-        is this batch's (not once its COMMIT went through)."""
-        if roll_back and self._conn.in_transaction:
+    def _abort(self, batch: _Batch, e: BaseException) -> None:
+        if self._conn.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self._conn.execute("ROLLBACK")
-        self._sealer.aborted(sealed)
+        self._sealer.aborted()
         err = map_error(e) if isinstance(e, sqlite3.Error) else e
         if isinstance(err, SegdError):
             _log.warning("store.commit_failed", error=err.message, writers=len(batch.waiting))
@@ -294,11 +239,3 @@ class GroupCommit(Generic[S]):
         except sqlite3.Error as e:
             err = map_error(e)
         batch.failed = batch.failed or err
-
-
-class _SyncFailed(Exception):
-    """The commit is in the log, but the log could not be made durable."""
-
-    def __init__(self, cause: OSError) -> None:
-        super().__init__(str(cause))
-        self.cause = cause

@@ -4,10 +4,7 @@ Two connections: a writer whose changes are group-committed (`commit.py`:
 writers run one after another, each in its own savepoint of a shared `BEGIN
 IMMEDIATE` transaction, so a check-then-update cannot race, and each returns
 once the transaction is durable), and a query-only reader that sees committed
-data only. An acknowledged commit survives a power cut: the writer's COMMIT
-writes the write-ahead log and the log is synced before anyone is answered
-(`synchronous=NORMAL` plus that sync; the reader may see a commit during its
-sync). The database file is synced at each checkpoint.
+data only. `synchronous=FULL` makes an acknowledged commit survive a power cut.
 A lock file keeps a second server off the same data dir.
 
 A write that can change a host's instructions leaves a typed change record
@@ -604,18 +601,12 @@ class Store:
     """The open store. Use `await Store.open(path)` and `await store.close()`."""
 
     def __init__(
-        self,
-        path: Path,
-        writer: sqlite3.Connection,
-        reader: aiosqlite.Connection,
-        lock_fd: int,
-        wal_fd: int = -1,
+        self, path: Path, writer: sqlite3.Connection, reader: aiosqlite.Connection, lock_fd: int
     ) -> None:
         self.path = path
         self._w = writer
         self._r = reader
         self._lock_fd = lock_fd
-        self._wal_fd = wal_fd  # the write-ahead log, synced after each COMMIT; -1: COMMIT syncs
         row = writer.execute("SELECT value, versions_through FROM generation").fetchone()
         self.generation: int = row[0]  # of the last durable commit with changes
         # Up to which generation every host's version is persisted: below
@@ -626,8 +617,8 @@ class Store:
         # its mesh pool).
         self.scope_of: ScopeOf = host_local
         self._due: dict[str, tuple[int, str]] = {}  # host versions to persist
-        sync = None if wal_fd < 0 else lambda: os.fdatasync(wal_fd)
-        self._commits = GroupCommit(writer, _Sealer(self), sync)
+        self._writing: dict[str, tuple[int, str]] = {}  # those in the sealed transaction
+        self._commits = GroupCommit(writer, _Sealer(self))
 
     @property
     def commits(self) -> int:
@@ -668,7 +659,7 @@ class Store:
             if isinstance(e, sqlite3.Error):
                 raise Unavailable(f"cannot open store {path}: {e}") from None
             raise
-        return cls(path, w, r, lock_fd, _sync_log_ourselves(w, path))
+        return cls(path, w, r, lock_fd)
 
     async def flush(self) -> None:
         """Persist the host versions still due, now."""
@@ -684,8 +675,6 @@ class Store:
             await self._r.close()
             self._w.close()
         finally:
-            if self._wal_fd >= 0:
-                os.close(self._wal_fd)
             os.close(self._lock_fd)
 
     async def set_read_only(self, on: bool) -> None:
@@ -813,63 +802,33 @@ class Store:
         return {r["token_hash"] for r in await self._all("SELECT token_hash FROM admin_tokens")}
 
 
-def _sync_log_ourselves(w: sqlite3.Connection, path: Path) -> int:
-    """Let COMMIT only write the write-ahead log (`synchronous=NORMAL`: the log is
-    still synced before every checkpoint, and the database after it) and return
-    the log's descriptor, which the group commit syncs after each COMMIT, before
-    any writer is answered: as durable as `synchronous=FULL`, with the connection
-    free for the next batch during the sync. -1 (and FULL) when the log cannot be
-    opened."""
-    try:
-        fd = os.open(f"{path}-wal", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        _log.warning("store.wal_not_opened", error=str(e))
-        return -1
-    w.execute("PRAGMA synchronous = NORMAL")
-    return fd
-
-
-class _Sealed(NamedTuple):
-    """What one sealed transaction carries until it is durable (or lost)."""
-
-    commit: ch.Commit | None
-    through: int  # versions_through it records
-    writing: dict[str, tuple[int, str]]  # the host versions it writes
-
-
 class _Sealer:
-    """The store's part of each group commit: the generation, the versions due.
-
-    A transaction may be sealed before the one sealed before it is durable, so
-    the generation counts on from the last one sealed, and what each one wrote
-    is handed back with it."""
+    """The store's part of each group commit: the generation, the versions due."""
 
     def __init__(self, store: Store) -> None:
         self._s = store
-        self._sealed_generation = store.generation  # of the last transaction sealed
+        self._through = store.versions_through  # what the sealed transaction records
 
-    def seal(self, changes: list[ch.Change]) -> _Sealed:
+    def seal(self, changes: list[ch.Change]) -> ch.Commit | None:
         """The generation (when there are changes) and the versions due: those of
         every commit applied so far, so with them the versions are persisted
         through the last durable generation."""
         s = self._s
-        commit = ch.Commit(self._sealed_generation + 1, changes) if changes else None
-        through = s.versions_through
-        writing: dict[str, tuple[int, str]] = {}
+        commit = ch.Commit(s.generation + 1, changes) if changes else None
+        self._through = s.versions_through
         if s._due or s.versions_through < s.generation:
-            writing, s._due = s._due, {}
-            if self._write_versions(writing):
-                through = s.generation
+            s._writing, s._due = s._due, {}
+            if self._write_versions(s._writing):
+                self._through = s.generation
             else:  # tried again with the next transaction
-                s._due = {**writing, **s._due}
-                writing = {}
-        if commit is not None or through != s.versions_through:
-            generation = commit.generation if commit else self._sealed_generation
+                s._due = {**s._writing, **s._due}
+                s._writing = {}
+        if commit is not None or self._through != s.versions_through:
             s._w.execute(
-                "UPDATE generation SET value = ?, versions_through = ?", (generation, through)
+                "UPDATE generation SET value = ?, versions_through = ?",
+                (commit.generation if commit else s.generation, self._through),
             )
-            self._sealed_generation = generation
-        return _Sealed(commit, through, writing)
+        return commit
 
     def _write_versions(self, versions: Mapping[str, tuple[int, str]]) -> bool:
         """In a savepoint of their own: failing to record versions must not fail
@@ -891,20 +850,16 @@ class _Sealer:
             w.execute("RELEASE v")
         return ok
 
-    def committed(self, sealed: _Sealed) -> None:
+    def committed(self, commit: ch.Commit | None) -> None:
         s = self._s
-        s.versions_through = max(s.versions_through, sealed.through)
-        if sealed.commit is not None:
-            s.generation = sealed.commit.generation
+        s._writing = {}
+        s.versions_through = self._through
+        if commit is not None:
+            s.generation = commit.generation
             if s._follower is not None:
-                s._follower(sealed.commit)
+                s._follower(commit)
 
-    def aborted(self, sealed: _Sealed | None) -> None:
-        """A rolled-back transaction wrote nothing: its versions are due again and
-        its generation is free (none was sealed after it: the next one seals
-        only once its COMMIT went through)."""
+    def aborted(self) -> None:
         s = self._s
-        if sealed is not None:
-            s._due = {**sealed.writing, **s._due}
-            if sealed.commit is not None:
-                self._sealed_generation = sealed.commit.generation - 1
+        s._due = {**s._writing, **s._due}
+        s._writing = {}
