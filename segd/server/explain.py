@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from segd import policy, wire
 from segd.errors import InvalidInput, NotFound
+from segd.server import flowresolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,14 +133,7 @@ def flow_end(end: End, ip: str) -> wire.FlowEnd:
         return wire.FlowEnd(
             ip=ip, kind="unpaired", host_id=end.host_id, container_id=end.container_id
         )
-    return wire.FlowEnd(
-        ip=ip,
-        kind="workload",
-        workload_id=end.id,
-        labels=end.labels,
-        host_id=end.host_id,
-        container_id=end.container_id,
-    )
+    return flowresolve.workload_end(end, ip)
 
 
 def _member(ip: str, elements: Sequence[str]) -> bool:

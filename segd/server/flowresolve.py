@@ -76,7 +76,8 @@ def _with_ip(r: wire.FlowRecordIn, ip: str) -> wire.FlowRecordIn:
     return msgspec.structs.replace(r, peer_ip=ip)
 
 
-def _workload_end(w: wire.Workload, ip: str) -> wire.FlowEnd:
+def workload_end(w: wire.Workload, ip: str) -> wire.FlowEnd:
+    """The flow end of a workload at one of its addresses."""
     return wire.FlowEnd(
         ip=ip,
         kind="workload",
@@ -95,7 +96,7 @@ def _same_family(ips: list[str], peer: str) -> str:
 
 def peer_end(ip: str, owner: Callable[[str], wire.Workload | None]) -> wire.FlowEnd:
     w = owner(ip)
-    return wire.FlowEnd(ip=ip, kind="external") if w is None else _workload_end(w, ip)
+    return wire.FlowEnd(ip=ip, kind="external") if w is None else workload_end(w, ip)
 
 
 def resolve(
@@ -120,7 +121,7 @@ def resolve(
     me = mine.get(key) if mine is not None else None
     if me is None:
         if w is not None:
-            me = _workload_end(w, _same_family(w.ips, r.peer_ip))
+            me = workload_end(w, _same_family(w.ips, r.peer_ip))
         else:
             me = wire.FlowEnd(ip="", kind="unpaired", host_id=host_id, container_id=r.container_id)
         if mine is not None:
