@@ -118,11 +118,8 @@ def _address(end: End, peer: End) -> str:
         return end
     if isinstance(end, Unpaired):
         return end.ip
-    want_v6 = None if not isinstance(peer, str) else ":" in peer
-    if want_v6 is not None:
-        for ip in end.ips:
-            if (":" in ip) == want_v6:
-                return ip
+    if isinstance(peer, str):
+        return flowresolve.same_family(end.ips, peer)
     return end.ips[0] if end.ips else ""
 
 

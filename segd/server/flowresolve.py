@@ -88,7 +88,7 @@ def workload_end(w: wire.Workload, ip: str) -> wire.FlowEnd:
     )
 
 
-def _same_family(ips: list[str], peer: str) -> str:
+def same_family(ips: list[str], peer: str) -> str:
     """The workload's address of the peer's family (v4 or v6), else its first."""
     v6 = ":" in peer
     return next((ip for ip in ips if (":" in ip) == v6), ips[0] if ips else "")
@@ -121,7 +121,7 @@ def resolve(
     me = mine.get(key) if mine is not None else None
     if me is None:
         if w is not None:
-            me = workload_end(w, _same_family(w.ips, r.peer_ip))
+            me = workload_end(w, same_family(w.ips, r.peer_ip))
         else:
             me = wire.FlowEnd(ip="", kind="unpaired", host_id=host_id, container_id=r.container_id)
         if mine is not None:

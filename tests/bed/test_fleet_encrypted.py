@@ -6,8 +6,6 @@ check brings the interface back."""
 from __future__ import annotations
 
 import functools
-import os
-import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from segd.bed import IMAGE, Bed, BedAgent
 from tests.bed.test_mesh_dataplane import Capture, in_clear
 from tests.e2e.stack import Stack, wait_for
 from tests.hostreq import mesh_missing, require
+from tests.meshproc import kill_wireguard_go
 
 pytestmark = pytest.mark.bed
 
@@ -94,15 +93,7 @@ def pair(bed: Bed) -> Iterator[Pair]:
 
 
 def _kill_wireguard_go(netns: str) -> None:
-    target = os.stat(netns).st_ino
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            net = os.stat(f"/proc/{pid}/ns/net").st_ino
-        except OSError:
-            continue
-        if comm == "wireguard-go" and net == target:
-            os.kill(int(pid), signal.SIGKILL)
+    kill_wireguard_go(netns)
 
 
 def test_the_encrypted_rule_works_through_the_mesh_only(pair: Pair) -> None:

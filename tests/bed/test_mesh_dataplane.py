@@ -6,7 +6,6 @@ on the underlay bridge."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from segd.bed.plan import BRIDGE
 from tests.e2e.stack import wait_for
 from tests.hostreq import mesh_missing, require
 from tests.kernel.test_firewall_gate import _RAW
+from tests.meshproc import kill_wireguard_go
 
 pytestmark = pytest.mark.bed
 
@@ -234,15 +234,7 @@ def test_another_host_cannot_send_as_host_1s_containers(fleet: Fleet) -> None:
 
 
 def _kill_wireguard_go(h: BedHost) -> None:
-    target = os.stat(h.plan.netns_path).st_ino
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            net = os.stat(f"/proc/{pid}/ns/net").st_ino
-        except OSError:
-            continue
-        if comm == "wireguard-go" and net == target:
-            os.kill(int(pid), signal.SIGKILL)
+    kill_wireguard_go(h.plan.netns_path)
 
 
 def test_wireguard_go_killed_drops_the_traffic_and_nothing_goes_in_clear(fleet: Fleet) -> None:

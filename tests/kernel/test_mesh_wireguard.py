@@ -4,12 +4,9 @@ the routes to peer subnets, and the pool's `unreachable` route (real packets).""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +14,7 @@ import pytest
 from segd.mesh import keys
 from tests.hostreq import mesh_missing, require
 from tests.kernel.conftest import Netns, Pair
+from tests.meshproc import kill_wireguard_go
 
 pytestmark = pytest.mark.kernel
 
@@ -85,15 +83,7 @@ def mesh_pair(pair: Pair) -> Pair:
 
 def _kill_wireguard_go(ns: Netns) -> None:
     """SIGKILL the wireguard-go running in `ns` and wait until its TUN is gone."""
-    target = os.stat(ns.path).st_ino
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            comm = Path(f"/proc/{pid}/comm").read_text().strip()
-            net = os.stat(f"/proc/{pid}/ns/net").st_ino
-        except OSError:
-            continue
-        if comm == "wireguard-go" and net == target:
-            os.kill(int(pid), signal.SIGKILL)
+    kill_wireguard_go(ns.path)
     deadline = time.monotonic() + 10
     while "segdt-wg" in ns.ip("link", "show"):
         assert time.monotonic() < deadline, "the TUN outlived wireguard-go"
