@@ -84,10 +84,6 @@ class HostPlan:
         return self.run_dir / "holder.pid"
 
     @property
-    def netns_inode_file(self) -> Path:
-        return self.run_dir / "netns.inode"
-
-    @property
     def dockerd_log(self) -> Path:
         return self.run_dir / "dockerd.log"
 
