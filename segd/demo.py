@@ -11,7 +11,6 @@ exits at once with --no-wait) and removes everything it started.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -349,6 +348,28 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+_STOP = {signal.SIGINT, signal.SIGTERM}
+
+
+def wait_for_ctrl_c(*lines: str) -> None:
+    """Say `lines`, then wait for Ctrl-C or SIGTERM.
+
+    The two signals are blocked before the lines are said, so one sent the moment
+    they are read is waited for rather than raised between the print and the wait;
+    a blocked signal is also kept when the demo was started with SIGINT ignored.
+    Afterwards both are ignored: a second Ctrl-C does not cut the cleanup short.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP)
+    try:
+        for line in lines:
+            _say(line)
+        signal.sigwait(_STOP)
+    finally:
+        for sig in _STOP:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP)
+
+
 def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
     problem = _preflight()
     if problem:
@@ -395,14 +416,11 @@ def demo_main(*, data_dir: str = "", wait: bool = True) -> int:
             "segd demo --hosts 3 (make demo HOSTS=3)"
         )
         if wait and not wrong:
-            _say(
+            wait_for_ctrl_c(
                 f"\n  try: segd ctl --server {demo.url} --token-file "
-                f"{demo.dir}/server/admin.token workload list"
+                f"{demo.dir}/server/admin.token workload list",
+                "  press Ctrl-C to stop and clean up",
             )
-            _say("  press Ctrl-C to stop and clean up")
-            signal.signal(signal.SIGTERM, _interrupt)
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.pause()
         return 1 if wrong else 0
     except (RuntimeError, ClientError) as e:
         print(f"segd demo: {e}", file=sys.stderr)

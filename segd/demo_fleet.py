@@ -11,7 +11,6 @@ removes everything: containers, agents, server and the bed.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ from segd.demo import (
     _say,
     say_matrix,
     say_policy,
+    wait_for_ctrl_c,
     write_policy,
 )
 from segd.http.client import ClientError
@@ -206,13 +206,11 @@ def fleet_demo_main(*, hosts: int, wait: bool = True) -> int:
         how = ", across hosts through the mesh"
         wrong = say_matrix(got, list(demo.cids), how, time.monotonic() - t0)
         if wait and not wrong:
-            _say(
-                f"\n  try: segd ctl --server {fleet.url} --token-file {fleet.token_file} host list"
+            wait_for_ctrl_c(
+                f"\n  try: segd ctl --server {fleet.url} --token-file {fleet.token_file} host list",
+                "       python -m segd.bed exec 2 -- docker ps",
+                "  press Ctrl-C to stop and clean up",
             )
-            _say("       python -m segd.bed exec 2 -- docker ps")
-            _say("  press Ctrl-C to stop and clean up")
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.pause()
         return 1 if wrong else 0
     except (RuntimeError, ClientError, BedError) as e:
         print(f"segd demo: {e}", file=sys.stderr)
