@@ -1,7 +1,8 @@
 """SQLite plumbing shared by the server's and the orchestrator's stores.
 
-One SQLite file per daemon, in WAL mode with foreign keys on and synchronous
-FULL, guarded by an exclusive lock file so two daemons never share a data dir,
+One SQLite file per daemon, in WAL mode with foreign keys on, synchronous
+FULL and a page cache of up to 64 MiB a connection (so a fleet's store is read
+from memory, not from the file, while it is written), guarded by an exclusive lock file so two daemons never share a data dir,
 and a `schema_version` table driving numbered migrations, each applied in its
 own transaction.
 """
@@ -20,6 +21,7 @@ PRAGMAS = (
     "PRAGMA foreign_keys = ON",
     "PRAGMA synchronous = FULL",
     "PRAGMA busy_timeout = 5000",
+    "PRAGMA cache_size = -65536",
 )
 
 

@@ -15,7 +15,9 @@ addresses (replaced, never mutated, when a member joins or leaves), and the
 JSON of the sets and of the parts already encoded. Compiling a host assembles
 those parts; `host_digest` hashes the digests of the parts, so telling whether a
 host changed does not re-encode its instructions, and `encode` re-encodes only
-the parts that changed.
+the parts that changed. The digests of a set's addresses and of a host's
+workloads are `BucketDigest`s, which a member joining or leaving updates in
+about 1/64 of their size: a commit costs what it changed, not the fleet's size.
 
 Address scopes (`segd.server.mesh`): an address inside the mesh pool is a mesh
 address, every other one is host-local. A set on host H holds the mesh
@@ -50,6 +52,7 @@ import msgspec
 
 from segd import policy
 from segd.policy import Labels, Service
+from segd.server.buckets import BucketDigest
 from segd.server.mesh import matcher as mesh_matcher
 from segd.wire import Allow, Instructions, Mesh, MeshPeer, Rule, Workload, WorkloadPolicy
 
@@ -95,12 +98,12 @@ class _HostRows:
     host was encoded) JSON, kept up to date as workloads come and go: a host's
     part is rebuilt, and encoded, by copies."""
 
-    __slots__ = ("digests", "jsons", "matched", "pending", "policies", "wids")
+    __slots__ = ("digest", "jsons", "matched", "pending", "policies", "wids")
 
     def __init__(self) -> None:
         self.wids: list[str] = []
         self.policies: list[WorkloadPolicy] = []
-        self.digests: list[bytes] = []
+        self.digest = BucketDigest(b"rows")  # workload id -> its policy's digest
         self.jsons: list[bytes] = []  # b"" until first needed
         self.pending: set[str] = set()  # workloads whose JSON is not made yet
         self.matched: Counter[frozenset[str]] = Counter()  # selector combinations present
@@ -110,7 +113,7 @@ class _HostRows:
         i = bisect.bisect_left(self.wids, wid)
         self.wids.insert(i, wid)
         self.policies.insert(i, pol.policy)
-        self.digests.insert(i, pol.digest)
+        self.digest.put(wid, pol.digest)
         self.jsons.insert(i, b"")
         self.pending.add(wid)
         self.matched[matched] += 1
@@ -126,8 +129,9 @@ class _HostRows:
     def remove(self, wid: str, matched: frozenset[str]) -> None:
         i = bisect.bisect_left(self.wids, wid)
         if i < len(self.wids) and self.wids[i] == wid:
-            for column in (self.wids, self.policies, self.digests, self.jsons):
+            for column in (self.wids, self.policies, self.jsons):
                 del column[i]
+            self.digest.discard(wid)
             self.pending.discard(wid)
             self.matched[matched] -= 1
             if self.matched[matched] <= 0:
@@ -229,7 +233,8 @@ class Compiler:
         self._holders: dict[str, set[str]] = {}  # set key -> hosts whose views hold it
         self._copies: dict[str, set[str]] = {}  # set name -> hosts with a copy built
         self._set_ips: dict[str, list[str]] = {}  # set key -> sorted addresses (never mutated)
-        self._set_digests: dict[str, tuple[bytes, bytes]] = {}  # set key -> (JSON, digest)
+        self._set_jsons: dict[str, bytes] = {}  # set key -> its addresses' JSON
+        self._set_hashes: dict[str, BucketDigest] = {}  # set key -> its content's digest
         self._previous_set_json: dict[str, tuple[list[str], bytes]] = {}  # the list before
         self.set_rules(rules)
         for w in workloads:
@@ -265,7 +270,8 @@ class Compiler:
         self._holders.clear()
         self._copies.clear()
         self._set_ips.clear()
-        self._set_digests.clear()
+        self._set_jsons.clear()
+        self._set_hashes.clear()
         self._previous_set_json.clear()
         self._members = {name: set() for name in self._selectors}
         self._member_hosts = {name: Counter() for name in self._selectors}
@@ -337,7 +343,7 @@ class Compiler:
         rows = self._rows.get(w.host_id)
         if rows is not None:
             rows.insert(self._policy(w.id), matched)
-        self._drop_view(w.host_id)
+        self._rows_changed(w.host_id)
         if not mesh_ips:  # host-local addresses only: no other host sees it
             return affected | {w.host_id}
         return affected | self._affected_by(w.host_id, matched)
@@ -372,7 +378,8 @@ class Compiler:
             # The host's own copy goes (its view is dropped with this change).
             key = f"{name}@{w.host_id}"
             self._set_ips.pop(key, None)
-            self._set_digests.pop(key, None)
+            self._set_jsons.pop(key, None)
+            self._set_hashes.pop(key, None)
             self._previous_set_json.pop(key, None)
             copies = self._copies.get(name)
             if copies is not None:
@@ -406,7 +413,7 @@ class Compiler:
             matched = self._matched[w.id]
             rows.remove(w.id, matched)
             rows.insert(self._policy(w.id), matched)
-        self._drop_view(old.host_id)
+        self._rows_changed(old.host_id)
         return {old.host_id}
 
     def workload(self, workload_id: str) -> Workload | None:
@@ -453,7 +460,7 @@ class Compiler:
             rows.remove(workload_id, matched)
             if not rows.wids:
                 del self._rows[w.host_id]
-        self._drop_view(w.host_id)
+        self._rows_changed(w.host_id)
         if not mesh_ips:
             return {w.host_id}
         return self._affected_by(w.host_id, matched) | {w.host_id}
@@ -503,9 +510,16 @@ class Compiler:
             elif not joined and present:
                 del new[i]
         self._set_ips[key] = new
-        encoded = self._set_digests.pop(key, None)
+        encoded = self._set_jsons.pop(key, None)
         if encoded is not None:  # instructions compiled before may still be encoded
-            self._previous_set_json[key] = (ips, encoded[0])
+            self._previous_set_json[key] = (ips, encoded)
+        content = self._set_hashes.get(key)
+        if content is not None:
+            for ip in moved:
+                if joined:
+                    content.put(ip)
+                else:
+                    content.discard(ip)
         for h in self._holders.get(key, ()):
             view = self._views[h]
             view.stale.add(name)
@@ -642,7 +656,7 @@ class Compiler:
 
     def _set_json(self, key: str, ips: list[str]) -> bytes:
         if self._set_ips.get(key) is ips or self._ip_sets.get(key) is ips:
-            return self._set_encoded(key)[0]
+            return self._set_encoded(key)
         previous = self._previous_set_json.get(key)
         if previous is not None and previous[0] is ips:
             return previous[1]
@@ -670,6 +684,31 @@ class Compiler:
         """The key of the copy of set `name` that `host_id` holds."""
         local = self._local_hosts.get(name)
         return f"{name}@{host_id}" if local and local.get(host_id) else name
+
+    def _rows_changed(self, host_id: str) -> None:
+        """The host's workloads changed: make its part again, and keep the rest of
+        its view (sets, their digests, the mesh part) when the part references the
+        same sets through the same copies, as it does unless a workload brought or
+        took the host's only member of a selector combination or host-local copy."""
+        view = self._views.get(host_id)
+        if view is None:
+            return
+        if host_id not in self._rows:
+            self._drop_view(host_id)
+            return
+        old, part = view.part, self._host_part(host_id)
+        if (
+            part.refs != old.refs
+            or part.any_peer != old.any_peer
+            or any(self._key(name, host_id) != key for name, key in view.keys.items())
+        ):
+            self._drop_view(host_id)
+            return
+        view.part = part
+        view.digest = ""
+        view.workloads_json = b""
+        if part.rules != old.rules:
+            view.rules_json = b""
 
     def _drop_view(self, host_id: str) -> None:
         view = self._views.pop(host_id, None)
@@ -700,7 +739,7 @@ class Compiler:
         hid = host_id.encode()
         n = len(rows.wids)
         h = hashlib.sha256(b"host %d %d %d\0" % (len(hid), n, len(rules)) + hid)
-        h.update(b"".join(rows.digests))
+        h.update(rows.digest.digest())
         h.update(b"".join(self._rule_digests[rid] for rid in rule_ids))
         return _HostPart(
             workloads=list(rows.policies),
@@ -785,17 +824,20 @@ class Compiler:
         return ips
 
     def _set_digest(self, key: str) -> bytes:
-        return self._set_encoded(key)[1]
+        """The digest of the set's name and addresses (copies with the same addresses
+        have the same digest), kept up to date by edits rather than made again."""
+        content = self._set_hashes.get(key)
+        if content is None:
+            tag = key.partition("@")[0].encode()
+            content = BucketDigest(tag, ((ip, b"") for ip in self._set_list(key)))
+            self._set_hashes[key] = content
+        return content.digest()
 
-    def _set_encoded(self, key: str) -> tuple[bytes, bytes]:
-        """The copy's address list as JSON, and the digest of the set's name and
-        that JSON (copies with the same addresses have the same digest)."""
-        out = self._set_digests.get(key)
+    def _set_encoded(self, key: str) -> bytes:
+        """The copy's address list as JSON."""
+        out = self._set_jsons.get(key)
         if out is None:
-            data = _ENCODER.encode(self._set_list(key))
-            h = hashlib.sha256(key.partition("@")[0].encode() + b"\0")
-            h.update(data)
-            out = self._set_digests[key] = (data, h.digest())
+            out = self._set_jsons[key] = _ENCODER.encode(self._set_list(key))
         return out
 
 

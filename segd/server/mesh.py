@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable, Collection
@@ -93,10 +94,17 @@ class Pool:
 
 
 def in_subnet(ip: str, subnet: str) -> bool:
+    """Whether the mesh address `ip` is inside the host subnet `subnet`."""
     try:
-        return ipaddress.ip_address(ip) in ipaddress.ip_network(subnet)
+        inside = _subnet_matcher(subnet)
     except ValueError:
         return False
+    return inside(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _subnet_matcher(subnet: str) -> Callable[[str], bool]:
+    return matcher(subnet)
 
 
 def public_key(text: str) -> str:

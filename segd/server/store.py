@@ -68,20 +68,21 @@ def _rule(r: sqlite3.Row) -> wire.Rule:
     )
 
 
-def _profile(r: sqlite3.Row) -> wire.Profile:
+def _profile(r: sqlite3.Row, p: str = "") -> wire.Profile:
+    """The profile in row `r`, its columns named with the prefix `p`."""
     return wire.Profile(
-        id=r["id"],
-        name=r["name"],
-        labels=_labels.decode(r["labels"]),
-        locked=_strings.decode(r["locked"]),
-        max_uses=r["max_uses"],
-        lifespan_s=r["lifespan_s"],
-        on_mismatch=r["on_mismatch"],
-        enabled=bool(r["enabled"]),
-        description=r["description"],
-        created_at=r["created_at"],
-        mode=r["mode"],
-        visibility=r["visibility"],
+        id=r[p + "id"],
+        name=r[p + "name"],
+        labels=_labels.decode(r[p + "labels"]),
+        locked=_strings.decode(r[p + "locked"]),
+        max_uses=r[p + "max_uses"],
+        lifespan_s=r[p + "lifespan_s"],
+        on_mismatch=r[p + "on_mismatch"],
+        enabled=bool(r[p + "enabled"]),
+        description=r[p + "description"],
+        created_at=r[p + "created_at"],
+        mode=r[p + "mode"],
+        visibility=r[p + "visibility"],
     )
 
 
@@ -154,6 +155,15 @@ def _audit(r: sqlite3.Row) -> wire.AuditEntry:
 
 _KEY_SELECT = (
     "SELECT k.*, p.name AS profile_name FROM keys k JOIN profiles p ON p.id = k.profile_id"
+)
+# A key and its profile in one row: the profile's columns prefixed `p_`.
+_KEY_PROFILE_SELECT = (
+    "SELECT k.*, p.name AS profile_name, p.id AS p_id, p.name AS p_name,"
+    " p.labels AS p_labels, p.locked AS p_locked, p.max_uses AS p_max_uses,"
+    " p.lifespan_s AS p_lifespan_s, p.on_mismatch AS p_on_mismatch, p.enabled AS p_enabled,"
+    " p.description AS p_description, p.created_at AS p_created_at, p.mode AS p_mode,"
+    " p.visibility AS p_visibility"
+    " FROM keys k JOIN profiles p ON p.id = k.profile_id WHERE k.key_id = ?"
 )
 _HOST_SELECT = (
     "SELECT h.*, (SELECT count(*) FROM workloads w WHERE w.host_id = h.id) AS n_workloads "
@@ -300,12 +310,8 @@ class Tx:
         )
 
     def key_with_profile(self, key_id: str) -> tuple[wire.PairingKey, wire.Profile] | None:
-        row = self._one(_KEY_SELECT + " WHERE k.key_id = ?", (key_id,))
-        if row is None:
-            return None
-        prof = self._one("SELECT * FROM profiles WHERE id = ?", (row["profile_id"],))
-        assert prof is not None  # foreign key
-        return _key(row), _profile(prof)
+        row = self._one(_KEY_PROFILE_SELECT, (key_id,))
+        return None if row is None else (_key(row), _profile(row, "p_"))
 
     def revoke_key(self, key_id: str) -> bool:
         return self._exec("UPDATE keys SET revoked = 1 WHERE key_id = ?", (key_id,)) > 0

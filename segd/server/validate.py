@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Iterable
 
 from segd import policy, wire
@@ -165,11 +166,29 @@ def profile(pin: wire.ProfileIn, dims: Iterable[str], profile_id: str, now: floa
     )
 
 
+# First octets the full check looks at: 0 (unspecified), 127 (loopback), multicast.
+_FULL_CHECK_IPV4 = frozenset(range(224, 240)) | {0, 127}
+
+
+def _plain_ipv4(v: str) -> bool:
+    """True when `v` is a dotted quad in canonical form whose first octet cannot
+    make it anything but a workload address; for anything else the full check
+    (`ipaddress`) decides."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, v)
+    except (OSError, ValueError, TypeError):
+        return False
+    return packed[0] not in _FULL_CHECK_IPV4 and socket.inet_ntop(socket.AF_INET, packed) == v
+
+
 def ips(value: list[str]) -> list[str]:
     """Validated, normalised (compressed), sorted and unique IP addresses (their
     count is bounded by `wire.PairIn`)."""
     out: set[str] = set()
     for v in value:
+        if _plain_ipv4(v):
+            out.add(v)
+            continue
         try:
             addr = ipaddress.ip_address(v)
         except ValueError:
