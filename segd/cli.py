@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -131,8 +132,19 @@ def _run(coro: Coroutine[Any, Any, None]) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await coro
 
+    tune_gc()
     asyncio.run(main())
     return 0
+
+
+def tune_gc() -> None:
+    """A daemon keeps a large state for its whole life (the compiled policy, its
+    containers) and makes many short-lived objects per request. Set what is
+    loaded by now aside from collection, and collect the young generation every
+    20,000 allocations rather than 700, so collections stop walking the same
+    long-lived objects over and over (cycles are still collected)."""
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 10)
 
 
 def main(argv: list[str] | None = None) -> int:
