@@ -151,8 +151,10 @@ class _HostPart(msgspec.Struct, frozen=True):
 class _HostView:
     """A host's compiled parts. `sets` is replaced, never edited: a set the host
     holds that changed is noted in `stale` and swapped in by the next compile;
-    `set_digests` (in `refs` order) likewise through `stale_digests`. The JSON of
-    the part's workloads and rules is made when first encoded, then kept."""
+    `set_digests` (in `refs` order) likewise through `stale_digests`, which
+    starts with every set: digests are made when first asked for, so compiling
+    does not make them. The JSON of the part's workloads and rules is made when
+    first encoded, then kept."""
 
     __slots__ = (
         "digest",
@@ -173,15 +175,14 @@ class _HostView:
         part: _HostPart,
         keys: dict[str, str],
         sets: dict[str, list[str]],
-        set_digests: list[bytes],
     ) -> None:
         self.part = part
         self.keys = keys  # set name -> the key of the copy the host holds
         self.sets = sets
-        self.set_digests = set_digests
+        self.set_digests = [b""] * len(part.refs)
         self.positions = {name: i for i, name in enumerate(part.refs)}
         self.stale: set[str] = set()
-        self.stale_digests: set[str] = set()
+        self.stale_digests: set[str] = set(part.refs)
         self.digest = ""
         self.workloads_json = b""
         self.rules_json = b""
@@ -674,7 +675,6 @@ class Compiler:
             part,
             keys,
             {name: self._set_list(key) for name, key in keys.items()},
-            [self._set_digest(key) for key in keys.values()],
         )
         for key in keys.values():
             self._holders.setdefault(key, set()).add(host_id)
