@@ -234,6 +234,9 @@ class Compiler:
         self._holders: dict[str, set[str]] = {}  # set key -> hosts whose views hold it
         self._copies: dict[str, set[str]] = {}  # set name -> hosts with a copy built
         self._set_ips: dict[str, list[str]] = {}  # set key -> sorted addresses (never mutated)
+        # set key -> (address, joined) edits not made to its list yet: a list is made
+        # again when it is read, not at every member's change
+        self._set_edits: dict[str, list[tuple[str, bool]]] = {}
         self._set_jsons: dict[str, bytes] = {}  # set key -> its addresses' JSON
         self._set_hashes: dict[str, BucketDigest] = {}  # set key -> its content's digest
         self._previous_set_json: dict[str, tuple[list[str], bytes]] = {}  # the list before
@@ -271,6 +274,7 @@ class Compiler:
         self._holders.clear()
         self._copies.clear()
         self._set_ips.clear()
+        self._set_edits.clear()
         self._set_jsons.clear()
         self._set_hashes.clear()
         self._previous_set_json.clear()
@@ -379,6 +383,7 @@ class Compiler:
             # The host's own copy goes (its view is dropped with this change).
             key = f"{name}@{w.host_id}"
             self._set_ips.pop(key, None)
+            self._set_edits.pop(key, None)
             self._set_jsons.pop(key, None)
             self._set_hashes.pop(key, None)
             self._previous_set_json.pop(key, None)
@@ -478,7 +483,8 @@ class Compiler:
 
     def _member_changed(self, name: str, w: Workload, *, joined: bool) -> None:
         """Keep the cached address lists of the set's copies current (new lists,
-        never edits) and note them on the views of the hosts that hold them."""
+        never edits, made when next read) and note them on the views of the hosts
+        that hold them."""
         if name not in self._set_ips and not self._copies.get(name):
             return  # never built, so nobody holds it yet
         # An address stays in the set while another member holds it too.
@@ -502,18 +508,13 @@ class Compiler:
         ips = self._set_ips.get(key)
         if ips is None:  # never built, so nobody holds it yet
             return
-        new = list(ips)
-        for ip in moved:
-            i = bisect.bisect_left(new, ip)
-            present = i < len(new) and new[i] == ip
-            if joined and not present:
-                new.insert(i, ip)
-            elif not joined and present:
-                del new[i]
-        self._set_ips[key] = new
-        encoded = self._set_jsons.pop(key, None)
-        if encoded is not None:  # instructions compiled before may still be encoded
-            self._previous_set_json[key] = (ips, encoded)
+        edits = self._set_edits.get(key)
+        if edits is None:
+            edits = self._set_edits[key] = []
+            encoded = self._set_jsons.pop(key, None)
+            if encoded is not None:  # instructions compiled before may still be encoded
+                self._previous_set_json[key] = (ips, encoded)
+        edits += ((ip, joined) for ip in moved)
         content = self._set_hashes.get(key)
         if content is not None:
             for ip in moved:
@@ -656,7 +657,8 @@ class Compiler:
         return b"".join(pieces)
 
     def _set_json(self, key: str, ips: list[str]) -> bytes:
-        if self._set_ips.get(key) is ips or self._ip_sets.get(key) is ips:
+        current = key not in self._set_edits and self._set_ips.get(key) is ips
+        if current or self._ip_sets.get(key) is ips:
             return self._set_encoded(key)
         previous = self._previous_set_json.get(key)
         if previous is not None and previous[0] is ips:
@@ -807,20 +809,24 @@ class Compiler:
         """The sorted addresses of a set copy: the mesh addresses of every member,
         and for a host's own copy its members' host-local addresses too."""
         ips = self._set_ips.get(key)
-        if ips is None:
-            blocks = self._ip_sets.get(key)
-            if blocks is not None:
-                return blocks
-            name, _, host = key.partition("@")
-            scoped = self._scoped
-            out = {ip for m in self._members[name] for ip in scoped[m][0]}
-            if host:
-                w = self._workloads
-                out.update(
-                    ip for m in self._members[name] if w[m].host_id == host for ip in scoped[m][1]
-                )
-                self._copies.setdefault(name, set()).add(host)
-            ips = self._set_ips[key] = sorted(out)
+        if ips is not None:
+            edits = self._set_edits.pop(key, None)
+            if edits:
+                ips = self._set_ips[key] = _edited(ips, edits)
+            return ips
+        blocks = self._ip_sets.get(key)
+        if blocks is not None:
+            return blocks
+        name, _, host = key.partition("@")
+        scoped = self._scoped
+        out = {ip for m in self._members[name] for ip in scoped[m][0]}
+        if host:
+            w = self._workloads
+            out.update(
+                ip for m in self._members[name] if w[m].host_id == host for ip in scoped[m][1]
+            )
+            self._copies.setdefault(name, set()).add(host)
+        ips = self._set_ips[key] = sorted(out)
         return ips
 
     def _set_digest(self, key: str) -> bytes:
@@ -839,6 +845,19 @@ class Compiler:
         if out is None:
             out = self._set_jsons[key] = _ENCODER.encode(self._set_list(key))
         return out
+
+
+def _edited(ips: list[str], edits: list[tuple[str, bool]]) -> list[str]:
+    """A new sorted list: `ips` with each address joined or gone, in order."""
+    new = list(ips)
+    for ip, joined in edits:
+        i = bisect.bisect_left(new, ip)
+        present = i < len(new) and new[i] == ip
+        if joined and not present:
+            new.insert(i, ip)
+        elif not joined and present:
+            del new[i]
+    return new
 
 
 def _decrement(counter: Counter[str], key: str) -> bool:
