@@ -61,3 +61,21 @@ def test_an_emptied_map_digests_as_a_new_one() -> None:
         d.discard(key)
     assert d.digest() == BucketDigest(b"set").digest()
     assert len(d) == 0
+
+
+def test_random_edits_always_digest_as_a_map_built_fresh() -> None:
+    rnd = random.Random(11)
+    d = BucketDigest(b"rows")
+    model: dict[str, bytes] = {}
+    for step in range(3000):
+        key = f"w{rnd.randrange(400)}"
+        if rnd.random() < 0.35:
+            d.discard(key)
+            model.pop(key, None)
+        else:
+            value = bytes([rnd.randrange(3)]) * 32
+            d.put(key, value)
+            model[key] = value
+        if step % 7 == 0:  # digests asked for now and then: edits pile up between
+            assert d.digest() == BucketDigest(b"rows", model.items()).digest(), step
+    assert len(d) == len(model)
