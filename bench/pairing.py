@@ -67,7 +67,7 @@ class Params:
     def of(cls, size: Size) -> Params:
         if size == "tiny":
             return cls(levels=(1, 16, 64), requests=96, seconds=3.0, agents=4)
-        return cls(levels=(1, 16, 64), requests=2000, seconds=8.0, agents=16)
+        return cls(levels=(1, 16, 64), requests=6000, seconds=8.0, agents=16)
 
 
 @dataclass(frozen=True)
