@@ -515,6 +515,8 @@ class Compiler:
             if encoded is not None:  # instructions compiled before may still be encoded
                 self._previous_set_json[key] = (ips, encoded)
         edits += ((ip, joined) for ip in moved)
+        if len(edits) > 32 + len(ips) // 4:  # unread for long: the list is made now
+            self._set_list(key)
         content = self._set_hashes.get(key)
         if content is not None:
             for ip in moved:

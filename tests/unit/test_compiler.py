@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import tracemalloc
 from collections.abc import Iterable
 
 import msgspec
@@ -540,3 +541,29 @@ def test_default_mode_read_from_the_store_is_left_out_of_the_policy() -> None:
     encoded = c.encode(instr)
     assert b'"mode"' not in encoded
     assert encoded == encode_instructions(msgspec.json.decode(encoded, type=Instructions))
+
+
+def test_a_set_nobody_reads_does_not_pile_up_its_changes() -> None:
+    """Host A holds the db set but its agent never reads (it is down): 20,000
+    pairings and unpairings of db workloads leave the compiler's memory as it was."""
+    c = shop()
+    c.compile_host("A", 1)
+    c.host_digest("A")
+
+    def churn(n: int) -> None:
+        for i in range(n):
+            c.add_workload(wl(f"x{i}", "B", "role=db", f"10.1.{i // 250}.{i % 250 + 1}"))
+            c.host_digest("A")  # what publishing asks for
+            c.remove_workload(f"x{i}")
+            c.host_digest("A")
+
+    churn(2_000)  # caches and digests at their working size
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        churn(20_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 200_000, grown  # 40,000 kept changes would be megabytes
+    assert c.compile_host("A", 2).sets == {DB: ["10.0.0.2"]}
