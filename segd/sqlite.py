@@ -2,9 +2,9 @@
 
 One SQLite file per daemon, in WAL mode with foreign keys on, synchronous
 FULL and a page cache of up to 64 MiB a connection (so a fleet's store is read
-from memory, not from the file, while it is written), guarded by an exclusive lock file so two daemons never share a data dir,
-and a `schema_version` table driving numbered migrations, each applied in its
-own transaction.
+from memory, not from the file, while it is written), guarded by an exclusive
+lock file so two daemons never share a data dir, and a `schema_version` table
+driving numbered migrations, each applied in its own transaction.
 """
 
 from __future__ import annotations
