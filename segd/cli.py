@@ -140,9 +140,9 @@ def _run(coro: Coroutine[Any, Any, None]) -> int:
 def tune_gc() -> None:
     """A daemon keeps a large state for its whole life (the compiled policy, its
     containers) and makes many short-lived objects per request. Set what is
-    loaded by now aside from collection, and collect the young generation every
-    20,000 allocations rather than 700, so collections stop walking the same
-    long-lived objects over and over (cycles are still collected)."""
+    imported by now aside from collection, and collect the young generation
+    every 20,000 allocations rather than 700, so collections walk the same
+    long-lived objects far less often (cycles are still collected)."""
     gc.freeze()
     gc.set_threshold(20_000, 20, 10)
 

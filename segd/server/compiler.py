@@ -17,7 +17,7 @@ those parts; `host_digest` hashes the digests of the parts, so telling whether a
 host changed does not re-encode its instructions, and `encode` re-encodes only
 the parts that changed. The digests of a set's addresses and of a host's
 workloads are `BucketDigest`s, which a member joining or leaving updates in
-about 1/64 of their size: a commit costs what it changed, not the fleet's size.
+a small part of their size: a commit costs what it changed, not the fleet's size.
 
 Address scopes (`segd.server.mesh`): an address inside the mesh pool is a mesh
 address, every other one is host-local. A set on host H holds the mesh
