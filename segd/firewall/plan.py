@@ -49,11 +49,14 @@ class Plan(msgspec.Struct, frozen=True):
 
     `what` names the plan in logs ("workload", "gate_add", ...). `fallback`
     runs in place of this plan when its first transaction is refused.
+    `counts`: connections in this namespace are counted by conntrack (packets
+    and bytes of each, read by the kernel module).
     """
 
     what: str
     txs: tuple[str, ...]
     fallback: Plan | None = None
+    counts: bool = False
 
     def __post_init__(self) -> None:
         if not self.txs or any(not tx.endswith("\n") for tx in self.txs):

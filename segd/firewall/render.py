@@ -17,6 +17,11 @@ logged as potentially blocked and let through. Mode `idle` has no table (the
 reconciler removes it); unpaired containers get the isolation table whatever
 any mode says, which logs what it drops (rate-limited) at every level.
 
+At level `enhanced` a workload's plan also says `counts`: the kernel module
+counts the packets and bytes of the namespace's connections (conntrack). The
+whole-table plans (`TABLE_PLANS`) say whether a namespace counts; a set
+delta leaves it as it is. An isolation table never counts.
+
 A whole table is applied one of two ways (`render_workload`, `render_isolation`):
 
 - `was` known (the peer sets the table holds now, from the caller's last
@@ -223,6 +228,15 @@ container's attempts are reported as blocked, from a container with no workload.
 LOGGING_PLANS = frozenset({"workload", "workload_replace", "isolation", "isolation_replace"})
 """Plans whose table may log: the kernel module reads the namespace's NFLOG group after them."""
 
+TABLE_PLANS = LOGGING_PLANS | {"removal"}
+"""Plans that say what the whole table is: after one, the kernel module counts a
+namespace's connections exactly when its `counts` says so."""
+
+
+def counts_connections(policy: WorkloadPolicy) -> bool:
+    """Whether the workload's connections are counted: level `enhanced`, in a mode with a table."""
+    return policy.visibility == "enhanced" and policy.mode != "idle"
+
 
 # ---- text and plans ------------------------------------------------------------------
 
@@ -257,13 +271,15 @@ def _in_place(shape: _Shape, was: Iterable[str]) -> str:
     return nftext.table_text(CONTAINER, _body(shape, with_contents=False)) + "\n".join(lines) + "\n"
 
 
-def _plan(what: str, shape: _Shape, was: Iterable[str] | None) -> Plan:
+def _plan(what: str, shape: _Shape, was: Iterable[str] | None, counts: bool = False) -> Plan:
     replace = Plan(
-        f"{what}_replace", nftext.replace_txs(CONTAINER, _body(shape), shadow_first=False)
+        f"{what}_replace",
+        nftext.replace_txs(CONTAINER, _body(shape), shadow_first=False),
+        counts=counts,
     )
     if was is None:
         return replace
-    return Plan(what, (_in_place(shape, was),), fallback=replace)
+    return Plan(what, (_in_place(shape, was),), fallback=replace, counts=counts)
 
 
 def workload_script(
@@ -289,9 +305,10 @@ def render_workload(
 
     `was`: the peer set names the table holds now (empty for an isolation
     table), or None when unknown. A referenced set missing from `sets` is
-    rendered empty (fail closed).
+    rendered empty (fail closed). At level `enhanced` the plan `counts`.
     """
-    return _plan("workload", _workload_shape(policy, sets, log_rules), was)
+    shape = _workload_shape(policy, sets, log_rules)
+    return _plan("workload", shape, was, counts_connections(policy))
 
 
 def render_isolation(*, was: Iterable[str] | None = None) -> Plan:

@@ -137,10 +137,14 @@ class Netns:
     def sysctl(self, key: str, value: str) -> None:
         self.run("sysctl", "-qw", f"{key}={value}")
 
-    def spawn(self, *argv: str) -> subprocess.Popen[str]:
-        """Start a process in the namespace; it is killed when the test ends."""
+    def spawn(self, *argv: str, stdin: bool = False) -> subprocess.Popen[str]:
+        """Start a process in the namespace (with a pipe to its stdin if asked);
+        it is killed when the test ends."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, *argv], stdout=subprocess.PIPE, text=True
+            ["ip", "netns", "exec", self.name, *argv],
+            stdin=subprocess.PIPE if stdin else None,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self._procs.append(proc)
         return proc
@@ -228,8 +232,9 @@ class Netns:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=10)
-            if proc.stdout is not None:
-                proc.stdout.close()
+            for pipe in (proc.stdin, proc.stdout):
+                if pipe is not None:
+                    pipe.close()
         self._procs.clear()
 
 

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PURE = [
     "segd.firewall",
     "segd.firewall.plan",
+    "segd.firewall.conntrack",
     "segd.firewall.nftext",
     "segd.firewall.render",
     "segd.firewall.gate",

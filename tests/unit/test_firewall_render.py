@@ -248,8 +248,9 @@ def shadowed(script: str) -> tuple[str, str, str]:
 def test_an_unknown_table_is_replaced_behind_a_shadow(
     policy: WorkloadPolicy, sets: dict[str, list[str]], logs: frozenset[str], expected: str
 ) -> None:
+    counts = policy.visibility == "enhanced"  # a table in every mode these cases use
     assert render.render_workload(policy, sets, logs) == Plan(
-        "workload_replace", shadowed(expected)
+        "workload_replace", shadowed(expected), counts=counts
     )
 
 
@@ -478,7 +479,9 @@ def test_a_known_table_is_rewritten_in_place_with_the_replace_as_fallback(
         assert plan == Plan("isolation", (expected,), render.render_isolation())
     else:
         plan = render.render_workload(policy, sets, was=was)
-        assert plan == Plan("workload", (expected,), render.render_workload(policy, sets))
+        fallback = render.render_workload(policy, sets)
+        counts = policy.visibility == "enhanced"
+        assert plan == Plan("workload", (expected,), fallback, counts=counts)
 
 
 @pytest.mark.parametrize("name", ["ls_00000000000000DB", "x } ; flush ruleset", ""])
@@ -626,6 +629,39 @@ def test_render_set_delta(
 def test_delta_refuses_hostile_addresses() -> None:
     with pytest.raises(ValueError, match="invalid IP address"):
         render.render_set_delta({}, {DB: ["1.2.3.4 } ; flush ruleset"]}, {DB})
+
+
+# ---- connection counts -----------------------------------------------------------------
+
+COUNTS: list[tuple[Mode, VisibilityLevel, bool]] = [
+    ("full", "enhanced", True),
+    ("visibility", "enhanced", True),
+    ("idle", "enhanced", False),  # no table: nothing to count in
+    ("full", "blocked+allowed", False),
+    ("full", "blocked", False),
+    ("visibility", "off", False),
+]
+
+
+@pytest.mark.parametrize(("mode", "level", "counts"), COUNTS)
+def test_a_workload_at_level_enhanced_counts_its_connections(
+    mode: Mode, level: VisibilityLevel, counts: bool
+) -> None:
+    p = pol(inbound=[Allow("r1", DB, [TCP5432])], mode=mode, visibility=level)
+    for was in (None, [DB]):
+        plan = render.render_workload(p, {}, was=was)
+        assert plan.counts is counts
+        assert plan.fallback is None or plan.fallback.counts is counts
+
+
+def test_isolation_removal_and_set_deltas_never_count() -> None:
+    tables = [render.render_isolation(), render.render_isolation(was=[]), render.render_removal()]
+    delta = render.render_set_delta({}, {DB: ["10.0.0.1"]}, {DB})
+    assert delta is not None
+    assert [p.counts for p in [*tables, delta]] == [False] * 4
+    # a whole-table plan says whether to count; a set delta leaves it as it is
+    assert {p.what for p in tables} <= render.TABLE_PLANS
+    assert delta.what not in render.TABLE_PLANS
 
 
 # ---- structure key ----------------------------------------------------------------------

@@ -6,7 +6,10 @@ Everything that needs root goes through here, as a few verbs on `Firewall`:
   renderers `render` and `gate`) in a container's namespace / the gate's;
 - `list_table(ns)` / `gate_list()`: a table's listing, None when absent;
 - `ports(ns)`: a namespace's addresses and the bridge ports behind them;
-- `forget(ns)`: free what is kept for a namespace (and close its log reader);
+- `forget(ns)`: free what is kept for a namespace (and close its log reader
+  and connection counter);
+- `conntrack_dump()`: the connections of every counted namespace, with their
+  running counters;
 
 the segd mesh's interface, routes and `DOCKER-USER` accepts (`_mesh`:
 `WireGuardLink`, `apply_routes`, `docker_user`, ...);
@@ -25,7 +28,7 @@ context pins its namespace). A container's path that leads into the host's
 own namespace (this process's, or init's) is refused with `HostNamespace`,
 however it got there (a host-networked container, one joined to it, a pid
 reused by a host process). `ports` reads a namespace's addresses and veth
-peers over a short-lived rtnetlink socket (`_rtnl`) and keeps nothing. The
+peers over a short-lived rtnetlink socket (`_rtnl`) and keeps nothing.
 
 With `on_log`, a container namespace that gets a table that logs (a workload's
 or an isolation table: `render.LOGGING_PLANS`) also gets an
@@ -37,9 +40,25 @@ enforcement never waits for visibility. A reader is read for at most
 `log_budget` packets a second (segd's own rules log far fewer): a namespace
 that logs more to the group is left unread for the rest of that second, its
 excess dropped by the kernel and counted as overruns. The gate's namespace gets one too
-once the gate is built; its packets come with the key `nflog.GATE_LOG_KEY`. The
-underscored submodules are private to this package; `_ffi` is the only module
-in segd that imports ctypes.
+once the gate is built; its packets come with the key `nflog.GATE_LOG_KEY`.
+
+With `on_count`, a container namespace whose plan `counts` (a workload at
+visibility level `enhanced`) also gets a connection counter (`_conntrack`),
+made on the worker inside the namespace right after the table is applied:
+it turns conntrack accounting on there and listens for destroy events, read
+on the event loop and handed to `on_count` with each ended connection's final
+packets and bytes. Connections still open are read by `conntrack_dump`, off
+the loop; a dump also reaps entries that timed out, whose destroy events
+follow (the kernel's own reaping may take a minute; a closed TCP connection
+stays tracked for `nf_conntrack_tcp_timeout_time_wait`, 120 s by default). A
+counter is kept per key with its namespace's identity (a new namespace gets a
+new one), and closed by `forget`, by `close`, and by a later whole-table plan
+(`render.TABLE_PLANS`) that does not count; a set delta leaves it. One that
+cannot be made (no conntrack in the kernel) is logged and left out, like a log
+reader; destroy events the kernel dropped for it (overruns) are logged.
+
+The underscored submodules are private to this package; `_ffi` is the only
+module in segd that imports ctypes.
 """
 
 from __future__ import annotations
@@ -54,8 +73,10 @@ from types import TracebackType
 from typing import Literal, TypeVar
 
 from segd import log as logging
+from segd.firewall.conntrack import CtEntry
 from segd.firewall.gate import GATE, GATE_PLANS
 from segd.firewall.kernel import _ffi, _worker
+from segd.firewall.kernel._conntrack import ConnCounter
 from segd.firewall.kernel._errors import (
     HostNamespace,
     NamespaceGone,
@@ -80,10 +101,11 @@ from segd.firewall.kernel._ports import read_ports
 from segd.firewall.kernel._worker import NsId, Worker, stat_ns
 from segd.firewall.nflog import GATE_LOG_KEY, GROUP, LogPacket
 from segd.firewall.plan import Plan, Table
-from segd.firewall.render import CONTAINER, LOGGING_PLANS
+from segd.firewall.render import CONTAINER, LOGGING_PLANS, TABLE_PLANS
 
 __all__ = [
     "BackendName",
+    "CtEntry",
     "Firewall",
     "HostNamespace",
     "LogPacket",
@@ -93,6 +115,7 @@ __all__ = [
     "NftError",
     "NsId",
     "NsRef",
+    "OnCount",
     "OnLog",
     "WireGuardLink",
     "WorkerBroken",
@@ -116,6 +139,10 @@ _ABSENT = "No such file or directory"
 OnLog = Callable[[str, list[LogPacket], int], None]
 """Called on the loop with a namespace's key, packets its table logged, and
 how many overruns its reader saw since the last call."""
+
+OnCount = Callable[[str, list[CtEntry]], None]
+"""Called on the loop with a namespace's key and connections of it that ended,
+with their final counters."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +182,7 @@ class Firewall:
         max_open: int = 32,
         on_log: OnLog | None = None,
         log_budget: int = 5000,
+        on_count: OnCount | None = None,
     ) -> None:
         if backend not in ("libnftables", "nsenter", "auto"):
             raise ValueError(f"unknown nftables backend {backend!r}")
@@ -175,6 +203,8 @@ class Firewall:
         self._on_log = on_log
         self.log_budget = log_budget  # logged packets a namespace is read for, a second
         self._readers: dict[str, tuple[NsId, Reader]] = {}  # touched on the loop only
+        self._on_count = on_count
+        self._counters: dict[str, tuple[NsId, ConnCounter]] = {}  # on the loop only
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -191,6 +221,8 @@ class Firewall:
         """Free every namespace endpoint and stop the worker; kernel state stays."""
         for key in list(self._readers):
             self._close_reader(key)
+        for key in list(self._counters):
+            self._close_counter(key)
         if self._worker is None:
             return
         try:
@@ -236,6 +268,11 @@ class Firewall:
         await self._run(lambda w: _run_plan(self._session(w, ns), plan, ns.key))
         if self._on_log is not None and plan.what in LOGGING_PLANS:
             await self._ensure_reader(ns)
+        if self._on_count is not None and plan.what in TABLE_PLANS:
+            if plan.counts:
+                await self._ensure_counter(ns)
+            else:
+                self._close_counter(ns.key)
 
     async def list_table(self, ns: NsRef, table: Table = CONTAINER) -> str | None:
         """`list table` in the namespace (stateless); None when the table is absent."""
@@ -245,6 +282,7 @@ class Firewall:
     async def forget(self, ns: NsRef) -> None:
         """Free the namespace's endpoint (the container is gone or restarted)."""
         self._close_reader(ns.key)
+        self._close_counter(ns.key)
 
         def job(_w: Worker) -> None:
             s = self._sessions.pop(ns.key, None)
@@ -360,6 +398,79 @@ class Firewall:
 
     def _close_reader(self, key: str) -> None:
         have = self._readers.pop(key, None)
+        if have is not None:
+            asyncio.get_running_loop().remove_reader(have[1].fileno())
+            have[1].close()
+
+    # ---- connection counters (on the loop) --------------------------------------------------
+
+    @property
+    def counters(self) -> int:
+        """How many container namespaces have a connection counter open."""
+        return len(self._counters)
+
+    async def conntrack_dump(self) -> dict[str, list[CtEntry]]:
+        """The connections of every counted namespace now, with running counters.
+
+        Dumps run off the loop, side by side; a namespace whose dump fails is
+        logged and left out, as is one whose counter closed meanwhile.
+        """
+        counted = [(key, c) for key, (_, c) in self._counters.items()]
+        results = await asyncio.gather(
+            *(asyncio.to_thread(c.dump) for _, c in counted), return_exceptions=True
+        )
+        out: dict[str, list[CtEntry]] = {}
+        for (key, counter), got in zip(counted, results, strict=True):
+            if isinstance(got, OSError):
+                log.warning("firewall.conntrack_dump_failed", ns=key, error=str(got))
+            elif isinstance(got, BaseException):
+                raise got
+            elif self._counters.get(key, (None, None))[1] is counter:
+                out[key] = got
+        return out
+
+    async def _ensure_counter(self, ns: NsRef) -> None:
+        try:
+            nsid = _worker.stat_ns(ns.path)
+        except (NamespaceGone, OSError):
+            return
+        have = self._counters.get(ns.key)
+        if have is not None and have[0] == nsid:
+            return
+        self._close_counter(ns.key)
+
+        def job(w: Worker) -> ConnCounter:
+            fd, _ = _worker.open_ns(ns.path)
+            try:
+                return w.made_in(fd, ConnCounter)
+            finally:
+                os.close(fd)
+
+        try:
+            counter = await self._run(job)
+        except (OSError, NetnsError) as e:
+            log.warning("firewall.conn_counter_failed", ns=ns.key, error=str(e))
+            return
+        self._close_counter(ns.key)  # one made meanwhile
+        self._counters[ns.key] = (nsid, counter)
+        asyncio.get_running_loop().add_reader(counter.fileno(), self._drain_counts, ns.key, counter)
+        log.debug("firewall.conn_counter", ns=ns.key)
+
+    def _drain_counts(self, key: str, counter: ConnCounter) -> None:
+        lost = counter.lost
+        try:
+            ended = counter.drain()
+        except OSError as e:
+            log.warning("firewall.count_read_failed", ns=key, error=str(e))
+            self._close_counter(key)
+            return
+        if counter.lost != lost:
+            log.warning("firewall.count_overrun", ns=key, lost=counter.lost - lost)
+        if ended and self._on_count is not None:
+            self._on_count(key, ended)
+
+    def _close_counter(self, key: str) -> None:
+        have = self._counters.pop(key, None)
         if have is not None:
             asyncio.get_running_loop().remove_reader(have[1].fileno())
             have[1].close()
