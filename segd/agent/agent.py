@@ -72,7 +72,7 @@ from segd.agent.sharing import NsId
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
 from segd.config import AgentConfig
 from segd.firewall.kernel import Firewall, NetnsError, stat_ns, take_host_lock
-from segd.wire import SignedInstructions
+from segd.wire import Instructions, SignedInstructions
 
 _log = log.get(__name__)
 
@@ -114,17 +114,21 @@ class Agent:
         self.link = ServerLink(self.client, cfg.backoff_max_s)
         self.host = Host(isolate_unkeyed=cfg.isolate_unkeyed)
         self.metrics = AgentMetrics()
+        self._directory: tuple[Instructions | None, Directory] = (None, Directory.of(None))
         self.reporter = FlowReporter(
             self.client,
-            lambda: Directory.of(self.host.instr),
+            self._directory_now,
             self.metrics,
             interval=cfg.flow_interval_s,
             backoff_max=cfg.backoff_max_s,
             owner=self._owner_of,
         )
         self.kernel: Kernel = (
-            firewall if firewall is not None else Firewall(on_log=self.reporter.on_log)
+            firewall
+            if firewall is not None
+            else Firewall(on_log=self.reporter.on_log, on_count=self.reporter.on_count)
         )
+        self.reporter.dump = getattr(self.kernel, "conntrack_dump", None)
         self.metrics.watch(self.host, lambda: getattr(self.kernel, "log_readers", 0))
         self._metrics_listener = (
             MetricsListener(self.metrics, cfg.metrics_listen) if cfg.metrics_listen else None
@@ -389,6 +393,13 @@ class Agent:
             except Exception as e:  # keep reconciling whatever one round hit
                 _log.error("reconcile.failed", error=repr(e))
             _log.debug("agent.stats", **self.footprint())
+
+    def _directory_now(self) -> Directory:
+        """Who is who in the instructions held now (made again when they change)."""
+        instr = self.host.instr
+        if self._directory[0] is not instr:
+            self._directory = (instr, Directory.of(instr))
+        return self._directory[1]
 
     def _owner_of(self, ip: str) -> str | None:
         """The running container that has address `ip` (the gate's logs name none)."""

@@ -1,8 +1,11 @@
 """Flow records to the server: count logged packets, send a batch every interval.
 
 The kernel module calls `on_log` on the event loop with what a container's
-table logged; it is counted into the pure `flows.Flows` (no I/O, bounded).
-`run` closes the interval every `[agent] flow_interval_s` seconds and sends
+table logged, and `on_count` with the connections that ended in a namespace
+whose connections are counted (`enhanced`); both are counted into the pure
+`flows.Flows` (no I/O, bounded). `run` closes the interval every
+`[agent] flow_interval_s` seconds (first counting, from a conntrack dump, what
+the connections still open carried since the last one) and sends
 the queued batches as signed `POST /v1/agent/flows`. An unreachable server is
 tried again with backoff until the next interval closes (the batches stay
 queued, bounded; the oldest are dropped and counted); a batch the server
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from segd import log
 from segd.agent.client import Denied, ServerClient, ServerUnavailable
@@ -22,7 +25,10 @@ from segd.agent.flows import Directory, Flows
 from segd.agent.metrics import AgentMetrics
 from segd.agent.retry import Backoff
 from segd.firewall import nflog
+from segd.firewall.conntrack import CtEntry
 from segd.firewall.nflog import LogPacket
+
+Dump = Callable[[], Awaitable[Mapping[str, list[CtEntry]]]]
 
 _log = log.get(__name__)
 
@@ -38,6 +44,7 @@ class FlowReporter:
         backoff_max: float,
         flows: Flows | None = None,
         owner: Callable[[str], str | None] = lambda _ip: None,
+        dump: Dump | None = None,
     ) -> None:
         self.client = client
         self.directory = directory
@@ -46,11 +53,19 @@ class FlowReporter:
         self.backoff_max = backoff_max
         self.flows = flows or Flows()
         self.owner = owner  # the local container holding an address
+        self.dump = dump  # the open connections of every counted namespace
         self._lost_seen = 0
+
+    def _recount(self) -> None:
+        """Follow the instructions' counted containers (`directory()` is cached)."""
+        counted = self.directory().counted
+        if counted is not self.flows.counted:
+            self.flows.recount(counted)
 
     def on_log(self, container: str, packets: list[LogPacket], lost: int) -> None:
         """Packets a container's table (or, `nflog.GATE_LOG_KEY`, the host gate)
         logged; called on the loop by the kernel module."""
+        self._recount()
         now = time.time()
         by_owner: dict[str, list[LogPacket]] = {}
         for p in packets:
@@ -73,6 +88,26 @@ class FlowReporter:
             self.flows.overrun(lost)
         self._count_lost()
 
+    def on_count(self, container: str, entries: list[CtEntry]) -> None:
+        """Connections that ended in a counted container's namespace; called on the
+        loop by the kernel module."""
+        self._recount()
+        self.flows.count_connections(container, entries, time.time())
+
+    async def _count_open(self) -> None:
+        """What the connections still open carried since the last interval."""
+        if self.dump is None:
+            return
+        try:
+            found = await self.dump()
+        except Exception as e:  # visibility never stops the agent
+            _log.warning("flows.dump_failed", error=str(e) or repr(e))
+            return
+        self._recount()
+        now = time.time()
+        for container, entries in found.items():
+            self.flows.count_connections(container, entries, now, dump=True)
+
     def _count_lost(self) -> None:
         if self.flows.lost_total > self._lost_seen:
             self.metrics.flow_records_lost.inc(self.flows.lost_total - self._lost_seen)
@@ -89,6 +124,7 @@ class FlowReporter:
     async def flush(self, until: float | None = None) -> None:
         """Close the interval and send every queued batch; an unreachable server
         is tried again with backoff until `until` (monotonic; None: once)."""
+        await self._count_open()
         n = self.flows.close_interval(self.directory())
         self._count_lost()
         if n:

@@ -87,11 +87,14 @@ def flow_row(f: wire.Flow) -> tuple[str, ...]:
         f.verdict,
         f.rule_id or "-",
         str(f.connections),
+        str(f.bytes),
         f.reported_by,
     )
 
 
-FLOW_HEADERS = ("LAST_SEEN", "SRC", "DST", "PORT", "VERDICT", "RULE", "CONNS", "REPORTED_BY")
+FLOW_HEADERS = (
+    *("LAST_SEEN", "SRC", "DST", "PORT", "VERDICT", "RULE", "CONNS", "BYTES", "REPORTED_BY"),
+)
 
 
 def _filter_query(a: argparse.Namespace) -> dict[str, str | int]:

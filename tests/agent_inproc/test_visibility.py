@@ -4,6 +4,7 @@ records sent in batches, and its metrics are served on a loopback listener."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +14,7 @@ from segd.agent.client import Denied, ServerUnavailable
 from segd.agent.flows import Directory
 from segd.agent.metrics import AgentMetrics
 from segd.agent.reporter import FlowReporter
+from segd.firewall.conntrack import CtEntry
 from segd.firewall.nflog import GATE_LOG_KEY, LogPacket
 from segd.wire import FlowBatchIn
 from tests.agent_inproc.conftest import World, _free_port
@@ -203,3 +205,43 @@ async def test_each_interval_is_sent_and_an_unreachable_server_is_retried_meanwh
         assert [r.port for r in client.batches[1].records] == [54]  # the next interval
     finally:
         task.cancel()
+
+
+async def test_enhanced_connections_are_sent_with_their_bytes_ended_or_still_open() -> None:
+    """A counted container: a connection that ended (from the kernel's callback)
+    and one still open (from the dump at the interval's close) both reach the
+    server with conntrack's counts; a failing dump leaves the interval to go."""
+    client = FakeClient()
+    dumps: list[Mapping[str, list[CtEntry]] | None] = [
+        {"db": [CtEntry(2, "tcp", "10.0.0.1", "10.0.0.2", 40001, 5432, 8, 4_000, False)]},
+        None,  # the dump fails
+    ]
+
+    async def dump() -> Mapping[str, list[CtEntry]]:
+        found = dumps.pop(0)
+        if found is None:
+            raise OSError("netlink went away")
+        return found
+
+    directory = Directory({"db": "w_db"}, {}, {"db": frozenset({"10.0.0.2"})})
+    reporter = FlowReporter(
+        client,  # type: ignore[arg-type]
+        lambda: directory,
+        AgentMetrics(),
+        interval=60,
+        backoff_max=0.02,
+        dump=dump,
+    )
+    reporter.on_log(
+        "db", [LogPacket("segd:in:a:r1", "10.0.0.1", "10.0.0.2", "tcp", 40000, 5432, 60)], 0
+    )
+    reporter.on_count(
+        "db", [CtEntry(1, "tcp", "10.0.0.1", "10.0.0.2", 40000, 5432, 12, 9_000, True)]
+    )
+    await reporter.flush()
+    (batch,) = client.batches
+    got = {r.rule_id: (r.connections, r.packets, r.bytes) for r in batch.records}
+    # the logged one under its rule; the one opened before any log, allowed with no rule
+    assert got == {"r1": (1, 12, 9_000), "": (1, 8, 4_000)}
+    await reporter.flush()  # the dump fails: logged, nothing else
+    assert len(client.batches) == 1

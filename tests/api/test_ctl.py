@@ -197,7 +197,7 @@ def test_every_verb(ctl: Ctl, live_server: LiveServer) -> None:
     # flows
     assert ctl.json("flow", "list") == []
     assert ctl.ok("flow", "list").split() == [
-        *("LAST_SEEN", "SRC", "DST", "PORT", "VERDICT", "RULE", "CONNS", "REPORTED_BY")
+        *("LAST_SEEN", "SRC", "DST", "PORT", "VERDICT", "RULE", "CONNS", "BYTES", "REPORTED_BY")
     ]
     assert host_id in ctl.ok("host", "list")
     assert [h["workloads"] for h in ctl.json("host", "list")] == [1]

@@ -87,7 +87,7 @@ def test_flow_list(ctl: Ctl, live_server: LiveServer) -> None:
     row = table[1].split()
     assert row[2:] == [
         *("external", "192.0.2.7", "app=shop,role=db", "(10.0.0.5)", "5432/tcp", "blocked"),
-        *("-", "1", host),
+        *("-", "1", "0", host),  # no bytes in this record
     ]
     assert len(ctl.json("flow", "list", "--since", "1h")) == 2
     assert len(ctl.json("flow", "list", "--dst", "role=db", "--port", "22")) == 1

@@ -172,6 +172,44 @@ def test_blocked_attempts_and_logged_accepts_are_reported_by_the_agent(
         assert m[("segd_agent_docker_events_total", (("event", "ContainerStarted"),))] >= 3
 
 
+def test_enhanced_counts_the_bytes_of_whole_connections(stack: Stack) -> None:
+    """db at visibility `enhanced`: web downloads 300 KiB from db's port 5432; the
+    allowed record of db's side carries the rule id and at least those bytes
+    (conntrack counts both directions of the connection, in db's namespace);
+    web at the default level reports nothing of it."""
+    stack.start_server()
+    require_modes(stack)
+    rule_id = stack.api(
+        "POST",
+        "/v1/rules",
+        wire.RuleIn(providers=[{"role": "db"}], consumers=[{"role": "web"}], services=["tcp/5432"]),
+    )["id"]
+    db_profile, db_key = profile(stack, {"role": "db"})
+    set_mode(stack, db_profile, "full", "--visibility", "enhanced")
+    with FlowTap(stack.url) as tap:
+        stack.start_agent(server=tap.url, extra=f"flow_interval_s = {INTERVAL}\n")
+        web = stack.run("web", key=stack.key({"role": "web"}))
+        db = stack.run("db", key=db_key)
+        stack.wait_paired(web, db)
+        docker("exec", db, "dd", "if=/dev/zero", "of=/www/big", "bs=1024", "count=300")
+        db_ip = stack.ip(db)
+        docker("exec", web, "wget", "-q", "-O", "/dev/null", f"http://{db_ip}:5432/big")
+        got = tap.wait(
+            lambda r: r.container_id == db and r.verdict == "allowed" and r.bytes >= 300 * 1024,
+            DUE,
+            "db's counted download",
+        )
+        assert (got.direction, got.peer_ip, got.port, got.rule_id) == (
+            "in",
+            stack.ip(web),
+            5432,
+            rule_id,
+        )
+        assert got.packets > 1  # the whole connection's, not its logged first packet's
+        assert not any(r.container_id == web and r.port == 5432 for r in tap.records())
+        assert tap.lost() == 0
+
+
 def set_mode(stack: Stack, name: str, mode: wire.Mode, *more: str) -> None:
     """`segd ctl profile set-mode NAME MODE [MORE]`."""
     out = stack.ctl("profile", "set-mode", name, mode, *more)

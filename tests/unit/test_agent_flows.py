@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 from segd.agent.flows import Directory, Flows, Key, key_of
+from segd.firewall.conntrack import CtEntry
 from segd.firewall.nflog import LogPacket, Tag, parse, prefix
-from segd.wire import MAX_FLOW_BATCH, Allow, Instructions, WorkloadPolicy
+from segd.wire import (
+    MAX_FLOW_BATCH,
+    Allow,
+    Instructions,
+    Mode,
+    VisibilityLevel,
+    WorkloadPolicy,
+)
 
 DB, WEB, OUT = "172.17.0.3", "172.17.0.2", "203.0.113.9"
 
@@ -158,3 +166,118 @@ def test_a_batch_not_sent_stays_queued_and_overruns_are_lost() -> None:
     f.sent(first)
     rest = f.next_batch()
     assert rest is not None and rest.records == [] and rest.lost == 1
+
+
+# ---- `enhanced`: connections counted whole from conntrack -------------------------------
+
+
+def ct(
+    i: int,
+    packets: int,
+    size: int,
+    *,
+    ended: bool,
+    src: str = WEB,
+    dst: str = DB,
+    dport: int = 5432,
+) -> CtEntry:
+    return CtEntry(i, "tcp", src, dst, 40000, dport, packets, size, ended)
+
+
+def counted_db() -> Flows:
+    f = Flows()
+    f.recount({"db": frozenset({DB})})
+    return f
+
+
+def records(f: Flows) -> dict[Key, tuple[int, int, int]]:
+    """(connections, packets, bytes) of each record of the interval."""
+    return {k: (t.connections, t.packets, t.bytes) for k, t in f.current.items()}
+
+
+def test_a_logged_connection_gets_its_bytes_from_conntrack_under_its_rule() -> None:
+    f = counted_db()
+    f.count("db", [pkt("segd:in:a:r1", WEB, DB, 5432)], 1.0)
+    f.count_connections("db", [ct(7, 12, 9_000, ended=True)], 2.0)
+    key = Key("db", "in", WEB, "tcp", 5432, "allowed", "r1")
+    # the logged first packet counts the connection, conntrack every packet of it
+    assert records(f) == {key: (1, 12, 9_000)}
+
+
+def test_a_connection_no_log_opened_is_allowed_with_no_rule_its_side_from_the_address() -> None:
+    f = counted_db()
+    f.count_connections("db", [ct(1, 4, 500, ended=True, src=DB, dst=OUT, dport=443)], 1.0)
+    f.count_connections("db", [ct(2, 6, 700, ended=True)], 1.0)
+    assert records(f) == {
+        Key("db", "out", OUT, "tcp", 443, "allowed", ""): (1, 4, 500),
+        Key("db", "in", WEB, "tcp", 5432, "allowed", ""): (1, 6, 700),
+    }
+
+
+def test_an_open_connection_counts_what_it_carried_each_interval_and_once_in_all() -> None:
+    f = counted_db()
+    f.count("db", [pkt("segd:in:a:r1", WEB, DB, 5432)], 1.0)
+    key = Key("db", "in", WEB, "tcp", 5432, "allowed", "r1")
+    f.count_connections("db", [ct(3, 10, 1_000, ended=False)], 2.0, dump=True)
+    assert records(f) == {key: (1, 10, 1_000)}
+    f.close_interval(Directory({}, {}))
+    f.count_connections("db", [ct(3, 25, 4_000, ended=False)], 3.0, dump=True)
+    assert records(f) == {key: (0, 15, 3_000)}  # what grew; the connection counted before
+    f.close_interval(Directory({}, {}))
+    f.count_connections("db", [ct(3, 30, 5_500, ended=True)], 4.0)
+    assert records(f) == {key: (0, 5, 1_500)}
+    assert f.running == {"db": {}} and f.opened == {"db": {}}
+
+
+def test_a_dump_forgets_connections_that_ended_unseen() -> None:
+    f = counted_db()
+    f.count("db", [pkt("segd:in:a:r1", WEB, DB, 5432)], 1.0)
+    f.count_connections("db", [ct(3, 10, 1_000, ended=False)], 2.0, dump=True)
+    f.count_connections("db", [], 3.0, dump=True)  # its DESTROY event was lost
+    assert f.running == {"db": {}} and f.opened == {"db": {}}
+
+
+def test_blocked_packets_still_count_from_the_log_and_uncounted_containers_ignore_conntrack() -> (
+    None
+):
+    f = counted_db()
+    f.count("db", [pkt("segd:in:b", WEB, DB, 22, n=60)] * 2, 1.0)
+    f.count_connections("web", [ct(1, 5, 500, ended=True)], 1.0)  # web is not counted
+    f.count("web", [pkt("segd:out:a:r1", WEB, DB, 5432, n=60)], 1.0)
+    assert records(f) == {
+        Key("db", "in", WEB, "tcp", 22, "blocked", ""): (2, 2, 120),
+        Key("web", "out", DB, "tcp", 5432, "allowed", "r1"): (1, 1, 60),
+    }
+
+
+def test_a_container_no_longer_counted_is_forgotten() -> None:
+    f = counted_db()
+    f.count("db", [pkt("segd:in:a:r1", WEB, DB, 5432)], 1.0)
+    f.count_connections("db", [ct(3, 10, 1_000, ended=False)], 2.0, dump=True)
+    f.recount({})
+    assert f.running == {} and f.opened == {}
+    f.count_connections("db", [ct(3, 30, 5_500, ended=True)], 4.0)
+    assert sum(t.packets for t in f.current.values()) == 10  # nothing more counted
+
+
+def test_past_max_conns_an_open_connection_is_counted_once_when_it_ends() -> None:
+    f = counted_db()
+    f.max_conns = 1
+    f.count_connections("db", [ct(1, 5, 50, ended=False), ct(2, 7, 70, ended=False)], 1.0)
+    assert f.running == {"db": {1: (5, 50)}}
+    f.count_connections("db", [ct(2, 9, 90, ended=True)], 2.0)
+    key = Key("db", "in", WEB, "tcp", 5432, "allowed", "")
+    # 1 counted while open (5, 50); 2 counted whole when it ended (9, 90)
+    assert records(f) == {key: (2, 14, 140)}
+
+
+def test_the_directory_counts_enhanced_workloads_with_a_table() -> None:
+    def w(cid: str, visibility: VisibilityLevel, mode: Mode = "full") -> WorkloadPolicy:
+        return WorkloadPolicy(
+            "w" + cid, cid, {}, [cid + ".1"], [], [], mode=mode, visibility=visibility
+        )
+
+    instr = Instructions(
+        "h", 1, [w("a", "enhanced"), w("b", "blocked+allowed"), w("c", "enhanced", "idle")], {}, []
+    )
+    assert Directory.of(instr).counted == {"a": frozenset({"a.1"})}
