@@ -20,17 +20,13 @@ Messages are built and read by the pure `segd.firewall.conntrack`.
 from __future__ import annotations
 
 import errno
-import socket
 import threading
 from collections.abc import Callable
 
 from segd.firewall import conntrack
 from segd.firewall.conntrack import CtEntry
+from segd.firewall.kernel._netlink import RECV_SIZE, big_buffer, netfilter_socket, queued
 
-NETLINK_NETFILTER = 12
-SO_RCVBUFFORCE = 33
-RCVBUF = 4 * 1024 * 1024
-RECV_SIZE = 1 << 17
 ACCT = "/proc/sys/net/netfilter/nf_conntrack_acct"
 
 
@@ -61,9 +57,9 @@ class ConnCounter:
         self._state = threading.Lock()  # guards `_busy` and `_closed`
         self._busy = self._closed = False
         enable_accounting()
-        self.events = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.events = netfilter_socket()
         try:
-            self.dumps = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            self.dumps = netfilter_socket()
         except BaseException:
             self.events.close()
             raise
@@ -75,10 +71,7 @@ class ConnCounter:
             raise
 
     def _setup(self) -> None:
-        try:
-            self.events.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        except OSError:
-            self.events.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        big_buffer(self.events)
         self.events.bind((0, 1 << (conntrack.DESTROY_GROUP - 1)))
         self.events.setblocking(False)
         self.dumps.bind((0, 0))
@@ -95,19 +88,9 @@ class ConnCounter:
 
     def drain(self, most: int = 16) -> list[CtEntry]:
         """Connections that ended, queued now (at most `most` datagrams); never blocks."""
-        out: list[CtEntry] = []
-        for _ in range(most):
-            try:
-                data = self.events.recv(RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.lost += 1
-                    continue
-                raise
-            out.extend(e for e in conntrack.parse(data) if e.ended)
-        return out
+        datagrams, overruns = queued(self.events, most)
+        self.lost += overruns
+        return [e for data in datagrams for e in conntrack.parse(data) if e.ended]
 
     def dump(self) -> list[CtEntry]:
         """Every connection tracked now, with its running counters. Blocks (each

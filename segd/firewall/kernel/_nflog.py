@@ -21,9 +21,9 @@ import socket
 import struct
 from collections.abc import Iterator
 
+from segd.firewall.kernel._netlink import big_buffer, netfilter_socket, queued
 from segd.firewall.nflog import LogPacket
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
@@ -44,13 +44,10 @@ NFULA_PACKET_HDR = 1
 NFULA_PAYLOAD = 9
 NFULA_PREFIX = 10
 
-SO_RCVBUFFORCE = 33
-RCVBUF = 4 * 1024 * 1024
 COPY_RANGE = 64  # an IPv6 header (40) and the ports: enough to say who and where
 NLBUFSIZ = 65536
 QTHRESH = 64
 TIMEOUT_CS = 10
-RECV_SIZE = 1 << 17
 
 _NLMSG = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")  # family, version, res_id (big-endian group)
@@ -157,7 +154,7 @@ class Reader:
         self.lost = 0  # overruns: the kernel dropped messages for this socket
         self.window = 0.0  # when the current second of reading began (monotonic)
         self.taken = 0  # packets read in it
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        self.sock = netfilter_socket()
         try:
             self._setup()
         except BaseException:
@@ -165,10 +162,7 @@ class Reader:
             raise
 
     def _setup(self) -> None:
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-        except OSError:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        big_buffer(self.sock)
         self.sock.bind((0, 0))
         self.sock.settimeout(1.0)
         for msg in bind_messages(self.group):
@@ -191,19 +185,9 @@ class Reader:
 
     def drain(self, most: int = 16) -> list[LogPacket]:
         """What is queued now (at most `most` datagrams); never blocks."""
-        out: list[LogPacket] = []
-        for _ in range(most):
-            try:
-                data = self.sock.recv(RECV_SIZE)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    self.lost += 1
-                    continue
-                raise
-            out.extend(parse(data))
-        return out
+        datagrams, overruns = queued(self.sock, most)
+        self.lost += overruns
+        return [p for data in datagrams for p in parse(data)]
 
     def close(self) -> None:
         self.sock.close()
