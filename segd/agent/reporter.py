@@ -88,11 +88,15 @@ class FlowReporter:
             self.flows.overrun(lost)
         self._count_lost()
 
-    def on_count(self, container: str, entries: list[CtEntry]) -> None:
-        """Connections that ended in a counted container's namespace; called on the
-        loop by the kernel module."""
+    def on_count(self, container: str, entries: list[CtEntry], lost: int) -> None:
+        """Connections that ended in a counted container's namespace, and how many
+        the kernel dropped before they were read; called on the loop by the
+        kernel module."""
         self._recount()
         self.flows.count_connections(container, entries, time.time())
+        if lost:
+            self.flows.overrun(lost)
+        self._count_lost()
 
     async def _count_open(self) -> None:
         """What the connections still open carried since the last interval."""

@@ -236,7 +236,7 @@ async def test_enhanced_connections_are_sent_with_their_bytes_ended_or_still_ope
         "db", [LogPacket("segd:in:a:r1", "10.0.0.1", "10.0.0.2", "tcp", 40000, 5432, 60)], 0
     )
     reporter.on_count(
-        "db", [CtEntry(1, "tcp", "10.0.0.1", "10.0.0.2", 40000, 5432, 12, 9_000, True)]
+        "db", [CtEntry(1, "tcp", "10.0.0.1", "10.0.0.2", 40000, 5432, 12, 9_000, True)], 0
     )
     await reporter.flush()
     (batch,) = client.batches

@@ -44,18 +44,21 @@ once the gate is built; its packets come with the key `nflog.GATE_LOG_KEY`.
 
 With `on_count`, a container namespace whose plan `counts` (a workload at
 visibility level `enhanced`) also gets a connection counter (`_conntrack`),
-made on the worker inside the namespace right after the table is applied:
-it turns conntrack accounting on there and listens for destroy events, read
-on the event loop and handed to `on_count` with each ended connection's final
-packets and bytes. Connections still open are read by `conntrack_dump`, off
-the loop; a dump also reaps entries that timed out, whose destroy events
-follow (the kernel's own reaping may take a minute; a closed TCP connection
-stays tracked for `nf_conntrack_tcp_timeout_time_wait`, 120 s by default). A
-counter is kept per key with its namespace's identity (a new namespace gets a
-new one), and closed by `forget`, by `close`, and by a later whole-table plan
+made on the worker inside the namespace right after the table is applied: it
+turns conntrack accounting on there and listens for destroy events, read on
+the event loop and handed to `on_count` with each ended connection's final
+packets and bytes, and how many destroy events the kernel dropped (overruns),
+at most `log_budget` connections a second (a namespace ending more is left
+unread for the rest of that second, as a log reader is). Connections still
+open are read by `conntrack_dump`, off the loop; a dump also reaps entries
+that timed out, whose destroy events follow (the kernel's own reaping may take
+a minute; a closed TCP connection stays tracked for
+`nf_conntrack_tcp_timeout_time_wait`, 120 s by default). A counter is kept per
+key with its namespace's identity (a new namespace gets a new one), and closed
+by `forget`, by `close`, and by a later whole-table plan
 (`render.TABLE_PLANS`) that does not count; a set delta leaves it. One that
 cannot be made (no conntrack in the kernel) is logged and left out, like a log
-reader; destroy events the kernel dropped for it (overruns) are logged.
+reader; destroy events the kernel dropped for it (overruns) go to `on_count`.
 
 The underscored submodules are private to this package; `_ffi` is the only
 module in segd that imports ctypes.
@@ -140,7 +143,7 @@ OnLog = Callable[[str, list[LogPacket], int], None]
 """Called on the loop with a namespace's key, packets its table logged, and
 how many overruns its reader saw since the last call."""
 
-OnCount = Callable[[str, list[CtEntry]], None]
+OnCount = Callable[[str, list[CtEntry], int], None]
 """Called on the loop with a namespace's key and connections of it that ended,
 with their final counters."""
 
@@ -464,10 +467,26 @@ class Firewall:
             log.warning("firewall.count_read_failed", ns=key, error=str(e))
             self._close_counter(key)
             return
-        if counter.lost != lost:
-            log.warning("firewall.count_overrun", ns=key, lost=counter.lost - lost)
-        if ended and self._on_count is not None:
-            self._on_count(key, ended)
+        if (ended or counter.lost != lost) and self._on_count is not None:
+            self._on_count(key, ended, counter.lost - lost)
+        now = time.monotonic()
+        if now - counter.window >= 1.0:
+            counter.window, counter.taken = now, 0
+        counter.taken += len(ended)
+        if counter.taken >= self.log_budget:
+            # A namespace ending connections faster than that is not read for the
+            # rest of the second: the kernel drops the excess, counted as overruns.
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(counter.fileno())
+            loop.call_later(counter.window + 1.0 - now, self._resume_counts, key, counter)
+            log.warning("firewall.count_paused", ns=key, connections=counter.taken)
+
+    def _resume_counts(self, key: str, counter: ConnCounter) -> None:
+        have = self._counters.get(key)
+        if have is not None and have[1] is counter:
+            asyncio.get_running_loop().add_reader(
+                counter.fileno(), self._drain_counts, key, counter
+            )
 
     def _close_counter(self, key: str) -> None:
         have = self._counters.pop(key, None)

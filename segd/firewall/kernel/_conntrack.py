@@ -51,6 +51,8 @@ class ConnCounter:
 
     def __init__(self, timeout: float = 1.0) -> None:
         self.lost = 0  # overruns: the kernel dropped destroy events for this socket
+        self.window = 0.0  # when the current second of reading began (monotonic)
+        self.taken = 0  # ended connections read in it
         self.timeout = timeout
         self._seq = 0
         self._dumping = threading.Lock()  # one dump at a time
