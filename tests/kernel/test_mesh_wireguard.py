@@ -13,7 +13,7 @@ import pytest
 
 from segd.mesh import keys
 from tests.hostreq import mesh_missing, require
-from tests.kernel.conftest import Netns, Pair
+from tests.kernel.conftest import MakeNetns, Netns, Pair
 from tests.meshproc import kill_wireguard_go
 
 pytestmark = pytest.mark.kernel
@@ -132,3 +132,26 @@ def test_wireguard_go_peers_route_and_fail_closed(mesh_pair: Pair) -> None:
         assert not p.a.ping(GATEWAYS["b"], timeout=1)
     finally:
         _remove((p.a, "segdt-wga"), (p.b, "segdt-wgb"))
+
+
+_ROUTES = r"""
+import sys
+from segd import wire
+from segd.firewall.kernel import apply_routes
+from segd.mesh import plan
+for pool, subnet in (("10.213.64.0/18", "10.213.65.0/24"), ("10.77.0.0/16", "10.77.1.0/24")):
+    mesh = wire.Mesh(pool=pool, subnet=subnet, peers=[])
+    apply_routes(plan.desired(mesh, plan.Local("segdt-wgr", "br0", subnet[:-4] + "1")))
+"""
+
+
+def test_a_new_pool_replaces_the_old_pools_unreachable_route_and_no_other(
+    make_netns: MakeNetns,
+) -> None:
+    """The server's pool changed: the host's old pool is no longer blackholed by
+    segd, the new one is, and an `unreachable` route segd did not make stays."""
+    ns = make_netns("rt")
+    ns.ip("route", "add", "unreachable", "192.0.2.0/24")  # somebody else's
+    ns.run(sys.executable, "-c", _ROUTES)
+    rows = json.loads(ns.ip("-j", "-4", "route", "show", "type", "unreachable"))
+    assert sorted(r["dst"] for r in rows) == ["10.77.0.0/16", "192.0.2.0/24"]

@@ -211,11 +211,20 @@ class WireGuardLink:
 # ---- routes --------------------------------------------------------------------------
 
 
+# The routing protocol segd's `unreachable` pool routes are tagged with (any number
+# the kernel does not interpret, above RTPROT_STATIC), so the route of a pool the
+# server no longer uses is found and removed, and nobody else's is touched.
+POOL_ROUTE_PROTO = "213"
+
+
 def apply_routes(d: Desired) -> None:
     """A route to each peer subnet through the interface (source: the bridge's
-    address), none to any other, and `unreachable` for the whole pool."""
+    address), none to any other, and `unreachable` for the whole pool (and for
+    no pool segd used before)."""
     wg, gw = d.local.ifname, d.local.gateway
-    _run(["ip", "route", "replace", "unreachable", d.pool])
+    _run(["ip", "route", "replace", "unreachable", d.pool, "proto", POOL_ROUTE_PROTO])
+    for pool in set(pool_routes()) - {d.pool}:
+        remove_pool_route(pool)
     for subnet in d.routes:
         _run(["ip", "route", "replace", subnet, "dev", wg, "src", gw])
     for subnet in set(routes_on(wg)) - set(d.routes):
@@ -231,7 +240,18 @@ def routes_on(ifname: str) -> list[str]:
     return [str(r["dst"]) for r in rows if isinstance(r, dict) and "dst" in r]
 
 
+def pool_routes() -> list[str]:
+    """The pools segd's tagged `unreachable` routes cover."""
+    argv = ["ip", "-j", "-4", "route", "show", "type", "unreachable", "proto", POOL_ROUTE_PROTO]
+    try:
+        rows = json.loads(_run(argv, check=False).stdout or "[]")
+    except ValueError:
+        return []
+    return [str(r["dst"]) for r in rows if isinstance(r, dict) and "dst" in r]
+
+
 def remove_pool_route(pool: str) -> None:
+    """The pool's `unreachable` route (tagged or, from an earlier segd, not)."""
     _run(["ip", "route", "del", "unreachable", pool], check=False)
 
 
