@@ -10,6 +10,7 @@ server's `message` for an error answer, else what went wrong on the way.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import ssl
@@ -78,22 +79,8 @@ class Client:
     def lines(self, path: str, query: dict[str, str | int] | None = None) -> Iterator[bytes]:
         """GET a streamed answer (server-sent events, JSON lines) line by line, as
         it comes; the connection is closed when the caller stops iterating."""
-        url = self.server + path
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        req = urllib.request.Request(url, method="GET")  # noqa: S310 - http(s) only
-        req.add_header("Authorization", f"Bearer {self._token}")
-        p = self.peer
-        try:
-            with urllib.request.urlopen(req, timeout=self._timeout, context=self._ssl) as resp:  # noqa: S310
-                yield from resp
-        except urllib.error.HTTPError as e:
-            raise _answered(e, p) from None
-        except urllib.error.URLError as e:
-            reason = getattr(e.reason, "strerror", None) or str(e.reason)
-            raise ClientError(f"cannot reach {p.reach} at {self.server}: {reason}") from None
-        except (TimeoutError, OSError) as e:
-            raise ClientError(f"{p.name} at {self.server}: {e}") from None
+        with self._open(self._request("GET", path, query)) as resp:
+            yield from resp
 
     def call(
         self,
@@ -103,22 +90,38 @@ class Client:
         query: dict[str, str | int] | None = None,
     ) -> bytes:
         """Send one request; the raw JSON answer (b"" for 204)."""
+        data = None if body is None else _enc.encode(body)
+        req = self._request(method, path, query, data)
+        req.add_header("Accept", "application/json")
+        with self._open(req) as resp:
+            out: bytes = resp.read()
+            return out
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str | int] | None,
+        data: bytes | None = None,
+    ) -> urllib.request.Request:
         url = self.server + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
-        data = None if body is None else _enc.encode(body)
         # http or https only (checked when the client was made): no file: or other schemes.
         req = urllib.request.Request(url, data=data, method=method)  # noqa: S310
         req.add_header("Authorization", f"Bearer {self._token}")
-        req.add_header("Accept", "application/json")
         if data is not None:
             req.add_header("Content-Type", "application/json")
+        return req
+
+    @contextlib.contextmanager
+    def _open(self, req: urllib.request.Request) -> Iterator[Any]:
+        """The answer to `req`, read within the block; any failure (an error
+        answer, an unreachable peer, a timeout while reading) as a `ClientError`."""
         p = self.peer
         try:
-            ctx = self._ssl
-            with urllib.request.urlopen(req, timeout=self._timeout, context=ctx) as resp:  # noqa: S310
-                out: bytes = resp.read()
-                return out
+            with urllib.request.urlopen(req, timeout=self._timeout, context=self._ssl) as resp:  # noqa: S310
+                yield resp
         except urllib.error.HTTPError as e:
             raise _answered(e, p) from None
         except urllib.error.URLError as e:
