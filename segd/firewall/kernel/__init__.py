@@ -70,10 +70,10 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from segd import log as logging
 from segd.firewall.conntrack import CtEntry
@@ -164,6 +164,15 @@ class _Session:
 
 def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
+
+
+class _Paced(Protocol):
+    """A reader read within `log_budget` a second (`_nflog.Reader`, `ConnCounter`)."""
+
+    window: float  # when its current second of reading began (monotonic)
+    taken: int  # what was read in it
+
+    def fileno(self) -> int: ...
 
 
 class Firewall:
@@ -381,23 +390,42 @@ class Firewall:
             return
         if (packets or reader.lost != lost) and self._on_log is not None:
             self._on_log(key, packets, reader.lost - lost)
-        now = time.monotonic()
-        if now - reader.window >= 1.0:
-            reader.window, reader.taken = now, 0
-        reader.taken += len(packets)
-        if reader.taken >= self.log_budget:
-            # A namespace logging more than segd's rules do (its own rules on our
-            # group) is not read for the rest of the second: the kernel drops
-            # the excess, counted as overruns.
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(reader.fileno())
-            loop.call_later(reader.window + 1.0 - now, self._resume, key, reader)
-            log.warning("firewall.log_paused", ns=key, packets=reader.taken)
+        # within the budget: a namespace may log to our group with rules of its own
+        self._pace(key, reader, len(packets), self._readers, self._drain, "firewall.log_paused")
 
-    def _resume(self, key: str, reader: Reader) -> None:
-        have = self._readers.get(key)
-        if have is not None and have[1] is reader:
-            asyncio.get_running_loop().add_reader(reader.fileno(), self._drain, key, reader)
+    def _pace(
+        self,
+        key: str,
+        src: _Paced,
+        n: int,
+        kept: Mapping[str, tuple[NsId, _Paced]],
+        drain: Callable[[str, Any], None],
+        event: str,
+    ) -> None:
+        """Count `n` read from `src` this second; past `log_budget` it is not read
+        for the rest of the second: the kernel drops the excess, counted as
+        overruns. Read again then if it is still the one `kept` under `key`."""
+        now = time.monotonic()
+        if now - src.window >= 1.0:
+            src.window, src.taken = now, 0
+        src.taken += n
+        if src.taken < self.log_budget:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(src.fileno())
+        loop.call_later(src.window + 1.0 - now, self._resume, key, src, kept, drain)
+        log.warning(event, ns=key, read=src.taken)
+
+    @staticmethod
+    def _resume(
+        key: str,
+        src: _Paced,
+        kept: Mapping[str, tuple[NsId, _Paced]],
+        drain: Callable[[str, Any], None],
+    ) -> None:
+        have = kept.get(key)
+        if have is not None and have[1] is src:
+            asyncio.get_running_loop().add_reader(src.fileno(), drain, key, src)
 
     def _close_reader(self, key: str) -> None:
         have = self._readers.pop(key, None)
@@ -469,24 +497,9 @@ class Firewall:
             return
         if (ended or counter.lost != lost) and self._on_count is not None:
             self._on_count(key, ended, counter.lost - lost)
-        now = time.monotonic()
-        if now - counter.window >= 1.0:
-            counter.window, counter.taken = now, 0
-        counter.taken += len(ended)
-        if counter.taken >= self.log_budget:
-            # A namespace ending connections faster than that is not read for the
-            # rest of the second: the kernel drops the excess, counted as overruns.
-            loop = asyncio.get_running_loop()
-            loop.remove_reader(counter.fileno())
-            loop.call_later(counter.window + 1.0 - now, self._resume_counts, key, counter)
-            log.warning("firewall.count_paused", ns=key, connections=counter.taken)
-
-    def _resume_counts(self, key: str, counter: ConnCounter) -> None:
-        have = self._counters.get(key)
-        if have is not None and have[1] is counter:
-            asyncio.get_running_loop().add_reader(
-                counter.fileno(), self._drain_counts, key, counter
-            )
+        self._pace(
+            key, counter, len(ended), self._counters, self._drain_counts, "firewall.count_paused"
+        )
 
     def _close_counter(self, key: str) -> None:
         have = self._counters.pop(key, None)
