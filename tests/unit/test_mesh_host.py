@@ -255,38 +255,9 @@ def test_docker_user_rule_and_the_stale_ones() -> None:
         " -j ACCEPT\n"
         "-A DOCKER-USER -j RETURN\n"
     )
-    assert plan.stale_docker_user_rules(listing, [rule]) == [
-        [
-            "-d",
-            "10.213.9.0/24",
-            "-i",
-            "segd-wg",
-            "-o",
-            "br-old",
-            "-m",
-            "comment",
-            "--comment",
-            "segd-mesh",
-            "-j",
-            "ACCEPT",
-        ]
-    ]
-    assert plan.stale_docker_user_rules(listing, []) == [
-        [
-            "-d",
-            "10.213.9.0/24",
-            "-i",
-            "segd-wg",
-            "-o",
-            "br-old",
-            "-m",
-            "comment",
-            "--comment",
-            "segd-mesh",
-            "-j",
-            "ACCEPT",
-        ]
-    ]
+    old = "-d 10.213.9.0/24 -i segd-wg -o br-old -m comment --comment segd-mesh -j ACCEPT"
+    assert plan.stale_docker_user_rules(listing, [rule]) == [old.split()]
+    assert plan.stale_docker_user_rules(listing, []) == [old.split()]
 
 
 @pytest.mark.parametrize(
