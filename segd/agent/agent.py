@@ -52,21 +52,12 @@ from segd.agent.events import (
 )
 from segd.agent.executor import Executor, Kernel
 from segd.agent.flows import Directory
-from segd.agent.host import Host, Report, RoleChange
+from segd.agent.host import Host, Report
 from segd.agent.hostlock import host_lock_path
 from segd.agent.link import ServerLink
 from segd.agent.mesh import MeshAgent, turn_off
 from segd.agent.metrics import AgentMetrics, MetricsListener
-from segd.agent.ops import (
-    ApplyTable,
-    Failed,
-    GateChange,
-    GateRebuild,
-    GateSubnets,
-    LookupPorts,
-    Op,
-    Result,
-)
+from segd.agent.observe import footprint, log_role, observe_op
 from segd.agent.reporter import FlowReporter
 from segd.agent.sharing import NsId
 from segd.agent.state import Identity, InvalidInstructions, StateDir, verify_instructions
@@ -134,7 +125,10 @@ class Agent:
             MetricsListener(self.metrics, cfg.metrics_listen) if cfg.metrics_listen else None
         )
         self.enforcer = Enforcer(
-            self.host, Executor(self.kernel), self._report, observe=self._observe
+            self.host,
+            Executor(self.kernel),
+            self._report,
+            observe=lambda op, res, s: observe_op(self.metrics, op, res, s),
         )
         self.mesh: MeshAgent | None = None
         if cfg.mesh.enabled:
@@ -240,7 +234,7 @@ class Agent:
     def _fold(self, ev: HostEvent) -> None:
         """One event into the host's state; wake the enforcement task."""
         for change in self.host.on(ev):
-            _log_role(change)
+            log_role(change)
             self.link.sidecars_changed(self.host.sidecars)
         self.enforcer.kick()
 
@@ -408,19 +402,6 @@ class Agent:
                 return cid
         return None
 
-    def _observe(self, op: Op, res: Result, seconds: float) -> None:
-        """Metrics of one kernel operation."""
-        if isinstance(op, ApplyTable) and op.plan is not None and not isinstance(res, Failed):
-            self.metrics.apply_seconds.observe(seconds)
-        if isinstance(res, Failed) and not res.gone:
-            match op:
-                case ApplyTable():
-                    self.metrics.apply_failures.labels("apply").inc()
-                case LookupPorts():
-                    self.metrics.apply_failures.labels("ports").inc()
-                case GateChange() | GateRebuild() | GateSubnets():
-                    self.metrics.apply_failures.labels("gate").inc()
-
     def _report(self, r: Report) -> None:
         self.metrics.drift_repairs.labels("table" if r.container else "gate").inc()
         if r.container:
@@ -432,45 +413,4 @@ class Agent:
 
     def footprint(self) -> dict[str, int]:
         """Counts that must stay flat under churn (leak checks) and memory."""
-        with open("/proc/self/statm") as f:
-            rss_pages = int(f.read().split()[1])
-        return {
-            "tasks": len(asyncio.all_tasks()),
-            "fds": len(os.listdir("/proc/self/fd")),
-            "namespaces": self.kernel.open_namespaces,
-            "containers": len(self.host.containers),
-            "enforced": len(self.host.enforced),
-            "workloads": len(self.host.workloads),
-            "pairing": len(self.link.pairing),
-            "rss_kb": rss_pages * os.sysconf("SC_PAGE_SIZE") // 1024,
-        }
-
-
-def _log_role(change: RoleChange) -> None:
-    info, role = change.info, change.new
-    cid = info.id[:12]
-    if role.kind == "shares":
-        _log.warning(
-            "container.shares_namespace",
-            container=cid,
-            owner=role.owner[:12],
-            keyed=bool(info.pairing_key),
-            reason="in another container's network namespace: that container's "
-            "table applies; not enforced or paired on its own",
-        )
-    elif role.kind == "host":
-        _log.warning(
-            "container.host_namespace",
-            container=cid,
-            keyed=bool(info.pairing_key),
-            reason="in the host's network namespace: never enforced or paired",
-        )
-    elif role.kind == "unknown":
-        _log.warning(
-            "container.namespace_unknown",
-            container=cid,
-            reason="its namespace cannot be read, or another container claims it: "
-            "not enforced until that clears",
-        )
-    elif change.old is not None:
-        _log.info("container.owns_namespace", container=cid)
+        return footprint(self.host, self.kernel.open_namespaces, len(self.link.pairing))
