@@ -19,6 +19,11 @@ Baseline: `bench.fixed_server` (an aiohttp handler that reads the body and
 answers a fixed small JSON, in its own process) driven by the same client with
 the same signed requests, at the same concurrency, for half the budget just
 before and half just after the segd run (the two halves pooled).
+
+At 16 clients the same server also answers, for half the budget, signed
+requests that do nothing: a long-poll for instructions newer than any
+(`since` far ahead, `wait=0`, answered 204). Its rate against the same baseline
+splits the gap: what the signed HTTP request costs, and what the pairing does.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +55,7 @@ from segd.http.client import Client
 from segd.wire import ActivationCodeIn, MeshJoined, MeshJoinIn, PairIn, Registered, RegisterIn
 
 PAIR_PATH = "/v1/agent/pair"
+NOOP_PATH = f"/v1/agent/instructions?since={2**62}&wait=0"
 MESH_PATH = "/v1/agent/mesh"
 # The agents' hosts are in the mesh and pair addresses of their own subnets, so a
 # pairing reaches every host whose workloads reference its sets, as in a fleet.
@@ -98,6 +105,36 @@ class Load:
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
 
 
+Request = tuple[str, str, bytes]  # method, path and query, body
+
+
+def pairings(
+    agents: list[LoadAgent], tokens: list[str], prefix: str, first: int = 0
+) -> Callable[[int], Request]:
+    """The i-th request: a pairing of a new container, rotating over the agents and
+    the keys; each agent's containers take its addresses from its `first` on."""
+    enc = msgspec.json.Encoder()
+
+    def make(i: int) -> Request:
+        agent = agents[i % len(agents)]
+        body = enc.encode(
+            PairIn(
+                container_id=f"{prefix}-{i:07d}",
+                pairing_key=tokens[i % len(tokens)],
+                ips=[agent.address(first + i // len(agents))],
+                name=f"bench-{i}",
+            )
+        )
+        return "POST", PAIR_PATH, body
+
+    return make
+
+
+def noops(i: int) -> Request:
+    """A signed request the server answers without doing anything (204)."""
+    return "GET", NOOP_PATH, b""
+
+
 async def drive(
     url: str,
     agents: list[LoadAgent],
@@ -108,10 +145,12 @@ async def drive(
     seconds: float,
     prefix: str,
     first: int = 0,
+    make: Callable[[int], Request] | None = None,
 ) -> Load:
-    """`concurrency` clients send signed pairings until `requests` or `seconds` run out;
-    each agent's containers take its addresses from its `first` on."""
-    enc = msgspec.json.Encoder()
+    """`concurrency` clients send signed requests (pairings unless `make` says
+    otherwise) until `requests` or `seconds` run out, each signed by the agent
+    whose turn it is; 200 and 204 count as answered."""
+    make = make or pairings(agents, tokens, prefix, first)
     counter = itertools.count()
     statuses: Counter[str] = Counter()
     latencies: list[float] = []
@@ -134,21 +173,15 @@ async def drive(
                 if i >= requests:
                     return
                 agent = agents[i % len(agents)]
-                body = enc.encode(
-                    PairIn(
-                        container_id=f"{prefix}-{i:07d}",
-                        pairing_key=tokens[i % len(tokens)],
-                        ips=[agent.address(first + i // len(agents))],
-                        name=f"bench-{i}",
-                    )
-                )
+                method, path, body = make(i)
                 headers = crypto.sign_request(
-                    agent.key, agent.host_id, "POST", PAIR_PATH, body, time.time()
+                    agent.key, agent.host_id, method, path, body, time.time()
                 )
-                headers["Content-Type"] = "application/json"
+                if body:
+                    headers["Content-Type"] = "application/json"
                 t = time.perf_counter()
                 try:
-                    async with sess.post(url + PAIR_PATH, data=body, headers=headers) as r:
+                    async with sess.request(method, url + path, data=body, headers=headers) as r:
                         answered[0] += len(await r.read())
                         status = str(r.status)
                 except (aiohttp.ClientError, OSError, TimeoutError) as e:
@@ -159,9 +192,8 @@ async def drive(
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return Load(
-        statuses.get("200", 0), dict(statuses), latencies, elapsed, answer_bytes=answered[0]
-    )
+    ok = statuses.get("200", 0) + statuses.get("204", 0)
+    return Load(ok, dict(statuses), latencies, elapsed, answer_bytes=answered[0])
 
 
 def register_agents(server: Server, n: int, *, mesh: bool = False) -> list[LoadAgent]:
@@ -254,19 +286,28 @@ def _merge(a: Load, b: Load) -> Load:
     )
 
 
-async def _level(
-    p: Params, c: int, root: Path, fixed_url: str, fixed_pid: int
-) -> tuple[Load, Load, int]:
-    """One level: baseline (half), segd, baseline (other half), so that the baseline
-    brackets the segd run and a passing disturbance weighs on both alike."""
+@dataclass
+class Level:
+    segd: Load
+    base: Load  # the fixed-JSON handler, both halves
+    recorded: int  # workloads in the store afterwards
+    noop: Load | None = None  # signed requests that do nothing (16 clients)
+
+
+async def _level(p: Params, c: int, root: Path, fixed_url: str, fixed_pid: int) -> Level:
+    """One level: baseline (half), segd (and, at 16 clients, signed no-ops for half
+    the budget), baseline (other half), so that the baseline brackets the segd
+    runs and a passing disturbance weighs on them alike."""
     server, agents, tokens = _segd(root, p)
+    plan: list[tuple[str, str, int, float, Callable[[int], Request] | None]] = [
+        ("base", fixed_url, fixed_pid, 0.5, None),
+        ("segd", server.url, server.proc.pid, 1.0, None),
+        *([("noop", server.url, server.proc.pid, 0.5, noops)] if c == 16 else []),
+        ("base", fixed_url, fixed_pid, 0.5, None),
+    ]
     try:
-        runs = []
-        for url, pid, share in (
-            (fixed_url, fixed_pid, 0.5),
-            (server.url, server.proc.pid, 1.0),
-            (fixed_url, fixed_pid, 0.5),
-        ):
+        runs: dict[str, list[Load]] = {}
+        for name, url, pid, share, make in plan:
             cpu0, me0 = proc_cpu_s(pid), time.process_time()
             load = await drive(
                 url,
@@ -276,44 +317,45 @@ async def _level(
                 requests=int(p.requests * share),
                 seconds=p.seconds * share,
                 prefix=f"c{c}",
+                make=make,
             )
             load.server_cpu_pct = 100 * (proc_cpu_s(pid) - cpu0) / load.elapsed
             load.client_cpu_pct = 100 * (time.process_time() - me0) / load.elapsed
-            runs.append(load)
+            runs.setdefault(name, []).append(load)
         recorded = server.workload_count()
         server.proc.check_alive("segd server")
     finally:
         server.stop()
-    return runs[1], _merge(runs[0], runs[2]), recorded
+    noop = runs.get("noop")
+    return Level(runs["segd"][0], _merge(*runs["base"]), recorded, noop[0] if noop else None)
 
 
-async def _run(p: Params, root: Path) -> tuple[dict[int, Load], dict[int, Load], dict[int, int]]:
-    segd: dict[int, Load] = {}
-    base: dict[int, Load] = {}
-    recorded: dict[int, int] = {}
+async def _run(p: Params, root: Path) -> dict[int, Level]:
+    levels: dict[int, Level] = {}
     fixed, fixed_url = _fixed(root)
     try:
         for c in p.levels:
             (root / f"level-{c}").mkdir()
-            segd[c], base[c], recorded[c] = await _level(
-                p, c, root / f"level-{c}", fixed_url, fixed.pid
-            )
+            levels[c] = await _level(p, c, root / f"level-{c}", fixed_url, fixed.pid)
     finally:
         fixed.stop()
-    return segd, base, recorded
+    return levels
 
 
 def run(size: Size) -> Section:
     p = Params.of(size)
     with tempfile.TemporaryDirectory(prefix="segd-bench-") as tmp:
-        segd, base, recorded = asyncio.run(_run(p, Path(tmp)))
-    for c, load in segd.items():
-        if load.ok == 0:
-            raise BenchError(f"no pairing succeeded at {c} clients: {load.statuses}")
+        levels = asyncio.run(_run(p, Path(tmp)))
+    for c, lv in levels.items():
+        if lv.segd.ok == 0:
+            raise BenchError(f"no pairing succeeded at {c} clients: {lv.segd.statuses}")
+        if lv.noop is not None and lv.noop.ok == 0:
+            raise BenchError(f"no signed no-op was answered at {c} clients: {lv.noop.statuses}")
     figs: list[Figure] = []
     details: dict[str, Any] = {"params": p.__dict__, "levels": {}}
     for c in p.levels:
-        s, b = segd[c], base[c]
+        lv = levels[c]
+        s, b = lv.segd, lv.base
         targets = [Target(">=", 1000.0), Target(">=", 0.4, on="ratio")] if c == 16 else []
         figs.append(
             figure(
@@ -338,9 +380,22 @@ def run(size: Size) -> Section:
                 ratio="of",
             )
         )
+        if lv.noop is not None:
+            figs.append(
+                figure(
+                    f"pairing.c{c}.noop_rate",
+                    f"{c} clients: signed requests that do nothing/s",
+                    lv.noop.rate,
+                    "/s",
+                    baseline=b.rate,
+                    baseline_label="fixed-JSON handler",
+                    ratio="of",
+                )
+            )
         details["levels"][str(c)] = {
             "pairings": s.ok,
-            "recorded_workloads": recorded[c],
+            "recorded_workloads": lv.recorded,
+            "server_cpu_us_per_pairing": _cpu_us(s),
             "elapsed_s": round(s.elapsed, 3),
             "statuses": s.statuses,
             "latency_ms": {
@@ -357,9 +412,20 @@ def run(size: Size) -> Section:
             "baseline_statuses": b.statuses,
             "baseline_latency_ms": {"p50": ms(pct(b.latencies, 0.5))},
         }
+        if lv.noop is not None:
+            details["levels"][str(c)]["noop"] = {
+                "answered": lv.noop.ok,
+                "statuses": lv.noop.statuses,
+                "server_cpu_us_per_request": _cpu_us(lv.noop),
+            }
     return Section(
         name="pairing",
         title="2. Pairing throughput (HTTP, loopback)",
         figures=figs,
         details=details,
     )
+
+
+def _cpu_us(load: Load) -> float:
+    """The server's CPU (all its threads) per answered request, in µs."""
+    return round(load.server_cpu_pct / 100 / load.rate * 1e6, 1) if load.rate else 0.0

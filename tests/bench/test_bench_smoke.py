@@ -36,7 +36,10 @@ FIGURES: dict[str, dict[str, bool]] = {
         "enforce.burst.converges_per_version": True,
         "enforce.leaked": True,
     },
-    "pairing": {f"pairing.c{c}.{m}": True for c in (1, 16, 64) for m in ("rate", "p99")},
+    "pairing": {
+        **{f"pairing.c{c}.{m}": True for c in (1, 16, 64) for m in ("rate", "p99")},
+        "pairing.c16.noop_rate": True,
+    },
     "compile": {
         "compile.full.s": False,
         "compile.full.index_s": False,
@@ -144,6 +147,13 @@ def test_pairing(tmp_path: Path) -> None:
         assert level["answer_bytes_mean"] < 200  # the answer carries a version, not instructions
     rate = figs["pairing.c16.rate"]
     assert rate["ratio"] == pytest.approx(rate["value"] / rate["baseline"])
+    # The signed no-ops were answered as such (204) by the same server, against the
+    # same baseline, and the server's CPU per request is accounted for both runs.
+    noop = details["levels"]["16"]["noop"]
+    assert noop["answered"] > 0 and set(noop["statuses"]) == {"204"}
+    assert figs["pairing.c16.noop_rate"]["baseline"] == rate["baseline"]
+    assert noop["server_cpu_us_per_request"] > 0
+    assert details["levels"]["16"]["server_cpu_us_per_pairing"] > 0
     assert {"op": ">=", "limit": 0.4, "on": "ratio"} in rate["targets"]
 
 
