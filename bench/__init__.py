@@ -7,7 +7,8 @@ machine. One module per benchmark:
 
 - `enforce`: time from `docker run` / the `start` event to a container's rules
   being in place, one by one and in a burst, and connections leaked meanwhile;
-- `pairing`: pairings per second over HTTP against a fixed-response handler;
+- `pairing`: pairings per second over HTTP against a fixed-response handler,
+  and at 16 clients signed requests that do nothing against the same handler;
 - `compile`: the policy compiler on 10,000 workloads, full and incremental;
 - `apply`: a ruleset and one set element through `Firewall`, against `nft -f`;
 - `footprint`: the agent's memory and CPU with 100 enforced containers;
