@@ -385,6 +385,10 @@ Direction = Literal["in", "out"]
 Verdict = Literal["allowed", "blocked", "potentially_blocked"]
 FlowProto = Literal["tcp", "udp", "icmp", "other"]
 MAX_FLOW_BATCH = 5000
+# A count an agent reports (connections, packets, bytes, records lost): at most
+# the largest integer every JSON reader keeps exactly, and far inside SQLite's.
+MAX_COUNT = 2**53 - 1
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 
 
 class FlowRecordIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -402,14 +406,14 @@ class FlowRecordIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     proto: FlowProto
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)]
     verdict: Verdict
-    connections: Annotated[int, msgspec.Meta(ge=0)]
+    connections: Count
     first_seen: float
     last_seen: float
     workload_id: str = ""
     peer_workload_id: str = ""
     rule_id: str = ""
-    packets: Annotated[int, msgspec.Meta(ge=0)] = 0
-    bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    packets: Count = 0
+    bytes: Count = 0
 
 
 class FlowBatchIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -417,7 +421,7 @@ class FlowBatchIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     the agent had to drop (queue full, reader overrun) since the last batch."""
 
     records: Annotated[list[FlowRecordIn], msgspec.Meta(max_length=MAX_FLOW_BATCH)]
-    lost: Annotated[int, msgspec.Meta(ge=0)] = 0
+    lost: Count = 0
 
 
 class FlowEnd(msgspec.Struct, frozen=True, omit_defaults=True):

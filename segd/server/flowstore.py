@@ -94,6 +94,14 @@ _KEY = (
 )
 
 
+# A rollup's sums of the counts: exact up to `wire.MAX_COUNT` and held there
+# (`sum` would fail the whole rollup on an integer overflow).
+_ROLLED_COUNTS = ", ".join(
+    f"CAST(min(total({c}), {wire.MAX_COUNT}) AS INTEGER)"
+    for c in ("connections", "packets", "bytes")
+)
+
+
 def _end_row(e: wire.FlowEnd, labels: dict[int, str]) -> tuple[str, ...]:
     text = labels.get(id(e.labels))
     if text is None:
@@ -246,9 +254,9 @@ class FlowStore:
                 if lost or refused:
                     c.execute(
                         "INSERT INTO flow_losses (host_id, lost, refused) VALUES (?, ?, ?)"
-                        " ON CONFLICT (host_id) DO UPDATE SET lost = lost + excluded.lost,"
+                        " ON CONFLICT (host_id) DO UPDATE SET lost = min(lost + excluded.lost, ?),"
                         " refused = refused + excluded.refused",
-                        (host_id, lost, refused),
+                        (host_id, lost, refused, wire.MAX_COUNT),
                     )
                 c.execute("COMMIT")
             except BaseException:
@@ -337,9 +345,8 @@ def _rollup_hour(c: sqlite3.Connection, cutoff: float) -> int:
     c.execute("BEGIN IMMEDIATE")
     try:
         c.execute(
-            f"INSERT INTO flows ({_COLUMNS}, rolled_up) SELECT {_KEY}, sum(connections),"  # noqa: S608
-            f" sum(packets), sum(bytes), min(first_seen), max(last_seen), 1 FROM flows"
-            f" WHERE {window} GROUP BY {_KEY}",
+            f"INSERT INTO flows ({_COLUMNS}, rolled_up) SELECT {_KEY}, {_ROLLED_COUNTS},"  # noqa: S608
+            f" min(first_seen), max(last_seen), 1 FROM flows WHERE {window} GROUP BY {_KEY}",
             (start, end),
         )
         n = c.execute(f"DELETE FROM flows WHERE {window}", (start, end)).rowcount  # noqa: S608

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from segd import wire
 from segd.config import FlowsConfig, ServerConfig
 from segd.server.flowquery import FlowFilter
 from segd.server.flows import STREAM_QUEUE
@@ -173,6 +174,9 @@ async def test_a_host_reports_only_its_own_containers(api: Admin, make_agent: Ma
         {"records": [rec(DB, WEB_IP, rule_id="r" * 65)]},
         {"records": [rec(DB, WEB_IP, extra=1)]},
         {"records": [], "lost": -1},
+        {"records": [], "lost": 294464789374278234537984},  # once a 500 (SQLite overflow)
+        {"records": [], "lost": 2**53},
+        {"records": [rec(DB, WEB_IP, connections=2**53)]},
         {"records": [rec(DB, WEB_IP)] * 5001},
     ],
 )
@@ -346,6 +350,27 @@ async def test_flow_retention_and_hourly_rollup(
     [first_hour] = [f for f in flows if old <= f["last_seen"] < old + 3600]
     assert (first_hour["connections"], first_hour["packets"], first_hour["bytes"]) == (12, 4, 40)
     assert (first_hour["first_seen"], first_hour["last_seen"]) == (old, old + 63)
+
+
+async def test_counts_up_to_the_bound_are_kept_and_rolled_up_without_overflow(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    """Counts up to 2**53 - 1 are taken; what they add up to is held there (an
+    hourly rollup would otherwise fail on SQLite's integer overflow)."""
+    a, _b, _db, _web = await _shop(api, make_agent)
+    top = wire.MAX_COUNT
+    old = (time.time() // 3600) * 3600 - 2 * 86400
+    big = [
+        rec(DB, WEB_IP, first_seen=old + i, last_seen=old + i, connections=top, bytes=top)
+        for i in range(1100)  # their exact sum is past 2**63
+    ]
+    assert (await report(a, big, lost=top))[0] == 204
+    assert (await report(a, [], lost=top))[0] == 204
+    summed, _ = await api.svc.flows.housekeep()
+    assert summed == 1100
+    [rolled] = (await api.ok("GET", "/v1/flows"))["flows"]
+    assert (rolled["connections"], rolled["bytes"], rolled["packets"]) == (top, top, 0)
+    assert (await api.svc.flows.store.losses())[a.host_id][0] == top
 
 
 async def test_flow_reports_beyond_the_pace_are_answered_busy(
