@@ -45,6 +45,15 @@ def pairing_key(exp: float) -> str:
     return tokens.issue(nacl.signing.SigningKey.generate(), claims)
 
 
+# How soon a key "about to expire" expires: room for the steps that must still
+# take it (an HTTP round trip to an orchestrator thread) on a loaded machine.
+SOON_S = 3.0
+
+
+def soon() -> float:
+    return time.time() + SOON_S
+
+
 def wait_past(exp: float) -> None:
     """Until the clock has passed `exp` (a key made to expire a moment from now)."""
     while time.time() < exp:

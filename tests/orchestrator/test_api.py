@@ -30,6 +30,7 @@ from tests.orchestrator.conftest import (
     ApiFactory,
     pairing_key,
     profile_body,
+    soon,
     wait_past,
 )
 from tests.orchestrator.fake_engine import FakeEngine
@@ -697,7 +698,7 @@ async def test_run_with_an_expired_key_started_containers_that_stayed_isolated(
 ) -> None:
     """The key's claims say when it expires: a run (or a change to the profile)
     after that starts nothing and says what to do."""
-    exp = time.time() + 1
+    exp = soon()
     body = profile_body("soon", pairing_key=pairing_key(exp))
     assert (await fake_api.call("POST", "/v1/orch/profiles", body))[0] == 201
     status, [c] = await fake_api.call("POST", "/v1/orch/run", {"profile": "web"})

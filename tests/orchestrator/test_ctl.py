@@ -24,6 +24,7 @@ from tests.orchestrator.conftest import (
     free_port,
     labels_for,
     pairing_key,
+    soon,
     wait_past,
 )
 from tests.orchestrator.fake_engine import FakeEngine
@@ -185,7 +186,7 @@ def test_run_with_an_expired_key_left_containers_isolated(
 ) -> None:
     """`orch run PROFILE --count K` with a key that expired: one line, exit 1,
     nothing started; a new key set on the profile runs again."""
-    exp = time.time() + 1
+    exp = soon()
     ctl.ok("profile", "add", "web", "--image", "segd-busybox:latest", "--key", pairing_key(exp))
     wait_past(exp)
     err = ctl.fails("run", "web", "--count", "3")
