@@ -70,10 +70,10 @@ import asyncio
 import functools
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Literal, TypeVar
 
 from segd import log as logging
 from segd.firewall.conntrack import CtEntry
@@ -101,6 +101,7 @@ from segd.firewall.kernel._mesh import (
 from segd.firewall.kernel._nflog import Reader
 from segd.firewall.kernel._nft import LibNft, NftBackend, NsenterNft
 from segd.firewall.kernel._ports import read_ports
+from segd.firewall.kernel._watched import Watched
 from segd.firewall.kernel._worker import NsId, Worker, stat_ns
 from segd.firewall.nflog import GATE_LOG_KEY, GROUP, LogPacket
 from segd.firewall.plan import Plan, Table
@@ -166,15 +167,6 @@ def _ms(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000, 3)
 
 
-class _Paced(Protocol):
-    """A reader read within `log_budget` a second (`_nflog.Reader`, `ConnCounter`)."""
-
-    window: float  # when its current second of reading began (monotonic)
-    taken: int  # what was read in it
-
-    def fileno(self) -> int: ...
-
-
 class Firewall:
     """Run plans in container namespaces and in the gate's; list tables; read ports.
 
@@ -214,9 +206,11 @@ class Firewall:
         self._host_ns: frozenset[NsId] = frozenset()
         self._on_log = on_log
         self.log_budget = log_budget  # logged packets a namespace is read for, a second
-        self._readers: dict[str, tuple[NsId, Reader]] = {}  # touched on the loop only
+        self._readers: Watched[Reader, LogPacket] = Watched("log", lambda: self.log_budget, on_log)
         self._on_count = on_count
-        self._counters: dict[str, tuple[NsId, ConnCounter]] = {}  # on the loop only
+        self._counters: Watched[ConnCounter, CtEntry] = Watched(
+            "count", lambda: self.log_budget, on_count
+        )
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -231,10 +225,8 @@ class Firewall:
 
     async def close(self) -> None:
         """Free every namespace endpoint and stop the worker; kernel state stays."""
-        for key in list(self._readers):
-            self._close_reader(key)
-        for key in list(self._counters):
-            self._close_counter(key)
+        self._readers.close_all()
+        self._counters.close_all()
         if self._worker is None:
             return
         try:
@@ -284,7 +276,7 @@ class Firewall:
             if plan.counts:
                 await self._ensure_counter(ns)
             else:
-                self._close_counter(ns.key)
+                self._counters.close(ns.key)
 
     async def list_table(self, ns: NsRef, table: Table = CONTAINER) -> str | None:
         """`list table` in the namespace (stateless); None when the table is absent."""
@@ -293,8 +285,8 @@ class Firewall:
 
     async def forget(self, ns: NsRef) -> None:
         """Free the namespace's endpoint (the container is gone or restarted)."""
-        self._close_reader(ns.key)
-        self._close_counter(ns.key)
+        self._readers.close(ns.key)
+        self._counters.close(ns.key)
 
         def job(_w: Worker) -> None:
             s = self._sessions.pop(ns.key, None)
@@ -357,10 +349,9 @@ class Firewall:
 
     async def _reader(self, key: str, path: str | None, nsid: NsId) -> None:
         """An NFLOG reader for the namespace at `path` (None: the worker's home)."""
-        have = self._readers.get(key)
-        if have is not None and have[0] == nsid:
+        if self._readers.has(key, nsid):
             return
-        self._close_reader(key)
+        self._readers.close(key)
 
         def job(w: Worker) -> Reader:
             if path is None:
@@ -376,62 +367,8 @@ class Firewall:
         except (OSError, NetnsError) as e:
             log.warning("firewall.log_reader_failed", ns=key or "gate", error=str(e))
             return
-        self._readers[key] = (nsid, reader)
-        asyncio.get_running_loop().add_reader(reader.fileno(), self._drain, key, reader)
+        self._readers.watch(key, nsid, reader)
         log.debug("firewall.log_reader", ns=key or "gate")
-
-    def _drain(self, key: str, reader: Reader) -> None:
-        lost = reader.lost
-        try:
-            packets = reader.drain()
-        except OSError as e:
-            log.warning("firewall.log_read_failed", ns=key, error=str(e))
-            self._close_reader(key)
-            return
-        if (packets or reader.lost != lost) and self._on_log is not None:
-            self._on_log(key, packets, reader.lost - lost)
-        # within the budget: a namespace may log to our group with rules of its own
-        self._pace(key, reader, len(packets), self._readers, self._drain, "firewall.log_paused")
-
-    def _pace(
-        self,
-        key: str,
-        src: _Paced,
-        n: int,
-        kept: Mapping[str, tuple[NsId, _Paced]],
-        drain: Callable[[str, Any], None],
-        event: str,
-    ) -> None:
-        """Count `n` read from `src` this second; past `log_budget` it is not read
-        for the rest of the second: the kernel drops the excess, counted as
-        overruns. Read again then if it is still the one `kept` under `key`."""
-        now = time.monotonic()
-        if now - src.window >= 1.0:
-            src.window, src.taken = now, 0
-        src.taken += n
-        if src.taken < self.log_budget:
-            return
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(src.fileno())
-        loop.call_later(src.window + 1.0 - now, self._resume, key, src, kept, drain)
-        log.warning(event, ns=key, read=src.taken)
-
-    @staticmethod
-    def _resume(
-        key: str,
-        src: _Paced,
-        kept: Mapping[str, tuple[NsId, _Paced]],
-        drain: Callable[[str, Any], None],
-    ) -> None:
-        have = kept.get(key)
-        if have is not None and have[1] is src:
-            asyncio.get_running_loop().add_reader(src.fileno(), drain, key, src)
-
-    def _close_reader(self, key: str) -> None:
-        have = self._readers.pop(key, None)
-        if have is not None:
-            asyncio.get_running_loop().remove_reader(have[1].fileno())
-            have[1].close()
 
     # ---- connection counters (on the loop) --------------------------------------------------
 
@@ -446,7 +383,7 @@ class Firewall:
         Dumps run off the loop, side by side; a namespace whose dump fails is
         logged and left out, as is one whose counter closed meanwhile.
         """
-        counted = [(key, c) for key, (_, c) in self._counters.items()]
+        counted = list(self._counters.items())
         results = await asyncio.gather(
             *(asyncio.to_thread(c.dump) for _, c in counted), return_exceptions=True
         )
@@ -456,7 +393,7 @@ class Firewall:
                 log.warning("firewall.conntrack_dump_failed", ns=key, error=str(got))
             elif isinstance(got, BaseException):
                 raise got
-            elif self._counters.get(key, (None, None))[1] is counter:
+            elif self._counters.current(key, counter):
                 out[key] = got
         return out
 
@@ -465,10 +402,9 @@ class Firewall:
             nsid = _worker.stat_ns(ns.path)
         except (NamespaceGone, OSError):
             return
-        have = self._counters.get(ns.key)
-        if have is not None and have[0] == nsid:
+        if self._counters.has(ns.key, nsid):
             return
-        self._close_counter(ns.key)
+        self._counters.close(ns.key)
 
         def job(w: Worker) -> ConnCounter:
             fd, _ = _worker.open_ns(ns.path)
@@ -482,30 +418,8 @@ class Firewall:
         except (OSError, NetnsError) as e:
             log.warning("firewall.conn_counter_failed", ns=ns.key, error=str(e))
             return
-        self._close_counter(ns.key)  # one made meanwhile
-        self._counters[ns.key] = (nsid, counter)
-        asyncio.get_running_loop().add_reader(counter.fileno(), self._drain_counts, ns.key, counter)
+        self._counters.watch(ns.key, nsid, counter)  # one made meanwhile is closed
         log.debug("firewall.conn_counter", ns=ns.key)
-
-    def _drain_counts(self, key: str, counter: ConnCounter) -> None:
-        lost = counter.lost
-        try:
-            ended = counter.drain()
-        except OSError as e:
-            log.warning("firewall.count_read_failed", ns=key, error=str(e))
-            self._close_counter(key)
-            return
-        if (ended or counter.lost != lost) and self._on_count is not None:
-            self._on_count(key, ended, counter.lost - lost)
-        self._pace(
-            key, counter, len(ended), self._counters, self._drain_counts, "firewall.count_paused"
-        )
-
-    def _close_counter(self, key: str) -> None:
-        have = self._counters.pop(key, None)
-        if have is not None:
-            asyncio.get_running_loop().remove_reader(have[1].fileno())
-            have[1].close()
 
     # ---- the gate's namespace -----------------------------------------------------------
 
