@@ -43,6 +43,10 @@ from tests.fuzz.harness import (
 )
 
 TIMEOUT_S = 15.0
+# A live stream (server-sent events) never ends: the client stops reading once
+# the stream has been quiet this long, after its opening comment.
+STREAM_READ_S = 2.0
+EVENT_STREAM = "text/event-stream"
 
 
 class Stack:
@@ -135,9 +139,11 @@ def _check(stack: Stack, route: Route, case: Any, signed: bool) -> None:
         session=stack.session,
         headers=headers,
         excluded_checks=[positive_data_acceptance],
-        timeout=TIMEOUT_S,
+        timeout=STREAM_READ_S if route.media == EVENT_STREAM else TIMEOUT_S,
     )
     assert response.status_code < 500, (response.status_code, response.text[:500])
+    if route.media == EVENT_STREAM and response.status_code == 200:
+        assert response.content.startswith(b": segd flows\n\n"), response.content[:200]
     if route.path == ROTATE_TOKEN and response.status_code == 200:
         stack.token = response.json()["token"]
     code = ""
