@@ -417,11 +417,16 @@ class FlowRecordIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class FlowBatchIn(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """`POST /v1/agent/flows`: records since the last batch, and how many records
-    the agent had to drop (queue full, reader overrun) since the last batch."""
+    """`POST /v1/agent/flows`: records since the last batch, how many records the
+    agent had to drop (queue full, reader overrun) since the last batch, and the
+    batch's name."""
 
     records: Annotated[list[FlowRecordIn], msgspec.Meta(max_length=MAX_FLOW_BATCH)]
     lost: Count = 0
+    # The agent's name for this batch, the same each time it sends it again: a
+    # batch the server already kept is answered 204 and not kept twice (an agent
+    # that names none may see its records twice after a timeout).
+    batch_id: Annotated[str, msgspec.Meta(max_length=64, pattern="^[A-Za-z0-9_-]*$")] = ""
 
 
 class FlowEnd(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -53,6 +53,7 @@ class PairAnswer(msgspec.Struct, frozen=True):
 
 
 _ERR = msgspec.json.Decoder(Error)
+FLOWS_TIMEOUT_S = 30.0  # a flow batch's request, waiting its turn on the server included
 _PAIR = msgspec.json.Decoder(PairAnswer)
 
 
@@ -167,8 +168,12 @@ class ServerClient:
         await self._request("POST", "/v1/agent/report", body)
 
     async def flows(self, batch: FlowBatchIn) -> None:
-        """Send flow records (`POST /v1/agent/flows`)."""
-        await self._request("POST", "/v1/agent/flows", msgspec.json.encode(batch))
+        """Send flow records (`POST /v1/agent/flows`). The server may hold a batch
+        for its turn (up to 10 s, and behind the pairings it answers), so this
+        waits longer than other requests; a batch sent again after a timeout has
+        the same name, and the server does not keep it twice."""
+        body = msgspec.json.encode(batch)
+        await self._request("POST", "/v1/agent/flows", body, timeout=FLOWS_TIMEOUT_S)
 
     async def instructions(self, since: int, wait: float) -> SignedInstructions | None:
         """Long-poll: new signed instructions after `since`, or None on timeout."""

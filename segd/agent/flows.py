@@ -18,20 +18,32 @@ rule id (it was open before the table logged, or its log was rate-limited);
 at that level the logged first packet counts the connection only, so nothing
 is counted twice.
 
+A dump runs while the loop goes on counting (`dump_started`, then
+`count_open` with what it found): a connection that ended meanwhile was
+counted when it ended, and one first logged meanwhile keeps its record,
+whatever the dump (taken before) says of them.
+
 Memory is bounded: at most `max_keys` records per interval (a packet
 that would open another is dropped and counted), at most `max_queued`
 records waiting to be sent (the oldest batches go first, counted), and at
-most `max_conns` connections remembered per container (beyond that a
-connection is counted once, when it ends). What was dropped, and the reader's overruns, are
+most `max_conns` connections remembered per container (beyond that, a
+logged connection is counted by its log, and its packets and bytes go to an
+`allowed` record with no rule id). What was dropped, and the reader's overruns, are
 reported as `FlowBatchIn.lost`.
+
+A batch, once offered (`next_batch`), is offered again unchanged, under the
+same name (`FlowBatchIn.batch_id`), until the server's answer is heard
+(`sent`, `refused`): a batch the server kept but whose answer was lost is not
+kept twice.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from segd.firewall import nflog
 from segd.firewall.conntrack import CtEntry
@@ -71,6 +83,10 @@ class Conn(NamedTuple):
     sport: int
     dst: str
     dport: int
+
+
+def _conn(e: CtEntry) -> Conn:
+    return Conn(_PROTOS.get(e.proto, "other"), e.src, e.sport, e.dst, e.dport)
 
 
 def _unlogged(container: str, c: Conn, ips: frozenset[str]) -> Key:
@@ -127,6 +143,10 @@ class Directory:
         return cls({w.container_id: w.workload_id for w in instr.workloads}, by_ip, counted)
 
 
+def batch_name() -> str:
+    return secrets.token_urlsafe(16)
+
+
 @dataclass
 class Flows:
     """The current interval's records and the batches waiting to be sent."""
@@ -146,6 +166,16 @@ class Flows:
     # packet opened; its open connections (conntrack id) -> (packets, bytes) counted.
     opened: dict[str, dict[Conn, Key]] = field(default_factory=dict)
     running: dict[str, dict[int, tuple[int, int]]] = field(default_factory=dict)
+    # Per counted container: logged connections past `max_conns` (not remembered);
+    # as many connections conntrack reports with no log are not counted again.
+    unremembered: dict[str, int] = field(default_factory=dict)
+    offered: FlowBatchIn | None = None  # the batch out to the server, its answer not heard
+    names: Callable[[], str] = batch_name
+    # While a dump runs: per container, the connections that ended and those
+    # first logged meanwhile.
+    dumping: bool = False
+    ended_meanwhile: dict[str, set[int]] = field(default_factory=dict)
+    logged_meanwhile: dict[str, set[Conn]] = field(default_factory=dict)
 
     def count(self, container: str, packets: Iterable[LogPacket], now: float) -> None:
         """Count packets one container's table logged at `now`."""
@@ -162,7 +192,12 @@ class Flows:
             if opened is not None and key.verdict != "blocked":
                 # conntrack counts this connection's packets and bytes, this one included
                 if len(opened) < self.max_conns:
-                    opened[Conn(key.proto, p.src, p.sport, p.dst, p.dport)] = key
+                    conn = Conn(key.proto, p.src, p.sport, p.dst, p.dport)
+                    opened[conn] = key
+                    if self.dumping:
+                        self.logged_meanwhile.setdefault(container, set()).add(conn)
+                else:
+                    self.unremembered[container] = self.unremembered.get(container, 0) + 1
                 continue
             t.packets += 1
             t.bytes += p.length
@@ -176,42 +211,70 @@ class Flows:
         ips = self.counted.get(container)
         if ips is None:
             return  # not (or no longer) counted
-        opened = self.opened.setdefault(container, {})
-        running = self.running.setdefault(container, {})
         entries = list(entries)
+        ended = self.ended_meanwhile.get(container, set()) if dump else set()
         for e in entries:
-            before = running.pop(e.id, None) if e.ended else running.get(e.id)
-            if before is None and not e.ended and len(running) >= self.max_conns:
-                continue  # counted once, when it ends
-            conn = Conn(_PROTOS.get(e.proto, "other"), e.src, e.sport, e.dst, e.dport)
-            key = opened.pop(conn, None) if e.ended else opened.get(conn)
-            first = key is None and before is None  # a connection no log opened: count it
-            if key is None:
-                key = _unlogged(container, conn, ips)
-            t = self._tally(key, now)
-            if t is None:
-                continue
-            packets, size = before or (0, 0)
-            if e.packets < packets or e.bytes < size:  # an id used again: a new entry
-                packets = size = 0
-            t.packets += e.packets - packets
-            t.bytes += e.bytes - size
-            t.connections += first
-            if not e.ended:
-                running[e.id] = (e.packets, e.bytes)
+            if e.id in ended:
+                continue  # it ended while the dump ran: counted then
+            if e.ended and self.dumping and not dump:
+                self.ended_meanwhile.setdefault(container, set()).add(e.id)
+            self._count_entry(container, ips, e, now)
         if dump:
             ids = {e.id for e in entries}
-            conns = {
-                Conn(_PROTOS.get(e.proto, "other"), e.src, e.sport, e.dst, e.dport) for e in entries
-            }
+            conns = {_conn(e) for e in entries} | self.logged_meanwhile.get(container, set())
+            running = self.running.get(container, {})
             self.running[container] = {i: v for i, v in running.items() if i in ids}
+            opened = self.opened.get(container, {})
             self.opened[container] = {c: k for c, k in opened.items() if c in conns}
+
+    def _count_entry(self, container: str, ips: frozenset[str], e: CtEntry, now: float) -> None:
+        """Count one conntrack entry into its record: what grew since it was last seen."""
+        opened = self.opened.setdefault(container, {})
+        running = self.running.setdefault(container, {})
+        before = running.pop(e.id, None) if e.ended else running.get(e.id)
+        if before is None and not e.ended and len(running) >= self.max_conns:
+            return  # counted once, when it ends
+        conn = _conn(e)
+        key = opened.pop(conn, None) if e.ended else opened.get(conn)
+        first = key is None and before is None  # a connection no log opened: count it
+        if first and self.unremembered.get(container):
+            self.unremembered[container] -= 1  # one its log counted, not remembered
+            first = False
+        t = self._tally(key or _unlogged(container, conn, ips), now)
+        if t is None:
+            return
+        packets, size = before or (0, 0)
+        if e.packets < packets or e.bytes < size:  # an id used again: a new entry
+            packets = size = 0
+        t.packets += e.packets - packets
+        t.bytes += e.bytes - size
+        t.connections += first
+        if not e.ended:
+            running[e.id] = (e.packets, e.bytes)
+
+    def dump_started(self) -> None:
+        """A dump of the open connections begins: note what changes meanwhile."""
+        self.dumping = True
+        self.ended_meanwhile = {}
+        self.logged_meanwhile = {}
+
+    def count_open(self, found: Mapping[str, Iterable[CtEntry]], now: float) -> None:
+        """Count what the dump begun at `dump_started` found still open."""
+        for container, entries in found.items():
+            self.count_connections(container, entries, now, dump=True)
+        self.dump_ended()
+
+    def dump_ended(self) -> None:
+        self.dumping = False
+        self.ended_meanwhile = {}
+        self.logged_meanwhile = {}
 
     def recount(self, counted: Mapping[str, frozenset[str]]) -> None:
         """The containers counted now (from new instructions): forget what was
         kept of the others' connections."""
         self.counted = counted
-        for kept in (self.opened, self.running):
+        kept: dict[str, Any]
+        for kept in (self.opened, self.running, self.unremembered):
             for container in [c for c in kept if c not in counted]:
                 del kept[container]
 
@@ -222,7 +285,7 @@ class Flows:
                 self._lose(1)
                 return None
             t = self.current[key] = Tally(now, now)
-        t.last = now
+        t.last = max(t.last, now)  # the clock stepped back: never before `first`
         return t
 
     def overrun(self, n: int) -> None:
@@ -241,22 +304,38 @@ class Flows:
             self.queue.append(records[i : i + MAX_FLOW_BATCH])
             self.queued += len(self.queue[-1])
         while self.queued > self.max_queued:
-            self._lose(len(self.queue[0]))
-            self.queued -= len(self.queue.popleft())
+            # The oldest go first, but not the one out to the server (it may keep it).
+            i = 1 if self._out_is_first() and len(self.queue) > 1 else 0
+            if i == 0:
+                self.offered = None
+            dropped = self.queue[i]
+            del self.queue[i]
+            self._lose(len(dropped))
+            self.queued -= len(dropped)
         return len(records)
 
+    def _out_is_first(self) -> bool:
+        return bool(self.offered and self.queue and self.offered.records is self.queue[0])
+
     def next_batch(self) -> FlowBatchIn | None:
-        """The oldest batch to send (with what was lost so far), or None.
-        It stays queued until `sent`."""
+        """The oldest batch to send (with what was lost so far), or None. It stays
+        queued until `sent`, and is offered again as it was until then."""
+        if self.offered is not None:
+            return self.offered
         if not self.queue and not self.lost:
             return None
-        return FlowBatchIn(records=self.queue[0] if self.queue else [], lost=self.lost)
+        self.offered = FlowBatchIn(
+            records=self.queue[0] if self.queue else [], lost=self.lost, batch_id=self.names()
+        )
+        return self.offered
 
     def sent(self, batch: FlowBatchIn) -> None:
         """The server took `batch` (from `next_batch`)."""
         self.lost -= min(self.lost, batch.lost)
         if self.queue and batch.records is self.queue[0]:
             self.queued -= len(self.queue.popleft())
+        if batch is self.offered:
+            self.offered = None
 
     def refused(self, batch: FlowBatchIn) -> None:
         """The server refused `batch` (from `next_batch`): its records are lost;

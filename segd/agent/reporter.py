@@ -102,15 +102,18 @@ class FlowReporter:
         """What the connections still open carried since the last interval."""
         if self.dump is None:
             return
+        self.flows.dump_started()  # `on_log` and `on_count` go on meanwhile
         try:
             found = await self.dump()
         except Exception as e:  # visibility never stops the agent
+            self.flows.dump_ended()
             _log.warning("flows.dump_failed", error=str(e) or repr(e))
             return
+        except BaseException:
+            self.flows.dump_ended()
+            raise
         self._recount()
-        now = time.time()
-        for container, entries in found.items():
-            self.flows.count_connections(container, entries, now, dump=True)
+        self.flows.count_open(found, time.time())
 
     def _count_lost(self) -> None:
         if self.flows.lost_total > self._lost_seen:

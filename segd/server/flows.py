@@ -1,12 +1,15 @@
 """Flows: what agents report, kept, listed, exported and streamed live.
 
-`Flows.ingest` paces batches (`[server.flows] max_records_per_s`), lets the
-pairings being answered go first, checks a host's batch (`flowresolve.check`: a bad one is
+`Flows.ingest` paces batches (`[server.flows] max_records_per_s`; the bucket
+holds at least one full batch, so any batch gets its turn), lets the pairings
+being answered go first, checks a host's batch (`flowresolve.check`: a bad one is
 refused whole), resolves each record by the compiler's model of workloads
 (`flowresolve.resolve`), writes the batch to the flow store in one transaction
-of its own file (never the store that pairs) and hands the new flows to the
-live streams. A stream whose reader falls behind loses flows, and is told how
-many. Counters (`ingested`, `lost`, `refused`) feed the metrics.
+of its own file (never the store that pairs; a batch sent again is not kept
+twice) and hands the new flows to the live streams. A host revoked while its
+batch waited is refused before anything is written. A stream whose reader
+falls behind loses flows, and is told how many. Counters (`ingested`, `lost`,
+`refused`, `repeated`) feed the metrics.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ YIELD_EVERY = 256  # records resolved between two turns of the event loop
 EXPORT_PAGE = 1000
 HOUR_S = 3600.0
 DAY_S = 86400.0
+BATCH_NAMES_KEPT_S = DAY_S  # a batch sent again later than this would be kept again
 
 
 class InFlight:
@@ -96,9 +100,11 @@ class Flows:
         self.batches = 0
         self.closing = False
         self.deferred = 0  # batches answered busy (the agent sends them again)
+        self.repeated = 0  # batches sent again that were kept before
         self._waiting = 0
         rate = cfg.max_records_per_s
-        self._pacer = Pacer(rate, rate * BURST_S, MAX_WAIT_S) if rate else None
+        bucket = max(rate * BURST_S, wire.MAX_FLOW_BATCH)
+        self._pacer = Pacer(rate, bucket, MAX_WAIT_S) if rate else None
 
     # ---- ingest -------------------------------------------------------------------
 
@@ -125,7 +131,14 @@ class Flows:
                 refused += 1
             else:
                 flows.append(f)
-        stored = await self.store.add(host_id, flows, batch.lost, refused)
+        self._core.check_host(host_id)  # revoked while its batch waited: refused
+        stored = await self.store.add(
+            host_id, flows, batch.lost, refused, batch_id=batch.batch_id, at=self._core.clock()
+        )
+        if stored is None:
+            self.repeated += 1
+            _log.debug("flows.batch_repeated", host=host_id, batch=batch.batch_id)
+            return
         self.ingested += len(stored)
         self.lost += batch.lost
         self.refused += refused
@@ -227,6 +240,7 @@ class Flows:
             summed = await self.store.rollup(now - self._cfg.rollup_after_hours * HOUR_S)
         if self._cfg.retention_days:
             deleted = await self.store.prune(now - self._cfg.retention_days * DAY_S)
+        await self.store.forget_batches(now - BATCH_NAMES_KEPT_S)
         if summed or deleted:
             _log.info("flows.housekept", summed=summed, deleted=deleted)
         return summed, deleted

@@ -3,7 +3,8 @@
 Apart from the server's store (`store.py`) so that reports never hold up a
 pairing: its own file, connection and thread, and `synchronous = NORMAL` (a
 flow lost in a power cut is a report lost, not a decision). One batch is one
-transaction. All of its SQL lives here.
+transaction; a batch its agent names is kept once, however often it is sent
+(the names are forgotten after a day). All of its SQL lives here.
 
 Queries go newest first by (`last_seen`, `id`), a page's cursor being the last
 row's pair; the indexes serve the time window, either end's workload and the
@@ -74,6 +75,17 @@ MIGRATIONS: list[str] = [
         lost     INTEGER NOT NULL DEFAULT 0,
         refused  INTEGER NOT NULL DEFAULT 0
     );
+    """,
+    # 2: the batches kept, by the agent's name for each, so that a batch sent
+    # again (its agent did not hear the answer) is not kept twice.
+    """
+    CREATE TABLE flow_batches (
+        host_id  TEXT NOT NULL,
+        batch_id TEXT NOT NULL,
+        at       REAL NOT NULL,
+        PRIMARY KEY (host_id, batch_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX flow_batches_at ON flow_batches(at);
     """,
 ]
 
@@ -200,8 +212,9 @@ def where(flt: FlowFilter, cursor: tuple[float, int] | None) -> tuple[str, list[
         clauses.append("rule_id = ?")
         params.append(flt.rule)
     if cursor is not None:
-        clauses.append("(last_seen < ? OR (last_seen = ? AND id < ?))")
-        params += [cursor[0], cursor[0], cursor[1]]
+        # A row value: SQLite seeks to it in (last_seen, id) rather than scanning.
+        clauses.append("(last_seen, id) < (?, ?)")
+        params += [cursor[0], cursor[1]]
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
@@ -238,16 +251,27 @@ class FlowStore:
             raise Unavailable(f"flow store: {e}") from None
 
     async def add(
-        self, host_id: str, flows: list[wire.Flow], lost: int, refused: int
-    ) -> list[wire.Flow]:
+        self,
+        host_id: str,
+        flows: list[wire.Flow],
+        lost: int,
+        refused: int,
+        *,
+        batch_id: str = "",
+        at: float = 0.0,
+    ) -> list[wire.Flow] | None:
         """Store a batch's flows (one transaction) and count what the host lost and
-        what was refused of it; the flows with their ids."""
+        what was refused of it; the flows with their ids. A named batch the host
+        sent before is not stored again: None."""
 
-        def write(c: sqlite3.Connection) -> list[wire.Flow]:
+        def write(c: sqlite3.Connection) -> list[wire.Flow] | None:
             labels: dict[int, str] = {}  # encoded once per label set object
             rows = [_row(f, labels) for f in flows]
             c.execute("BEGIN IMMEDIATE")
             try:
+                if batch_id and not _first_time(c, host_id, batch_id, at):
+                    c.execute("COMMIT")
+                    return None
                 # The one writer, in its transaction: rowids follow the largest.
                 first = int(c.execute("SELECT coalesce(max(id), 0) FROM flows").fetchone()[0]) + 1
                 c.executemany(_INSERT_ID, [(first + i, *row) for i, row in enumerate(rows)])
@@ -291,14 +315,22 @@ class FlowStore:
         return await self._run(lambda c: int(c.execute("SELECT count(*) FROM flows").fetchone()[0]))
 
     async def rollup(self, cutoff: float) -> int:
-        """Sum the flows last seen before `cutoff` into one row per hour and key, one
-        hour per transaction; return how many rows were summed."""
+        """Sum the flows last seen before `cutoff` (down to a whole hour, so that an
+        hour is summed once, whole) into one row per hour and key, one hour per
+        transaction; return how many rows were summed."""
+        cutoff = (cutoff // HOUR_S) * HOUR_S
         total = 0
         while True:
             n = await self._run(lambda c: _rollup_hour(c, cutoff))
             if n < 0:
                 return total
             total += n
+
+    async def forget_batches(self, cutoff: float) -> int:
+        """Forget the names of the batches kept before `cutoff`."""
+        return await self._run(
+            lambda c: c.execute("DELETE FROM flow_batches WHERE at < ?", (cutoff,)).rowcount
+        )
 
     async def prune(self, cutoff: float) -> int:
         """Delete the flows last seen before `cutoff`, in bounded transactions."""
@@ -330,6 +362,16 @@ def _open(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _first_time(c: sqlite3.Connection, host_id: str, batch_id: str, at: float) -> bool:
+    """Note the batch as kept; False when it was kept before."""
+    return bool(
+        c.execute(
+            "INSERT OR IGNORE INTO flow_batches (host_id, batch_id, at) VALUES (?, ?, ?)",
+            (host_id, batch_id, at),
+        ).rowcount
+    )
 
 
 def _rollup_hour(c: sqlite3.Connection, cutoff: float) -> int:

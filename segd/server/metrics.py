@@ -104,5 +104,6 @@ class _Live(Collector):
             ),
             ("segd_flow_batches", "Flow batches taken in", f.batches),
             ("segd_flow_batches_deferred", "Flow batches answered busy (paced)", f.deferred),
+            ("segd_flow_batches_repeated", "Flow batches sent again, kept before", f.repeated),
         ):
             yield CounterMetricFamily(name, doc, value=value)

@@ -245,3 +245,33 @@ async def test_enhanced_connections_are_sent_with_their_bytes_ended_or_still_ope
     assert got == {"r1": (1, 12, 9_000), "": (1, 8, 4_000)}
     await reporter.flush()  # the dump fails: logged, nothing else
     assert len(client.batches) == 1
+
+
+async def test_a_connection_that_ends_while_the_dump_runs_is_sent_once() -> None:
+    """The dump runs off the loop while the kernel's callbacks go on: the end of a
+    connection read meanwhile is not undone by the dump's older snapshot."""
+    client = FakeClient()
+    web, db = "10.0.0.1", "10.0.0.2"
+    reporter: FlowReporter
+
+    async def dump() -> Mapping[str, list[CtEntry]]:
+        snapshot = {"db": [CtEntry(7, "tcp", web, db, 40000, 5432, 10, 1_000, False)]}
+        ended = [CtEntry(7, "tcp", web, db, 40000, 5432, 12, 1_200, True)]
+        asyncio.get_running_loop().call_soon(reporter.on_count, "db", ended, 0)
+        await asyncio.sleep(0)  # the loop reads the connection's end meanwhile
+        return snapshot
+
+    directory = Directory({"db": "w_db"}, {}, {"db": frozenset({db})})
+    reporter = FlowReporter(
+        client,  # type: ignore[arg-type]
+        lambda: directory,
+        AgentMetrics(),
+        interval=60,
+        backoff_max=0.02,
+        dump=dump,
+    )
+    reporter.on_log("db", [LogPacket("segd:in:a:r1", web, db, "tcp", 40000, 5432, 60)], 0)
+    await reporter.flush()
+    (batch,) = client.batches
+    got = {r.rule_id: (r.connections, r.packets, r.bytes) for r in batch.records}
+    assert got == {"r1": (1, 12, 1_200)}

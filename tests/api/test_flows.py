@@ -379,11 +379,25 @@ async def test_flow_reports_beyond_the_pace_are_answered_busy(
     cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=10))
     api = await start_admin(aiohttp_client, cfg, clock)
     a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
-    assert (await report(a, [rec(DB, WEB_IP)] * 20))[0] == 204  # the burst: 2 s worth
+    # the bucket holds one full batch, however low the pace
+    assert (await report(a, [rec(DB, WEB_IP)] * wire.MAX_FLOW_BATCH))[0] == 204
     status, answer = await report(a, [rec(DB, WEB_IP)] * 200, lost=4)  # 20 s away
     assert (status, answer["error"]) == (503, "busy")
-    assert len((await api.ok("GET", "/v1/flows?limit=1000"))["flows"]) == 20
+    assert api.svc.flows.ingested == wire.MAX_FLOW_BATCH
     assert (api.svc.flows.deferred, api.svc.flows.lost) == (1, 0)
+
+
+async def test_a_full_batch_gets_its_turn_at_the_lowest_pace(
+    aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock
+) -> None:
+    """At 12 s of records or less a second, a full batch fits no 2 s bucket and no
+    10 s wait: the bucket holds one full batch instead."""
+    cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=1))
+    api = await start_admin(aiohttp_client, cfg, clock)
+    a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
+    records = [rec(DB, WEB_IP, port=1 + i % 60_000) for i in range(wire.MAX_FLOW_BATCH)]
+    assert (await report(a, records))[0] == 204
+    assert api.svc.flows.ingested == wire.MAX_FLOW_BATCH
 
 
 async def test_pairings_being_answered_go_before_flow_ingest(
@@ -408,3 +422,73 @@ async def test_pairings_being_answered_go_before_flow_ingest(
         pairing.__exit__(None, None, None)
     assert (await sent)[0] == 204
     assert api.svc.flows.ingested == 1
+
+
+async def test_a_batch_sent_again_under_its_name_is_kept_once(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    """The agent gave up waiting while the server kept its batch, and sends it
+    again: the same name, answered 204, kept (and its losses counted) once."""
+    a, b, _db, _web = await _shop(api, make_agent)
+    body = {"records": [rec(DB, WEB_IP, port=p) for p in (1, 2, 3)], "lost": 4}
+    named = {**body, "batch_id": "b-0123456789abcdef"}
+    for _ in range(2):
+        status, _ = await a.request("POST", "/v1/agent/flows", named)
+        assert status == 204
+    assert len((await api.ok("GET", "/v1/flows"))["flows"]) == 3
+    assert (api.svc.flows.ingested, api.svc.flows.lost, api.svc.flows.repeated) == (3, 4, 1)
+    # a name is the host's own: another host's batch of that name is kept
+    theirs = {"records": [rec(WEB, DB_IP, direction="out")], "batch_id": named["batch_id"]}
+    assert (await b.request("POST", "/v1/agent/flows", theirs))[0] == 204
+    assert api.svc.flows.ingested == 4
+    # a batch with no name (an older agent) is kept each time
+    assert (await a.request("POST", "/v1/agent/flows", body))[0] == 204
+    assert (await a.request("POST", "/v1/agent/flows", body))[0] == 204
+    assert len((await api.ok("GET", "/v1/flows"))["flows"]) == 10
+    bad = {**body, "batch_id": "not/a name"}
+    status, answer = await a.request("POST", "/v1/agent/flows", bad)
+    assert (status, answer["error"]) == (400, "invalid_input")
+
+
+async def test_a_batch_from_a_host_revoked_while_it_waited_is_refused(
+    aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock
+) -> None:
+    cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=10))
+    api = await start_admin(aiohttp_client, cfg, clock)
+    a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
+    assert (await report(a, [rec(DB, WEB_IP)] * wire.MAX_FLOW_BATCH))[0] == 204  # the bucket
+    late = asyncio.create_task(report(a, [rec(DB, WEB_IP, port=1)] * 5))  # waits 0.5 s
+    for _ in range(100):  # until the batch is booked and waiting its turn
+        if api.svc.flows._waiting:
+            break
+        await asyncio.sleep(0.01)
+    assert api.svc.flows._waiting == 1
+    await api.ok("POST", f"/v1/hosts/{a.host_id}/revoke")
+    status, answer = await late
+    assert (status, answer["error"]) == (403, "host_revoked")
+    assert api.svc.flows.ingested == wire.MAX_FLOW_BATCH
+
+
+async def test_an_hour_is_summed_into_one_row_once_it_is_all_past_the_age(
+    api: Admin, make_agent: MakeAgent, clock: Clock
+) -> None:
+    """Housekeeping runs hourly, its cutoff anywhere in an hour: an hour is summed
+    only when all of it is older than the cutoff, so once."""
+    a, _b, _db, _web = await _shop(api, make_agent)
+    hour = (time.time() // 3600) * 3600 - 2 * 86400
+    same = {"first_seen": hour + 600, "packets": 1, "bytes": 10}
+    early = rec(DB, WEB_IP, last_seen=hour + 600, **same)
+    late = rec(DB, WEB_IP, last_seen=hour + 3000, **same)
+    assert (await report(a, [early, late]))[0] == 204
+    clock.offset = (hour + 1800 + 86400) - time.time()  # the cutoff: half past that hour
+    assert await api.svc.flows.housekeep() == (0, 0)  # not all of it is past
+    clock.offset += 3600  # the next hourly run
+    assert await api.svc.flows.housekeep() == (2, 0)
+    clock.offset = 0
+    (f,) = (await api.ok("GET", "/v1/flows"))["flows"]
+    assert (f["connections"], f["packets"], f["first_seen"], f["last_seen"]) == (
+        6,
+        2,
+        hour + 600,
+        hour + 3000,
+    )

@@ -163,9 +163,58 @@ def test_a_batch_not_sent_stays_queued_and_overruns_are_lost() -> None:
     assert first is not None and first.lost == 2
     assert f.next_batch() == first  # the server did not take it: the same again
     f.overrun(1)  # meanwhile
+    assert f.next_batch() is first  # offered again as it was, under its name
     f.sent(first)
     rest = f.next_batch()
     assert rest is not None and rest.records == [] and rest.lost == 1
+    assert rest.batch_id and rest.batch_id != first.batch_id
+
+
+def test_a_clock_stepped_back_never_makes_last_seen_before_first_seen() -> None:
+    """The server refuses a whole batch for one record whose last_seen is before
+    its first_seen."""
+    f = Flows()
+    f.count("db", [pkt("segd:in:b", WEB, DB, 80)], now=100.0)
+    f.count("db", [pkt("segd:in:b", WEB, DB, 80)], now=40.0)  # NTP stepped back a minute
+    f.close_interval(Directory({}, {}))
+    batch = f.next_batch()
+    assert batch is not None
+    (r,) = batch.records
+    assert (r.first_seen, r.last_seen, r.connections) == (100.0, 100.0, 2)
+
+
+def test_a_batch_keeps_its_name_until_its_answer_is_heard() -> None:
+    names = iter(["n1", "n2", "n3"])
+    f = Flows(names=lambda: next(names))
+    for interval in range(2):
+        f.count("db", [pkt("segd:in:b", f"10.0.{interval}.1", DB, 80)], 1.0)
+        f.close_interval(Directory({}, {}))
+    first = f.next_batch()
+    assert first is not None and first.batch_id == "n1"
+    assert f.next_batch() is first  # no answer heard (a timeout): the same batch
+    f.sent(first)
+    second = f.next_batch()
+    assert second is not None and second.batch_id == "n2"
+    f.refused(second)  # its record is lost, and said so in a batch of its own
+    third = f.next_batch()
+    assert third is not None and (third.records, third.lost, third.batch_id) == ([], 1, "n3")
+
+
+def test_a_full_queue_keeps_the_batch_out_to_the_server() -> None:
+    """The server may keep the batch whose answer is not heard yet: the next
+    oldest is dropped instead, so no record is both kept and counted lost."""
+    f = Flows(max_queued=30)
+    f.count("db", [pkt("segd:in:b", f"10.0.0.{i}", DB, 80) for i in range(20)], 1.0)
+    f.close_interval(Directory({}, {}))
+    out = f.next_batch()
+    assert out is not None
+    f.count("db", [pkt("segd:in:b", f"10.0.1.{i}", DB, 80) for i in range(10)], 1.0)
+    f.close_interval(Directory({}, {}))
+    assert f.queued == 30 and f.lost == 0  # at the bound
+    f.count("db", [pkt("segd:in:b", f"10.0.2.{i}", DB, 80) for i in range(10)], 1.0)
+    f.close_interval(Directory({}, {}))
+    assert f.queue[0] is out.records and f.lost == 10  # the interval after it went
+    assert f.queued == 30 and f.next_batch() is out
 
 
 # ---- `enhanced`: connections counted whole from conntrack -------------------------------
@@ -269,6 +318,42 @@ def test_past_max_conns_an_open_connection_is_counted_once_when_it_ends() -> Non
     key = Key("db", "in", WEB, "tcp", 5432, "allowed", "")
     # 1 counted while open (5, 50); 2 counted whole when it ended (9, 90)
     assert records(f) == {key: (2, 14, 140)}
+
+
+def test_past_max_conns_a_logged_connection_is_counted_once_by_its_log() -> None:
+    f = counted_db()
+    f.max_conns = 1
+    f.count("db", [pkt("segd:in:a:r1", WEB, DB, 5432)], 1.0)  # remembered
+    late = LogPacket("segd:in:p", WEB, DB, "tcp", 40001, 5432, 60)
+    f.count("db", [late], 1.0)  # past the bound: not remembered
+    f.count_connections("db", [CtEntry(2, "tcp", WEB, DB, 40001, 5432, 9, 900, True)], 2.0)
+    logged = Key("db", "in", WEB, "tcp", 5432, "potentially_blocked", "")
+    unlogged = Key("db", "in", WEB, "tcp", 5432, "allowed", "")
+    assert records(f)[logged] == (1, 0, 0)  # its verdict, counted once
+    assert records(f)[unlogged] == (0, 9, 900)  # its packets and bytes, no second count
+    assert sum(c for c, _, _ in records(f).values()) == 2
+
+
+def test_a_connection_that_ends_while_the_dump_runs_is_counted_once() -> None:
+    f = counted_db()
+    f.count("db", [pkt("segd:in:a:r1", WEB, DB, 5432)], 1.0)
+    f.dump_started()
+    snapshot = {"db": [ct(7, 10, 1_000, ended=False)]}  # taken before it ended
+    f.count_connections("db", [ct(7, 12, 1_200, ended=True)], 2.0)  # meanwhile
+    f.count_open(snapshot, 3.0)
+    key = Key("db", "in", WEB, "tcp", 5432, "allowed", "r1")
+    assert records(f) == {key: (1, 12, 1_200)}
+    assert not f.dumping and f.running == {"db": {}} and f.opened == {"db": {}}
+
+
+def test_a_connection_first_logged_while_the_dump_runs_keeps_its_record() -> None:
+    f = counted_db()
+    f.dump_started()
+    f.count("db", [LogPacket("segd:in:p", WEB, DB, "tcp", 40001, 5432, 60)], 1.0)  # meanwhile
+    f.count_open({"db": []}, 2.0)  # the snapshot was taken before it opened
+    f.count_connections("db", [CtEntry(8, "tcp", WEB, DB, 40001, 5432, 5, 500, True)], 3.0)
+    key = Key("db", "in", WEB, "tcp", 5432, "potentially_blocked", "")
+    assert records(f) == {key: (1, 5, 500)}
 
 
 def test_the_directory_counts_enhanced_workloads_with_a_table() -> None:
