@@ -46,6 +46,7 @@ from segd.agent.events import (
     HostEvent,
     InstructionsAccepted,
     Listed,
+    MeshState,
     Paired,
     PairingRefused,
     SubnetsSeen,
@@ -135,6 +136,7 @@ class Agent:
             self.mesh = MeshAgent(
                 cfg.mesh, cfg.state_dir, self.client, self.docker, self.kernel, self.link.retry
             )
+            self.mesh.on_routed = lambda: self._fold(MeshState(True))
         self.ident: Identity | None = None
         self.ready = asyncio.Event()  # the first full reconcile is done
         self._host_lock = host_lock
@@ -174,6 +176,8 @@ class Agent:
                 self.mesh.want(loaded[1].mesh)  # the mesh again, with or without the server
         if self.mesh is None:
             await turn_off(self.cfg.state_dir, self.kernel)
+        elif await asyncio.to_thread(self.mesh.routed_before):
+            self._fold(MeshState(True))  # an earlier run's mesh still routes the pool
         if self._metrics_listener is not None:
             await self._metrics_listener.start()
         async with asyncio.TaskGroup() as tg:

@@ -89,6 +89,14 @@ class SubnetsSeen(msgspec.Struct, frozen=True, tag="subnets"):
     subnets: tuple[str, ...]
 
 
+class MeshState(msgspec.Struct, frozen=True, tag="mesh"):
+    """Whether the kernel routes the mesh pool (through the WireGuard interface,
+    or nowhere): only then may another host's mesh address be a peer, for its
+    traffic can then not leave the host in clear."""
+
+    up: bool
+
+
 class InstructionsAccepted(msgspec.Struct, frozen=True, tag="instructions"):
     """Verified instructions, newer than any the agent had."""
 
@@ -116,6 +124,7 @@ HostEvent = (
     | ContainerGone
     | Listed
     | SubnetsSeen
+    | MeshState
     | InstructionsAccepted
     | Paired
     | PairingRefused

@@ -30,6 +30,7 @@ from segd.agent.events import (
     HostEvent,
     InstructionsAccepted,
     Listed,
+    MeshState,
     Paired,
     PairingRefused,
     SubnetsSeen,
@@ -54,7 +55,7 @@ from segd.agent.ops import (
 )
 from segd.agent.sharing import NsId, Role
 from segd.firewall.gate import GateEntry
-from segd.firewall.render import check_set, log_rules
+from segd.firewall.render import check_set, is_blocks, log_rules
 from segd.wire import Instructions, SidecarIn, WorkloadPolicy
 
 GateMode = Literal["initial", "ok", "rebuild"]
@@ -104,6 +105,11 @@ class Host:
     fresh: dict[str, int] = field(default_factory=dict)  # cid -> pid whose namespace is clean
     instr: Instructions | None = None
     workloads: dict[str, WorkloadPolicy] = field(default_factory=dict)
+    # The kernel routes the mesh pool (`MeshState`). Until it does, a set of
+    # workload addresses holds only this host's own workloads' (`peer_sets`):
+    # another host's address is a mesh address, whose traffic would leave in clear.
+    mesh_up: bool = False
+    peer_sets: Mapping[str, list[str]] = field(default_factory=dict)
     logged: frozenset[str] = frozenset()  # rules whose accepts are logged
     bad_sets: dict[str, str] = field(default_factory=dict)  # set -> why it cannot be rendered
     denied: dict[str, str] = field(default_factory=dict)
@@ -140,6 +146,8 @@ class Host:
                 self.dirty |= self.enforced.keys()  # look at every container again
             case SubnetsSeen(subnets):
                 self.subnets = subnets
+            case MeshState(up):
+                self._mesh(up)
             case InstructionsAccepted(instr):
                 self._accept(instr)
             case Paired(cid, version, ips):
@@ -192,7 +200,26 @@ class Host:
         for cid, aw in list(self.awaiting.items()):
             if instr.version >= aw.version:
                 del self.awaiting[cid]
+        self._peer_sets()
         self.dirty |= affected(old, instr) & self.containers.keys()
+
+    def _mesh(self, up: bool) -> None:
+        if up != self.mesh_up:
+            self.mesh_up = up
+            self._peer_sets()
+            self.dirty |= self.enforced.keys()
+
+    def _peer_sets(self) -> None:
+        """The instructions' sets as this host's tables may use them now."""
+        instr = self.instr
+        if instr is None or self.mesh_up:
+            self.peer_sets = instr.sets if instr is not None else {}
+            return
+        own = {ip for w in instr.workloads for ip in w.ips}
+        self.peer_sets = {
+            name: addrs if is_blocks(name) else [a for a in addrs if a in own]
+            for name, addrs in instr.sets.items()
+        }
 
     def _reassign(self) -> list[RoleChange]:
         """Decide again which container owns which namespace (`sharing.assign`);

@@ -8,6 +8,12 @@ whole), routes, the host table and Docker's `DOCKER-USER` accept. Nothing is
 redone when the mesh did not change; a periodic check redoes it when the
 interface lost its peers or vanished (wireguard-go killed).
 
+Another host's mesh address may be a peer of this host's containers only
+while the kernel routes the pool (through the interface, or `unreachable`),
+for its traffic can then never leave in clear: `on_routed` tells the agent so
+once a mesh is applied, or at start when the pool route of an earlier run is
+still there; until then the agent keeps those addresses out of its tables.
+
 Everything applied is kernel state that outlives the agent: wireguard-go runs
 on as a daemon, so the mesh stays up while the agent is stopped, restarted or
 cut off from the server (the last signed instructions are applied again at
@@ -40,6 +46,7 @@ from segd.firewall.kernel import (
     docker_user,
     kernel_has_wireguard,
     link_exists,
+    pool_routes,
     remove_pool_route,
     wireguard_go,
 )
@@ -85,6 +92,7 @@ class MeshAgent:
         self._applied: plan.Desired | None = None
         self._kick = asyncio.Event()
         self.applied = asyncio.Event()  # set once the kernel holds the mesh
+        self.on_routed: Callable[[], None] = lambda: None  # the kernel routes the pool
 
     def want(self, mesh: wire.Mesh | None) -> None:
         """The mesh of newly accepted instructions (None: the server sent none)."""
@@ -117,6 +125,16 @@ class MeshAgent:
         self._want = mesh
         await self._apply()
         return self._applied
+
+    def routed_before(self) -> bool:
+        """Whether the pool an earlier run applied is still routed by the kernel
+        (not after a reboot, nor once the mesh was turned off)."""
+        marker = self.state_dir / MARKER
+        try:
+            pool = marker.read_text().strip()
+        except FileNotFoundError:
+            return False
+        return bool(pool) and pool in pool_routes()
 
     async def _join(self) -> None:
         assert self.keys is not None
@@ -171,6 +189,7 @@ class MeshAgent:
         await asyncio.to_thread(docker_user, plan.docker_user_rules(d))
         self._applied = d
         self.applied.set()
+        self.on_routed()
         _log.info(
             "mesh.applied", subnet=d.subnet, peers=len(d.peers), bridge=local.bridge, made=made
         )

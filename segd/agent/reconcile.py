@@ -104,7 +104,7 @@ def desired(host: Host, cid: str) -> Desired | None:
         names = sorted(render.referenced_sets(pol))
         if bad := [f"{n}: {host.bad_sets[n]}" for n in names if n in host.bad_sets]:
             return Desired("isolated", ns, invalid="; ".join(bad))
-        sets = host.instr.sets if host.instr is not None else {}
+        sets = host.peer_sets
         allows = [*pol.inbound, *pol.outbound]
         structure = Structure(
             inbound=tuple(pol.inbound),

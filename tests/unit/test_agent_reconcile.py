@@ -17,6 +17,7 @@ from segd.agent.events import (
     HostEvent,
     InstructionsAccepted,
     Listed,
+    MeshState,
     Paired,
     PairingRefused,
     SubnetsSeen,
@@ -661,3 +662,50 @@ def test_modes_relax_nothing_for_containers_that_are_not_paired(
     for cid in ("cache", "other", "forged"):
         assert isinstance(h.enforced[cid].table, IsolationTable), cid
         assert h.enforced[cid].gated == frozenset(), cid
+
+
+# ---- the mesh: another host's addresses are peers only while the kernel routes the pool ----
+
+REMOTE_DB = "10.213.2.5"  # db's twin on another mesh host (an encrypted rule's peer)
+BLOCKS = "ip_00000000000000aa"
+
+
+def with_remote_peer(version: int) -> InstructionsAccepted:
+    web = msgspec.structs.replace(
+        policy("web", outbound="db"),
+        outbound=[Allow("r1", DB_SET, [TCP5432]), Allow("r2", BLOCKS, [TCP5432])],
+    )
+    sets = {
+        WEB_SET: [BOX["web"][1]],
+        DB_SET: [BOX["db"][1], REMOTE_DB],
+        BLOCKS: ["203.0.113.0/24"],
+    }
+    rules = [
+        Rule("r1", [{"role": "db"}], [{"role": "web"}], ["tcp/5432"], options=["encrypted"]),
+        Rule("r2", [], [{"role": "web"}], ["tcp/5432"], provider_ips=["203.0.113.0/24"]),
+    ]
+    instr = Instructions("h", version, [web, policy("db", inbound="web")], sets, rules)
+    return InstructionsAccepted(instr)
+
+
+def web_sets(h: Host) -> dict[str, list[str]]:
+    table = h.enforced["web"].table
+    assert isinstance(table, WorkloadTable)
+    return dict(table.sets)
+
+
+def test_another_hosts_address_is_no_peer_until_the_kernel_routes_the_pool() -> None:
+    """Without the mesh in the kernel (never joined, turned off, not applied yet
+    after a boot) a packet to another host's mesh address would take the default
+    route in clear: the tables leave such addresses out. This host's own
+    workloads, and address blocks, stay."""
+    h = synced(seen("web", started=True), seen("db", started=True))
+    h.on(with_remote_peer(1))
+    Run(h).steps()
+    assert web_sets(h) == {DB_SET: [BOX["db"][1]], BLOCKS: ["203.0.113.0/24"]}
+    h.on(MeshState(True))  # the mesh is applied: the pool is routed through it
+    Run(h).steps()
+    assert web_sets(h) == {DB_SET: [BOX["db"][1], REMOTE_DB], BLOCKS: ["203.0.113.0/24"]}
+    h.on(with_remote_peer(2))  # and stays so for newer instructions
+    Run(h).steps()
+    assert REMOTE_DB in web_sets(h)[DB_SET]

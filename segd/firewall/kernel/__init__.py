@@ -95,6 +95,7 @@ from segd.firewall.kernel._mesh import (
     docker_user,
     kernel_has_wireguard,
     link_exists,
+    pool_routes,
     remove_pool_route,
     wireguard_go,
 )
@@ -127,6 +128,7 @@ __all__ = [
     "docker_user",
     "kernel_has_wireguard",
     "link_exists",
+    "pool_routes",
     "remove_pool_route",
     "stat_ns",
     "take_host_lock",
