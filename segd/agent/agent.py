@@ -240,6 +240,10 @@ class Agent:
         for change in self.host.on(ev):
             log_role(change)
             self.link.sidecars_changed(self.host.sidecars)
+        for cid in self.host.take_restarted():
+            # Its `die` was missed: unpaired and paired again, as a live restart is.
+            _log.info("container.restarted_unseen", container=cid[:12])
+            self.link.unpair(cid, then=self._unpaired)
         self.enforcer.kick()
 
     async def _on_docker(self, ev: DockerEvent) -> None:

@@ -126,6 +126,11 @@ class Host:
     revision: int = 0  # counts events: a plan made before a newer one may be stale
     seen_at: dict[str, int] = field(default_factory=dict)  # cid -> revision last seen
     gone_at: dict[str, int] = field(default_factory=dict)  # cid -> revision it went
+    # Paired containers seen in a new namespace with no `gone` before (the agent
+    # missed their `die`: Docker's event stream reconnecting after dockerd
+    # restarted them): to be unpaired and paired again, as after a live restart,
+    # so that their key is checked again.
+    restarted: set[str] = field(default_factory=set)
 
     @property
     def version(self) -> int:
@@ -163,6 +168,8 @@ class Host:
         old = self.containers.get(cid)
         if old is not None and old.pid != info.pid:
             self._retire(cid)  # restarted: a new namespace
+            if cid in self.workloads:
+                self.restarted.add(cid)
         elif old is not None and old.ips != info.ips and cid in self.enforced:
             self.enforced[cid].ports = None  # attached or detached: look the ports up again
         if started and (old is None or old.pid != info.pid):
@@ -180,6 +187,7 @@ class Host:
         self.awaiting.pop(cid, None)
         self.fresh.pop(cid, None)
         self.nsids.pop(cid, None)
+        self.restarted.discard(cid)
         if self.containers.pop(cid, None) is None:
             return []
         return self._reassign()
@@ -376,6 +384,11 @@ class Host:
         return gone, seen
 
     # ---- questions the agent asks --------------------------------------------------------
+
+    def take_restarted(self) -> set[str]:
+        """The paired containers that restarted unseen since the last call."""
+        restarted, self.restarted = self.restarted, set()
+        return restarted
 
     def take_dirty(self) -> set[str]:
         """The containers marked since the last call (those still running)."""

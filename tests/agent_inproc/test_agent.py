@@ -216,6 +216,26 @@ async def test_restarted_agent_enforces_from_disk_and_replaces_what_it_does_not_
     await world.paired(web)  # the dead db unpaired once the server is back
 
 
+async def test_a_restart_the_agent_did_not_see_checks_the_key_again(world: World) -> None:
+    """dockerd restarted the container while its event stream was down: the
+    resync finds it in a new namespace. As after a live restart, it is unpaired
+    and paired again, so a key revoked meanwhile (without unpairing) stops it."""
+    web_key, db_key = await _shop(world)
+    web, db = world.run("web", key=web_key), world.run("db", key=db_key)
+    await world.paired(web, db)
+    for k in await world.api("GET", "/v1/keys"):
+        if k["profile"] == "p1":  # db's
+            await world.api("POST", f"/v1/keys/{k['key_id']}/revoke", {"unpair": False})
+    assert await world.workloads() == {web.id, db.id}  # running workloads stay paired
+    await world.engine.stop()  # the event stream goes: db's die and start are missed
+    world.restart(db)
+    await world.engine.start(world.socket)
+    await world.until(lambda: world.kind(db) == "isolated", "db isolated", within=10)
+    assert await world.workloads() == {web.id}
+    assert not world.kernel.reachable(web, db, "tcp", DB_PORT)
+    assert world.kind(web) == "workload"
+
+
 async def test_docker_going_away_and_back_resyncs(world: World) -> None:
     web_key, db_key = await _shop(world)
     web = world.run("web", key=web_key)

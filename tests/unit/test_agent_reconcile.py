@@ -709,3 +709,18 @@ def test_another_hosts_address_is_no_peer_until_the_kernel_routes_the_pool() -> 
     h.on(with_remote_peer(2))  # and stays so for newer instructions
     Run(h).steps()
     assert REMOTE_DB in web_sets(h)[DB_SET]
+
+
+def test_a_paired_container_restarted_unseen_is_to_be_paired_again() -> None:
+    """Its `die` was missed (Docker's event stream reconnecting after dockerd
+    restarted it): it is unpaired and paired again, as after a live restart, so
+    that its key is checked again; an unpaired container is simply seen again."""
+    h = synced(seen("db", started=True), seen("web", started=True), instructions(1, policy("db")))
+    assert h.take_restarted() == set()
+    h.on(seen("db", pid=555))  # a new namespace, and no `gone` before it
+    h.on(seen("web", pid=556))  # no workload: nothing to check again
+    assert h.take_restarted() == {"db"}
+    assert h.take_restarted() == set()
+    h.on(ContainerGone("db"))  # a live restart: unpaired on `die` already
+    h.on(seen("db", pid=557, started=True))
+    assert h.take_restarted() == set()
