@@ -145,6 +145,7 @@ class Agent:
         self._saving = asyncio.Lock()
         self._resyncing = asyncio.Lock()
         self._saved_version = 0
+        self._unsaved: tuple[SignedInstructions, int] | None = None  # its write failed
         self._accepted = ""  # payload of the newest instructions accepted
         self._version_wanted = asyncio.Event()  # a paired container waits for a version
 
@@ -316,12 +317,16 @@ class Agent:
             return
         if instr.version <= self.host.version:
             return
+        # On disk first: an agent restarted without the server never goes back to
+        # instructions older than those it enforced.
+        await self._save(signed, instr.version)
+        if instr.version <= self.host.version:
+            return  # newer ones were taken while these were written
         self._fold(InstructionsAccepted(instr))
         self._accepted = signed.payload
         if self.mesh is not None:
             self.mesh.want(instr.mesh)
         _log.info("instructions.accepted", version=instr.version, workloads=len(instr.workloads))
-        self._spawn(self._save(signed, instr.version))
         if self.ready.is_set():
             self._unpair_stale()
             for cid in list(self.host.containers):
@@ -344,12 +349,21 @@ class Agent:
                 wanted.cancel()
 
     async def _save(self, signed: SignedInstructions, version: int) -> None:
-        """Keep the newest instructions on disk (off the loop; never an older one)."""
+        """Keep the newest instructions on disk (off the loop; never an older one).
+        A failed write is logged and tried again by the periodic reconcile (they
+        are enforced all the same)."""
         async with self._saving:
             if version <= self._saved_version:
                 return
-            await asyncio.to_thread(self.state.save_instructions, signed)
+            try:
+                await asyncio.to_thread(self.state.save_instructions, signed)
+            except OSError as e:
+                self._unsaved = (signed, version)
+                _log.error("instructions.save_failed", version=version, error=str(e))
+                return
             self._saved_version = version
+            if self._unsaved is not None and self._unsaved[1] <= version:
+                self._unsaved = None
 
     def _unpair_stale(self) -> None:
         for cid in self.host.stale_workloads(self.link.pairing):
@@ -385,16 +399,22 @@ class Agent:
     async def _periodic(self) -> None:
         while True:
             await asyncio.sleep(self.cfg.reconcile_interval_s)
-            if not self.docker.connected.is_set():
-                continue
-            try:
-                await self._resync()
-                await self.enforcer.check_drift()
-                if self.mesh is not None:
-                    await self.mesh.check()
-            except Exception as e:  # keep reconciling whatever one round hit
-                _log.error("reconcile.failed", error=repr(e))
-            _log.debug("agent.stats", **self.footprint())
+            if self.docker.connected.is_set():
+                await self.round()
+
+    async def round(self) -> None:
+        """One periodic round: the instructions whose write failed written again, a
+        full reconcile against Docker, the kernel's drift, the mesh's."""
+        if self._unsaved is not None:
+            await self._save(*self._unsaved)
+        try:
+            await self._resync()
+            await self.enforcer.check_drift()
+            if self.mesh is not None:
+                await self.mesh.check()
+        except Exception as e:  # keep reconciling whatever one round hit
+            _log.error("reconcile.failed", error=repr(e))
+        _log.debug("agent.stats", **self.footprint())
 
     def _directory_now(self) -> Directory:
         """Who is who in the instructions held now (made again when they change)."""

@@ -5,10 +5,12 @@ fake kernel is checked table by table and connection by connection."""
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Awaitable
 
 import structlog
 
+from segd.wire import SignedInstructions
 from tests.agent_inproc.conftest import World
 from tests.agent_inproc.nft import accepts
 
@@ -294,3 +296,39 @@ async def test_container_died_while_docker_lists_is_not_seen_again(world: World)
     await reconcile
     assert db.id not in agent.host.containers and db.id not in agent.host.enforced
     await world.paired(web)
+
+
+async def test_instructions_are_on_disk_before_they_are_enforced(world: World) -> None:
+    """A write that fails is tried again by the periodic round, and an agent
+    restarted without the server never goes back to older instructions: an
+    admin's unpairing stays."""
+    web_key, db_key = await _shop(world)
+    agent = world.agent
+    assert agent is not None
+    web, db = world.run("web", key=web_key), world.run("db", key=db_key)
+    await world.paired(web, db)
+    real = agent.state.save_instructions
+    writes: list[int] = []
+
+    def failing_once(signed: SignedInstructions) -> None:
+        writes.append(1)
+        if len(writes) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(signed)
+
+    agent.state.save_instructions = failing_once  # type: ignore[method-assign]
+    (wid,) = [
+        w["id"] for w in await world.api("GET", "/v1/workloads") if w["container_id"] == db.id
+    ]
+    await world.api("DELETE", f"/v1/workloads/{wid}")  # an admin unpairs db
+    await world.until(lambda: world.kind(db) == "isolated", "db isolated")
+    enforced = agent.host.version
+    assert writes == [1] and agent._saved_version < enforced  # its write failed
+    await agent.round()  # the periodic round writes it again
+    assert writes == [1, 1] and agent._saved_version == enforced
+    await world.stop_agent()
+    await world.stop_server()  # out of reach when the agent comes back
+    back = await world.start_agent()
+    assert back.host.version == enforced
+    await world.until(lambda: world.kind(db) == "isolated", "db isolated again")
+    assert not world.kernel.reachable(web, db, "tcp", DB_PORT)
