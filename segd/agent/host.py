@@ -273,6 +273,8 @@ class Host:
         if isinstance(op, (ApplyTable, LookupPorts, ListTable)) and rec and op.ns != rec.ns:
             rec = None  # the container restarted while this ran: the result is stale
         match res, op:
+            case Done(listing=None), ApplyTable(listed=True) if rec is not None:
+                return self._gone_at_once(op, rec, failed)
             case _, ApplyTable():
                 self._table_applied(res, op, rec, failed)
             case Done(ports=ports), LookupPorts():
@@ -299,6 +301,15 @@ class Host:
                 failed.add(op.container)
                 if rec is not None:
                     rec.kind, rec.table, rec.listing = None, None, None
+
+    def _gone_at_once(self, op: ApplyTable, rec: Enforced, failed: set[str]) -> list[Report]:
+        """The table was applied, then gone when read back: removed from inside the
+        namespace at once. Reported, and replaced whole at the next reconcile
+        round (not in this batch: a container doing it in a loop cannot keep the
+        agent busy)."""
+        rec.kind, rec.table, rec.listing = op.kind, None, None
+        failed.add(op.container)
+        return [Report(op.container, "namespace table removed as it was applied", False)]
 
     def _table_listed(self, cid: str, rec: Enforced | None, listing: str | None) -> list[Report]:
         """A table read back: one changed behind segd's back is replaced whole."""

@@ -724,3 +724,30 @@ def test_a_paired_container_restarted_unseen_is_to_be_paired_again() -> None:
     h.on(ContainerGone("db"))  # a live restart: unpaired on `die` already
     h.on(seen("db", pid=557, started=True))
     assert h.take_restarted() == set()
+
+
+def test_a_table_gone_as_soon_as_it_is_applied_is_reported_and_replaced_next_batch() -> None:
+    """A container with CAP_NET_ADMIN that deletes `inet segd` as it is written:
+    the read-back finds nothing. The table is reported, not admitted by the gate,
+    and replaced whole at the next reconcile round (not in a loop within this batch)."""
+    h = synced(seen("web", started=True), seen("db", started=True))
+    h.on(V1)
+    deleted = [0]
+
+    def kernel(op: Op) -> Result:
+        if isinstance(op, ApplyTable) and op.container == "web" and not deleted[0]:
+            deleted[0] += 1
+            return Done(op, listing=None)  # applied, then deleted before the read-back
+        return ok(op)
+
+    run = Run(h, kernel)
+    lines = run.flat()
+    assert [r.container for r in run.reports] == ["web"] and not run.reports[0].table_present
+    assert sum(line.startswith("apply web") for line in lines) == 1  # not again in this batch
+    rec = h.enforced["web"]
+    assert rec.table is None and not rec.gated  # unknown: not admitted
+    run.failed.clear()  # the next batch: the periodic round's full listing
+    h.on(Listed())
+    lines = run.flat()
+    assert any(line.startswith("apply web") and "replace" in line for line in lines), lines
+    assert isinstance(h.enforced["web"].table, WorkloadTable) and h.enforced["web"].gated
