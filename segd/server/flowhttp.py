@@ -4,7 +4,9 @@ server-sent events (`GET /v1/flows/export`, `GET /v1/flows/stream`).
 A stream sends a comment at once and then every `KEEPALIVE_S` while quiet (so
 proxies and clients keep it open), an event `flow` per new matching flow and,
 before it, an event `lost` with how many flows this stream missed because its
-reader fell behind. It ends when the client goes or the server stops.
+reader fell behind. It ends when the client goes (noticed within `GONE_CHECK_S`,
+so a client gone frees its place among `max_stream_clients`) or the server
+stops.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from segd.server.service import Service
 
 MAX_FLOW_BODY = 4 * 1024 * 1024  # a batch of `wire.MAX_FLOW_BATCH` records fits
 KEEPALIVE_S = 15.0
+GONE_CHECK_S = 1.0
 
 _enc = msgspec.json.Encoder()
 
@@ -47,12 +50,19 @@ async def stream(request: web.Request, svc: Service) -> web.StreamResponse:
     try:
         await resp.prepare(request)
         await resp.write(b": segd flows\n\n")
+        quiet = 0.0
         while not svc.flows.closing:
             try:
-                f = await asyncio.wait_for(sub.queue.get(), KEEPALIVE_S)
+                f = await asyncio.wait_for(sub.queue.get(), GONE_CHECK_S)
             except TimeoutError:
-                await resp.write(b": keepalive\n\n")
+                if _gone(request):
+                    break
+                quiet += GONE_CHECK_S
+                if quiet >= KEEPALIVE_S:
+                    quiet = 0.0
+                    await resp.write(b": keepalive\n\n")
                 continue
+            quiet = 0.0
             if f is None:  # the server is stopping
                 break
             lost = sub.take_dropped()
@@ -66,3 +76,9 @@ async def stream(request: web.Request, svc: Service) -> web.StreamResponse:
     with contextlib.suppress(ConnectionResetError, ConnectionError):
         await resp.write_eof()
     return resp
+
+
+def _gone(request: web.Request) -> bool:
+    """Whether the client closed its connection (aiohttp goes on with the handler)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()

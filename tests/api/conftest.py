@@ -254,6 +254,8 @@ class ListenerTestServer(TestServer):
         super().__init__(app, socket_factory=self._gate_socket)
 
     async def _make_runner(self, **kwargs: Any) -> ListenerRunner:
+        # As `segd.http.runner.Runner`: a handler goes on when its client goes.
+        kwargs.pop("handler_cancellation", None)
         return ListenerRunner(self.app, self.limits, **kwargs)
 
     def _gate_socket(self, host: str, port: int, family: socket.AddressFamily) -> socket.socket:

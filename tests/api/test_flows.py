@@ -12,6 +12,7 @@ import pytest
 
 from segd import wire
 from segd.config import FlowsConfig, ServerConfig
+from segd.server import flowhttp
 from segd.server.flowquery import FlowFilter
 from segd.server.flows import STREAM_QUEUE
 from tests.api.conftest import (
@@ -314,6 +315,38 @@ async def test_flow_stream_sends_new_matching_flows(api: Admin, make_agent: Make
             break
         await asyncio.sleep(0.05)
     assert api.svc.flows.streams == 0
+
+
+async def test_a_stream_whose_client_went_frees_its_place(
+    aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock
+) -> None:
+    """The handler goes on when its client goes (as in production): the stream
+    notices within GONE_CHECK_S, not at its next keepalive."""
+    cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_stream_clients=1))
+    api = await start_admin(aiohttp_client, cfg, clock)
+    hdrs = {"Authorization": f"Bearer {api.token}"}
+    r = await api.client.get("/v1/flows/stream", headers=hdrs)
+    assert await asyncio.wait_for(r.content.readline(), 5) == b": segd flows\n"
+    r.close()  # `segd ctl flow watch`, interrupted
+    for _ in range(int(3 * flowhttp.GONE_CHECK_S / 0.05)):
+        if api.svc.flows.streams == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert api.svc.flows.streams == 0
+    async with api.client.get("/v1/flows/stream", headers=hdrs) as again:
+        assert again.status == 200
+
+
+async def test_a_quiet_stream_is_kept_open_with_comments(
+    api: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(flowhttp, "GONE_CHECK_S", 0.05)
+    monkeypatch.setattr(flowhttp, "KEEPALIVE_S", 0.2)
+    hdrs = {"Authorization": f"Bearer {api.token}"}
+    async with api.client.get("/v1/flows/stream", headers=hdrs) as r:
+        assert await asyncio.wait_for(r.content.readline(), 5) == b": segd flows\n"
+        assert await asyncio.wait_for(r.content.readline(), 5) == b"\n"
+        assert await asyncio.wait_for(r.content.readline(), 5) == b": keepalive\n"
 
 
 async def test_a_slow_stream_is_told_what_it_lost(api: Admin, make_agent: MakeAgent) -> None:
