@@ -13,7 +13,7 @@ from segd.agent.agent import Agent
 from segd.agent.client import Denied, ServerUnavailable
 from segd.agent.flows import Directory
 from segd.agent.metrics import AgentMetrics
-from segd.agent.reporter import FlowReporter
+from segd.agent.reporter import Dump, FlowReporter
 from segd.firewall.conntrack import CtEntry
 from segd.firewall.nflog import GATE_LOG_KEY, LogPacket
 from segd.wire import FlowBatchIn
@@ -207,6 +207,19 @@ async def test_each_interval_is_sent_and_an_unreachable_server_is_retried_meanwh
         task.cancel()
 
 
+def counting(client: FakeClient, dump: Dump, db_ip: str) -> FlowReporter:
+    """A reporter whose container `db` (at `db_ip`) has its connections counted."""
+    directory = Directory({"db": "w_db"}, {}, {"db": frozenset({db_ip})})
+    return FlowReporter(
+        client,  # type: ignore[arg-type]
+        lambda: directory,
+        AgentMetrics(),
+        interval=60,
+        backoff_max=0.02,
+        dump=dump,
+    )
+
+
 async def test_enhanced_connections_are_sent_with_their_bytes_ended_or_still_open() -> None:
     """A counted container: a connection that ended (from the kernel's callback)
     and one still open (from the dump at the interval's close) both reach the
@@ -223,15 +236,7 @@ async def test_enhanced_connections_are_sent_with_their_bytes_ended_or_still_ope
             raise OSError("netlink went away")
         return found
 
-    directory = Directory({"db": "w_db"}, {}, {"db": frozenset({"10.0.0.2"})})
-    reporter = FlowReporter(
-        client,  # type: ignore[arg-type]
-        lambda: directory,
-        AgentMetrics(),
-        interval=60,
-        backoff_max=0.02,
-        dump=dump,
-    )
+    reporter = counting(client, dump, "10.0.0.2")
     reporter.on_log(
         "db", [LogPacket("segd:in:a:r1", "10.0.0.1", "10.0.0.2", "tcp", 40000, 5432, 60)], 0
     )
@@ -261,15 +266,7 @@ async def test_a_connection_that_ends_while_the_dump_runs_is_sent_once() -> None
         await asyncio.sleep(0)  # the loop reads the connection's end meanwhile
         return snapshot
 
-    directory = Directory({"db": "w_db"}, {}, {"db": frozenset({db})})
-    reporter = FlowReporter(
-        client,  # type: ignore[arg-type]
-        lambda: directory,
-        AgentMetrics(),
-        interval=60,
-        backoff_max=0.02,
-        dump=dump,
-    )
+    reporter = counting(client, dump, db)
     reporter.on_log("db", [LogPacket("segd:in:a:r1", web, db, "tcp", 40000, 5432, 60)], 0)
     await reporter.flush()
     (batch,) = client.batches

@@ -406,12 +406,20 @@ async def test_counts_up_to_the_bound_are_kept_and_rolled_up_without_overflow(
     assert (await api.svc.flows.store.losses())[a.host_id][0] == top
 
 
+async def _paced(
+    aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock, rate: int
+) -> tuple[Admin, Agent]:
+    """A server taking `rate` flow records a second, the shop on it: (admin, host a)."""
+    cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=rate))
+    api = await start_admin(aiohttp_client, cfg, clock)
+    a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
+    return api, a
+
+
 async def test_flow_reports_beyond_the_pace_are_answered_busy(
     aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock
 ) -> None:
-    cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=10))
-    api = await start_admin(aiohttp_client, cfg, clock)
-    a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
+    api, a = await _paced(aiohttp_client, server_cfg, clock, 10)
     # the bucket holds one full batch, however low the pace
     assert (await report(a, [rec(DB, WEB_IP)] * wire.MAX_FLOW_BATCH))[0] == 204
     status, answer = await report(a, [rec(DB, WEB_IP)] * 200, lost=4)  # 20 s away
@@ -425,9 +433,7 @@ async def test_a_full_batch_gets_its_turn_at_the_lowest_pace(
 ) -> None:
     """At 12 s of records or less a second, a full batch fits no 2 s bucket and no
     10 s wait: the bucket holds one full batch instead."""
-    cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=1))
-    api = await start_admin(aiohttp_client, cfg, clock)
-    a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
+    api, a = await _paced(aiohttp_client, server_cfg, clock, 1)
     records = [rec(DB, WEB_IP, port=1 + i % 60_000) for i in range(wire.MAX_FLOW_BATCH)]
     assert (await report(a, records))[0] == 204
     assert api.svc.flows.ingested == wire.MAX_FLOW_BATCH
@@ -486,9 +492,7 @@ async def test_a_batch_sent_again_under_its_name_is_kept_once(
 async def test_a_batch_from_a_host_revoked_while_it_waited_is_refused(
     aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock
 ) -> None:
-    cfg = msgspec.structs.replace(server_cfg, flows=FlowsConfig(max_records_per_s=10))
-    api = await start_admin(aiohttp_client, cfg, clock)
-    a, _b, _db, _web = await _shop(api, lambda name: register_agent(api, clock, name))
+    api, a = await _paced(aiohttp_client, server_cfg, clock, 10)
     assert (await report(a, [rec(DB, WEB_IP)] * wire.MAX_FLOW_BATCH))[0] == 204  # the bucket
     late = asyncio.create_task(report(a, [rec(DB, WEB_IP, port=1)] * 5))  # waits 0.5 s
     for _ in range(100):  # until the batch is booked and waiting its turn
