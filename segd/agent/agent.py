@@ -131,6 +131,7 @@ class Agent:
             self._report,
             observe=lambda op, res, s: observe_op(self.metrics, op, res, s),
         )
+        self.enforcer.after_batch = self._pair_again_restarted
         self.mesh: MeshAgent | None = None
         if cfg.mesh.enabled:
             self.mesh = MeshAgent(
@@ -241,11 +242,15 @@ class Agent:
         for change in self.host.on(ev):
             log_role(change)
             self.link.sidecars_changed(self.host.sidecars)
+        self._pair_again_restarted()
+        self.enforcer.kick()
+
+    def _pair_again_restarted(self) -> None:
+        """Containers whose restart was missed are unpaired and paired again, as a
+        live restart is (their key is checked again)."""
         for cid in self.host.take_restarted():
-            # Its `die` was missed: unpaired and paired again, as a live restart is.
             _log.info("container.restarted_unseen", container=cid[:12])
             self.link.unpair(cid, then=self._unpaired)
-        self.enforcer.kick()
 
     async def _on_docker(self, ev: DockerEvent) -> None:
         self.metrics.docker_events.labels(type(ev).__name__).inc()

@@ -53,6 +53,7 @@ class Enforcer:
         self._report = report
         self._kick = asyncio.Event()
         self._settled = asyncio.Condition()
+        self.after_batch: Callable[[], None] = lambda: None  # the agent's look at the host
         self._started = 0  # batches begun
         self._finished = 0
         self._drift = False
@@ -84,6 +85,7 @@ class Enforcer:
                 await self._batch()
             except Exception as e:  # the next event or reconcile tries again
                 _log.error("enforce.batch_failed", error=repr(e))
+            self.after_batch()
             self._finished = self._started
             async with self._settled:
                 self._settled.notify_all()

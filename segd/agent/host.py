@@ -131,6 +131,11 @@ class Host:
     # restarted them): to be unpaired and paired again, as after a live restart,
     # so that their key is checked again.
     restarted: set[str] = field(default_factory=set)
+    # Paired containers in a namespace the agent did not see being made (after
+    # the agent itself started, or Docker's stream was down): its table is read
+    # first. None there means a new namespace, so a restart the agent missed
+    # (a reboot, or while it was stopped): the container goes to `restarted`.
+    unverified: set[str] = field(default_factory=set)
 
     @property
     def version(self) -> int:
@@ -188,6 +193,7 @@ class Host:
         self.fresh.pop(cid, None)
         self.nsids.pop(cid, None)
         self.restarted.discard(cid)
+        self.unverified.discard(cid)
         if self.containers.pop(cid, None) is None:
             return []
         return self._reassign()
@@ -252,10 +258,13 @@ class Host:
                 clean = self.fresh.get(cid) == info.pid
                 ns = Ns(key=cid, path=info.netns_path)
                 self.enforced[cid] = Enforced(ns=ns, table=NoTable() if clean else None)
+                if not clean and cid in self.workloads:
+                    self.unverified.add(cid)
                 self.dirty.add(cid)
         return changes
 
     def _retire(self, cid: str) -> None:
+        self.unverified.discard(cid)
         rec = self.enforced.pop(cid, None)
         if rec is not None:
             self.ungate |= rec.gated
@@ -284,8 +293,16 @@ class Host:
                 failed.add(cid)
             case _, Forget(ns=ns):
                 self.unbind.pop(ns, None)
-            case Done(listing=listing), ListTable(container=cid):
-                return self._table_listed(cid, rec, listing)
+            case _, ListTable():
+                return self._table_read(res, op, rec)
+        return []
+
+    def _table_read(self, res: Result, op: ListTable, rec: Enforced | None) -> list[Report]:
+        if op.container in self.unverified:
+            self._verified(op.container, rec, res)
+            return []
+        if isinstance(res, Done):
+            return self._table_listed(op.container, rec, res.listing)
         return []
 
     @staticmethod
@@ -301,6 +318,16 @@ class Host:
                 failed.add(op.container)
                 if rec is not None:
                     rec.kind, rec.table, rec.listing = None, None, None
+
+    def _verified(self, cid: str, rec: Enforced | None, res: Result) -> None:
+        """The table of a paired container's namespace not seen being made, read:
+        none there is a restart the agent missed. (A read that failed tells
+        nothing: the container stays as it was.)"""
+        self.unverified.discard(cid)
+        self.dirty.add(cid)
+        gone = rec is not None and isinstance(res, Done) and res.listing is None
+        if gone and cid in self.workloads:
+            self.restarted.add(cid)
 
     def _gone_at_once(self, op: ApplyTable, rec: Enforced, failed: set[str]) -> list[Report]:
         """The table was applied, then gone when read back: removed from inside the

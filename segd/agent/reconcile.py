@@ -31,6 +31,9 @@ nothing is left. Every rule about order and fallback lives here, once:
   known to hold none;
 - a container whose work failed gets no more work in this batch and leaves
   the gate (fail closed);
+- a paired container in a namespace the agent did not see being made has its
+  table read first: none there is a restart the agent missed, and it is paired
+  again (`Host.unverified`);
 - the gate is built whole once every container has its table after the agent
   starts, and again whenever a change to it failed or it went missing.
 """
@@ -228,6 +231,7 @@ class _Plan:
     first: list[ApplyTable] = field(default_factory=list)  # tables of another kind
     rest: list[ApplyTable] = field(default_factory=list)  # tables rewritten in place
     ports: dict[str, LookupPorts] = field(default_factory=dict)
+    verify: list[ListTable] = field(default_factory=list)  # read before anything else
     idle: set[str] = field(default_factory=set)
     invalid: dict[str, str] = field(default_factory=dict)
 
@@ -241,6 +245,7 @@ def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:
         _plan_container(host, cid, failed, plan)
     ops = _gate_ops(host, failed, plan)
     ops += [Forget(ns.key, ns) for ns in host.unbind]
+    ops += plan.verify
     # Most urgent first: when something happens during a step, the rest of it
     # is planned again (only its first op is sure to run).
     if plan.first:
@@ -253,7 +258,7 @@ def step(host: Host, batch: Set[str], failed: Set[str]) -> Step:
     ops += plan.ports.values()  # cheap, and what admitting a container waits for
     if not plan.first:
         ops += plan.rest[:REST_CHUNK]
-    pending = plan.first or plan.rest or plan.ports
+    pending = plan.first or plan.rest or plan.ports or plan.verify
     if host.gate == "initial" and host.listed and not pending and "gate" not in failed:
         ops.append(_rebuild(host, failed))  # tables first, then the gate whole, once
     return Step(ops, frozenset(plan.idle), plan.invalid)
@@ -269,6 +274,9 @@ def _plan_container(host: Host, cid: str, failed: Set[str], plan: _Plan) -> None
         return
     if want.invalid:
         plan.invalid[cid] = want.invalid
+    if cid in host.unverified and cid not in failed:
+        plan.verify.append(ListTable(cid, rec.ns))  # is it the namespace it was paired in?
+        return
     wanted = frozenset() if cid in failed else gate_entries(host, cid, rec, want)
     if rec.gated - wanted:
         plan.remove[rec.ns] = rec.gated - wanted

@@ -238,6 +238,26 @@ async def test_a_restart_the_agent_did_not_see_checks_the_key_again(world: World
     assert world.kind(web) == "workload"
 
 
+async def test_a_restart_while_the_agent_was_stopped_checks_the_key_again(world: World) -> None:
+    """A restart the agent missed because it was stopped (or the host rebooted):
+    the namespace holds no table of the agent's, so the container is paired
+    again, and its revoked key stops it. The one that did not restart keeps its
+    workload."""
+    web_key, db_key = await _shop(world)
+    web, db = world.run("web", key=web_key), world.run("db", key=db_key)
+    await world.paired(web, db)
+    for k in await world.api("GET", "/v1/keys"):
+        if k["profile"] == "p1":  # db's
+            await world.api("POST", f"/v1/keys/{k['key_id']}/revoke", {"unpair": False})
+    await world.stop_agent()
+    world.restart(db)
+    await world.start_agent()
+    await world.until(lambda: world.kind(db) == "isolated", "db isolated", within=10)
+    assert await world.workloads() == {web.id}
+    assert not world.kernel.reachable(web, db, "tcp", DB_PORT)
+    assert world.kind(web) == "workload"
+
+
 async def test_docker_going_away_and_back_resyncs(world: World) -> None:
     web_key, db_key = await _shop(world)
     web = world.run("web", key=web_key)

@@ -189,16 +189,50 @@ def synced(*events: HostEvent, isolate_unkeyed: bool = True) -> Host:
 # ---- the first sync -------------------------------------------------------------------
 
 
+def kept_tables(op: Op) -> Result:
+    """A healthy kernel whose namespaces still hold the tables an earlier run of
+    the agent left (it restarted; the containers did not)."""
+    if isinstance(op, ListTable):
+        return Done(op, listing=f"table of {op.container} from before")
+    return ok(op)
+
+
 def test_first_sync_tables_first_then_the_gate_whole_once() -> None:
     h = host(SubnetsSeen(SUBNETS), V1, seen("web"), seen("db"), seen("cache", key=""), Listed())
-    assert Run(h).steps() == [
+    assert Run(h, kept_tables).steps() == [
+        # paired containers in namespaces not seen being made: still theirs?
+        ["list db", "list web", "apply cache isolated isolation_replace"],
         ["apply db workload workload_replace", "ports db"],  # unknown namespaces: replaced
         ["apply web workload workload_replace", "ports web"],
-        ["apply cache isolated isolation_replace"],
         ["gate rebuild db,web"],  # the unkeyed cache is isolated: never admitted
     ]
     assert h.enforced["web"].gated == {("vethweb", "172.17.0.2")}
     assert h.gate_subnets == SUBNETS
+    assert h.take_restarted() == set()
+
+
+def test_a_paired_container_restarted_while_the_agent_was_stopped_is_paired_again() -> None:
+    """The agent (or the host) restarted: a paired container whose namespace holds
+    no table is in a new one (its restart was missed, a reboot among them), and
+    is unpaired and paired again; one whose table is still there is not. A read
+    that fails tells nothing."""
+
+    def kernel(op: Op) -> Result:
+        if isinstance(op, ListTable) and op.container == "web":
+            return Done(op, listing="table of web from before")
+        if isinstance(op, ListTable) and op.container == "cache":
+            return Failed(op, "namespace unreadable")
+        return ok(op)
+
+    cache = msgspec.structs.replace(policy("cache"), ips=[BOX["cache"][1]])
+    v1 = instructions(
+        1, policy("web", outbound="db"), policy("db", inbound="web"), cache, web=("web",)
+    )
+    h = host(SubnetsSeen(SUBNETS), v1, seen("web"), seen("db"), seen("cache"), Listed())
+    Run(h, kernel).steps()
+    assert h.take_restarted() == {"db"}
+    assert h.unverified == set()
+    assert isinstance(h.enforced["db"].table, WorkloadTable)  # enforced meanwhile, as live
 
 
 def test_no_gate_before_docker_was_listed() -> None:
