@@ -3,6 +3,7 @@
     segd server|orchestrator|agent|allinone [--config FILE] [--data-dir DIR] [--listen HOST:PORT]
     segd agent [--activation-code CODE | --activation-code-file FILE]   (or $SEGD_ACTIVATION_CODE)
     segd ctl ...
+    segd boot-gate        (at boot, before Docker: every container dark until the agent admits it)
     segd version
 
 Flags override the config file; config errors are reported before anything starts.
@@ -17,7 +18,7 @@ import gc
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
             m.add_argument("--server", metavar="URL", help="segmentation server URL")
     sub.add_parser("ctl", help="admin client (see `segd ctl --help`)", add_help=False)
     sub.add_parser("version", help="print the version")
+    sub.add_parser(
+        "boot-gate",
+        help="load the host gate with nothing admitted (at boot, before Docker starts)",
+    )
     pre = sub.add_parser("preflight", help="what the agent would use on this machine")
     pre.add_argument("--config", metavar="FILE", help="TOML config file")
     demo = sub.add_parser("demo", help="run the live demo (see `make demo`)")
@@ -157,13 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode is None:
         _parser().print_help(sys.stderr)
         return 2
-    if args.mode == "version":
-        print(f"segd {__version__}")
-        return 0
-    if args.mode == "preflight":
-        return _preflight(args.config)
-    if args.mode == "demo":
-        return _demo(args)
+    if args.mode in _VERBS:
+        return _VERBS[args.mode](args)
     try:
         cfg = _configure(args)
     except config.ConfigError as e:
@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _version(args: argparse.Namespace) -> int:
+    print(f"segd {__version__}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     if args.hosts != 1:
         from segd.demo_fleet import fleet_demo_main
@@ -190,8 +195,22 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(data_dir=args.data_dir, wait=not args.no_wait)
 
 
-def _preflight(path: str | None) -> int:
+def _boot_gate(args: argparse.Namespace) -> int:
+    """`segd boot-gate`: every container dark until the agent admits it."""
+    from segd.agent.bootgate import load
+    from segd.firewall.kernel import NftError
+
+    log.setup("info", "auto")
+    try:
+        asyncio.run(load())
+    except (NftError, OSError) as e:
+        return _fail(f"cannot load the host gate: {e}")
+    return 0
+
+
+def _preflight(args: argparse.Namespace) -> int:
     """`segd preflight`: what the agent would use here; 1 when it lacks something."""
+    path: str | None = args.config
     try:
         cfg = config.load(path) if path else config.Config()
     except config.ConfigError as e:
@@ -199,6 +218,14 @@ def _preflight(path: str | None) -> int:
     lines, ok = preflight.agent_report(cfg.agent)
     print("\n".join(lines))
     return 0 if ok else 1
+
+
+_VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "version": _version,
+    "preflight": _preflight,
+    "boot-gate": _boot_gate,
+    "demo": _demo,
+}
 
 
 def _configure(args: argparse.Namespace) -> config.Config:

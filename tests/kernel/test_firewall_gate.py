@@ -18,6 +18,7 @@ from pathlib import Path as FilePath
 import pytest
 import structlog
 
+from segd.agent import bootgate
 from segd.firewall import gate
 from segd.firewall.kernel import Firewall, NsRef
 from tests.kernel.conftest import BridgeLab, MakeNetns, Netns, Probe, attach
@@ -103,6 +104,24 @@ async def test_gate_drops_unenforced_ips_until_they_are_added(
         assert not lab.c2.ping(lab.gw4)
 
     assert lab.gw4 not in host_gate()  # it went to the gate namespace, not the host
+
+
+async def test_the_boot_gate_keeps_every_container_dark_until_admitted(
+    bridge_lab: BridgeLab,
+) -> None:
+    """At boot no gate is there and Docker starts containers before the agent:
+    `segd boot-gate` admits nothing and guards every destination; a gate in
+    place is left as it is; the agent's first rebuild admits its containers."""
+    lab = bridge_lab
+    ps = paths(lab)
+    assert all(reach(ps).values())
+    assert await bootgate.load(gate_ns=lab.gw.path)
+    assert not any(reach(ps).values()), reach(ps)
+    assert not await bootgate.load(gate_ns=lab.gw.path)  # there: left as it is
+    async with Firewall(gate_ns=lab.gw.path) as fw:
+        await rebuild(fw, lab.entries, lab.subnets)  # the agent, its tables in place
+    lab.forget_neighbours()
+    assert all(reach(ps).values()), reach(ps)
 
 
 async def test_gate_stops_tcp_too(bridge_lab: BridgeLab) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 UNITS = sorted((Path(__file__).parents[2] / "systemd").glob("*.service"))
+BOOT_GATE = "segd-gate.service"  # a one-shot at boot, before Docker
+DAEMONS = [u for u in UNITS if u.name != BOOT_GATE]
 
 
 def _analyze() -> str:
@@ -39,7 +41,7 @@ def test_unit_verifies(unit: Path, tmp_path: Path) -> None:
     assert p.returncode == 0 and not problems, problems
 
 
-@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+@pytest.mark.parametrize("unit", DAEMONS, ids=lambda p: p.name)
 def test_unit_hardening(unit: Path) -> None:
     text = unit.read_text()
     for line in (
@@ -56,7 +58,25 @@ def test_unit_hardening(unit: Path) -> None:
         assert "User=segd" in text
 
 
-@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_the_boot_gate_goes_in_before_docker_starts_a_container() -> None:
+    (unit,) = [u for u in UNITS if u.name == BOOT_GATE]
+    text = unit.read_text()
+    for line in (
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "ExecStart=/usr/local/bin/segd boot-gate",
+        "DefaultDependencies=no",
+        "Before=docker.service segd-agent.service",
+        "WantedBy=docker.service",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=CAP_NET_ADMIN CAP_SYS_ADMIN",
+        "UMask=0077",
+    ):
+        assert line in text, f"{unit.name} lacks {line}"
+
+
+@pytest.mark.parametrize("unit", DAEMONS, ids=lambda p: p.name)
 def test_every_unit_sets_its_open_files_limit(unit: Path) -> None:
     """Soft and hard alike (one value), far above the 1,024 a unit gets by default,
     so a client's idle connections cannot use up the listener's and the store's."""
