@@ -258,7 +258,8 @@ class Host:
                 clean = self.fresh.get(cid) == info.pid
                 ns = Ns(key=cid, path=info.netns_path)
                 self.enforced[cid] = Enforced(ns=ns, table=NoTable() if clean else None)
-                if not clean and cid in self.workloads:
+                pol = self.workloads.get(cid)
+                if not clean and pol is not None and pol.mode != "idle":  # idle: no table
                     self.unverified.add(cid)
                 self.dirty.add(cid)
         return changes

@@ -233,6 +233,11 @@ def test_a_paired_container_restarted_while_the_agent_was_stopped_is_paired_agai
     assert h.take_restarted() == {"db"}
     assert h.unverified == set()
     assert isinstance(h.enforced["db"].table, WorkloadTable)  # enforced meanwhile, as live
+    # A workload in mode idle has no table to find: it is not read, nor paired again.
+    idle = msgspec.structs.replace(policy("db"), mode="idle")
+    h = host(SubnetsSeen(SUBNETS), instructions(1, idle), seen("db"), Listed())
+    assert "list db" not in Run(h).flat()
+    assert h.take_restarted() == set()
 
 
 def test_no_gate_before_docker_was_listed() -> None:
