@@ -13,6 +13,7 @@ import structlog
 from segd.wire import SignedInstructions
 from tests.agent_inproc.conftest import World
 from tests.agent_inproc.nft import accepts
+from tests.orchestrator.fake_engine import FakeContainer
 
 DB_PORT = 5432
 
@@ -218,44 +219,46 @@ async def test_restarted_agent_enforces_from_disk_and_replaces_what_it_does_not_
     await world.paired(web)  # the dead db unpaired once the server is back
 
 
-async def test_a_restart_the_agent_did_not_see_checks_the_key_again(world: World) -> None:
-    """dockerd restarted the container while its event stream was down: the
-    resync finds it in a new namespace. As after a live restart, it is unpaired
-    and paired again, so a key revoked meanwhile (without unpairing) stops it."""
+async def _revoked_db(world: World) -> tuple[FakeContainer, FakeContainer]:
+    """web and db paired; db's key then revoked without unpairing (running
+    workloads stay paired): (web, db)."""
     web_key, db_key = await _shop(world)
     web, db = world.run("web", key=web_key), world.run("db", key=db_key)
     await world.paired(web, db)
     for k in await world.api("GET", "/v1/keys"):
         if k["profile"] == "p1":  # db's
             await world.api("POST", f"/v1/keys/{k['key_id']}/revoke", {"unpair": False})
-    assert await world.workloads() == {web.id, db.id}  # running workloads stay paired
-    await world.engine.stop()  # the event stream goes: db's die and start are missed
-    world.restart(db)
-    await world.engine.start(world.socket)
+    assert await world.workloads() == {web.id, db.id}
+    return web, db
+
+
+async def _stopped_by_its_key(world: World, web: FakeContainer, db: FakeContainer) -> None:
     await world.until(lambda: world.kind(db) == "isolated", "db isolated", within=10)
     assert await world.workloads() == {web.id}
     assert not world.kernel.reachable(web, db, "tcp", DB_PORT)
-    assert world.kind(web) == "workload"
+    assert world.kind(web) == "workload"  # it did not restart: its workload stays
+
+
+async def test_a_restart_the_agent_did_not_see_checks_the_key_again(world: World) -> None:
+    """dockerd restarted the container while its event stream was down: the
+    resync finds it in a new namespace. As after a live restart, it is unpaired
+    and paired again, so a key revoked meanwhile (without unpairing) stops it."""
+    web, db = await _revoked_db(world)
+    await world.engine.stop()  # the event stream goes: db's die and start are missed
+    world.restart(db)
+    await world.engine.start(world.socket)
+    await _stopped_by_its_key(world, web, db)
 
 
 async def test_a_restart_while_the_agent_was_stopped_checks_the_key_again(world: World) -> None:
     """A restart the agent missed because it was stopped (or the host rebooted):
     the namespace holds no table of the agent's, so the container is paired
-    again, and its revoked key stops it. The one that did not restart keeps its
-    workload."""
-    web_key, db_key = await _shop(world)
-    web, db = world.run("web", key=web_key), world.run("db", key=db_key)
-    await world.paired(web, db)
-    for k in await world.api("GET", "/v1/keys"):
-        if k["profile"] == "p1":  # db's
-            await world.api("POST", f"/v1/keys/{k['key_id']}/revoke", {"unpair": False})
+    again, and its revoked key stops it."""
+    web, db = await _revoked_db(world)
     await world.stop_agent()
     world.restart(db)
     await world.start_agent()
-    await world.until(lambda: world.kind(db) == "isolated", "db isolated", within=10)
-    assert await world.workloads() == {web.id}
-    assert not world.kernel.reachable(web, db, "tcp", DB_PORT)
-    assert world.kind(web) == "workload"
+    await _stopped_by_its_key(world, web, db)
 
 
 async def test_docker_going_away_and_back_resyncs(world: World) -> None:
