@@ -472,9 +472,9 @@ class Host:
 
 
 def affected(old: Instructions | None, new: Instructions) -> set[str]:
-    """Containers whose table may differ between two instructions: their policy's
-    allows, mode or visibility level changed, a set it refers to changed, or the
-    logging of one of its rules."""
+    """Containers whose table or gate entries may differ between two instructions:
+    their policy's allows, mode, visibility level or addresses changed, a set it
+    refers to changed, or the logging of one of its rules."""
     new_w = {w.container_id: w for w in new.workloads}
     if old is None:
         return set(new_w)
@@ -487,7 +487,7 @@ def affected(old: Instructions | None, new: Instructions) -> set[str]:
         if a is None or b is None or a.inbound != b.inbound or a.outbound != b.outbound:
             out.add(cid)
             continue
-        if a.mode != b.mode or a.visibility != b.visibility:
+        if a.mode != b.mode or a.visibility != b.visibility or a.ips != b.ips:
             out.add(cid)
             continue
         allows = [*b.inbound, *b.outbound]

@@ -177,7 +177,9 @@ def _delta(old: dict[str, list[str]], new: dict[str, list[str]]) -> Plan | None:
 
 def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> frozenset[GateEntry]:
     """What the gate should admit for a container: its addresses on their bridge
-    ports, once its table (workload) or its exemption is in place."""
+    ports, once its table (workload) or its exemption is in place. A workload's
+    only as far as the server paired them: an address it took since (a network
+    attached) waits for its pairing, and stays out if that is refused."""
     info = host.containers.get(cid)
     if want is None or info is None or rec.ports is None:
         return frozenset()
@@ -186,8 +188,11 @@ def gate_entries(host: Host, cid: str, rec: Enforced, want: Desired | None) -> f
     if want.kind == "isolated":
         return frozenset()
     ports = rec.ports  # only bridge ports the gate looks at can admit anything
+    paired = info.ips if want.policy is None else want.policy.ips
     return frozenset(
-        GateEntry(ports[ip], ip) for ip in info.ips if ip in ports and PORT_RE.match(ports[ip])
+        GateEntry(ports[ip], ip)
+        for ip in info.ips
+        if ip in ports and ip in paired and PORT_RE.match(ports[ip])
     )
 
 

@@ -324,17 +324,30 @@ AFFECTED: dict[str, tuple[InstructionsAccepted, set[str]]] = {
         ),
         {"web"},
     ),
-    "addresses or labels of a workload only": (
+    "labels of a workload only": (
         instructions(
             2,
             WorkloadPolicy(
-                "w-web", "web", {"role": "x"}, ["10.0.0.9"], [], [Allow("r1", DB_SET, [TCP5432])]
+                "w-web", "web", {"role": "x"}, [BOX["web"][1]], [], [Allow("r1", DB_SET, [TCP5432])]
             ),
             policy("db", inbound="web"),
             web=("web",),
             db=("db",),
         ),
         set(),
+    ),
+    # its table is the same, but the gate admits only the addresses it was paired with
+    "addresses of a workload": (
+        instructions(
+            2,
+            WorkloadPolicy(
+                "w-web", "web", {"role": "web"}, ["10.0.0.9"], [], [Allow("r1", DB_SET, [TCP5432])]
+            ),
+            policy("db", inbound="web"),
+            web=("web",),
+            db=("db",),
+        ),
+        {"web"},
     ),
 }
 
@@ -456,16 +469,37 @@ def test_restarted_container_is_enforced_again_in_its_new_namespace() -> None:
     ]
 
 
-def test_new_addresses_are_looked_up_again_and_admitted() -> None:
+def test_new_addresses_are_looked_up_again_and_admitted_once_paired() -> None:
     h = synced(seen("web"), V1)
     moved = msgspec.structs.replace(info("web"), ips=["172.17.0.77"])
     h.on(ContainerSeen(moved, (4, 1101)))
     ADDRESSES["web"] = moved.ips
     try:
-        assert Run(h).steps() == [["gate remove web", "ports web"], ["gate add web"]]
+        # The old address goes; the new one waits for the server to pair it.
+        assert Run(h).steps() == [["gate remove web", "ports web"]]
+        assert h.enforced["web"].gated == frozenset()
+        repaired = msgspec.structs.replace(policy("web", outbound="db"), ips=moved.ips)
+        h.on(instructions(2, repaired, policy("db", inbound="web"), db=("db",)))
+        assert ["gate add web"] in Run(h).steps()
     finally:
         del ADDRESSES["web"]
     assert h.enforced["web"].gated == {("vethweb", "172.17.0.77")}
+
+
+def test_an_address_whose_pairing_is_refused_is_never_admitted() -> None:
+    """web attached to another network; pairing it again with its new address is
+    refused (say, the key was revoked): the workload the server still has stays,
+    on its old address, and the new one stays dark."""
+    h = synced(seen("web"), V1)
+    attached = msgspec.structs.replace(info("web"), ips=[BOX["web"][1], "172.18.0.5"])
+    h.on(ContainerSeen(attached, (4, 1101)))
+    h.on(PairingRefused("web", "key_revoked: pairing key k has been revoked"))
+    ADDRESSES["web"] = attached.ips
+    try:
+        Run(h).steps()
+    finally:
+        del ADDRESSES["web"]
+    assert h.enforced["web"].gated == {("vethweb", BOX["web"][1])}
 
 
 def test_a_sidecar_is_never_enforced_and_its_owner_keeps_its_table() -> None:
