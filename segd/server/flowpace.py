@@ -27,3 +27,7 @@ class Pacer:
             return None
         self._tokens -= n
         return wait
+
+    def give_back(self, n: int) -> None:
+        """Return `n` records booked by `take` that were not taken in after all."""
+        self._tokens = min(self.burst, self._tokens + n)

@@ -2,14 +2,15 @@
 
 `Flows.ingest` paces batches (`[server.flows] max_records_per_s`; the bucket
 holds at least one full batch, so any batch gets its turn), lets the pairings
-being answered go first, checks a host's batch (`flowresolve.check`: a bad one is
-refused whole), resolves each record by the compiler's model of workloads
-(`flowresolve.resolve`), writes the batch to the flow store in one transaction
-of its own file (never the store that pairs; a batch sent again is not kept
-twice) and hands the new flows to the live streams. A host revoked while its
-batch waited is refused before anything is written. A stream whose reader
-falls behind loses flows, and is told how many. Counters (`ingested`, `lost`,
-`refused`, `repeated`) feed the metrics.
+being answered go first, checks a host's batch (`flowresolve.check`: a bad one
+is refused whole, and gives its turn back), resolves each record by the
+compiler's model of workloads (`flowresolve.resolve`), writes the batch to the
+flow store in one transaction of its own file (never the store that pairs; a
+batch sent again is not kept twice) and hands the new flows to the live
+streams. A host revoked while its batch waited is refused before anything is
+written. A stream whose reader falls behind loses flows, and is told how many
+(so is one ended with a full queue). Counters (`ingested`, `lost`, `refused`,
+`repeated`) feed the metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator, Iterator
 
 from segd import log, wire
 from segd.config import FlowsConfig
-from segd.errors import SegdError
+from segd.errors import InvalidInput, SegdError
 from segd.server import flowresolve
 from segd.server.core import Core
 from segd.server.flowpace import Pacer
@@ -111,7 +112,12 @@ class Flows:
     async def ingest(self, host_id: str, batch: wire.FlowBatchIn) -> None:
         await self._pace(len(batch.records))
         await self._after_pairings()
-        records = flowresolve.check(batch, self._core.clock())
+        try:
+            records = flowresolve.check(batch, self._core.clock())
+        except InvalidInput:
+            if self._pacer is not None:  # a bad batch takes none of the pace
+                self._pacer.give_back(len(batch.records))
+            raise
         c = self._core.compiler
         local = {w.container_id: w for w in c.host_workloads(host_id)}
 
@@ -210,8 +216,9 @@ class Flows:
         """End every live stream (the server is stopping)."""
         self.closing = True
         for sub in self._subs:
-            if sub.queue.full():  # make room for the end
+            if sub.queue.full():  # make room for the end: one flow it will not get
                 sub.queue.get_nowait()
+                sub.dropped += 1
             sub.queue.put_nowait(None)
 
     def unsubscribe(self, sub: Subscriber) -> None:

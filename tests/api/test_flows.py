@@ -529,3 +529,32 @@ async def test_an_hour_is_summed_into_one_row_once_it_is_all_past_the_age(
         hour + 600,
         hour + 3000,
     )
+
+
+async def test_a_bad_batch_is_refused_and_gives_its_turn_back(
+    aiohttp_client: AiohttpClient, server_cfg: ServerConfig, clock: Clock
+) -> None:
+    api, a = await _paced(aiohttp_client, server_cfg, clock, 10)
+    pacer = api.svc.flows._pacer
+    assert pacer is not None
+    bad = [rec(DB, WEB_IP)] * 100 + [rec(DB, WEB_IP, first_seen=-1)]
+    status, answer = await report(a, bad)
+    assert (status, answer["error"]) == (400, "invalid_input")
+    assert pacer._tokens == pacer.burst  # the whole bucket is still there
+    assert (await report(a, [rec(DB, WEB_IP)] * wire.MAX_FLOW_BATCH))[0] == 204
+
+
+async def test_a_stream_ended_by_a_stopping_server_counts_the_flow_it_lost(
+    api: Admin, make_agent: MakeAgent
+) -> None:
+    """Flows.close makes room for the end in a full queue: that flow is counted."""
+    a, _b, _db, _web = await _shop(api, make_agent)
+    sub = api.svc.flows.subscribe(FlowFilter())
+    try:
+        many = [rec(DB, WEB_IP, port=1 + i % 1000) for i in range(STREAM_QUEUE)]
+        assert (await report(a, many))[0] == 204
+        assert sub.queue.full() and sub.dropped == 0
+        api.svc.flows.close()
+        assert sub.dropped == 1
+    finally:
+        api.svc.flows.unsubscribe(sub)

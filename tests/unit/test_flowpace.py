@@ -20,3 +20,12 @@ def test_a_booking_that_would_wait_too_long_is_refused_and_books_nothing() -> No
     assert p.take(100, 0.0) == 0
     assert p.take(500, 0.0) is None
     assert p.take(100, 0.0) == pytest.approx(1.0)
+
+
+def test_records_given_back_are_booked_again_never_past_the_bucket() -> None:
+    p = Pacer(rate=100, burst=100, max_wait=1)
+    assert p.take(100, 0.0) == 0
+    p.give_back(60)  # a batch refused after its booking
+    assert p.take(60, 0.0) == 0
+    p.give_back(1_000)
+    assert p.take(101, 0.0) == pytest.approx(0.01)  # held at the bucket's size
