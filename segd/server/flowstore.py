@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import sqlite3
 from collections.abc import Callable
@@ -218,6 +219,27 @@ def where(flt: FlowFilter, cursor: tuple[float, int] | None) -> tuple[str, list[
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
+_NEWEST = " ORDER BY last_seen DESC, id DESC LIMIT ?"
+
+
+def page_query(
+    flt: FlowFilter, limit: int, cursor: tuple[float, int] | None
+) -> tuple[str, list[Any]]:
+    """The SELECT of a page (constant text, values bound). A workload at either
+    end is two seeks, one per end's index, each newest first, merged: an OR of
+    the two would read and sort every matching row for every page."""
+    if not flt.workload:
+        clause, params = where(flt, cursor)
+        return f"SELECT * FROM flows{clause}{_NEWEST}", [*params, limit]  # noqa: S608
+    clause, params = where(dataclasses.replace(flt, workload=""), cursor)
+    rest = clause.replace(" WHERE ", " AND ", 1)
+    src = f"SELECT * FROM flows WHERE src_workload = ?{rest}{_NEWEST}"  # noqa: S608
+    dst = f"SELECT * FROM flows WHERE dst_workload = ? AND src_workload != ?{rest}{_NEWEST}"  # noqa: S608
+    sql = f"SELECT * FROM ({src}) UNION ALL SELECT * FROM ({dst}){_NEWEST}"  # noqa: S608
+    w = flt.workload
+    return sql, [w, *params, limit, w, w, *params, limit, limit]
+
+
 class FlowStore:
     """`await FlowStore.open(path)`, then `add`, `page`, `rollup`, `prune`, `close`."""
 
@@ -294,11 +316,10 @@ class FlowStore:
         self, flt: FlowFilter, limit: int, cursor: tuple[float, int] | None = None
     ) -> list[wire.Flow]:
         """Up to `limit` flows matching `flt`, newest first, after `cursor`."""
-        clause, params = where(flt, cursor)
-        sql = f"SELECT * FROM flows{clause} ORDER BY last_seen DESC, id DESC LIMIT ?"  # noqa: S608
+        sql, params = page_query(flt, limit, cursor)
 
         def read(c: sqlite3.Connection) -> list[wire.Flow]:
-            return [_flow(r) for r in c.execute(sql, (*params, limit))]
+            return [_flow(r) for r in c.execute(sql, params)]
 
         return await self._run(read)
 

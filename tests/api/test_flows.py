@@ -238,6 +238,8 @@ async def test_flow_queries_filter_and_page(api: Admin, make_agent: MakeAgent) -
     assert len(await ids("src=role=web&dst=role=db&port=80")) == 1
     assert len(await ids("dst=role=web")) == 0
     assert len(await ids(f"workload={web}")) == 6
+    by_web = await ids(f"workload={web}&limit=2")  # either end, a page at a time
+    assert by_web == await ids(f"workload={web}") and len(set(by_web)) == 6
     assert len(await ids("port=22")) == 1
     assert len(await ids("rule=r_x")) == 5
     assert len(await ids(f"since={now - 1000}")) == 6
