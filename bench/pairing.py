@@ -49,7 +49,7 @@ import nacl.signing
 
 from bench.estate import fake_ip
 from bench.report import Figure, Section, Size, Target, figure, ms, pct
-from bench.stack import BenchError, Proc, Server, free_port, proc_cpu_s, wait_for
+from bench.stack import BenchError, Proc, Server, free_port, threads_cpu_s, wait_for
 from segd import crypto
 from segd.http.client import Client
 from segd.wire import ActivationCodeIn, MeshJoined, MeshJoinIn, PairIn, Registered, RegisterIn
@@ -308,7 +308,7 @@ async def _level(p: Params, c: int, root: Path, fixed_url: str, fixed_pid: int) 
     try:
         runs: dict[str, list[Load]] = {}
         for name, url, pid, share, make in plan:
-            cpu0, me0 = proc_cpu_s(pid), time.process_time()
+            cpu0, me0 = threads_cpu_s(pid), time.process_time()
             load = await drive(
                 url,
                 agents,
@@ -319,7 +319,7 @@ async def _level(p: Params, c: int, root: Path, fixed_url: str, fixed_pid: int) 
                 prefix=f"c{c}",
                 make=make,
             )
-            load.server_cpu_pct = 100 * (proc_cpu_s(pid) - cpu0) / load.elapsed
+            load.server_cpu_pct = 100 * (threads_cpu_s(pid) - cpu0) / load.elapsed
             load.client_cpu_pct = 100 * (time.process_time() - me0) / load.elapsed
             runs.setdefault(name, []).append(load)
         recorded = server.workload_count()
