@@ -137,7 +137,7 @@ class Agent:
             self.mesh = MeshAgent(
                 cfg.mesh, cfg.state_dir, self.client, self.docker, self.kernel, self.link.retry
             )
-            self.mesh.on_routed = lambda: self._fold(MeshState(True))
+            self.mesh.on_routed = self._mesh_routed
         self.ident: Identity | None = None
         self.ready = asyncio.Event()  # the first full reconcile is done
         self._host_lock = host_lock
@@ -145,9 +145,8 @@ class Agent:
         self._bg: set[asyncio.Task[Any]] = set()
         self._saving = asyncio.Lock()
         self._resyncing = asyncio.Lock()
-        self._saved_version = 0
-        self._unsaved: tuple[SignedInstructions, int] | None = None  # its write failed
-        self._accepted = ""  # payload of the newest instructions accepted
+        self._saved_version = 0  # of the newest instructions on disk
+        self._newest: SignedInstructions | None = None  # the newest accepted
         self._version_wanted = asyncio.Event()  # a paired container waits for a version
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -172,7 +171,7 @@ class Agent:
         if loaded is not None:
             self.host.on(InstructionsAccepted(loaded[1]))
             self._saved_version = loaded[1].version
-            self._accepted = loaded[0].payload
+            self._newest = loaded[0]
             _log.info("instructions.loaded", version=loaded[1].version)
             if self.mesh is not None:
                 self.mesh.want(loaded[1].mesh)  # the mesh again, with or without the server
@@ -245,6 +244,10 @@ class Agent:
         self._pair_again_restarted()
         self.enforcer.kick()
 
+    def _mesh_routed(self) -> None:
+        if not self.host.mesh_up:
+            self._fold(MeshState(True))
+
     def _pair_again_restarted(self) -> None:
         """Containers whose restart was missed are unpaired and paired again, as a
         live restart is (their key is checked again)."""
@@ -313,7 +316,7 @@ class Agent:
     async def _on_instructions(self, signed: SignedInstructions) -> None:
         """Verify, keep and enforce newer instructions (stale or invalid: dropped)."""
         assert self.ident is not None
-        if signed.payload == self._accepted:
+        if self._newest is not None and signed.payload == self._newest.payload:
             return  # the same version again (a pairing answer and the long-poll)
         try:
             instr = verify_instructions(signed, self.ident.server_keys, self.ident.host_id)
@@ -328,7 +331,7 @@ class Agent:
         if instr.version <= self.host.version:
             return  # newer ones were taken while these were written
         self._fold(InstructionsAccepted(instr))
-        self._accepted = signed.payload
+        self._newest = signed
         if self.mesh is not None:
             self.mesh.want(instr.mesh)
         _log.info("instructions.accepted", version=instr.version, workloads=len(instr.workloads))
@@ -363,12 +366,9 @@ class Agent:
             try:
                 await asyncio.to_thread(self.state.save_instructions, signed)
             except OSError as e:
-                self._unsaved = (signed, version)
                 _log.error("instructions.save_failed", version=version, error=str(e))
                 return
             self._saved_version = version
-            if self._unsaved is not None and self._unsaved[1] <= version:
-                self._unsaved = None
 
     def _unpair_stale(self) -> None:
         for cid in self.host.stale_workloads(self.link.pairing):
@@ -410,8 +410,8 @@ class Agent:
     async def round(self) -> None:
         """One periodic round: the instructions whose write failed written again, a
         full reconcile against Docker, the kernel's drift, the mesh's."""
-        if self._unsaved is not None:
-            await self._save(*self._unsaved)
+        if self._newest is not None and self.host.version > self._saved_version:
+            await self._save(self._newest, self.host.version)  # its write failed
         try:
             await self._resync()
             await self.enforcer.check_drift()

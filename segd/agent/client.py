@@ -53,8 +53,8 @@ class PairAnswer(msgspec.Struct, frozen=True):
 
 
 _ERR = msgspec.json.Decoder(Error)
-FLOWS_TIMEOUT_S = 30.0  # a flow batch's request, waiting its turn on the server included
 _PAIR = msgspec.json.Decoder(PairAnswer)
+FLOWS_TIMEOUT_S = 30.0  # a flow batch's request, waiting its turn on the server included
 
 
 def _error_of(status: int, body: bytes) -> Denied:

@@ -259,7 +259,9 @@ class Host:
                 ns = Ns(key=cid, path=info.netns_path)
                 self.enforced[cid] = Enforced(ns=ns, table=NoTable() if clean else None)
                 pol = self.workloads.get(cid)
-                if not clean and pol is not None and pol.mode != "idle":  # idle: no table
+                # A restart already known needs no read; idle has no table to read.
+                known = cid in self.restarted
+                if not clean and not known and pol is not None and pol.mode != "idle":
                     self.unverified.add(cid)
                 self.dirty.add(cid)
         return changes

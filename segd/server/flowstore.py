@@ -287,13 +287,13 @@ class FlowStore:
         sent before is not stored again: None."""
 
         def write(c: sqlite3.Connection) -> list[wire.Flow] | None:
-            labels: dict[int, str] = {}  # encoded once per label set object
-            rows = [_row(f, labels) for f in flows]
             c.execute("BEGIN IMMEDIATE")
             try:
                 if batch_id and not _first_time(c, host_id, batch_id, at):
                     c.execute("COMMIT")
-                    return None
+                    return None  # kept before: nothing to encode
+                labels: dict[int, str] = {}  # encoded once per label set object
+                rows = [_row(f, labels) for f in flows]
                 # The one writer, in its transaction: rowids follow the largest.
                 first = int(c.execute("SELECT coalesce(max(id), 0) FROM flows").fetchone()[0]) + 1
                 c.executemany(_INSERT_ID, [(first + i, *row) for i, row in enumerate(rows)])
